@@ -1,0 +1,228 @@
+//! serde types for restic's `--json` output (0.14+). Every field is defaulted, and unknown fields are
+//! ignored, so newer restic versions that add fields do not break us.
+
+use serde::Deserialize;
+
+/// One line of `restic backup --json` (stdout) or of its JSON errors (stderr in 0.14).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "message_type", rename_all = "snake_case")]
+pub enum BackupMessage {
+    Status(BackupStatus),
+    Summary(BackupSummary),
+    Error(BackupError),
+    VerboseStatus(serde_json::Value),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct BackupStatus {
+    pub seconds_elapsed: u64,
+    pub seconds_remaining: u64,
+    pub percent_done: f64,
+    pub total_files: u64,
+    pub files_done: u64,
+    pub total_bytes: u64,
+    pub bytes_done: u64,
+    pub error_count: u64,
+    pub current_files: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct BackupSummary {
+    pub files_new: u64,
+    pub files_changed: u64,
+    pub files_unmodified: u64,
+    pub dirs_new: u64,
+    pub dirs_changed: u64,
+    pub dirs_unmodified: u64,
+    pub data_blobs: i64,
+    pub tree_blobs: i64,
+    pub data_added: u64,
+    pub total_files_processed: u64,
+    pub total_bytes_processed: u64,
+    pub total_duration: f64,
+    pub snapshot_id: String,
+}
+
+/// restic often serialises the Go error as `{}`; when it is an `*os.PathError` we get Op/Path/Err.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct BackupError {
+    pub error: serde_json::Value,
+    pub during: String,
+    pub item: String,
+}
+
+impl BackupError {
+    /// A readable message from whatever restic put into `error`.
+    pub fn message(&self) -> String {
+        match &self.error {
+            serde_json::Value::Object(m) if m.is_empty() => "could not be read".to_string(),
+            serde_json::Value::Object(m) => {
+                let op = m.get("Op").and_then(|v| v.as_str()).unwrap_or("access");
+                match m.get("Err").and_then(|v| v.as_i64()) {
+                    Some(errno) => format!(
+                        "{op}: {}",
+                        std::io::Error::from_raw_os_error(i32::try_from(errno).unwrap_or(0))
+                    ),
+                    None => format!("{op} failed"),
+                }
+            }
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// An element of `restic snapshots --json`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Snapshot {
+    pub id: String,
+    pub short_id: String,
+    pub time: String,
+    pub parent: Option<String>,
+    pub tree: String,
+    pub paths: Vec<String>,
+    pub hostname: String,
+    pub username: String,
+    pub tags: Vec<String>,
+}
+
+impl Snapshot {
+    /// The value of a `key=value` tag.
+    pub fn tag_value(&self, key: &str) -> Option<&str> {
+        self.tags.iter().find_map(|t| {
+            t.strip_prefix(key)
+                .and_then(|rest| rest.strip_prefix('='))
+        })
+    }
+}
+
+/// One group of `restic forget --json`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ForgetGroup {
+    pub tags: Option<Vec<String>>,
+    pub host: String,
+    pub paths: Option<Vec<String>>,
+    pub keep: Vec<Snapshot>,
+    pub remove: Option<Vec<Snapshot>>,
+    pub reasons: Vec<KeepReason>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct KeepReason {
+    pub snapshot: Snapshot,
+    pub matches: Vec<String>,
+}
+
+/// `restic stats --json` (restore-size, files-by-contents, raw-data and blobs-per-file modes).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Stats {
+    pub total_size: u64,
+    pub total_file_count: u64,
+    pub total_blob_count: u64,
+    pub snapshots_count: u64,
+    pub total_uncompressed_size: u64,
+    pub compression_ratio: f64,
+    pub compression_progress: f64,
+    pub compression_space_saving: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/restic-samples");
+
+    fn sample(name: &str) -> String {
+        std::fs::read_to_string(format!("{SAMPLES}/{name}")).unwrap()
+    }
+
+    fn lines(name: &str) -> Vec<BackupMessage> {
+        sample(name)
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{name}: {e}: {l}")))
+            .collect()
+    }
+
+    #[test]
+    fn backup_stream_parses_status_then_summary() {
+        for name in ["backup_initial.ndjson", "backup_incremental_1pct.ndjson"] {
+            let msgs = lines(name);
+            assert!(msgs.len() > 1, "{name}");
+            let BackupMessage::Summary(s) = msgs.last().unwrap() else {
+                panic!("{name}: last line is not the summary")
+            };
+            assert!(!s.snapshot_id.is_empty());
+            assert_eq!(s.total_files_processed, 50_000);
+            assert!(msgs[..msgs.len() - 1].iter().all(|m| matches!(m, BackupMessage::Status(_))));
+        }
+        let incremental = lines("backup_incremental_1pct.ndjson");
+        let Some(BackupMessage::Summary(s)) = incremental.last() else { panic!() };
+        assert_eq!(s.files_changed, 500);
+        assert_eq!(s.files_unmodified, 49_500);
+    }
+
+    #[test]
+    fn backup_errors_from_stderr() {
+        let msgs = lines("backup_with_errors.stderr");
+        let errors: Vec<_> = msgs
+            .iter()
+            .filter_map(|m| match m {
+                BackupMessage::Error(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(errors.len(), 3);
+        assert_eq!(errors[0].message(), "could not be read");
+        assert_eq!(errors[2].item, "/srv/errtest/tree/sub/secret.txt");
+        assert!(errors[2].message().starts_with("open: "), "{}", errors[2].message());
+        assert!(errors[2].message().contains("ermission denied"), "{}", errors[2].message());
+    }
+
+    #[test]
+    fn snapshots_and_tags() {
+        let snaps: Vec<Snapshot> = serde_json::from_str(&sample("snapshots.json")).unwrap();
+        assert!(!snaps.is_empty());
+        assert!(snaps.iter().all(|s| s.id.len() == 64 && !s.short_id.is_empty()));
+        let s = Snapshot {
+            tags: vec!["stowage.dev/pvc=data".into(), "other".into()],
+            ..Default::default()
+        };
+        assert_eq!(s.tag_value("stowage.dev/pvc"), Some("data"));
+        assert_eq!(s.tag_value("stowage.dev/pv"), None);
+    }
+
+    #[test]
+    fn forget_groups_parse() {
+        for name in ["forget.json", "forget_dryrun.json"] {
+            let groups: Vec<ForgetGroup> = serde_json::from_str(&sample(name)).unwrap();
+            assert!(!groups.is_empty(), "{name}");
+            assert!(groups.iter().all(|g| !g.keep.is_empty()), "{name}");
+        }
+        // forget --prune: the JSON array is the first line, followed by plain text.
+        let out = sample("forget_prune.stdout");
+        let first = out.lines().next().unwrap();
+        let groups: Vec<ForgetGroup> = serde_json::from_str(first).unwrap();
+        assert!(!groups.is_empty());
+    }
+
+    #[test]
+    fn stats_modes_parse() {
+        for name in [
+            "stats_raw_data.json",
+            "stats_restore_size.json",
+            "stats_files_by_contents.json",
+            "stats_blobs_per_file.json",
+        ] {
+            let s: Stats = serde_json::from_str(sample(name).trim()).unwrap();
+            assert!(s.total_size > 0, "{name}");
+        }
+    }
+}
