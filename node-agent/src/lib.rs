@@ -1,0 +1,30 @@
+//! The Stowage node agent.
+//!
+//! One agent runs on every node (a DaemonSet). It reads the volumes of the pods on its node straight
+//! from the kubelet's directory, so backing up a ReadWriteOnce volume needs no extra pod and no
+//! Multi-Attach, and it runs restic locally when the coordinator asks over mutually-authenticated gRPC.
+//!
+//! Modules, one concern each:
+//! - [`config`]: flags and environment;
+//! - [`inventory`]: which volumes this node has, kept current with inotify and mountinfo;
+//! - [`limiter`]: the per-node bound on concurrent volume operations;
+//! - [`backup`] / [`restore`]: the operations, driving restic-wrap;
+//! - [`safe_fs`]: symlink-safe path resolution and the staging merge used by restores;
+//! - [`service`]: the gRPC service and its error codes;
+//! - [`metrics`]: the Prometheus registry and HTTP endpoint;
+//! - [`server`]: wiring, TLS, health, reflection and graceful shutdown.
+
+pub mod backup;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod identity;
+pub mod inventory;
+pub mod limiter;
+pub mod metrics;
+pub mod repository;
+pub mod restore;
+pub mod safe_fs;
+pub mod server;
+pub mod service;
+pub mod telemetry;

@@ -38,7 +38,7 @@ pub enum Error {
     #[error("wrong password for the repository at {location} (or no key matches it)")]
     WrongPassword { location: String },
     #[error("repository is locked: {lock}")]
-    Locked { lock: LockInfo },
+    Locked { lock: Box<LockInfo> },
     #[error("nothing to back up: {message}")]
     SourceMissing { message: String },
     /// restic exit 3: a snapshot was written but some files could not be read. Not a success.
@@ -75,7 +75,7 @@ impl Error {
         location: &str,
     ) -> Error {
         if let Some(lock) = LockInfo::parse(stderr) {
-            return Error::Locked { lock };
+            return Error::Locked { lock: Box::new(lock) };
         }
         if stderr.contains("wrong password or no key found") {
             return Error::WrongPassword {

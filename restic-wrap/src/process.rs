@@ -189,20 +189,20 @@ async fn capture_stderr<R: AsyncRead + Unpin>(stream: R, sink: Arc<Mutex<StderrC
     while let Ok(Some(line)) = lines.next_line().await {
         let Ok(mut cap) = sink.lock() else { return };
         // restic 0.14 writes backup item errors as JSON on stderr.
-        if line.starts_with('{') {
-            if let Ok(BackupMessage::Error(e)) = serde_json::from_str::<BackupMessage>(&line) {
-                if cap.item_errors.len() < MAX_ITEM_ERRORS {
-                    let message = e.message();
-                    cap.item_errors.push(ItemError {
-                        item: e.item,
-                        during: e.during,
-                        message,
-                    });
-                } else {
-                    cap.item_errors_dropped += 1;
-                }
-                continue;
+        if line.starts_with('{')
+            && let Ok(BackupMessage::Error(e)) = serde_json::from_str::<BackupMessage>(&line)
+        {
+            if cap.item_errors.len() < MAX_ITEM_ERRORS {
+                let message = e.message();
+                cap.item_errors.push(ItemError {
+                    item: e.item,
+                    during: e.during,
+                    message,
+                });
+            } else {
+                cap.item_errors_dropped += 1;
             }
+            continue;
         }
         cap.tail.push_str(&line);
         cap.tail.push('\n');

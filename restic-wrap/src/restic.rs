@@ -453,10 +453,10 @@ mod tests {
             .with_lock_retry(|| async {
                 attempts.fetch_add(1, Ordering::SeqCst);
                 Err(Error::Locked {
-                    lock: LockInfo {
+                    lock: Box::new(LockInfo {
                         age: Some(Duration::from_secs(1)),
                         ..Default::default()
-                    },
+                    }),
                 })
             })
             .await;

@@ -1,0 +1,197 @@
+//! Backing up one volume: resolve it in the inventory, wait for a slot, pick the parent snapshot of
+//! the volume identity, run restic in the volume directory, and report progress and the result.
+
+use std::time::Instant;
+
+use restic_wrap::Error as ResticError;
+use restic_wrap::options::{BackupOptions, SnapshotsOptions};
+use restic_wrap::restic::BackupOutput;
+use stowage_proto::v1::{
+    BackupEvent, BackupRequest, BackupResult, ItemError, Outcome, Phase, Progress,
+    backup_event::Event, backup_request::Source,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::context::{AgentContext, ProgressSink};
+use crate::error::AgentError;
+use crate::identity::{Identity, validate_extra_tag};
+use crate::inventory::VolumeEntry;
+use crate::repository;
+
+pub fn progress_event(p: Progress) -> BackupEvent {
+    BackupEvent { event: Some(Event::Progress(p)) }
+}
+
+/// A validated request whose volume is on this node.
+pub struct BackupPlan {
+    req: BackupRequest,
+    identity: Identity,
+    repo: restic_wrap::Repository,
+    volume: VolumeEntry,
+}
+
+/// Checks the request and finds the volume; errors here are answered before any work starts.
+pub fn plan(ctx: &AgentContext, req: BackupRequest) -> Result<BackupPlan, AgentError> {
+    let identity = Identity::from_proto(req.identity.as_ref(), false)?;
+    let repo = repository::from_proto(req.repository.as_ref())?;
+    for t in &req.extra_tags {
+        validate_extra_tag(t).map_err(AgentError::InvalidArgument)?;
+    }
+    let vref = match &req.source {
+        Some(Source::Volume(v)) => v.r#ref.clone(),
+        None => None,
+    }
+    .ok_or_else(|| AgentError::InvalidArgument("source.volume.ref is required".into()))?;
+    let volume = ctx.inventory.lookup(&vref.pod_uid, &vref.volume_name).ok_or_else(|| {
+        AgentError::VolumeNotFound {
+            pod_uid: vref.pod_uid.clone(),
+            volume_name: vref.volume_name.clone(),
+            node: ctx.node_name.clone(),
+        }
+    })?;
+    Ok(BackupPlan { req, identity, repo, volume })
+}
+
+/// Runs a planned backup to its end. `cancel` fires when the client goes away or the agent shuts down.
+pub async fn execute(
+    ctx: &AgentContext,
+    plan: BackupPlan,
+    progress: ProgressSink,
+    cancel: CancellationToken,
+) -> Result<BackupResult, AgentError> {
+    let BackupPlan { req, identity, repo, volume } = plan;
+    let repo_spec = req.repository.as_ref();
+    if ctx.limiter.would_wait() {
+        progress.phase(Phase::Queued, "waiting for a free slot on this node");
+    }
+    let _slot = tokio::select! {
+        slot = ctx.limiter.acquire() => slot.ok_or(AgentError::ShuttingDown)?,
+        _ = cancel.cancelled() => return Err(AgentError::Cancelled),
+    };
+    let started = Instant::now();
+    let limits = repo_spec.map_or((0, 0), |r| (r.limit_upload_kib, r.limit_download_kib));
+    let restic = ctx.restic(repo, limits, Some(progress.clone()));
+    let auto_init = repo_spec.is_some_and(|r| r.auto_init);
+
+    let prepare = async {
+        restic.ensure_repository(auto_init).await?;
+        // restic picks a parent by host and absolute path; the path contains the pod UID and so
+        // changes when a pod is recreated. Pick the identity's newest snapshot ourselves.
+        let snaps = restic
+            .snapshots(&SnapshotsOptions { tags: identity.selector_tags(), ..Default::default() })
+            .await?;
+        Ok::<_, ResticError>(snaps.into_iter().max_by(|a, b| a.time.cmp(&b.time)).map(|s| s.id))
+    };
+    let parent = tokio::select! {
+        p = prepare => p?,
+        _ = cancel.cancelled() => return Err(AgentError::Cancelled),
+    };
+
+    let mut tags = identity.backup_tags();
+    tags.extend(req.extra_tags.iter().cloned());
+    let opts = BackupOptions {
+        // Relative to the volume directory: the snapshot tree holds the volume's contents, with no
+        // node-specific prefix, so restores can land anywhere.
+        paths: vec![".".into()],
+        host: Some(identity.host()),
+        tags,
+        parent: parent.clone(),
+        excludes: req.excludes.clone(),
+        ..Default::default()
+    };
+    tracing::info!(
+        run = %req.run_id, namespace = %identity.namespace, pvc = %identity.pvc,
+        dir = %volume.data_dir.display(), parent = ?parent, "backup started"
+    );
+    let outcome = restic
+        .with_lock_retry(|| attempt(ctx, &restic, &opts, &volume.data_dir, &progress, &cancel))
+        .await;
+    let duration = started.elapsed().as_secs_f64();
+    ctx.metrics.backup_duration.observe(duration);
+
+    let (summary, outcome_kind, errors) = match outcome {
+        Ok(BackupOutput { summary }) => (summary, Outcome::Succeeded, Vec::new()),
+        Err(ResticError::PartialBackup { summary, errors }) => (*summary, Outcome::Partial, errors),
+        Err(ResticError::Cancelled { .. }) => return Err(AgentError::Cancelled),
+        Err(e) => return Err(e.into()),
+    };
+    ctx.metrics.backup_bytes_added.inc_by(summary.data_added);
+    if outcome_kind == Outcome::Succeeded {
+        ctx.metrics.record_success(&identity.namespace, &identity.pvc);
+    }
+    tracing::info!(
+        run = %req.run_id, namespace = %identity.namespace, pvc = %identity.pvc,
+        snapshot = %summary.snapshot_id, outcome = ?outcome_kind, files_new = summary.files_new,
+        files_changed = summary.files_changed, files_unmodified = summary.files_unmodified,
+        bytes_added = summary.data_added, duration_secs = duration, "backup finished"
+    );
+    Ok(BackupResult {
+        outcome: outcome_kind.into(),
+        snapshot_id: summary.snapshot_id,
+        parent_snapshot_id: parent.unwrap_or_default(),
+        files_new: summary.files_new,
+        files_changed: summary.files_changed,
+        files_unmodified: summary.files_unmodified,
+        dirs_new: summary.dirs_new,
+        dirs_changed: summary.dirs_changed,
+        dirs_unmodified: summary.dirs_unmodified,
+        data_added_bytes: summary.data_added,
+        total_files_processed: summary.total_files_processed,
+        total_bytes_processed: summary.total_bytes_processed,
+        duration_seconds: duration,
+        errors: errors
+            .into_iter()
+            .map(|e| ItemError {
+                item: e.item.trim_start_matches("./").to_string(),
+                during: e.during,
+                message: e.message,
+            })
+            .collect(),
+    })
+}
+
+/// One restic run; repeated by the lock policy when the repository is locked.
+async fn attempt(
+    ctx: &AgentContext,
+    restic: &restic_wrap::Restic,
+    opts: &BackupOptions,
+    dir: &std::path::Path,
+    progress: &ProgressSink,
+    cancel: &CancellationToken,
+) -> restic_wrap::Result<BackupOutput> {
+    let mut run = restic.backup(opts, dir)?;
+    tracing::debug!(pid = ?run.pid(), "restic backup spawned");
+    progress.phase(Phase::Running, "restic started");
+    let mut bytes_seen = 0u64;
+    loop {
+        tokio::select! {
+            status = run.next_status() => match status? {
+                Some(s) => {
+                    // Progress lines become metrics as well as messages.
+                    ctx.metrics.backup_bytes_processed.inc_by(s.bytes_done.saturating_sub(bytes_seen));
+                    bytes_seen = bytes_seen.max(s.bytes_done);
+                    progress.send(Progress {
+                        phase: Phase::Running.into(),
+                        percent_done: s.percent_done,
+                        total_files: s.total_files,
+                        files_done: s.files_done,
+                        total_bytes: s.total_bytes,
+                        bytes_done: s.bytes_done,
+                        seconds_elapsed: s.seconds_elapsed,
+                        seconds_remaining: s.seconds_remaining,
+                        message: String::new(),
+                    });
+                }
+                None => break,
+            },
+            _ = cancel.cancelled() => {
+                run.cancel().await;
+                return Err(ResticError::Cancelled { subcommand: "backup".into() });
+            }
+        }
+    }
+    tokio::select! {
+        out = run.finish() => out,
+        _ = cancel.cancelled() => Err(ResticError::Cancelled { subcommand: "backup".into() }),
+    }
+}

@@ -1,0 +1,128 @@
+//! Command-line flags; each one can also come from a `STOWAGE_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "stowage-agent", version, about = "Stowage node agent: backs up and restores this node's kubelet volumes")]
+pub struct Config {
+    /// This node's name (in Kubernetes: from the downward API, spec.nodeName).
+    #[arg(long, env = "STOWAGE_NODE_NAME")]
+    pub node_name: String,
+
+    /// The kubelet's root directory; volumes are read from <kubelet-dir>/pods.
+    #[arg(long, env = "STOWAGE_KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
+
+    /// Address of the gRPC API.
+    #[arg(long, env = "STOWAGE_GRPC_LISTEN", default_value = "0.0.0.0:9443")]
+    pub grpc_listen: SocketAddr,
+
+    /// Address of /metrics and /healthz.
+    #[arg(long, env = "STOWAGE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
+    /// PEM certificate the gRPC server presents.
+    #[arg(long, env = "STOWAGE_TLS_CERT", required_unless_present = "insecure_plaintext")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "STOWAGE_TLS_KEY", required_unless_present = "insecure_plaintext")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle; clients must present a certificate signed by it.
+    #[arg(long, env = "STOWAGE_TLS_CLIENT_CA", required_unless_present = "insecure_plaintext")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Serve gRPC without TLS. Anyone who can reach the port can then read every volume: tests only.
+    #[arg(long, env = "STOWAGE_INSECURE_PLAINTEXT", conflicts_with_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+    pub insecure_plaintext: bool,
+
+    /// Volume operations run at once on this node; further requests queue (never dropped).
+    #[arg(long, env = "STOWAGE_MAX_CONCURRENT", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub max_concurrent: u32,
+
+    /// The restic binary.
+    #[arg(long, env = "STOWAGE_RESTIC", default_value = "restic")]
+    pub restic: PathBuf,
+
+    /// restic's cache directory (speeds up incremental backups; safe to lose).
+    #[arg(long, env = "STOWAGE_CACHE_DIR", default_value = "/var/cache/stowage/restic")]
+    pub cache_dir: PathBuf,
+
+    /// A repository lock older than this has no live holder and is removed (logged and counted).
+    /// restic refreshes live locks every 5 minutes, so keep this well above that.
+    #[arg(long, env = "STOWAGE_STALE_LOCK_AGE", default_value = "30m", value_parser = parse_duration)]
+    pub stale_lock_age: Duration,
+
+    /// How long an operation waits for a lock held by a live holder before failing.
+    #[arg(long, env = "STOWAGE_LOCK_WAIT", default_value = "10m", value_parser = parse_duration)]
+    pub lock_wait: Duration,
+
+    /// Full rescan of the kubelet directory as a safety net behind inotify (mounts raise no events).
+    #[arg(long, env = "STOWAGE_RESYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+
+    /// Log as JSON lines.
+    #[arg(long, env = "STOWAGE_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// Parses "90s", "5m", "2h", "1500ms" or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let value: f64 = num.parse().map_err(|_| format!("not a duration: {s:?}"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("unknown unit in {s:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn tls_is_required_unless_plaintext_is_explicit() {
+        assert!(Config::try_parse_from(["a", "--node-name", "n"]).is_err());
+        let c = Config::try_parse_from(["a", "--node-name", "n", "--insecure-plaintext"]).unwrap();
+        assert!(c.insecure_plaintext);
+        assert!(
+            Config::try_parse_from(["a", "--node-name", "n", "--insecure-plaintext", "--tls-cert", "c"])
+                .is_err()
+        );
+        let c = Config::try_parse_from([
+            "a", "--node-name", "n", "--tls-cert", "c", "--tls-key", "k", "--tls-client-ca", "ca",
+            "--max-concurrent", "3", "--stale-lock-age", "2s",
+        ])
+        .unwrap();
+        assert_eq!(c.max_concurrent, 3);
+        assert_eq!(c.stale_lock_age, Duration::from_secs(2));
+        assert!(Config::try_parse_from(["a", "--node-name", "n", "--insecure-plaintext", "--max-concurrent", "0"]).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+}

@@ -1,0 +1,87 @@
+//! What every operation needs: the inventory, the limiter, metrics and how to run restic.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use restic_wrap::options::GlobalOptions;
+use restic_wrap::{LockInfo, LockObserver, LockPolicy, Repository, Restic};
+use stowage_proto::v1::{Phase, Progress};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::inventory::Inventory;
+use crate::limiter::Limiter;
+use crate::metrics::Metrics;
+
+pub struct AgentContext {
+    pub node_name: String,
+    pub inventory: Arc<Inventory>,
+    pub limiter: Limiter,
+    pub metrics: Metrics,
+    pub restic_bin: PathBuf,
+    pub cache_dir: PathBuf,
+    pub lock_policy: LockPolicy,
+    /// Cancelled on SIGTERM: every operation stops its restic and returns.
+    pub shutdown: CancellationToken,
+}
+
+impl AgentContext {
+    /// A restic bound to `repo`, with this agent's cache, limits and lock policy; lock waits and
+    /// removals go to metrics and, as progress, to `progress`.
+    pub fn restic(&self, repo: Repository, limits: (u32, u32), progress: Option<ProgressSink>) -> Restic {
+        let observer = Arc::new(LockMetrics { metrics: self.metrics.clone(), progress });
+        Restic::new(&self.restic_bin, repo)
+            .with_global(GlobalOptions {
+                cache_dir: Some(self.cache_dir.clone()),
+                limit_upload: Some(limits.0),
+                limit_download: Some(limits.1),
+                ..Default::default()
+            })
+            .with_lock_policy(self.lock_policy.clone(), observer)
+    }
+}
+
+/// Sends progress messages of one operation; the message wrapper differs per RPC.
+#[derive(Clone)]
+pub struct ProgressSink {
+    send: Arc<dyn Fn(Progress) -> bool + Send + Sync>,
+}
+
+impl ProgressSink {
+    pub fn new<T: Send + 'static>(
+        tx: mpsc::Sender<Result<T, tonic::Status>>,
+        wrap: fn(Progress) -> T,
+    ) -> Self {
+        Self {
+            // try_send: progress is advisory; a slow client must not stall restic's output.
+            send: Arc::new(move |p| tx.try_send(Ok(wrap(p))).is_ok()),
+        }
+    }
+
+    pub fn send(&self, p: Progress) {
+        let _ = (self.send)(p);
+    }
+
+    pub fn phase(&self, phase: Phase, message: impl Into<String>) {
+        self.send(Progress { phase: phase.into(), message: message.into(), ..Default::default() });
+    }
+}
+
+struct LockMetrics {
+    metrics: Metrics,
+    progress: Option<ProgressSink>,
+}
+
+impl LockObserver for LockMetrics {
+    fn waiting(&self, lock: &LockInfo) {
+        self.metrics.lock_waits.inc();
+        if let Some(p) = &self.progress {
+            p.phase(Phase::WaitingForLock, format!("repository locked: {lock}"));
+        }
+    }
+
+    fn removed(&self, lock: &LockInfo, remove_all: bool) {
+        self.metrics.lock_removals.inc();
+        tracing::warn!(lock = %lock, remove_all, "removed stale repository lock");
+    }
+}

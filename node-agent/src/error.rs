@@ -1,0 +1,95 @@
+//! The agent's errors, and the gRPC status code each one deliberately maps to.
+
+use tonic::{Code, Status};
+
+use crate::identity::InvalidIdentity;
+use crate::repository::InvalidRepository;
+use crate::safe_fs::SafeFsError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("volume {volume_name:?} of pod {pod_uid:?} is not on node {node}")]
+    VolumeNotFound { pod_uid: String, volume_name: String, node: String },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    InvalidIdentity(#[from] InvalidIdentity),
+    #[error(transparent)]
+    InvalidRepository(#[from] InvalidRepository),
+    #[error("no snapshot {snapshot:?} of {namespace}/{pvc} in the repository")]
+    SnapshotNotFound { snapshot: String, namespace: String, pvc: String },
+    #[error("snapshot {snapshot} belongs to another volume ({found}), not {expected}")]
+    SnapshotOfOtherVolume { snapshot: String, expected: String, found: String },
+    #[error("restore target {dir} is not empty (mode IntoEmpty)")]
+    TargetNotEmpty { dir: String },
+    #[error(transparent)]
+    Path(#[from] SafeFsError),
+    #[error(transparent)]
+    Restic(#[from] restic_wrap::Error),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+    #[error("the request was cancelled")]
+    Cancelled,
+}
+
+impl From<AgentError> for Status {
+    fn from(e: AgentError) -> Status {
+        use restic_wrap::Error as R;
+        let code = match &e {
+            AgentError::VolumeNotFound { .. } | AgentError::SnapshotNotFound { .. } => Code::NotFound,
+            AgentError::InvalidArgument(_)
+            | AgentError::InvalidIdentity(_)
+            | AgentError::InvalidRepository(_) => Code::InvalidArgument,
+            AgentError::Path(SafeFsError::InvalidPath { .. } | SafeFsError::Escapes { .. }) => {
+                Code::InvalidArgument
+            }
+            AgentError::Path(SafeFsError::Conflict { .. }) => Code::FailedPrecondition,
+            AgentError::Path(SafeFsError::Io { .. }) | AgentError::Io { .. } => Code::Internal,
+            AgentError::SnapshotOfOtherVolume { .. } => Code::PermissionDenied,
+            AgentError::TargetNotEmpty { .. } => Code::FailedPrecondition,
+            AgentError::ShuttingDown => Code::Unavailable,
+            AgentError::Cancelled => Code::Cancelled,
+            AgentError::Restic(r) => match r {
+                R::RepositoryNotFound { .. } | R::WrongPassword { .. } | R::SourceMissing { .. } => {
+                    Code::FailedPrecondition
+                }
+                // Someone else holds the repository: retry later.
+                R::Locked { .. } => Code::Aborted,
+                R::Timeout { .. } => Code::DeadlineExceeded,
+                R::Cancelled { .. } => Code::Cancelled,
+                R::PartialBackup { .. } => Code::DataLoss,
+                R::UnsupportedVersion { .. } | R::Spawn { .. } => Code::Unavailable,
+                R::CommandFailed { .. } | R::Json { .. } | R::Io { .. } => Code::Internal,
+            },
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_chosen_per_cause() {
+        let nf: Status = AgentError::VolumeNotFound {
+            pod_uid: "u".into(),
+            volume_name: "v".into(),
+            node: "n".into(),
+        }
+        .into();
+        assert_eq!(nf.code(), Code::NotFound);
+        assert!(nf.message().contains("not on node n"));
+        let esc: Status = AgentError::Path(SafeFsError::Escapes { path: "a".into() }).into();
+        assert_eq!(esc.code(), Code::InvalidArgument);
+        let pw: Status = AgentError::Restic(restic_wrap::Error::WrongPassword { location: "/r".into() }).into();
+        assert_eq!(pw.code(), Code::FailedPrecondition);
+        assert!(pw.message().contains("wrong password"));
+    }
+}

@@ -1,0 +1,278 @@
+//! Restoring a snapshot into a volume on this node, in place, while its pod keeps running.
+//!
+//! restic writes into a fresh staging directory inside the target volume (same filesystem, so the
+//! final move is a rename, not a copy) addressed as `/proc/<agent>/fd/<n>`: the path names the
+//! directory we created, whatever is renamed or planted at its name meanwhile. The staged tree is then
+//! merged into the target with descriptor-relative renames that never follow symlinks ([`safe_fs`]).
+
+use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
+use restic_wrap::json::Snapshot;
+use restic_wrap::options::{RestoreOptions, SnapshotsOptions};
+use stowage_proto::v1::{
+    Phase, Progress, RestoreEvent, RestoreMode, RestoreRequest, RestoreResult, restore_event::Event,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::context::{AgentContext, ProgressSink};
+use crate::error::AgentError;
+use crate::identity::Identity;
+use crate::inventory::VolumeEntry;
+use crate::repository;
+use crate::safe_fs::{self, MergeStats, SafeFsError};
+
+pub fn progress_event(p: Progress) -> RestoreEvent {
+    RestoreEvent { event: Some(Event::Progress(p)) }
+}
+
+/// A validated request whose target volume is on this node.
+pub struct RestorePlan {
+    req: RestoreRequest,
+    source: Identity,
+    repo: restic_wrap::Repository,
+    includes: Vec<String>,
+    target_parts: Vec<String>,
+    mode: RestoreMode,
+    volume: VolumeEntry,
+}
+
+/// Checks the request and finds the target volume; errors here are answered before any work starts.
+pub fn plan(ctx: &AgentContext, req: RestoreRequest) -> Result<RestorePlan, AgentError> {
+    let source = Identity::from_proto(req.source.as_ref(), false)?;
+    let repo = repository::from_proto(req.repository.as_ref())?;
+    let mut includes = Vec::new();
+    for inc in &req.include {
+        let parts = safe_fs::relative_components(inc)?;
+        if parts.is_empty() {
+            return Err(AgentError::InvalidArgument(format!("include path {inc:?} names nothing")));
+        }
+        includes.push(format!("/{}", parts.join("/")));
+    }
+    let target_parts = safe_fs::relative_components(&req.target_path)?;
+    let mode = RestoreMode::try_from(req.mode).unwrap_or(RestoreMode::Unspecified);
+    let tref = req
+        .target
+        .clone()
+        .ok_or_else(|| AgentError::InvalidArgument("target is required".into()))?;
+    let volume = ctx.inventory.lookup(&tref.pod_uid, &tref.volume_name).ok_or_else(|| {
+        AgentError::VolumeNotFound {
+            pod_uid: tref.pod_uid.clone(),
+            volume_name: tref.volume_name.clone(),
+            node: ctx.node_name.clone(),
+        }
+    })?;
+    Ok(RestorePlan { req, source, repo, includes, target_parts, mode, volume })
+}
+
+pub async fn execute(
+    ctx: &AgentContext,
+    plan: RestorePlan,
+    progress: ProgressSink,
+    cancel: CancellationToken,
+) -> Result<RestoreResult, AgentError> {
+    let RestorePlan { req, source, repo, includes, target_parts, mode, volume } = plan;
+    let repo_spec = req.repository.as_ref();
+    if ctx.limiter.would_wait() {
+        progress.phase(Phase::Queued, "waiting for a free slot on this node");
+    }
+    let _slot = tokio::select! {
+        slot = ctx.limiter.acquire() => slot.ok_or(AgentError::ShuttingDown)?,
+        _ = cancel.cancelled() => return Err(AgentError::Cancelled),
+    };
+    let started = Instant::now();
+    let limits = repo_spec.map_or((0, 0), |r| (r.limit_upload_kib, r.limit_download_kib));
+    let restic = ctx.restic(repo, limits, Some(progress.clone()));
+
+    let snapshot = tokio::select! {
+        s = resolve_snapshot(&restic, &source, &req.snapshot) => s?,
+        _ = cancel.cancelled() => return Err(AgentError::Cancelled),
+    };
+
+    // Open the target without following links; IntoEmpty refuses before anything is written.
+    let root = safe_fs::open_root(&volume.data_dir)?;
+    if mode == RestoreMode::IntoEmpty {
+        match safe_fs::open_beneath(&root, &target_parts, false) {
+            Ok(existing) if !safe_fs::is_empty(&existing)? => {
+                return Err(AgentError::TargetNotEmpty {
+                    dir: volume.data_dir.join(target_parts.join("/")).display().to_string(),
+                });
+            }
+            Ok(_) | Err(SafeFsError::Io { source: Errno::ENOENT, .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let target = safe_fs::open_beneath(&root, &target_parts, true)?;
+    let target_dir = volume.data_dir.join(target_parts.join("/"));
+
+    let staging = Staging::create(root, &req.run_id)?;
+    progress.phase(Phase::Running, format!("restoring snapshot {}", snapshot.short_id));
+    tracing::info!(
+        run = %req.run_id, snapshot = %snapshot.id, target = %target_dir.display(),
+        includes = ?includes, "restore started"
+    );
+    let opts = RestoreOptions {
+        snapshot: snapshot.id.clone(),
+        target: staging.proc_path(),
+        includes,
+        ..Default::default()
+    };
+    tokio::select! {
+        r = restic.restore(&opts) => r?,
+        _ = cancel.cancelled() => return Err(AgentError::Cancelled),
+    }
+
+    progress.phase(Phase::Finalizing, "moving restored files into place");
+    let staged = staging.open()?;
+    let mut stats = MergeStats::default();
+    safe_fs::count_tree(&staged, &mut stats)?;
+    let merge = tokio::task::spawn_blocking(move || safe_fs::merge_into(&staged, &target, "."));
+    merge
+        .await
+        .map_err(|e| AgentError::Io { context: "merge task".into(), source: std::io::Error::other(e) })??;
+    drop(staging);
+
+    let duration = started.elapsed().as_secs_f64();
+    ctx.metrics.restore_duration.observe(duration);
+    ctx.metrics.restore_bytes.inc_by(stats.bytes);
+    tracing::info!(
+        run = %req.run_id, snapshot = %snapshot.id, files = stats.files, bytes = stats.bytes,
+        duration_secs = duration, "restore finished"
+    );
+    Ok(RestoreResult {
+        snapshot_id: snapshot.id,
+        files_restored: stats.files,
+        dirs_restored: stats.dirs,
+        bytes_restored: stats.bytes,
+        duration_seconds: duration,
+        target_dir: target_dir.display().to_string(),
+    })
+}
+
+/// Finds the snapshot among the identity's own: "latest" (or empty) is the newest of that
+/// namespace/PVC only; an id must belong to it.
+pub async fn resolve_snapshot(
+    restic: &restic_wrap::Restic,
+    identity: &Identity,
+    wanted: &str,
+) -> Result<Snapshot, AgentError> {
+    let own = restic
+        .snapshots(&SnapshotsOptions { tags: identity.selector_tags(), ..Default::default() })
+        .await?;
+    let not_found = || AgentError::SnapshotNotFound {
+        snapshot: wanted.to_string(),
+        namespace: identity.namespace.clone(),
+        pvc: identity.pvc.clone(),
+    };
+    if wanted.is_empty() || wanted == "latest" {
+        return own.into_iter().max_by(|a, b| a.time.cmp(&b.time)).ok_or_else(not_found);
+    }
+    if wanted.len() < 8 || !wanted.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(AgentError::InvalidArgument(format!(
+            "snapshot {wanted:?} must be \"latest\" or a snapshot id (at least 8 hex digits)"
+        )));
+    }
+    if let Some(s) = own.into_iter().find(|s| s.id.starts_with(wanted)) {
+        return Ok(s);
+    }
+    // Say whether it exists elsewhere, so a wrong PVC is not mistaken for a missing snapshot.
+    let any = restic
+        .snapshots(&SnapshotsOptions { ids: vec![wanted.to_string()], ..Default::default() })
+        .await
+        .unwrap_or_default();
+    match any.into_iter().next() {
+        Some(other) => Err(AgentError::SnapshotOfOtherVolume {
+            snapshot: other.short_id.clone(),
+            expected: identity.host(),
+            found: other.hostname,
+        }),
+        None => Err(not_found()),
+    }
+}
+
+/// The staging directory of one restore, removed (with whatever is left in it) on drop.
+struct Staging {
+    root: OwnedFd,
+    name: String,
+    dir: OwnedFd,
+}
+
+impl Staging {
+    fn create(root: OwnedFd, run_id: &str) -> Result<Self, AgentError> {
+        let tag: String = run_id
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(40)
+            .collect();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!(".stowage-restore-{tag}-{}-{nanos:x}", std::process::id());
+        mkdirat(&root, name.as_str(), Mode::from_bits_truncate(0o700))
+            .map_err(|source| SafeFsError::Io { path: name.clone(), source })?;
+        let dir = openat(
+            &root,
+            name.as_str(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|source| SafeFsError::Io { path: name.clone(), source })?;
+        Ok(Self { root, name, dir })
+    }
+
+    /// The staging directory as restic should see it: through our descriptor, not its name.
+    fn proc_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), self.dir.as_raw_fd()))
+    }
+
+    fn open(&self) -> Result<OwnedFd, AgentError> {
+        nix::unistd::dup(&self.dir)
+            .map_err(|source| SafeFsError::Io { path: self.name.clone(), source }.into())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Err(e) = remove_tree_at(&self.root, OsStr::new(&self.name)) {
+            tracing::warn!(error = %e, staging = %self.name, "could not remove restore staging directory");
+        }
+    }
+}
+
+/// Removes `name` below `dir` and everything in it, never following symlinks.
+fn remove_tree_at(dir: &OwnedFd, name: &OsStr) -> Result<(), Errno> {
+    let st = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
+        let sub = openat(
+            dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut names = Vec::new();
+        let mut d = nix::dir::Dir::from_fd(nix::unistd::dup(&sub)?)?;
+        for e in d.iter() {
+            let n = e?.file_name().to_bytes().to_vec();
+            if n != b"." && n != b".." {
+                names.push(n);
+            }
+        }
+        for n in names {
+            remove_tree_at(&sub, OsStr::from_bytes(&n))?;
+        }
+        unlinkat(dir, name, UnlinkatFlags::RemoveDir)
+    } else {
+        unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)
+    }
+}

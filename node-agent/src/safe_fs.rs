@@ -1,0 +1,298 @@
+//! Filesystem access that cannot be redirected out of a volume.
+//!
+//! A volume belongs to an application that may be hostile or just careless: it can plant a symlink
+//! `data -> /etc` and wait for a restore to write `data/passwd`. So every path below a volume root is
+//! walked component by component with `openat(O_NOFOLLOW)`, and restores never write into the target
+//! directly: restic writes into a fresh staging directory, which is then merged into the target with
+//! `renameat` relative to directory descriptors. A symlink in the target is replaced, never followed.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, openat, renameat};
+use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fstatat, futimens, mkdirat};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, unlinkat};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SafeFsError {
+    #[error("path {path:?} is not allowed: {reason}")]
+    InvalidPath { path: String, reason: &'static str },
+    #[error("{path:?} crosses a symlink or a non-directory inside the volume; refusing to follow it")]
+    Escapes { path: String },
+    #[error("{path:?}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: Errno,
+    },
+    #[error("cannot merge {path:?}: the snapshot has a file where the target has a non-empty directory")]
+    Conflict { path: String },
+}
+
+type Result<T> = std::result::Result<T, SafeFsError>;
+
+/// Splits a user-supplied path inside a volume into plain components. Absolute paths, `..`, and NUL
+/// are refused; `.` and empty components are dropped. "" and "/" are refused as absolute only when
+/// they start with '/'.
+pub fn relative_components(path: &str) -> Result<Vec<String>> {
+    if path.starts_with('/') {
+        return Err(SafeFsError::InvalidPath {
+            path: path.into(),
+            reason: "absolute paths are not allowed; give a path relative to the volume",
+        });
+    }
+    if path.contains('\0') {
+        return Err(SafeFsError::InvalidPath { path: path.into(), reason: "contains NUL" });
+    }
+    let mut out = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                return Err(SafeFsError::InvalidPath {
+                    path: path.into(),
+                    reason: "'..' is not allowed",
+                });
+            }
+            c => out.push(c.to_string()),
+        }
+    }
+    Ok(out)
+}
+
+fn dir_flags() -> OFlag {
+    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+}
+
+fn io(path: impl Into<String>) -> impl FnOnce(Errno) -> SafeFsError {
+    let path = path.into();
+    move |source| SafeFsError::Io { path, source }
+}
+
+/// Opens `root` (which must be a real directory, not a symlink).
+pub fn open_root(root: &Path) -> Result<OwnedFd> {
+    nix::fcntl::open(root, dir_flags(), Mode::empty()).map_err(|e| match e {
+        Errno::ELOOP | Errno::ENOTDIR => SafeFsError::Escapes { path: root.display().to_string() },
+        e => SafeFsError::Io { path: root.display().to_string(), source: e },
+    })
+}
+
+/// Opens the directory `components` below `root_fd`, never following a symlink; creates missing
+/// directories (mode 0755) when `create` is set.
+pub fn open_beneath(root_fd: &OwnedFd, components: &[String], create: bool) -> Result<OwnedFd> {
+    let mut fd = nix::unistd::dup(root_fd).map_err(io("."))?;
+    for (i, c) in components.iter().enumerate() {
+        let shown = components[..=i].join("/");
+        let next = match openat(&fd, c.as_str(), dir_flags(), Mode::empty()) {
+            Ok(next) => next,
+            Err(Errno::ENOENT) if create => {
+                match mkdirat(&fd, c.as_str(), Mode::from_bits_truncate(0o755)) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(SafeFsError::Io { path: shown, source: e }),
+                }
+                openat(&fd, c.as_str(), dir_flags(), Mode::empty()).map_err(|e| match e {
+                    Errno::ELOOP | Errno::ENOTDIR => SafeFsError::Escapes { path: shown.clone() },
+                    e => SafeFsError::Io { path: shown.clone(), source: e },
+                })?
+            }
+            Err(Errno::ELOOP | Errno::ENOTDIR) => return Err(SafeFsError::Escapes { path: shown }),
+            Err(e) => return Err(SafeFsError::Io { path: shown, source: e }),
+        };
+        fd = next;
+    }
+    Ok(fd)
+}
+
+/// Names in a directory, without "." and "..".
+fn entries(dir: &OwnedFd, shown: &str) -> Result<Vec<Vec<u8>>> {
+    let dup = nix::unistd::dup(dir).map_err(io(shown))?;
+    let mut d = nix::dir::Dir::from_fd(dup).map_err(io(shown))?;
+    let mut names = Vec::new();
+    for e in d.iter() {
+        let e = e.map_err(io(shown))?;
+        let name = e.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(name.to_vec());
+        }
+    }
+    Ok(names)
+}
+
+/// Whether the directory has no entries.
+pub fn is_empty(dir: &OwnedFd) -> Result<bool> {
+    Ok(entries(dir, ".")?.is_empty())
+}
+
+fn kind(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT
+}
+
+/// What a merge moved into the target.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MergeStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes: u64,
+}
+
+/// Counts the tree below `dir` (files, directories, bytes of regular files), without following links.
+pub fn count_tree(dir: &OwnedFd, stats: &mut MergeStats) -> Result<()> {
+    for name in entries(dir, ".")? {
+        let n = OsStr::from_bytes(&name);
+        let st = fstatat(dir, n, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).map_err(io(n.to_string_lossy()))?;
+        if kind(&st) == SFlag::S_IFDIR {
+            stats.dirs += 1;
+            let sub = openat(dir, n, dir_flags(), Mode::empty()).map_err(io(n.to_string_lossy()))?;
+            count_tree(&sub, stats)?;
+        } else {
+            stats.files += 1;
+            if kind(&st) == SFlag::S_IFREG {
+                stats.bytes += u64::try_from(st.st_size).unwrap_or(0);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves everything from `src` into `dst`: entries missing in `dst` are renamed in whole; directories
+/// present in both are merged recursively and get the snapshot's mode, owner and times; anything else
+/// in `dst` with the same name (file, symlink) is replaced atomically. `src` ends up empty.
+pub fn merge_into(src: &OwnedFd, dst: &OwnedFd, shown: &str) -> Result<()> {
+    for name in entries(src, shown)? {
+        let n = OsStr::from_bytes(&name);
+        let path = format!("{shown}/{}", n.to_string_lossy());
+        let s = fstatat(src, n, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).map_err(io(&path))?;
+        let d = match fstatat(dst, n, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(d) => Some(d),
+            Err(Errno::ENOENT) => None,
+            Err(e) => return Err(SafeFsError::Io { path, source: e }),
+        };
+        match (kind(&s) == SFlag::S_IFDIR, d.as_ref().map(kind)) {
+            (true, Some(SFlag::S_IFDIR)) => {
+                let sub_src = openat(src, n, dir_flags(), Mode::empty()).map_err(io(&path))?;
+                let sub_dst = openat(dst, n, dir_flags(), Mode::empty()).map_err(io(&path))?;
+                merge_into(&sub_src, &sub_dst, &path)?;
+                copy_dir_metadata(&s, &sub_dst, &path)?;
+                unlinkat(src, n, UnlinkatFlags::RemoveDir).map_err(io(&path))?;
+            }
+            (false, Some(SFlag::S_IFDIR)) => {
+                // Only an empty directory may give way to a file.
+                match unlinkat(dst, n, UnlinkatFlags::RemoveDir) {
+                    Ok(()) => renameat(src, n, dst, n).map_err(io(&path))?,
+                    Err(Errno::ENOTEMPTY | Errno::EEXIST) => return Err(SafeFsError::Conflict { path }),
+                    Err(e) => return Err(SafeFsError::Io { path, source: e }),
+                }
+            }
+            (true, Some(_)) => {
+                // A file or symlink where the snapshot has a directory: the snapshot wins.
+                unlinkat(dst, n, UnlinkatFlags::NoRemoveDir).map_err(io(&path))?;
+                renameat(src, n, dst, n).map_err(io(&path))?;
+            }
+            (_, _) => renameat(src, n, dst, n).map_err(io(&path))?,
+        }
+    }
+    Ok(())
+}
+
+/// Gives `dst` the mode, owner and times recorded in `src` (the staged copy of the snapshot's directory).
+pub fn copy_dir_metadata(src: &FileStat, dst: impl AsFd, shown: &str) -> Result<()> {
+    let dst = dst.as_fd();
+    fchown(dst, Some(Uid::from_raw(src.st_uid)), Some(Gid::from_raw(src.st_gid))).map_err(io(shown))?;
+    fchmod(dst, Mode::from_bits_truncate(src.st_mode & 0o7777)).map_err(io(shown))?;
+    let atime = TimeSpec::new(src.st_atime, src.st_atime_nsec);
+    let mtime = TimeSpec::new(src.st_mtime, src.st_mtime_nsec);
+    futimens(dst, &atime, &mtime).map_err(io(shown))?;
+    Ok(())
+}
+
+/// `fstat` of a directory descriptor.
+pub fn stat_fd(fd: &OwnedFd, shown: &str) -> Result<FileStat> {
+    nix::sys::stat::fstat(fd).map_err(io(shown))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn components_refuse_escapes() {
+        assert_eq!(relative_components("a/./b//c").unwrap(), ["a", "b", "c"]);
+        assert!(relative_components("").unwrap().is_empty());
+        for bad in ["/etc", "../x", "a/../../b", "a/\0"] {
+            assert!(relative_components(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn open_beneath_refuses_symlinks_and_creates_dirs() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = t.path().join("vol");
+        fs::create_dir(&root).unwrap();
+        symlink(outside.path(), root.join("link")).unwrap();
+        fs::write(root.join("file"), b"x").unwrap();
+        let fd = open_root(&root).unwrap();
+        assert!(matches!(
+            open_beneath(&fd, &["link".into(), "sub".into()], true),
+            Err(SafeFsError::Escapes { .. })
+        ));
+        assert!(matches!(open_beneath(&fd, &["file".into()], true), Err(SafeFsError::Escapes { .. })));
+        assert!(fs::read_dir(outside.path()).unwrap().next().is_none(), "nothing created outside");
+        open_beneath(&fd, &["a".into(), "b".into()], true).unwrap();
+        assert!(root.join("a/b").is_dir());
+        assert!(open_beneath(&fd, &["missing".into()], false).is_err());
+        assert!(matches!(open_root(&root.join("link")), Err(SafeFsError::Escapes { .. })));
+    }
+
+    #[test]
+    fn merge_replaces_planted_symlinks_instead_of_following_them() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        let dst = t.path().join("dst");
+        fs::create_dir_all(src.join("etc")).unwrap();
+        fs::write(src.join("etc/passwd"), b"restored").unwrap();
+        fs::write(src.join("top"), b"new").unwrap();
+        fs::create_dir_all(src.join("keep/deeper")).unwrap();
+        fs::write(src.join("keep/deeper/f"), b"f").unwrap();
+        fs::create_dir_all(dst.join("keep")).unwrap();
+        fs::write(dst.join("keep/untouched"), b"old").unwrap();
+        fs::write(dst.join("top"), b"old").unwrap();
+        // The application planted a symlink where the snapshot has a directory.
+        symlink(outside.path(), dst.join("etc")).unwrap();
+
+        let s = open_root(&src).unwrap();
+        let d = open_root(&dst).unwrap();
+        let mut stats = MergeStats::default();
+        count_tree(&s, &mut stats).unwrap();
+        assert_eq!(stats, MergeStats { files: 3, dirs: 3, bytes: 8 + 3 + 1 });
+        merge_into(&s, &d, ".").unwrap();
+
+        assert!(fs::read_dir(outside.path()).unwrap().next().is_none(), "nothing written outside");
+        assert!(fs::symlink_metadata(dst.join("etc")).unwrap().is_dir());
+        assert_eq!(fs::read(dst.join("etc/passwd")).unwrap(), b"restored");
+        assert_eq!(fs::read(dst.join("top")).unwrap(), b"new");
+        assert_eq!(fs::read(dst.join("keep/untouched")).unwrap(), b"old");
+        assert_eq!(fs::read(dst.join("keep/deeper/f")).unwrap(), b"f");
+        assert!(is_empty(&s).unwrap());
+    }
+
+    #[test]
+    fn merge_refuses_to_drop_a_non_empty_directory_for_a_file() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dst) = (t.path().join("s"), t.path().join("d"));
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("x"), b"file").unwrap();
+        fs::create_dir_all(dst.join("x")).unwrap();
+        fs::write(dst.join("x/inner"), b"precious").unwrap();
+        let r = merge_into(&open_root(&src).unwrap(), &open_root(&dst).unwrap(), ".");
+        assert!(matches!(r, Err(SafeFsError::Conflict { .. })));
+        assert_eq!(fs::read(dst.join("x/inner")).unwrap(), b"precious");
+    }
+}

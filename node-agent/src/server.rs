@@ -1,0 +1,193 @@
+//! Wiring: metrics and health first, then the inventory, then the gRPC API (mutual TLS unless
+//! explicitly plaintext); SIGTERM stops accepting, cancels running work (restic is stopped and its
+//! lock released) and exits.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use restic_wrap::LockPolicy;
+use stowage_proto::v1::FILE_DESCRIPTOR_SET;
+use stowage_proto::v1::agent_server::AgentServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::config::Config;
+use crate::context::AgentContext;
+use crate::inventory::{Inventory, watch};
+use crate::limiter::Limiter;
+use crate::metrics::{Metrics, MetricsError};
+use crate::service::AgentService;
+
+/// How long shutdown waits for running operations to stop their restic.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {path}: {source}")]
+    ReadTls {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--tls-cert, --tls-key and --tls-client-ca are required unless --insecure-plaintext")]
+    MissingTls,
+    #[error("restic is not usable: {0}")]
+    Restic(#[from] restic_wrap::Error),
+    #[error("creating the restic cache directory {path}: {source}")]
+    CacheDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("watching the kubelet directory: {0}")]
+    Watch(#[from] notify::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+fn read(path: &Option<std::path::PathBuf>) -> Result<Vec<u8>, ServerError> {
+    let path = path.as_ref().ok_or(ServerError::MissingTls)?;
+    std::fs::read(path).map_err(|source| ServerError::ReadTls { path: path.display().to_string(), source })
+}
+
+fn tls_config(config: &Config) -> Result<ServerTlsConfig, ServerError> {
+    let cert = read(&config.tls_cert)?;
+    let key = read(&config.tls_key)?;
+    let ca = read(&config.tls_client_ca)?;
+    // client_auth_optional defaults to false: a client without a certificate from this CA is refused.
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(ca)))
+}
+
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    run_until(config, shutdown).await
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let metrics = Metrics::new(&config.node_name)?;
+    let metrics_listener = TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|source| ServerError::Bind { what: "metrics", addr: config.metrics_listen, source })?;
+    let grpc_listener = TcpListener::bind(config.grpc_listen)
+        .await
+        .map_err(|source| ServerError::Bind { what: "gRPC", addr: config.grpc_listen, source })?;
+    let router = metrics.router();
+    let metrics_stop = shutdown.clone();
+    let metrics_task = tokio::spawn(async move {
+        let serve = axum::serve(metrics_listener, router)
+            .with_graceful_shutdown(async move { metrics_stop.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+
+    let tls = if config.insecure_plaintext {
+        tracing::warn!("serving gRPC WITHOUT TLS (--insecure-plaintext): anyone who reaches the port can read every volume");
+        None
+    } else {
+        Some(tls_config(&config)?)
+    };
+
+    let restic = restic_wrap::Restic::new(
+        &config.restic,
+        restic_wrap::Repository { backend: restic_wrap::Backend::Local { path: String::new() }, password: String::new() },
+    );
+    let version = restic.version().await?;
+    std::fs::create_dir_all(&config.cache_dir)
+        .map_err(|source| ServerError::CacheDir { path: config.cache_dir.display().to_string(), source })?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_not_serving::<AgentServer<AgentService>>().await;
+
+    let inventory = Arc::new(Inventory::new(&config.kubelet_dir, metrics.volumes.clone()));
+    let inv = Arc::clone(&inventory);
+    let _ = tokio::task::spawn_blocking(move || inv.full_scan()).await;
+    let watcher = watch::spawn(Arc::clone(&inventory), config.resync_interval, shutdown.clone())?;
+    metrics.ready.store(true, Ordering::Release);
+    tracing::info!(
+        node = %config.node_name, volumes = inventory.list().len(), restic = %version,
+        grpc = %config.grpc_listen, metrics = %config.metrics_listen, "agent ready"
+    );
+
+    let limiter = Limiter::new(config.max_concurrent, metrics.clone());
+    let ctx = Arc::new(AgentContext {
+        node_name: config.node_name.clone(),
+        inventory,
+        limiter: limiter.clone(),
+        metrics: metrics.clone(),
+        restic_bin: config.restic.clone(),
+        cache_dir: config.cache_dir.clone(),
+        lock_policy: LockPolicy {
+            max_wait: config.lock_wait,
+            stale_after: config.stale_lock_age,
+            ..LockPolicy::default()
+        },
+        shutdown: shutdown.clone(),
+    });
+    let tasks = TaskTracker::new();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    health.set_serving::<AgentServer<AgentService>>().await;
+
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let stop = shutdown.clone();
+    builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(AgentServer::new(AgentService::new(ctx, tasks.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+            stop.cancelled().await;
+        })
+        .await?;
+
+    // Stop accepting queued work; running operations see the cancelled token and stop restic.
+    tracing::info!("shutting down: cancelling running operations");
+    limiter.close();
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+        tracing::warn!("operations did not stop within {SHUTDOWN_GRACE:?}");
+    }
+    let _ = watcher.await;
+    let _ = metrics_task.await;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        shutdown.cancel();
+    });
+}

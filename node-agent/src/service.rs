@@ -1,0 +1,172 @@
+//! The gRPC service: validates synchronously (so bad requests fail the call itself), then runs the
+//! operation in a task that streams progress and exactly one final result or error.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use stowage_proto::v1::agent_server::Agent;
+use stowage_proto::v1::{
+    BackupEvent, BackupRequest, ListVolumesRequest, ListVolumesResponse, Progress, RestoreEvent,
+    RestoreRequest, Snapshot, SnapshotsRequest, SnapshotsResponse, Volume, VolumeRef, backup_event,
+    restore_event,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+
+use crate::context::{AgentContext, ProgressSink};
+use crate::error::AgentError;
+use crate::identity::{Identity, TAG_NAMESPACE, TAG_POD, TAG_PVC};
+use crate::{backup, repository, restore};
+
+pub struct AgentService {
+    ctx: Arc<AgentContext>,
+    tasks: TaskTracker,
+}
+
+impl AgentService {
+    pub fn new(ctx: Arc<AgentContext>, tasks: TaskTracker) -> Self {
+        Self { ctx, tasks }
+    }
+
+    /// Runs `op` in a tracked task, cancelled when the client hangs up or the agent shuts down.
+    fn stream<T, R, F, Fut>(
+        &self,
+        wrap_progress: fn(Progress) -> T,
+        wrap_result: fn(R) -> T,
+        op: F,
+    ) -> ReceiverStream<Result<T, Status>>
+    where
+        T: Send + 'static,
+        R: Send + 'static,
+        F: FnOnce(Arc<AgentContext>, ProgressSink, CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<R, AgentError>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(64);
+        let cancel = self.ctx.shutdown.child_token();
+        let done = CancellationToken::new();
+        // The client going away (stream dropped) cancels the work, which kills restic.
+        let (watch_tx, watch_cancel, watch_done) = (tx.clone(), cancel.clone(), done.clone());
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = watch_tx.closed() => watch_cancel.cancel(),
+                _ = watch_done.cancelled() => {}
+            }
+        });
+        let ctx = Arc::clone(&self.ctx);
+        let progress = ProgressSink::new(tx.clone(), wrap_progress);
+        self.tasks.spawn(async move {
+            let result = op(ctx, progress, cancel).await;
+            let _ = match result {
+                Ok(r) => tx.send(Ok(wrap_result(r))).await,
+                Err(e) => tx.send(Err(Status::from(e))).await,
+            };
+            done.cancel();
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// Metric label for how an operation ended.
+fn result_label(r: &Result<impl Sized, AgentError>, partial: bool) -> &'static str {
+    match r {
+        Ok(_) if partial => "partial",
+        Ok(_) => "succeeded",
+        Err(AgentError::Cancelled | AgentError::ShuttingDown) => "cancelled",
+        Err(_) => "failed",
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn list_volumes(
+        &self,
+        _req: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
+        let volumes = self
+            .ctx
+            .inventory
+            .list()
+            .into_iter()
+            .map(|v| Volume {
+                r#ref: Some(VolumeRef { pod_uid: v.pod_uid, volume_name: v.volume_name }),
+                plugin: v.plugin,
+                path: v.data_dir.display().to_string(),
+                mounted: v.mounted,
+            })
+            .collect();
+        Ok(Response::new(ListVolumesResponse { node_name: self.ctx.node_name.clone(), volumes }))
+    }
+
+    type BackupStream = ReceiverStream<Result<BackupEvent, Status>>;
+
+    async fn backup(&self, req: Request<BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        let plan = backup::plan(&self.ctx, req.into_inner()).inspect_err(|_| {
+            self.ctx.metrics.backups.with_label_values(&["failed"]).inc();
+        })?;
+        let stream = self.stream(
+            backup::progress_event,
+            |r| BackupEvent { event: Some(backup_event::Event::Result(r)) },
+            move |ctx, progress, cancel| async move {
+                let r = backup::execute(&ctx, plan, progress, cancel).await;
+                let partial = r.as_ref().is_ok_and(|r| r.outcome == stowage_proto::v1::Outcome::Partial as i32);
+                ctx.metrics.backups.with_label_values(&[result_label(&r, partial)]).inc();
+                if let Err(e) = &r {
+                    tracing::warn!(error = %e, "backup failed");
+                }
+                r
+            },
+        );
+        Ok(Response::new(stream))
+    }
+
+    type RestoreStream = ReceiverStream<Result<RestoreEvent, Status>>;
+
+    async fn restore(&self, req: Request<RestoreRequest>) -> Result<Response<Self::RestoreStream>, Status> {
+        let plan = restore::plan(&self.ctx, req.into_inner()).inspect_err(|_| {
+            self.ctx.metrics.restores.with_label_values(&["failed"]).inc();
+        })?;
+        let stream = self.stream(
+            restore::progress_event,
+            |r| RestoreEvent { event: Some(restore_event::Event::Result(r)) },
+            move |ctx, progress, cancel| async move {
+                let r = restore::execute(&ctx, plan, progress, cancel).await;
+                ctx.metrics.restores.with_label_values(&[result_label(&r, false)]).inc();
+                if let Err(e) = &r {
+                    tracing::warn!(error = %e, "restore failed");
+                }
+                r
+            },
+        );
+        Ok(Response::new(stream))
+    }
+
+    async fn snapshots(&self, req: Request<SnapshotsRequest>) -> Result<Response<SnapshotsResponse>, Status> {
+        let req = req.into_inner();
+        let repo = repository::from_proto(req.repository.as_ref()).map_err(AgentError::from)?;
+        let tags = match &req.identity {
+            Some(id) => Identity::from_proto(Some(id), false).map_err(AgentError::from)?.selector_tags(),
+            None => Vec::new(),
+        };
+        let restic = self.ctx.restic(repo, (0, 0), None);
+        let opts = restic_wrap::options::SnapshotsOptions { tags, ..Default::default() };
+        let snaps = restic.snapshots(&opts).await.map_err(AgentError::from)?;
+        let snapshots = snaps
+            .into_iter()
+            .map(|s| Snapshot {
+                namespace: s.tag_value(TAG_NAMESPACE).unwrap_or_default().to_string(),
+                pvc: s.tag_value(TAG_PVC).unwrap_or_default().to_string(),
+                pod_name: s.tag_value(TAG_POD).unwrap_or_default().to_string(),
+                id: s.id,
+                short_id: s.short_id,
+                time: s.time,
+                hostname: s.hostname,
+                tags: s.tags,
+                parent: s.parent.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(SnapshotsResponse { snapshots }))
+    }
+}
