@@ -8,11 +8,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     config.protoc_executable(protoc);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("stowage_agent_v1_descriptor.bin"))
-        .compile_with_config(
-            config,
-            &["proto/stowage/agent/v1/agent.proto"],
-            &["proto"],
-        )?;
+        .compile_with_config(config, &["proto/stowage/agent/v1/agent.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

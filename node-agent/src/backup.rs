@@ -19,7 +19,9 @@ use crate::inventory::VolumeEntry;
 use crate::repository;
 
 pub fn progress_event(p: Progress) -> BackupEvent {
-    BackupEvent { event: Some(Event::Progress(p)) }
+    BackupEvent {
+        event: Some(Event::Progress(p)),
+    }
 }
 
 /// A validated request whose volume is on this node.
@@ -42,14 +44,20 @@ pub fn plan(ctx: &AgentContext, req: BackupRequest) -> Result<BackupPlan, AgentE
         None => None,
     }
     .ok_or_else(|| AgentError::InvalidArgument("source.volume.ref is required".into()))?;
-    let volume = ctx.inventory.lookup(&vref.pod_uid, &vref.volume_name).ok_or_else(|| {
-        AgentError::VolumeNotFound {
+    let volume = ctx
+        .inventory
+        .lookup(&vref.pod_uid, &vref.volume_name)
+        .ok_or_else(|| AgentError::VolumeNotFound {
             pod_uid: vref.pod_uid.clone(),
             volume_name: vref.volume_name.clone(),
             node: ctx.node_name.clone(),
-        }
-    })?;
-    Ok(BackupPlan { req, identity, repo, volume })
+        })?;
+    Ok(BackupPlan {
+        req,
+        identity,
+        repo,
+        volume,
+    })
 }
 
 /// Runs a planned backup to its end. `cancel` fires when the client goes away or the agent shuts down.
@@ -59,7 +67,12 @@ pub async fn execute(
     progress: ProgressSink,
     cancel: CancellationToken,
 ) -> Result<BackupResult, AgentError> {
-    let BackupPlan { req, identity, repo, volume } = plan;
+    let BackupPlan {
+        req,
+        identity,
+        repo,
+        volume,
+    } = plan;
     let repo_spec = req.repository.as_ref();
     if ctx.limiter.would_wait() {
         progress.phase(Phase::Queued, "waiting for a free slot on this node");
@@ -78,9 +91,17 @@ pub async fn execute(
         // restic picks a parent by host and absolute path; the path contains the pod UID and so
         // changes when a pod is recreated. Pick the identity's newest snapshot ourselves.
         let snaps = restic
-            .snapshots(&SnapshotsOptions { tags: identity.selector_tags(), ..Default::default() })
+            .snapshots(&SnapshotsOptions {
+                tags: identity.selector_tags(),
+                ..Default::default()
+            })
             .await?;
-        Ok::<_, ResticError>(snaps.into_iter().max_by(|a, b| a.time.cmp(&b.time)).map(|s| s.id))
+        Ok::<_, ResticError>(
+            snaps
+                .into_iter()
+                .max_by(|a, b| a.time.cmp(&b.time))
+                .map(|s| s.id),
+        )
     };
     let parent = tokio::select! {
         p = prepare => p?,
@@ -117,7 +138,8 @@ pub async fn execute(
     };
     ctx.metrics.backup_bytes_added.inc_by(summary.data_added);
     if outcome_kind == Outcome::Succeeded {
-        ctx.metrics.record_success(&identity.namespace, &identity.pvc);
+        ctx.metrics
+            .record_success(&identity.namespace, &identity.pvc);
     }
     tracing::info!(
         run = %req.run_id, namespace = %identity.namespace, pvc = %identity.pvc,

@@ -7,7 +7,11 @@ use std::time::Duration;
 use clap::Parser;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "stowage-agent", version, about = "Stowage node agent: backs up and restores this node's kubelet volumes")]
+#[command(
+    name = "stowage-agent",
+    version,
+    about = "Stowage node agent: backs up and restores this node's kubelet volumes"
+)]
 pub struct Config {
     /// This node's name (in Kubernetes: from the downward API, spec.nodeName).
     #[arg(long, env = "STOWAGE_NODE_NAME")]
@@ -26,15 +30,27 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
 
     /// PEM certificate the gRPC server presents.
-    #[arg(long, env = "STOWAGE_TLS_CERT", required_unless_present = "insecure_plaintext")]
+    #[arg(
+        long,
+        env = "STOWAGE_TLS_CERT",
+        required_unless_present = "insecure_plaintext"
+    )]
     pub tls_cert: Option<PathBuf>,
 
     /// PEM private key of --tls-cert.
-    #[arg(long, env = "STOWAGE_TLS_KEY", required_unless_present = "insecure_plaintext")]
+    #[arg(
+        long,
+        env = "STOWAGE_TLS_KEY",
+        required_unless_present = "insecure_plaintext"
+    )]
     pub tls_key: Option<PathBuf>,
 
     /// PEM CA bundle; clients must present a certificate signed by it.
-    #[arg(long, env = "STOWAGE_TLS_CLIENT_CA", required_unless_present = "insecure_plaintext")]
+    #[arg(
+        long,
+        env = "STOWAGE_TLS_CLIENT_CA",
+        required_unless_present = "insecure_plaintext"
+    )]
     pub tls_client_ca: Option<PathBuf>,
 
     /// Serve gRPC without TLS. Anyone who can reach the port can then read every volume: tests only.
@@ -50,7 +66,11 @@ pub struct Config {
     pub restic: PathBuf,
 
     /// restic's cache directory (speeds up incremental backups; safe to lose).
-    #[arg(long, env = "STOWAGE_CACHE_DIR", default_value = "/var/cache/stowage/restic")]
+    #[arg(
+        long,
+        env = "STOWAGE_CACHE_DIR",
+        default_value = "/var/cache/stowage/restic"
+    )]
     pub cache_dir: PathBuf,
 
     /// A repository lock older than this has no live holder and is removed (logged and counted).
@@ -104,17 +124,45 @@ mod tests {
         let c = Config::try_parse_from(["a", "--node-name", "n", "--insecure-plaintext"]).unwrap();
         assert!(c.insecure_plaintext);
         assert!(
-            Config::try_parse_from(["a", "--node-name", "n", "--insecure-plaintext", "--tls-cert", "c"])
-                .is_err()
+            Config::try_parse_from([
+                "a",
+                "--node-name",
+                "n",
+                "--insecure-plaintext",
+                "--tls-cert",
+                "c"
+            ])
+            .is_err()
         );
         let c = Config::try_parse_from([
-            "a", "--node-name", "n", "--tls-cert", "c", "--tls-key", "k", "--tls-client-ca", "ca",
-            "--max-concurrent", "3", "--stale-lock-age", "2s",
+            "a",
+            "--node-name",
+            "n",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+            "--tls-client-ca",
+            "ca",
+            "--max-concurrent",
+            "3",
+            "--stale-lock-age",
+            "2s",
         ])
         .unwrap();
         assert_eq!(c.max_concurrent, 3);
         assert_eq!(c.stale_lock_age, Duration::from_secs(2));
-        assert!(Config::try_parse_from(["a", "--node-name", "n", "--insecure-plaintext", "--max-concurrent", "0"]).is_err());
+        assert!(
+            Config::try_parse_from([
+                "a",
+                "--node-name",
+                "n",
+                "--insecure-plaintext",
+                "--max-concurrent",
+                "0"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

@@ -28,8 +28,16 @@ pub struct AgentContext {
 impl AgentContext {
     /// A restic bound to `repo`, with this agent's cache, limits and lock policy; lock waits and
     /// removals go to metrics and, as progress, to `progress`.
-    pub fn restic(&self, repo: Repository, limits: (u32, u32), progress: Option<ProgressSink>) -> Restic {
-        let observer = Arc::new(LockMetrics { metrics: self.metrics.clone(), progress });
+    pub fn restic(
+        &self,
+        repo: Repository,
+        limits: (u32, u32),
+        progress: Option<ProgressSink>,
+    ) -> Restic {
+        let observer = Arc::new(LockMetrics {
+            metrics: self.metrics.clone(),
+            progress,
+        });
         Restic::new(&self.restic_bin, repo)
             .with_global(GlobalOptions {
                 cache_dir: Some(self.cache_dir.clone()),
@@ -63,7 +71,11 @@ impl ProgressSink {
     }
 
     pub fn phase(&self, phase: Phase, message: impl Into<String>) {
-        self.send(Progress { phase: phase.into(), message: message.into(), ..Default::default() });
+        self.send(Progress {
+            phase: phase.into(),
+            message: message.into(),
+            ..Default::default()
+        });
     }
 }
 

@@ -9,7 +9,11 @@ use crate::safe_fs::SafeFsError;
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("volume {volume_name:?} of pod {pod_uid:?} is not on node {node}")]
-    VolumeNotFound { pod_uid: String, volume_name: String, node: String },
+    VolumeNotFound {
+        pod_uid: String,
+        volume_name: String,
+        node: String,
+    },
     #[error("{0}")]
     InvalidArgument(String),
     #[error(transparent)]
@@ -17,9 +21,17 @@ pub enum AgentError {
     #[error(transparent)]
     InvalidRepository(#[from] InvalidRepository),
     #[error("no snapshot {snapshot:?} of {namespace}/{pvc} in the repository")]
-    SnapshotNotFound { snapshot: String, namespace: String, pvc: String },
+    SnapshotNotFound {
+        snapshot: String,
+        namespace: String,
+        pvc: String,
+    },
     #[error("snapshot {snapshot} belongs to another volume ({found}), not {expected}")]
-    SnapshotOfOtherVolume { snapshot: String, expected: String, found: String },
+    SnapshotOfOtherVolume {
+        snapshot: String,
+        expected: String,
+        found: String,
+    },
     #[error("restore target {dir} is not empty (mode IntoEmpty)")]
     TargetNotEmpty { dir: String },
     #[error(transparent)]
@@ -42,7 +54,9 @@ impl From<AgentError> for Status {
     fn from(e: AgentError) -> Status {
         use restic_wrap::Error as R;
         let code = match &e {
-            AgentError::VolumeNotFound { .. } | AgentError::SnapshotNotFound { .. } => Code::NotFound,
+            AgentError::VolumeNotFound { .. } | AgentError::SnapshotNotFound { .. } => {
+                Code::NotFound
+            }
             AgentError::InvalidArgument(_)
             | AgentError::InvalidIdentity(_)
             | AgentError::InvalidRepository(_) => Code::InvalidArgument,
@@ -56,9 +70,9 @@ impl From<AgentError> for Status {
             AgentError::ShuttingDown => Code::Unavailable,
             AgentError::Cancelled => Code::Cancelled,
             AgentError::Restic(r) => match r {
-                R::RepositoryNotFound { .. } | R::WrongPassword { .. } | R::SourceMissing { .. } => {
-                    Code::FailedPrecondition
-                }
+                R::RepositoryNotFound { .. }
+                | R::WrongPassword { .. }
+                | R::SourceMissing { .. } => Code::FailedPrecondition,
                 // Someone else holds the repository: retry later.
                 R::Locked { .. } => Code::Aborted,
                 R::Timeout { .. } => Code::DeadlineExceeded,
@@ -88,7 +102,10 @@ mod tests {
         assert!(nf.message().contains("not on node n"));
         let esc: Status = AgentError::Path(SafeFsError::Escapes { path: "a".into() }).into();
         assert_eq!(esc.code(), Code::InvalidArgument);
-        let pw: Status = AgentError::Restic(restic_wrap::Error::WrongPassword { location: "/r".into() }).into();
+        let pw: Status = AgentError::Restic(restic_wrap::Error::WrongPassword {
+            location: "/r".into(),
+        })
+        .into();
         assert_eq!(pw.code(), Code::FailedPrecondition);
         assert!(pw.message().contains("wrong password"));
     }

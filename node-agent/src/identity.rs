@@ -29,20 +29,27 @@ pub struct InvalidIdentity {
 fn is_k8s_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && s.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
         && s.as_bytes().last().is_some_and(u8::is_ascii_alphanumeric)
 }
 
 impl Identity {
-    pub fn from_proto(p: Option<&VolumeIdentity>, require_pod: bool) -> Result<Self, InvalidIdentity> {
+    pub fn from_proto(
+        p: Option<&VolumeIdentity>,
+        require_pod: bool,
+    ) -> Result<Self, InvalidIdentity> {
         let empty = VolumeIdentity::default();
         let p = p.unwrap_or(&empty);
         let check = |field: &'static str, value: &str| {
             if is_k8s_name(value) {
                 Ok(value.to_string())
             } else {
-                Err(InvalidIdentity { field, value: value.to_string() })
+                Err(InvalidIdentity {
+                    field,
+                    value: value.to_string(),
+                })
             }
         };
         Ok(Self {
@@ -63,7 +70,10 @@ impl Identity {
 
     /// Tags that select exactly this identity's snapshots.
     pub fn selector_tags(&self) -> Vec<String> {
-        vec![format!("{TAG_NAMESPACE}={}", self.namespace), format!("{TAG_PVC}={}", self.pvc)]
+        vec![
+            format!("{TAG_NAMESPACE}={}", self.namespace),
+            format!("{TAG_PVC}={}", self.pvc),
+        ]
     }
 
     /// Tags written on a backup of this identity.
@@ -86,10 +96,14 @@ impl Identity {
 /// Extra user tags must not smuggle in separators or impersonate our own keys.
 pub fn validate_extra_tag(tag: &str) -> Result<(), String> {
     if tag.is_empty() || tag.contains(',') || tag.chars().any(char::is_control) {
-        return Err(format!("extra tag {tag:?} must be non-empty without commas or control characters"));
+        return Err(format!(
+            "extra tag {tag:?} must be non-empty without commas or control characters"
+        ));
     }
     if tag.starts_with("stowage.dev/") {
-        return Err(format!("extra tag {tag:?} uses the reserved stowage.dev/ prefix"));
+        return Err(format!(
+            "extra tag {tag:?} uses the reserved stowage.dev/ prefix"
+        ));
     }
     Ok(())
 }
@@ -99,7 +113,11 @@ mod tests {
     use super::*;
 
     fn p(ns: &str, pvc: &str, pod: &str) -> VolumeIdentity {
-        VolumeIdentity { namespace: ns.into(), pvc: pvc.into(), pod_name: pod.into() }
+        VolumeIdentity {
+            namespace: ns.into(),
+            pvc: pvc.into(),
+            pod_name: pod.into(),
+        }
     }
 
     #[test]
@@ -109,13 +127,18 @@ mod tests {
         assert_eq!(a.host(), "shop/data-pg-0");
         assert_eq!(a.host(), b.host());
         assert_eq!(a.selector_tags(), b.selector_tags());
-        assert!(a.backup_tags().contains(&"stowage.dev/pod=pg-0".to_string()));
+        assert!(
+            a.backup_tags()
+                .contains(&"stowage.dev/pod=pg-0".to_string())
+        );
     }
 
     #[test]
     fn rejects_names_that_could_break_tags() {
         assert_eq!(
-            Identity::from_proto(Some(&p("shop", "a,b", "x")), true).unwrap_err().field,
+            Identity::from_proto(Some(&p("shop", "a,b", "x")), true)
+                .unwrap_err()
+                .field,
             "pvc"
         );
         assert!(Identity::from_proto(Some(&p("", "a", "x")), true).is_err());
@@ -132,7 +155,10 @@ mod tests {
     fn owns_checks_both_tags() {
         let id = Identity::from_proto(Some(&p("shop", "data", "")), false).unwrap();
         let mut s = restic_wrap::json::Snapshot {
-            tags: vec!["stowage.dev/namespace=shop".into(), "stowage.dev/pvc=data".into()],
+            tags: vec![
+                "stowage.dev/namespace=shop".into(),
+                "stowage.dev/pvc=data".into(),
+            ],
             ..Default::default()
         };
         assert!(id.owns(&s));

@@ -22,7 +22,9 @@ pub struct Slot {
 impl Limiter {
     pub fn new(max_concurrent: u32, metrics: Metrics) -> Self {
         Self {
-            slots: Arc::new(Semaphore::new(usize::try_from(max_concurrent).unwrap_or(1).max(1))),
+            slots: Arc::new(Semaphore::new(
+                usize::try_from(max_concurrent).unwrap_or(1).max(1),
+            )),
             metrics,
         }
     }
@@ -38,7 +40,10 @@ impl Limiter {
         let queued = GaugeGuard::new(&self.metrics.queued);
         let permit = Arc::clone(&self.slots).acquire_owned().await.ok()?;
         drop(queued);
-        Some(Slot { _permit: permit, _running: GaugeGuard::new(&self.metrics.running) })
+        Some(Slot {
+            _permit: permit,
+            _running: GaugeGuard::new(&self.metrics.running),
+        })
     }
 
     /// Refuses every queued and future request (shutdown).
@@ -65,7 +70,11 @@ mod tests {
         assert_eq!(m.queued.get(), 1);
         assert_eq!(m.running.get(), 2);
         drop(a);
-        let _c = tokio::time::timeout(Duration::from_secs(2), waiter).await.unwrap().unwrap().unwrap();
+        let _c = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(m.queued.get(), 0);
         assert_eq!(m.running.get(), 2);
         l.close();

@@ -41,19 +41,30 @@ pub struct Metrics {
 pub struct MetricsError(#[from] prometheus::Error);
 
 /// Durations from sub-second to hours: the range of volume backups.
-const DURATION_BUCKETS: &[f64] = &[0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 10800.0];
+const DURATION_BUCKETS: &[f64] = &[
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 10800.0,
+];
 
 impl Metrics {
     pub fn new(node_name: &str) -> Result<Self, MetricsError> {
         let registry = Registry::new();
-        let volumes = IntGauge::new("stowage_agent_volumes", "Persistent volumes discovered on this node.")?;
+        let volumes = IntGauge::new(
+            "stowage_agent_volumes",
+            "Persistent volumes discovered on this node.",
+        )?;
         let backups = IntCounterVec::new(
-            Opts::new("stowage_agent_backups_total", "Volume backups finished, by result."),
+            Opts::new(
+                "stowage_agent_backups_total",
+                "Volume backups finished, by result.",
+            ),
             &["result"],
         )?;
         let backup_duration = Histogram::with_opts(
-            HistogramOpts::new("stowage_agent_backup_duration_seconds", "Wall time of volume backups, queueing excluded.")
-                .buckets(DURATION_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "stowage_agent_backup_duration_seconds",
+                "Wall time of volume backups, queueing excluded.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
         )?;
         let backup_bytes_added = IntCounter::new(
             "stowage_agent_backup_bytes_added_total",
@@ -70,7 +81,10 @@ impl Metrics {
             ),
             &["namespace", "pvc"],
         )?;
-        let running = IntGauge::new("stowage_agent_running_operations", "Volume operations running now.")?;
+        let running = IntGauge::new(
+            "stowage_agent_running_operations",
+            "Volume operations running now.",
+        )?;
         let queued = IntGauge::new(
             "stowage_agent_queued_operations",
             "Volume operations waiting for a slot under --max-concurrent.",
@@ -84,19 +98,32 @@ impl Metrics {
             "Times an operation found the repository locked and waited.",
         )?;
         let restores = IntCounterVec::new(
-            Opts::new("stowage_agent_restores_total", "Restores finished, by result."),
+            Opts::new(
+                "stowage_agent_restores_total",
+                "Restores finished, by result.",
+            ),
             &["result"],
         )?;
         let restore_duration = Histogram::with_opts(
-            HistogramOpts::new("stowage_agent_restore_duration_seconds", "Wall time of restores, queueing excluded.")
-                .buckets(DURATION_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "stowage_agent_restore_duration_seconds",
+                "Wall time of restores, queueing excluded.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
         )?;
-        let restore_bytes = IntCounter::new("stowage_agent_restore_bytes_total", "Bytes of file content restored.")?;
+        let restore_bytes = IntCounter::new(
+            "stowage_agent_restore_bytes_total",
+            "Bytes of file content restored.",
+        )?;
         let info = GaugeVec::new(
-            Opts::new("stowage_agent_info", "Constant 1, labelled with the agent's node and version."),
+            Opts::new(
+                "stowage_agent_info",
+                "Constant 1, labelled with the agent's node and version.",
+            ),
             &["node", "version"],
         )?;
-        info.with_label_values(&[node_name, env!("CARGO_PKG_VERSION")]).set(1.0);
+        info.with_label_values(&[node_name, env!("CARGO_PKG_VERSION")])
+            .set(1.0);
 
         for r in BACKUP_RESULTS {
             backups.with_label_values(&[r]);
@@ -139,7 +166,9 @@ impl Metrics {
 
     pub fn record_success(&self, namespace: &str, pvc: &str) {
         let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
-        self.last_success.with_label_values(&[namespace, pvc]).set(now);
+        self.last_success
+            .with_label_values(&[namespace, pvc])
+            .set(now);
     }
 
     /// The text exposition of every metric.
@@ -178,7 +207,10 @@ impl Drop for GaugeGuard {
 
 async fn metrics_handler(State(m): State<Metrics>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         m.render(),
     )
 }
@@ -187,10 +219,12 @@ async fn health_handler(State(m): State<Metrics>) -> impl IntoResponse {
     if m.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ok\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "volume inventory not loaded yet\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "volume inventory not loaded yet\n",
+        )
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -201,14 +235,22 @@ mod tests {
         let m = Metrics::new("node-1").unwrap();
         let text = m.render();
         for r in BACKUP_RESULTS {
-            assert!(text.contains(&format!("stowage_agent_backups_total{{result=\"{r}\"}} 0")), "{r}\n{text}");
+            assert!(
+                text.contains(&format!("stowage_agent_backups_total{{result=\"{r}\"}} 0")),
+                "{r}\n{text}"
+            );
         }
         for r in RESTORE_RESULTS {
-            assert!(text.contains(&format!("stowage_agent_restores_total{{result=\"{r}\"}} 0")), "{r}");
+            assert!(
+                text.contains(&format!("stowage_agent_restores_total{{result=\"{r}\"}} 0")),
+                "{r}"
+            );
         }
         assert!(text.contains("stowage_agent_info{node=\"node-1\""));
         m.record_success("shop", "data");
-        assert!(m.render().contains("stowage_agent_last_success_timestamp_seconds{namespace=\"shop\",pvc=\"data\"}"));
+        assert!(m.render().contains(
+            "stowage_agent_last_success_timestamp_seconds{namespace=\"shop\",pvc=\"data\"}"
+        ));
     }
 
     #[test]

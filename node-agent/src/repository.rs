@@ -13,20 +13,34 @@ pub struct InvalidRepository {
 
 fn required(field: &'static str, v: &str) -> Result<String, InvalidRepository> {
     if v.is_empty() {
-        Err(InvalidRepository { field, reason: "is required" })
+        Err(InvalidRepository {
+            field,
+            reason: "is required",
+        })
     } else {
         Ok(v.to_string())
     }
 }
 
 pub fn from_proto(p: Option<&v1::Repository>) -> Result<Repository, InvalidRepository> {
-    let p = p.ok_or(InvalidRepository { field: "repository", reason: "is required" })?;
+    let p = p.ok_or(InvalidRepository {
+        field: "repository",
+        reason: "is required",
+    })?;
     let backend = match &p.backend {
-        None => return Err(InvalidRepository { field: "backend", reason: "exactly one of local, s3, rest is required" }),
+        None => {
+            return Err(InvalidRepository {
+                field: "backend",
+                reason: "exactly one of local, s3, rest is required",
+            });
+        }
         Some(PBackend::Local(l)) => {
             let path = required("local.path", &l.path)?;
             if !path.starts_with('/') {
-                return Err(InvalidRepository { field: "local.path", reason: "must be absolute" });
+                return Err(InvalidRepository {
+                    field: "local.path",
+                    reason: "must be absolute",
+                });
             }
             Backend::Local { path }
         }
@@ -44,7 +58,10 @@ pub fn from_proto(p: Option<&v1::Repository>) -> Result<Repository, InvalidRepos
             password: r.password.clone(),
         },
     };
-    Ok(Repository { backend, password: required("password", &p.password)? })
+    Ok(Repository {
+        backend,
+        password: required("password", &p.password)?,
+    })
 }
 
 #[cfg(test)]
@@ -53,16 +70,26 @@ mod tests {
 
     #[test]
     fn validates_each_backend() {
-        let mut p = v1::Repository { password: "pw".into(), ..Default::default() };
+        let mut p = v1::Repository {
+            password: "pw".into(),
+            ..Default::default()
+        };
         assert_eq!(from_proto(Some(&p)).unwrap_err().field, "backend");
         p.backend = Some(PBackend::Local(v1::LocalBackend { path: "rel".into() }));
         assert_eq!(from_proto(Some(&p)).unwrap_err().field, "local.path");
         p.backend = Some(PBackend::Local(v1::LocalBackend { path: "/r".into() }));
         assert_eq!(from_proto(Some(&p)).unwrap().location(), "/r");
-        p.backend = Some(PBackend::S3(v1::S3Backend { endpoint: "http://e".into(), bucket: "b".into(), ..Default::default() }));
+        p.backend = Some(PBackend::S3(v1::S3Backend {
+            endpoint: "http://e".into(),
+            bucket: "b".into(),
+            ..Default::default()
+        }));
         assert_eq!(from_proto(Some(&p)).unwrap_err().field, "s3.access_key_id");
         p.password.clear();
-        p.backend = Some(PBackend::Rest(v1::RestBackend { url: "http://r".into(), ..Default::default() }));
+        p.backend = Some(PBackend::Rest(v1::RestBackend {
+            url: "http://r".into(),
+            ..Default::default()
+        }));
         assert_eq!(from_proto(Some(&p)).unwrap_err().field, "password");
         assert!(from_proto(None).is_err());
     }

@@ -30,7 +30,9 @@ use crate::repository;
 use crate::safe_fs::{self, MergeStats, SafeFsError};
 
 pub fn progress_event(p: Progress) -> RestoreEvent {
-    RestoreEvent { event: Some(Event::Progress(p)) }
+    RestoreEvent {
+        event: Some(Event::Progress(p)),
+    }
 }
 
 /// A validated request whose target volume is on this node.
@@ -52,7 +54,9 @@ pub fn plan(ctx: &AgentContext, req: RestoreRequest) -> Result<RestorePlan, Agen
     for inc in &req.include {
         let parts = safe_fs::relative_components(inc)?;
         if parts.is_empty() {
-            return Err(AgentError::InvalidArgument(format!("include path {inc:?} names nothing")));
+            return Err(AgentError::InvalidArgument(format!(
+                "include path {inc:?} names nothing"
+            )));
         }
         includes.push(format!("/{}", parts.join("/")));
     }
@@ -62,14 +66,23 @@ pub fn plan(ctx: &AgentContext, req: RestoreRequest) -> Result<RestorePlan, Agen
         .target
         .clone()
         .ok_or_else(|| AgentError::InvalidArgument("target is required".into()))?;
-    let volume = ctx.inventory.lookup(&tref.pod_uid, &tref.volume_name).ok_or_else(|| {
-        AgentError::VolumeNotFound {
+    let volume = ctx
+        .inventory
+        .lookup(&tref.pod_uid, &tref.volume_name)
+        .ok_or_else(|| AgentError::VolumeNotFound {
             pod_uid: tref.pod_uid.clone(),
             volume_name: tref.volume_name.clone(),
             node: ctx.node_name.clone(),
-        }
-    })?;
-    Ok(RestorePlan { req, source, repo, includes, target_parts, mode, volume })
+        })?;
+    Ok(RestorePlan {
+        req,
+        source,
+        repo,
+        includes,
+        target_parts,
+        mode,
+        volume,
+    })
 }
 
 pub async fn execute(
@@ -78,7 +91,15 @@ pub async fn execute(
     progress: ProgressSink,
     cancel: CancellationToken,
 ) -> Result<RestoreResult, AgentError> {
-    let RestorePlan { req, source, repo, includes, target_parts, mode, volume } = plan;
+    let RestorePlan {
+        req,
+        source,
+        repo,
+        includes,
+        target_parts,
+        mode,
+        volume,
+    } = plan;
     let repo_spec = req.repository.as_ref();
     if ctx.limiter.would_wait() {
         progress.phase(Phase::Queued, "waiting for a free slot on this node");
@@ -102,10 +123,18 @@ pub async fn execute(
         match safe_fs::open_beneath(&root, &target_parts, false) {
             Ok(existing) if !safe_fs::is_empty(&existing)? => {
                 return Err(AgentError::TargetNotEmpty {
-                    dir: volume.data_dir.join(target_parts.join("/")).display().to_string(),
+                    dir: volume
+                        .data_dir
+                        .join(target_parts.join("/"))
+                        .display()
+                        .to_string(),
                 });
             }
-            Ok(_) | Err(SafeFsError::Io { source: Errno::ENOENT, .. }) => {}
+            Ok(_)
+            | Err(SafeFsError::Io {
+                source: Errno::ENOENT,
+                ..
+            }) => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -113,7 +142,10 @@ pub async fn execute(
     let target_dir = volume.data_dir.join(target_parts.join("/"));
 
     let staging = Staging::create(root, &req.run_id)?;
-    progress.phase(Phase::Running, format!("restoring snapshot {}", snapshot.short_id));
+    progress.phase(
+        Phase::Running,
+        format!("restoring snapshot {}", snapshot.short_id),
+    );
     tracing::info!(
         run = %req.run_id, snapshot = %snapshot.id, target = %target_dir.display(),
         includes = ?includes, "restore started"
@@ -134,9 +166,10 @@ pub async fn execute(
     let mut stats = MergeStats::default();
     safe_fs::count_tree(&staged, &mut stats)?;
     let merge = tokio::task::spawn_blocking(move || safe_fs::merge_into(&staged, &target, "."));
-    merge
-        .await
-        .map_err(|e| AgentError::Io { context: "merge task".into(), source: std::io::Error::other(e) })??;
+    merge.await.map_err(|e| AgentError::Io {
+        context: "merge task".into(),
+        source: std::io::Error::other(e),
+    })??;
     drop(staging);
 
     let duration = started.elapsed().as_secs_f64();
@@ -164,7 +197,10 @@ pub async fn resolve_snapshot(
     wanted: &str,
 ) -> Result<Snapshot, AgentError> {
     let own = restic
-        .snapshots(&SnapshotsOptions { tags: identity.selector_tags(), ..Default::default() })
+        .snapshots(&SnapshotsOptions {
+            tags: identity.selector_tags(),
+            ..Default::default()
+        })
         .await?;
     let not_found = || AgentError::SnapshotNotFound {
         snapshot: wanted.to_string(),
@@ -172,7 +208,10 @@ pub async fn resolve_snapshot(
         pvc: identity.pvc.clone(),
     };
     if wanted.is_empty() || wanted == "latest" {
-        return own.into_iter().max_by(|a, b| a.time.cmp(&b.time)).ok_or_else(not_found);
+        return own
+            .into_iter()
+            .max_by(|a, b| a.time.cmp(&b.time))
+            .ok_or_else(not_found);
     }
     if wanted.len() < 8 || !wanted.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(AgentError::InvalidArgument(format!(
@@ -184,7 +223,10 @@ pub async fn resolve_snapshot(
     }
     // Say whether it exists elsewhere, so a wrong PVC is not mistaken for a missing snapshot.
     let any = restic
-        .snapshots(&SnapshotsOptions { ids: vec![wanted.to_string()], ..Default::default() })
+        .snapshots(&SnapshotsOptions {
+            ids: vec![wanted.to_string()],
+            ..Default::default()
+        })
         .await
         .unwrap_or_default();
     match any.into_iter().next() {
@@ -215,26 +257,42 @@ impl Staging {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         let name = format!(".stowage-restore-{tag}-{}-{nanos:x}", std::process::id());
-        mkdirat(&root, name.as_str(), Mode::from_bits_truncate(0o700))
-            .map_err(|source| SafeFsError::Io { path: name.clone(), source })?;
+        mkdirat(&root, name.as_str(), Mode::from_bits_truncate(0o700)).map_err(|source| {
+            SafeFsError::Io {
+                path: name.clone(),
+                source,
+            }
+        })?;
         let dir = openat(
             &root,
             name.as_str(),
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|source| SafeFsError::Io { path: name.clone(), source })?;
+        .map_err(|source| SafeFsError::Io {
+            path: name.clone(),
+            source,
+        })?;
         Ok(Self { root, name, dir })
     }
 
     /// The staging directory as restic should see it: through our descriptor, not its name.
     fn proc_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), self.dir.as_raw_fd()))
+        PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.dir.as_raw_fd()
+        ))
     }
 
     fn open(&self) -> Result<OwnedFd, AgentError> {
-        nix::unistd::dup(&self.dir)
-            .map_err(|source| SafeFsError::Io { path: self.name.clone(), source }.into())
+        nix::unistd::dup(&self.dir).map_err(|source| {
+            SafeFsError::Io {
+                path: self.name.clone(),
+                source,
+            }
+            .into()
+        })
     }
 }
 

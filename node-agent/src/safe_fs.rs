@@ -21,7 +21,9 @@ use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, unlinkat};
 pub enum SafeFsError {
     #[error("path {path:?} is not allowed: {reason}")]
     InvalidPath { path: String, reason: &'static str },
-    #[error("{path:?} crosses a symlink or a non-directory inside the volume; refusing to follow it")]
+    #[error(
+        "{path:?} crosses a symlink or a non-directory inside the volume; refusing to follow it"
+    )]
     Escapes { path: String },
     #[error("{path:?}: {source}")]
     Io {
@@ -29,7 +31,9 @@ pub enum SafeFsError {
         #[source]
         source: Errno,
     },
-    #[error("cannot merge {path:?}: the snapshot has a file where the target has a non-empty directory")]
+    #[error(
+        "cannot merge {path:?}: the snapshot has a file where the target has a non-empty directory"
+    )]
     Conflict { path: String },
 }
 
@@ -46,7 +50,10 @@ pub fn relative_components(path: &str) -> Result<Vec<String>> {
         });
     }
     if path.contains('\0') {
-        return Err(SafeFsError::InvalidPath { path: path.into(), reason: "contains NUL" });
+        return Err(SafeFsError::InvalidPath {
+            path: path.into(),
+            reason: "contains NUL",
+        });
     }
     let mut out = Vec::new();
     for c in path.split('/') {
@@ -76,8 +83,13 @@ fn io(path: impl Into<String>) -> impl FnOnce(Errno) -> SafeFsError {
 /// Opens `root` (which must be a real directory, not a symlink).
 pub fn open_root(root: &Path) -> Result<OwnedFd> {
     nix::fcntl::open(root, dir_flags(), Mode::empty()).map_err(|e| match e {
-        Errno::ELOOP | Errno::ENOTDIR => SafeFsError::Escapes { path: root.display().to_string() },
-        e => SafeFsError::Io { path: root.display().to_string(), source: e },
+        Errno::ELOOP | Errno::ENOTDIR => SafeFsError::Escapes {
+            path: root.display().to_string(),
+        },
+        e => SafeFsError::Io {
+            path: root.display().to_string(),
+            source: e,
+        },
     })
 }
 
@@ -92,15 +104,30 @@ pub fn open_beneath(root_fd: &OwnedFd, components: &[String], create: bool) -> R
             Err(Errno::ENOENT) if create => {
                 match mkdirat(&fd, c.as_str(), Mode::from_bits_truncate(0o755)) {
                     Ok(()) | Err(Errno::EEXIST) => {}
-                    Err(e) => return Err(SafeFsError::Io { path: shown, source: e }),
+                    Err(e) => {
+                        return Err(SafeFsError::Io {
+                            path: shown,
+                            source: e,
+                        });
+                    }
                 }
                 openat(&fd, c.as_str(), dir_flags(), Mode::empty()).map_err(|e| match e {
-                    Errno::ELOOP | Errno::ENOTDIR => SafeFsError::Escapes { path: shown.clone() },
-                    e => SafeFsError::Io { path: shown.clone(), source: e },
+                    Errno::ELOOP | Errno::ENOTDIR => SafeFsError::Escapes {
+                        path: shown.clone(),
+                    },
+                    e => SafeFsError::Io {
+                        path: shown.clone(),
+                        source: e,
+                    },
                 })?
             }
             Err(Errno::ELOOP | Errno::ENOTDIR) => return Err(SafeFsError::Escapes { path: shown }),
-            Err(e) => return Err(SafeFsError::Io { path: shown, source: e }),
+            Err(e) => {
+                return Err(SafeFsError::Io {
+                    path: shown,
+                    source: e,
+                });
+            }
         };
         fd = next;
     }
@@ -143,10 +170,12 @@ pub struct MergeStats {
 pub fn count_tree(dir: &OwnedFd, stats: &mut MergeStats) -> Result<()> {
     for name in entries(dir, ".")? {
         let n = OsStr::from_bytes(&name);
-        let st = fstatat(dir, n, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).map_err(io(n.to_string_lossy()))?;
+        let st = fstatat(dir, n, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(io(n.to_string_lossy()))?;
         if kind(&st) == SFlag::S_IFDIR {
             stats.dirs += 1;
-            let sub = openat(dir, n, dir_flags(), Mode::empty()).map_err(io(n.to_string_lossy()))?;
+            let sub =
+                openat(dir, n, dir_flags(), Mode::empty()).map_err(io(n.to_string_lossy()))?;
             count_tree(&sub, stats)?;
         } else {
             stats.files += 1;
@@ -183,7 +212,9 @@ pub fn merge_into(src: &OwnedFd, dst: &OwnedFd, shown: &str) -> Result<()> {
                 // Only an empty directory may give way to a file.
                 match unlinkat(dst, n, UnlinkatFlags::RemoveDir) {
                     Ok(()) => renameat(src, n, dst, n).map_err(io(&path))?,
-                    Err(Errno::ENOTEMPTY | Errno::EEXIST) => return Err(SafeFsError::Conflict { path }),
+                    Err(Errno::ENOTEMPTY | Errno::EEXIST) => {
+                        return Err(SafeFsError::Conflict { path });
+                    }
                     Err(e) => return Err(SafeFsError::Io { path, source: e }),
                 }
             }
@@ -201,7 +232,12 @@ pub fn merge_into(src: &OwnedFd, dst: &OwnedFd, shown: &str) -> Result<()> {
 /// Gives `dst` the mode, owner and times recorded in `src` (the staged copy of the snapshot's directory).
 pub fn copy_dir_metadata(src: &FileStat, dst: impl AsFd, shown: &str) -> Result<()> {
     let dst = dst.as_fd();
-    fchown(dst, Some(Uid::from_raw(src.st_uid)), Some(Gid::from_raw(src.st_gid))).map_err(io(shown))?;
+    fchown(
+        dst,
+        Some(Uid::from_raw(src.st_uid)),
+        Some(Gid::from_raw(src.st_gid)),
+    )
+    .map_err(io(shown))?;
     fchmod(dst, Mode::from_bits_truncate(src.st_mode & 0o7777)).map_err(io(shown))?;
     let atime = TimeSpec::new(src.st_atime, src.st_atime_nsec);
     let mtime = TimeSpec::new(src.st_mtime, src.st_mtime_nsec);
@@ -242,12 +278,21 @@ mod tests {
             open_beneath(&fd, &["link".into(), "sub".into()], true),
             Err(SafeFsError::Escapes { .. })
         ));
-        assert!(matches!(open_beneath(&fd, &["file".into()], true), Err(SafeFsError::Escapes { .. })));
-        assert!(fs::read_dir(outside.path()).unwrap().next().is_none(), "nothing created outside");
+        assert!(matches!(
+            open_beneath(&fd, &["file".into()], true),
+            Err(SafeFsError::Escapes { .. })
+        ));
+        assert!(
+            fs::read_dir(outside.path()).unwrap().next().is_none(),
+            "nothing created outside"
+        );
         open_beneath(&fd, &["a".into(), "b".into()], true).unwrap();
         assert!(root.join("a/b").is_dir());
         assert!(open_beneath(&fd, &["missing".into()], false).is_err());
-        assert!(matches!(open_root(&root.join("link")), Err(SafeFsError::Escapes { .. })));
+        assert!(matches!(
+            open_root(&root.join("link")),
+            Err(SafeFsError::Escapes { .. })
+        ));
     }
 
     #[test]
@@ -271,10 +316,20 @@ mod tests {
         let d = open_root(&dst).unwrap();
         let mut stats = MergeStats::default();
         count_tree(&s, &mut stats).unwrap();
-        assert_eq!(stats, MergeStats { files: 3, dirs: 3, bytes: 8 + 3 + 1 });
+        assert_eq!(
+            stats,
+            MergeStats {
+                files: 3,
+                dirs: 3,
+                bytes: 8 + 3 + 1
+            }
+        );
         merge_into(&s, &d, ".").unwrap();
 
-        assert!(fs::read_dir(outside.path()).unwrap().next().is_none(), "nothing written outside");
+        assert!(
+            fs::read_dir(outside.path()).unwrap().next().is_none(),
+            "nothing written outside"
+        );
         assert!(fs::symlink_metadata(dst.join("etc")).unwrap().is_dir());
         assert_eq!(fs::read(dst.join("etc/passwd")).unwrap(), b"restored");
         assert_eq!(fs::read(dst.join("top")).unwrap(), b"new");

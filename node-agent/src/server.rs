@@ -62,7 +62,10 @@ pub enum ServerError {
 
 fn read(path: &Option<std::path::PathBuf>) -> Result<Vec<u8>, ServerError> {
     let path = path.as_ref().ok_or(ServerError::MissingTls)?;
-    std::fs::read(path).map_err(|source| ServerError::ReadTls { path: path.display().to_string(), source })
+    std::fs::read(path).map_err(|source| ServerError::ReadTls {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 fn tls_config(config: &Config) -> Result<ServerTlsConfig, ServerError> {
@@ -86,10 +89,18 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
     let metrics = Metrics::new(&config.node_name)?;
     let metrics_listener = TcpListener::bind(config.metrics_listen)
         .await
-        .map_err(|source| ServerError::Bind { what: "metrics", addr: config.metrics_listen, source })?;
+        .map_err(|source| ServerError::Bind {
+            what: "metrics",
+            addr: config.metrics_listen,
+            source,
+        })?;
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await
-        .map_err(|source| ServerError::Bind { what: "gRPC", addr: config.grpc_listen, source })?;
+        .map_err(|source| ServerError::Bind {
+            what: "gRPC",
+            addr: config.grpc_listen,
+            source,
+        })?;
     let router = metrics.router();
     let metrics_stop = shutdown.clone();
     let metrics_task = tokio::spawn(async move {
@@ -101,7 +112,9 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
     });
 
     let tls = if config.insecure_plaintext {
-        tracing::warn!("serving gRPC WITHOUT TLS (--insecure-plaintext): anyone who reaches the port can read every volume");
+        tracing::warn!(
+            "serving gRPC WITHOUT TLS (--insecure-plaintext): anyone who reaches the port can read every volume"
+        );
         None
     } else {
         Some(tls_config(&config)?)
@@ -109,11 +122,18 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
 
     let restic = restic_wrap::Restic::new(
         &config.restic,
-        restic_wrap::Repository { backend: restic_wrap::Backend::Local { path: String::new() }, password: String::new() },
+        restic_wrap::Repository {
+            backend: restic_wrap::Backend::Local {
+                path: String::new(),
+            },
+            password: String::new(),
+        },
     );
     let version = restic.version().await?;
-    std::fs::create_dir_all(&config.cache_dir)
-        .map_err(|source| ServerError::CacheDir { path: config.cache_dir.display().to_string(), source })?;
+    std::fs::create_dir_all(&config.cache_dir).map_err(|source| ServerError::CacheDir {
+        path: config.cache_dir.display().to_string(),
+        source,
+    })?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<AgentServer<AgentService>>().await;
@@ -121,7 +141,11 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
     let inventory = Arc::new(Inventory::new(&config.kubelet_dir, metrics.volumes.clone()));
     let inv = Arc::clone(&inventory);
     let _ = tokio::task::spawn_blocking(move || inv.full_scan()).await;
-    let watcher = watch::spawn(Arc::clone(&inventory), config.resync_interval, shutdown.clone())?;
+    let watcher = watch::spawn(
+        Arc::clone(&inventory),
+        config.resync_interval,
+        shutdown.clone(),
+    )?;
     metrics.ready.store(true, Ordering::Release);
     tracing::info!(
         node = %config.node_name, volumes = inventory.list().len(), restic = %version,
@@ -168,7 +192,10 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
     tracing::info!("shutting down: cancelling running operations");
     limiter.close();
     tasks.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("operations did not stop within {SHUTDOWN_GRACE:?}");
     }
     let _ = watcher.await;
@@ -180,7 +207,10 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };

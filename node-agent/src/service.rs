@@ -91,28 +91,48 @@ impl Agent for AgentService {
             .list()
             .into_iter()
             .map(|v| Volume {
-                r#ref: Some(VolumeRef { pod_uid: v.pod_uid, volume_name: v.volume_name }),
+                r#ref: Some(VolumeRef {
+                    pod_uid: v.pod_uid,
+                    volume_name: v.volume_name,
+                }),
                 plugin: v.plugin,
                 path: v.data_dir.display().to_string(),
                 mounted: v.mounted,
             })
             .collect();
-        Ok(Response::new(ListVolumesResponse { node_name: self.ctx.node_name.clone(), volumes }))
+        Ok(Response::new(ListVolumesResponse {
+            node_name: self.ctx.node_name.clone(),
+            volumes,
+        }))
     }
 
     type BackupStream = ReceiverStream<Result<BackupEvent, Status>>;
 
-    async fn backup(&self, req: Request<BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+    async fn backup(
+        &self,
+        req: Request<BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
         let plan = backup::plan(&self.ctx, req.into_inner()).inspect_err(|_| {
-            self.ctx.metrics.backups.with_label_values(&["failed"]).inc();
+            self.ctx
+                .metrics
+                .backups
+                .with_label_values(&["failed"])
+                .inc();
         })?;
         let stream = self.stream(
             backup::progress_event,
-            |r| BackupEvent { event: Some(backup_event::Event::Result(r)) },
+            |r| BackupEvent {
+                event: Some(backup_event::Event::Result(r)),
+            },
             move |ctx, progress, cancel| async move {
                 let r = backup::execute(&ctx, plan, progress, cancel).await;
-                let partial = r.as_ref().is_ok_and(|r| r.outcome == stowage_proto::v1::Outcome::Partial as i32);
-                ctx.metrics.backups.with_label_values(&[result_label(&r, partial)]).inc();
+                let partial = r
+                    .as_ref()
+                    .is_ok_and(|r| r.outcome == stowage_proto::v1::Outcome::Partial as i32);
+                ctx.metrics
+                    .backups
+                    .with_label_values(&[result_label(&r, partial)])
+                    .inc();
                 if let Err(e) = &r {
                     tracing::warn!(error = %e, "backup failed");
                 }
@@ -124,16 +144,28 @@ impl Agent for AgentService {
 
     type RestoreStream = ReceiverStream<Result<RestoreEvent, Status>>;
 
-    async fn restore(&self, req: Request<RestoreRequest>) -> Result<Response<Self::RestoreStream>, Status> {
+    async fn restore(
+        &self,
+        req: Request<RestoreRequest>,
+    ) -> Result<Response<Self::RestoreStream>, Status> {
         let plan = restore::plan(&self.ctx, req.into_inner()).inspect_err(|_| {
-            self.ctx.metrics.restores.with_label_values(&["failed"]).inc();
+            self.ctx
+                .metrics
+                .restores
+                .with_label_values(&["failed"])
+                .inc();
         })?;
         let stream = self.stream(
             restore::progress_event,
-            |r| RestoreEvent { event: Some(restore_event::Event::Result(r)) },
+            |r| RestoreEvent {
+                event: Some(restore_event::Event::Result(r)),
+            },
             move |ctx, progress, cancel| async move {
                 let r = restore::execute(&ctx, plan, progress, cancel).await;
-                ctx.metrics.restores.with_label_values(&[result_label(&r, false)]).inc();
+                ctx.metrics
+                    .restores
+                    .with_label_values(&[result_label(&r, false)])
+                    .inc();
                 if let Err(e) = &r {
                     tracing::warn!(error = %e, "restore failed");
                 }
@@ -143,15 +175,23 @@ impl Agent for AgentService {
         Ok(Response::new(stream))
     }
 
-    async fn snapshots(&self, req: Request<SnapshotsRequest>) -> Result<Response<SnapshotsResponse>, Status> {
+    async fn snapshots(
+        &self,
+        req: Request<SnapshotsRequest>,
+    ) -> Result<Response<SnapshotsResponse>, Status> {
         let req = req.into_inner();
         let repo = repository::from_proto(req.repository.as_ref()).map_err(AgentError::from)?;
         let tags = match &req.identity {
-            Some(id) => Identity::from_proto(Some(id), false).map_err(AgentError::from)?.selector_tags(),
+            Some(id) => Identity::from_proto(Some(id), false)
+                .map_err(AgentError::from)?
+                .selector_tags(),
             None => Vec::new(),
         };
         let restic = self.ctx.restic(repo, (0, 0), None);
-        let opts = restic_wrap::options::SnapshotsOptions { tags, ..Default::default() };
+        let opts = restic_wrap::options::SnapshotsOptions {
+            tags,
+            ..Default::default()
+        };
         let snaps = restic.snapshots(&opts).await.map_err(AgentError::from)?;
         let snapshots = snaps
             .into_iter()

@@ -20,7 +20,11 @@ pub struct CommandSpec {
 impl fmt::Debug for CommandSpec {
     /// Redacts every environment value: they carry passwords and keys.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let env: Vec<String> = self.env.iter().map(|(k, _)| format!("{k}=<redacted>")).collect();
+        let env: Vec<String> = self
+            .env
+            .iter()
+            .map(|(k, _)| format!("{k}=<redacted>"))
+            .collect();
         f.debug_struct("CommandSpec")
             .field("program", &self.program)
             .field("args", &self.args)

@@ -33,7 +33,9 @@ pub enum Error {
     },
     #[error("restic {found} is too old; at least {required} is needed")]
     UnsupportedVersion { found: String, required: String },
-    #[error("no restic repository at {location} (create it with `restic init`, or ask for auto-init)")]
+    #[error(
+        "no restic repository at {location} (create it with `restic init`, or ask for auto-init)"
+    )]
     RepositoryNotFound { location: String },
     #[error("wrong password for the repository at {location} (or no key matches it)")]
     WrongPassword { location: String },
@@ -68,14 +70,11 @@ pub enum Error {
 
 impl Error {
     /// Maps a non-zero exit to the most specific variant we can recognise from stderr.
-    pub(crate) fn from_exit(
-        subcommand: &str,
-        status: i32,
-        stderr: &str,
-        location: &str,
-    ) -> Error {
+    pub(crate) fn from_exit(subcommand: &str, status: i32, stderr: &str, location: &str) -> Error {
         if let Some(lock) = LockInfo::parse(stderr) {
-            return Error::Locked { lock: Box::new(lock) };
+            return Error::Locked {
+                lock: Box::new(lock),
+            };
         }
         if stderr.contains("wrong password or no key found") {
             return Error::WrongPassword {
@@ -84,7 +83,9 @@ impl Error {
         }
         // Local: "unable to open config file: stat <path>/config: no such file or directory".
         // S3/REST: "unable to open config file: Stat: The specified key does not exist." and kin.
-        if stderr.contains("unable to open config file") || stderr.contains("Is there a repository at") {
+        if stderr.contains("unable to open config file")
+            || stderr.contains("Is there a repository at")
+        {
             return Error::RepositoryNotFound {
                 location: location.to_string(),
             };
@@ -147,7 +148,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match Error::from_exit("check", 1, "boom\nsomething else went wrong", "r") {
-            Error::CommandFailed { status, stderr_tail, .. } => {
+            Error::CommandFailed {
+                status,
+                stderr_tail,
+                ..
+            } => {
                 assert_eq!(status, 1);
                 assert!(stderr_tail.ends_with("went wrong"));
             }

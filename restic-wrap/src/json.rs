@@ -93,10 +93,9 @@ pub struct Snapshot {
 impl Snapshot {
     /// The value of a `key=value` tag.
     pub fn tag_value(&self, key: &str) -> Option<&str> {
-        self.tags.iter().find_map(|t| {
-            t.strip_prefix(key)
-                .and_then(|rest| rest.strip_prefix('='))
-        })
+        self.tags
+            .iter()
+            .find_map(|t| t.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
     }
 }
 
@@ -161,10 +160,16 @@ mod tests {
             };
             assert!(!s.snapshot_id.is_empty());
             assert_eq!(s.total_files_processed, 50_000);
-            assert!(msgs[..msgs.len() - 1].iter().all(|m| matches!(m, BackupMessage::Status(_))));
+            assert!(
+                msgs[..msgs.len() - 1]
+                    .iter()
+                    .all(|m| matches!(m, BackupMessage::Status(_)))
+            );
         }
         let incremental = lines("backup_incremental_1pct.ndjson");
-        let Some(BackupMessage::Summary(s)) = incremental.last() else { panic!() };
+        let Some(BackupMessage::Summary(s)) = incremental.last() else {
+            panic!()
+        };
         assert_eq!(s.files_changed, 500);
         assert_eq!(s.files_unmodified, 49_500);
     }
@@ -182,15 +187,27 @@ mod tests {
         assert_eq!(errors.len(), 3);
         assert_eq!(errors[0].message(), "could not be read");
         assert_eq!(errors[2].item, "/srv/errtest/tree/sub/secret.txt");
-        assert!(errors[2].message().starts_with("open: "), "{}", errors[2].message());
-        assert!(errors[2].message().contains("ermission denied"), "{}", errors[2].message());
+        assert!(
+            errors[2].message().starts_with("open: "),
+            "{}",
+            errors[2].message()
+        );
+        assert!(
+            errors[2].message().contains("ermission denied"),
+            "{}",
+            errors[2].message()
+        );
     }
 
     #[test]
     fn snapshots_and_tags() {
         let snaps: Vec<Snapshot> = serde_json::from_str(&sample("snapshots.json")).unwrap();
         assert!(!snaps.is_empty());
-        assert!(snaps.iter().all(|s| s.id.len() == 64 && !s.short_id.is_empty()));
+        assert!(
+            snaps
+                .iter()
+                .all(|s| s.id.len() == 64 && !s.short_id.is_empty())
+        );
         let s = Snapshot {
             tags: vec!["stowage.dev/pvc=data".into(), "other".into()],
             ..Default::default()

@@ -21,7 +21,13 @@ pub struct LockInfo {
 
 impl fmt::Display for LockInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "held by PID {} on {} by {}", self.pid.map_or("?".into(), |p| p.to_string()), self.host, self.user)?;
+        write!(
+            f,
+            "held by PID {} on {} by {}",
+            self.pid.map_or("?".into(), |p| p.to_string()),
+            self.host,
+            self.user
+        )?;
         if let Some(age) = self.age {
             write!(f, ", {}s old", age.as_secs())?;
         }
@@ -40,7 +46,9 @@ impl LockInfo {
     /// storage ID aebe4d68
     /// ```
     pub fn parse(stderr: &str) -> Option<LockInfo> {
-        let line = stderr.lines().find(|l| l.contains("repository is already locked"))?;
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("repository is already locked"))?;
         let rest = line.split("repository is already locked").nth(1)?;
         let exclusive = rest.trim_start().starts_with("exclusively");
         let mut info = LockInfo {
@@ -154,7 +162,9 @@ impl LockPolicy {
     /// The delay before retry number `attempt` (0-based): exponential, capped.
     pub fn backoff(&self, attempt: u32) -> Duration {
         let factor = 2u32.saturating_pow(attempt.min(16));
-        self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
+        self.initial_backoff
+            .saturating_mul(factor)
+            .min(self.max_backoff)
     }
 }
 
@@ -175,7 +185,10 @@ mod tests {
         assert_eq!(info.user, "root");
         assert_eq!(info.created_at, "2026-11-21 19:34:15");
         let age = info.age.unwrap();
-        assert!(age > Duration::from_millis(3400) && age < Duration::from_millis(3500), "{age:?}");
+        assert!(
+            age > Duration::from_millis(3400) && age < Duration::from_millis(3500),
+            "{age:?}"
+        );
         assert!(!info.exclusive);
         assert!(info.to_string().contains("PID 18083 on agent-pod-old"));
     }
@@ -210,7 +223,10 @@ mod tests {
             max_backoff: Duration::from_secs(1),
             ..Default::default()
         };
-        let mut l = LockInfo { age: Some(Duration::from_secs(59)), ..Default::default() };
+        let mut l = LockInfo {
+            age: Some(Duration::from_secs(59)),
+            ..Default::default()
+        };
         assert!(!p.is_stale(&l));
         l.age = Some(Duration::from_secs(60));
         assert!(p.is_stale(&l));

@@ -82,12 +82,13 @@ impl Subcommand for InitOptions {
 }
 
 /// `restic cat config`: cheap probe that the repository exists and the password opens it.
+/// Read-only, so it takes no lock (with a lock it would fail behind any exclusive holder).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CatConfigOptions;
 
 impl Subcommand for CatConfigOptions {
     fn args(&self) -> Vec<OsString> {
-        vec!["cat".into(), "config".into()]
+        vec!["cat".into(), "config".into(), "--no-lock".into()]
     }
 }
 
@@ -348,7 +349,12 @@ impl Subcommand for StatsOptions {
             StatsMode::RawData => "raw-data",
             StatsMode::BlobsPerFile => "blobs-per-file",
         };
-        let mut a: Vec<OsString> = vec!["stats".into(), "--json".into(), "--mode".into(), mode.into()];
+        let mut a: Vec<OsString> = vec![
+            "stats".into(),
+            "--json".into(),
+            "--mode".into(),
+            mode.into(),
+        ];
         push_opt(&mut a, "--host", &self.host);
         push_tag_filter(&mut a, &self.tags);
         if !self.snapshots.is_empty() {
@@ -364,7 +370,9 @@ mod tests {
     use super::*;
 
     fn strs(v: Vec<OsString>) -> Vec<String> {
-        v.into_iter().map(|s| s.to_string_lossy().into_owned()).collect()
+        v.into_iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect()
     }
 
     #[test]
@@ -372,7 +380,10 @@ mod tests {
         let o = BackupOptions {
             paths: vec![".".into()],
             host: Some("shop/data".into()),
-            tags: vec!["stowage.dev/namespace=shop".into(), "stowage.dev/pvc=data".into()],
+            tags: vec![
+                "stowage.dev/namespace=shop".into(),
+                "stowage.dev/pvc=data".into(),
+            ],
             parent: Some("abc123".into()),
             excludes: vec!["*.tmp".into()],
             ..Default::default()
@@ -380,8 +391,20 @@ mod tests {
         assert_eq!(
             strs(o.args()),
             [
-                "backup", "--json", "--host", "shop/data", "--tag", "stowage.dev/namespace=shop",
-                "--tag", "stowage.dev/pvc=data", "--parent", "abc123", "--exclude", "*.tmp", "--", "."
+                "backup",
+                "--json",
+                "--host",
+                "shop/data",
+                "--tag",
+                "stowage.dev/namespace=shop",
+                "--tag",
+                "stowage.dev/pvc=data",
+                "--parent",
+                "abc123",
+                "--exclude",
+                "*.tmp",
+                "--",
+                "."
             ]
         );
         assert!(!o.exclusive_lock());
@@ -395,7 +418,14 @@ mod tests {
         };
         assert_eq!(
             strs(o.args()),
-            ["backup", "--json", "--stdin", "--stdin-filename", "shop-db-0-postgres.sql", "--"]
+            [
+                "backup",
+                "--json",
+                "--stdin",
+                "--stdin-filename",
+                "shop-db-0-postgres.sql",
+                "--"
+            ]
         );
     }
 
@@ -406,7 +436,10 @@ mod tests {
             latest: Some(1),
             ..Default::default()
         };
-        assert_eq!(strs(o.args()), ["snapshots", "--json", "--tag", "a=1,b=2", "--latest", "1"]);
+        assert_eq!(
+            strs(o.args()),
+            ["snapshots", "--json", "--tag", "a=1,b=2", "--latest", "1"]
+        );
     }
 
     #[test]
@@ -417,7 +450,18 @@ mod tests {
             includes: vec!["/db".into()],
             ..Default::default()
         };
-        assert_eq!(strs(o.args()), ["restore", "--target", "/t", "--include", "/db", "--", "latest"]);
+        assert_eq!(
+            strs(o.args()),
+            [
+                "restore",
+                "--target",
+                "/t",
+                "--include",
+                "/db",
+                "--",
+                "latest"
+            ]
+        );
     }
 
     #[test]
@@ -438,8 +482,21 @@ mod tests {
         assert_eq!(
             strs(o.args()),
             [
-                "forget", "--json", "--keep-last", "5", "--keep-daily", "14", "--keep-within", "30d",
-                "--keep-tag", "keep", "--tag", "stowage.dev/pvc=data", "--group-by", "host", "--prune"
+                "forget",
+                "--json",
+                "--keep-last",
+                "5",
+                "--keep-daily",
+                "14",
+                "--keep-within",
+                "30d",
+                "--keep-tag",
+                "keep",
+                "--tag",
+                "stowage.dev/pvc=data",
+                "--group-by",
+                "host",
+                "--prune"
             ]
         );
         assert!(o.exclusive_lock());
@@ -448,12 +505,29 @@ mod tests {
 
     #[test]
     fn maintenance_commands() {
-        assert_eq!(strs(CheckOptions { read_data_subset: Some("5%".into()) }.args()), ["check", "--read-data-subset", "5%"]);
-        assert_eq!(strs(UnlockOptions { remove_all: true }.args()), ["unlock", "--remove-all"]);
+        assert_eq!(
+            strs(
+                CheckOptions {
+                    read_data_subset: Some("5%".into())
+                }
+                .args()
+            ),
+            ["check", "--read-data-subset", "5%"]
+        );
+        assert_eq!(
+            strs(UnlockOptions { remove_all: true }.args()),
+            ["unlock", "--remove-all"]
+        );
         assert_eq!(strs(PruneOptions::default().args()), ["prune"]);
         assert_eq!(strs(InitOptions.args()), ["init"]);
-        assert_eq!(strs(CatConfigOptions.args()), ["cat", "config"]);
-        let s = StatsOptions { mode: StatsMode::RawData, ..Default::default() };
+        assert_eq!(
+            strs(CatConfigOptions.args()),
+            ["cat", "config", "--no-lock"]
+        );
+        let s = StatsOptions {
+            mode: StatsMode::RawData,
+            ..Default::default()
+        };
         assert_eq!(strs(s.args()), ["stats", "--json", "--mode", "raw-data"]);
     }
 
@@ -465,6 +539,9 @@ mod tests {
             limit_download: Some(512),
             ..Default::default()
         };
-        assert_eq!(strs(g.args()), ["--cache-dir", "/c", "--limit-download", "512"]);
+        assert_eq!(
+            strs(g.args()),
+            ["--cache-dir", "/c", "--limit-download", "512"]
+        );
     }
 }

@@ -58,7 +58,11 @@ impl ResticProcess {
             .env_clear()
             .envs(inherited_env())
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(if stdin_piped { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin_piped {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
@@ -69,7 +73,10 @@ impl ResticProcess {
             binary: spec.program.clone(),
             source,
         })?;
-        let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+        let pgid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw);
         let stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
         let stdin = child.stdin.take();
         let stderr = Arc::new(Mutex::new(StderrCapture::default()));
@@ -216,8 +223,22 @@ async fn capture_stderr<R: AsyncRead + Unpin>(stream: R, sink: Arc<Mutex<StderrC
 /// The parent environment restic may see: only what it needs to work, never our own secrets.
 fn inherited_env() -> Vec<(String, String)> {
     const KEEP: &[&str] = &[
-        "PATH", "HOME", "TMPDIR", "TZ", "LANG", "LC_ALL", "SSL_CERT_FILE", "SSL_CERT_DIR",
-        "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "TZ",
+        "LANG",
+        "LC_ALL",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
     ];
-    std::env::vars().filter(|(k, _)| KEEP.contains(&k.as_str())).collect()
+    std::env::vars()
+        .filter(|(k, _)| KEEP.contains(&k.as_str()))
+        .collect()
 }

@@ -107,7 +107,12 @@ impl BackupRun {
                 status: 0,
                 stderr_tail: "restic exited without a summary".into(),
             }),
-            (code, _) => Err(Error::from_exit(&subcommand, code, &stderr.tail, &self.location)),
+            (code, _) => Err(Error::from_exit(
+                &subcommand,
+                code,
+                &stderr.tail,
+                &self.location,
+            )),
         }
     }
 
@@ -209,16 +214,28 @@ impl Restic {
         if code == 0 {
             Ok(out)
         } else {
-            Err(Error::from_exit(&spec.subcommand, code, &stderr.tail, &self.repository.location()))
+            Err(Error::from_exit(
+                &spec.subcommand,
+                code,
+                &stderr.tail,
+                &self.repository.location(),
+            ))
         }
     }
 
     async fn run_json<S: Subcommand, T: DeserializeOwned>(&self, sub: &S) -> Result<T> {
         let out = self.run(sub).await?;
         // Some subcommands (forget --prune) print plain text after the JSON line.
-        let json = out.lines().find(|l| l.starts_with('[') || l.starts_with('{')).unwrap_or("null");
+        let json = out
+            .lines()
+            .find(|l| l.starts_with('[') || l.starts_with('{'))
+            .unwrap_or("null");
         serde_json::from_str(json).map_err(|source| Error::Json {
-            subcommand: sub.args().first().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            subcommand: sub
+                .args()
+                .first()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             source,
         })
     }
@@ -281,7 +298,11 @@ impl Restic {
                 source,
             })?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let version = text.split_whitespace().nth(1).unwrap_or_default().to_string();
+        let version = text
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
         let parsed: Vec<u32> = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
         let found = (
             parsed.first().copied().unwrap_or(0),
@@ -379,7 +400,12 @@ impl Restic {
     /// Ids of the lock files currently in the repository.
     pub async fn list_locks(&self) -> Result<Vec<String>> {
         let out = self.run(&ListLocksOptions).await?;
-        Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+        Ok(out
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
     }
 
     pub async fn stats(&self, opts: &StatsOptions) -> Result<Stats> {
@@ -396,7 +422,9 @@ mod tests {
         Restic::new(
             "/usr/bin/restic",
             Repository {
-                backend: Backend::Local { path: "/repo".into() },
+                backend: Backend::Local {
+                    path: "/repo".into(),
+                },
                 password: "hunter2".into(),
             },
         )
@@ -409,10 +437,17 @@ mod tests {
     #[test]
     fn spec_puts_repository_and_globals_first_and_secrets_in_env() {
         let spec = restic().spec(&CheckOptions::default(), None);
-        let args: Vec<_> = spec.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        let args: Vec<_> = spec
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(args, ["-r", "/repo", "--cache-dir", "/cache", "check"]);
         assert_eq!(spec.subcommand, "check");
-        assert!(spec.env.contains(&("RESTIC_PASSWORD".into(), "hunter2".into())));
+        assert!(
+            spec.env
+                .contains(&("RESTIC_PASSWORD".into(), "hunter2".into()))
+        );
         assert!(!args.iter().any(|a| a.contains("hunter2")));
         assert!(!format!("{spec:?}").contains("hunter2"));
     }
@@ -425,7 +460,13 @@ mod tests {
         };
         let spec = restic().spec(&opts, Some(Path::new("/vol")));
         assert_eq!(spec.cwd.as_deref(), Some(Path::new("/vol")));
-        assert_eq!(spec.args.last().map(|a| a.to_string_lossy().into_owned()).as_deref(), Some("."));
+        assert_eq!(
+            spec.args
+                .last()
+                .map(|a| a.to_string_lossy().into_owned())
+                .as_deref(),
+            Some(".")
+        );
     }
 
     #[tokio::test]

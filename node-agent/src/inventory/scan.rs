@@ -67,7 +67,11 @@ pub fn scan_pod(pods_dir: &Path, pod_uid: &str, mounts: &HashSet<PathBuf>) -> Ve
             if !is_dir(&vol_dir) {
                 continue;
             }
-            let data_dir = if plugin_name == CSI_PLUGIN { vol_dir.join("mount") } else { vol_dir };
+            let data_dir = if plugin_name == CSI_PLUGIN {
+                vol_dir.join("mount")
+            } else {
+                vol_dir
+            };
             if !is_dir(&data_dir) {
                 continue;
             }
@@ -141,7 +145,11 @@ mod tests {
         // An empty directory that is a mount point is a real (empty) volume.
         let mounts: HashSet<PathBuf> = [v.join("kubernetes.io~csi/pv-left-behind/mount")].into();
         let found = scan_pod(pods, "uid1", &mounts);
-        assert!(found.iter().any(|e| e.volume_name == "pv-left-behind" && e.mounted));
+        assert!(
+            found
+                .iter()
+                .any(|e| e.volume_name == "pv-left-behind" && e.mounted)
+        );
 
         assert!(scan_pod(pods, "missing", &HashSet::new()).is_empty());
         assert_eq!(pod_uids(pods), ["uid1"]);

@@ -23,15 +23,76 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, notify::Error> {
     let (tx, rx) = mpsc::unbounded_channel::<PathBuf>();
-    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-        Ok(ev) => {
-            for p in ev.paths {
-                let _ = tx.send(p);
+    let tx_mounts = tx.clone();
+    let watcher =
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(ev) => {
+                for p in ev.paths {
+                    let _ = tx.send(p);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "inotify error; the next resync catches up"),
+        })?;
+    spawn_mount_watch(
+        inventory.pods_dir().to_path_buf(),
+        tx_mounts,
+        shutdown.clone(),
+    );
+    Ok(tokio::spawn(run(
+        inventory,
+        watcher,
+        rx,
+        resync_every,
+        shutdown,
+    )))
+}
+
+/// Mounts and unmounts raise no inotify event, but /proc/self/mountinfo is pollable: it signals a
+/// priority event on every change to this mount namespace. Each change asks for a full rescan.
+fn spawn_mount_watch(
+    pods_dir: PathBuf,
+    tx: mpsc::UnboundedSender<PathBuf>,
+    shutdown: CancellationToken,
+) {
+    use tokio::io::Interest;
+    use tokio::io::unix::AsyncFd;
+    let file = match std::fs::File::open("/proc/self/mountinfo") {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch mountinfo; mounts are seen at the next resync");
+            return;
+        }
+    };
+    // The AsyncFd owns the File, so the descriptor cannot be closed behind tokio's back (the I/O-safety
+    // concern behind the deprecation); the replacement is an unsafe fn, which this crate forbids.
+    #[allow(deprecated)]
+    let fd = match AsyncFd::with_interest(file, Interest::PRIORITY) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot poll mountinfo; mounts are seen at the next resync");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                ready = fd.ready(Interest::PRIORITY) => match ready {
+                    Ok(mut guard) => {
+                        guard.clear_ready();
+                        // The pods directory itself stands for "rescan everything".
+                        if tx.send(pods_dir.clone()).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "mountinfo poll failed; relying on resync");
+                        return;
+                    }
+                },
             }
         }
-        Err(e) => tracing::warn!(error = %e, "inotify error; the next resync catches up"),
-    })?;
-    Ok(tokio::spawn(run(inventory, watcher, rx, resync_every, shutdown)))
+    });
 }
 
 async fn run(
@@ -65,7 +126,8 @@ async fn run(
                 for p in &changed {
                     match pod_of(&pods_dir, p) {
                         Some(uid) => { pods.insert(uid); }
-                        // inotify sometimes names only the watched directory (e.g. a rename into it).
+                        // inotify sometimes names only the watched directory (e.g. a rename into
+                        // it), and the mount watch always does.
                         None => everything = true,
                     }
                 }
@@ -90,7 +152,12 @@ async fn run(
 /// The pod UID a changed path belongs to.
 fn pod_of(pods_dir: &Path, path: &Path) -> Option<String> {
     let rel = path.strip_prefix(pods_dir).ok()?;
-    let uid = rel.components().next()?.as_os_str().to_string_lossy().into_owned();
+    let uid = rel
+        .components()
+        .next()?
+        .as_os_str()
+        .to_string_lossy()
+        .into_owned();
     scan::is_plain_name(&uid).then_some(uid)
 }
 
@@ -180,8 +247,13 @@ mod tests {
         // Volumes appear populated (as a mount would make them), so build them aside and move in.
         let staging = t.path().join("staging");
         let pod = t.path().join("pods/uid-a");
-        std::fs::create_dir_all(staging.join("uid-a/volumes/kubernetes.io~csi/pv-1/mount")).unwrap();
-        std::fs::write(staging.join("uid-a/volumes/kubernetes.io~csi/pv-1/mount/data"), b"x").unwrap();
+        std::fs::create_dir_all(staging.join("uid-a/volumes/kubernetes.io~csi/pv-1/mount"))
+            .unwrap();
+        std::fs::write(
+            staging.join("uid-a/volumes/kubernetes.io~csi/pv-1/mount/data"),
+            b"x",
+        )
+        .unwrap();
         std::fs::rename(staging.join("uid-a"), &pod).unwrap();
         wait_for("pv-1 to appear", || inv.list().len() == 1).await;
         assert_eq!(gauge.get(), 1);

@@ -1,0 +1,378 @@
+//! Starting a real `stowage-agent` process for a test and talking to it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use stowage_proto::v1::agent_client::AgentClient;
+use stowage_proto::v1::{
+    self, BackupEvent, BackupRequest, BackupResult, Progress, RestoreEvent, RestoreRequest,
+    RestoreResult,
+};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::tls::{Pem, Pki};
+
+pub struct AgentOptions {
+    pub node: String,
+    pub ip: String,
+    pub kubelet_dir: PathBuf,
+    pub max_concurrent: u32,
+    pub restic: Option<PathBuf>,
+    pub extra_args: Vec<String>,
+}
+
+impl AgentOptions {
+    pub fn new(kubelet_dir: &Path) -> Self {
+        Self {
+            node: "node-1".into(),
+            ip: "127.0.0.1".into(),
+            kubelet_dir: kubelet_dir.to_path_buf(),
+            max_concurrent: 2,
+            restic: None,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+pub struct Agent {
+    child: Child,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent with mTLS from `pki` and waits until /healthz answers 200 (30 s at most).
+    pub async fn start(opts: AgentOptions, pki: &Pki) -> Agent {
+        let grpc: SocketAddr = format!("{}:{}", opts.ip, crate::free_port(&opts.ip))
+            .parse()
+            .expect("addr");
+        let metrics: SocketAddr = format!("{}:{}", opts.ip, crate::free_port(&opts.ip))
+            .parse()
+            .expect("addr");
+        let log = pki
+            .dir
+            .join(format!("agent-{}-{}.log", opts.node, grpc.port()));
+        let cache = pki.dir.join(format!("cache-{}", grpc.port()));
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(crate::binary("stowage-agent"))
+            .arg("--node-name")
+            .arg(&opts.node)
+            .arg("--kubelet-dir")
+            .arg(&opts.kubelet_dir)
+            .arg("--grpc-listen")
+            .arg(grpc.to_string())
+            .arg("--metrics-listen")
+            .arg(metrics.to_string())
+            .arg("--tls-cert")
+            .arg(pki.dir.join("server.pem"))
+            .arg("--tls-key")
+            .arg(pki.dir.join("server-key.pem"))
+            .arg("--tls-client-ca")
+            .arg(pki.dir.join("ca.pem"))
+            .arg("--max-concurrent")
+            .arg(opts.max_concurrent.to_string())
+            .arg("--restic")
+            .arg(opts.restic.unwrap_or_else(crate::restic::binary))
+            .arg("--cache-dir")
+            .arg(cache)
+            .args(&opts.extra_args)
+            .env("RUST_LOG", "info,stowage_agent=debug,restic_wrap=debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn stowage-agent");
+        let mut agent = Agent {
+            child,
+            grpc,
+            metrics,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = agent.child.try_wait().expect("try_wait") {
+                panic!("agent exited early ({status}); log:\n{}", agent.log_text());
+            }
+            if agent
+                .http_get("/healthz")
+                .await
+                .is_some_and(|(code, _)| code == 200)
+            {
+                return agent;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not healthy within 30s; log:\n{}",
+                agent.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A minimal HTTP/1.0 GET against the metrics listener: (status code, body).
+    pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(self.metrics),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Some((code, body))
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        self.http_get("/metrics").await.expect("scrape /metrics").1
+    }
+
+    /// The value of a sample line `name{labels} value` (labels as printed, or "" for none).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        metric_value(&self.metrics_text().await, series)
+    }
+
+    /// A client presenting `identity` (None: no client certificate) and trusting the test CA.
+    pub async fn connect(
+        &self,
+        pki: &Pki,
+        identity: Option<&Pem>,
+    ) -> Result<AgentClient<Channel>, tonic::transport::Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&pki.ca_pem))
+            .domain_name("localhost");
+        if let Some(id) = identity {
+            tls = tls.identity(Identity::from_pem(&id.cert, &id.key));
+        }
+        let channel = Channel::from_shared(format!("https://{}", self.grpc))
+            .expect("uri")
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        Ok(AgentClient::new(channel))
+    }
+
+    pub async fn client(&self, pki: &Pki) -> AgentClient<Channel> {
+        self.connect(pki, Some(&pki.client))
+            .await
+            .expect("connect with client certificate")
+    }
+
+    pub fn sigterm(&self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return Some(s);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Kills the agent at once (SIGKILL), as a node failure would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.sigterm();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// What a streamed operation produced: progress messages, then a result or a status.
+pub struct Outcome<R> {
+    pub progress: Vec<Progress>,
+    pub result: Result<R, tonic::Status>,
+}
+
+/// Runs a Backup call to its end (the call's own error counts as the result).
+pub async fn backup(
+    client: &mut AgentClient<Channel>,
+    req: BackupRequest,
+) -> Outcome<BackupResult> {
+    let mut progress = Vec::new();
+    let mut stream = match client.backup(req).await {
+        Ok(s) => s.into_inner(),
+        Err(status) => {
+            return Outcome {
+                progress,
+                result: Err(status),
+            };
+        }
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(BackupEvent {
+                event: Some(v1::backup_event::Event::Progress(p)),
+            })) => progress.push(p),
+            Ok(Some(BackupEvent {
+                event: Some(v1::backup_event::Event::Result(r)),
+            })) => {
+                return Outcome {
+                    progress,
+                    result: Ok(r),
+                };
+            }
+            Ok(Some(BackupEvent { event: None })) => {}
+            Ok(None) => {
+                return Outcome {
+                    progress,
+                    result: Err(tonic::Status::unknown("stream ended without a result")),
+                };
+            }
+            Err(status) => {
+                return Outcome {
+                    progress,
+                    result: Err(status),
+                };
+            }
+        }
+    }
+}
+
+pub async fn restore(
+    client: &mut AgentClient<Channel>,
+    req: RestoreRequest,
+) -> Outcome<RestoreResult> {
+    let mut progress = Vec::new();
+    let mut stream = match client.restore(req).await {
+        Ok(s) => s.into_inner(),
+        Err(status) => {
+            return Outcome {
+                progress,
+                result: Err(status),
+            };
+        }
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(RestoreEvent {
+                event: Some(v1::restore_event::Event::Progress(p)),
+            })) => progress.push(p),
+            Ok(Some(RestoreEvent {
+                event: Some(v1::restore_event::Event::Result(r)),
+            })) => {
+                return Outcome {
+                    progress,
+                    result: Ok(r),
+                };
+            }
+            Ok(Some(RestoreEvent { event: None })) => {}
+            Ok(None) => {
+                return Outcome {
+                    progress,
+                    result: Err(tonic::Status::unknown("stream ended without a result")),
+                };
+            }
+            Err(status) => {
+                return Outcome {
+                    progress,
+                    result: Err(status),
+                };
+            }
+        }
+    }
+}
+
+/// A local repository description.
+pub fn local_repo(path: &Path, password: &str, auto_init: bool) -> v1::Repository {
+    v1::Repository {
+        backend: Some(v1::repository::Backend::Local(v1::LocalBackend {
+            path: path.display().to_string(),
+        })),
+        password: password.into(),
+        auto_init,
+        ..Default::default()
+    }
+}
+
+/// Creates a kubelet-style CSI volume `pods/<uid>/volumes/kubernetes.io~csi/<pv>/mount` and returns it.
+pub fn csi_volume(kubelet_dir: &Path, pod_uid: &str, pv: &str) -> PathBuf {
+    let d = kubelet_dir
+        .join("pods")
+        .join(pod_uid)
+        .join("volumes/kubernetes.io~csi")
+        .join(pv)
+        .join("mount");
+    std::fs::create_dir_all(&d).expect("mkdir volume");
+    d
+}
+
+pub fn volume_backup(
+    repo: v1::Repository,
+    pod_uid: &str,
+    pv: &str,
+    namespace: &str,
+    pvc: &str,
+) -> BackupRequest {
+    BackupRequest {
+        run_id: format!("test/{pvc}"),
+        repository: Some(repo),
+        identity: Some(v1::VolumeIdentity {
+            namespace: namespace.into(),
+            pvc: pvc.into(),
+            pod_name: format!("{pvc}-pod"),
+        }),
+        source: Some(v1::backup_request::Source::Volume(v1::VolumeSource {
+            r#ref: Some(v1::VolumeRef {
+                pod_uid: pod_uid.into(),
+                volume_name: pv.into(),
+            }),
+        })),
+        ..Default::default()
+    }
+}

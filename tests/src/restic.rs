@@ -1,0 +1,46 @@
+//! Running the real restic directly, to set up and check what the agent did.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn binary() -> PathBuf {
+    std::env::var_os("STOWAGE_TEST_RESTIC").map_or_else(|| PathBuf::from("restic"), PathBuf::from)
+}
+
+/// `restic -r <repo> <args>` with the password (and extra env) in the environment.
+pub fn run(repo: &str, password: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
+    Command::new(binary())
+        .arg("-r")
+        .arg(repo)
+        .args(args)
+        .env("RESTIC_PASSWORD", password)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run restic")
+}
+
+pub fn ok(repo: &str, password: &str, args: &[&str]) -> String {
+    let out = run(repo, password, &[], args);
+    assert!(
+        out.status.success(),
+        "restic {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn init(repo: &Path, password: &str) {
+    ok(&repo.display().to_string(), password, &["init"]);
+}
+
+/// Snapshots as JSON values.
+pub fn snapshots(repo: &str, password: &str) -> Vec<serde_json::Value> {
+    serde_json::from_str(&ok(repo, password, &["snapshots", "--json"])).expect("snapshots json")
+}
+
+/// Lock files in a local repository.
+pub fn lock_files(repo: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(repo.join("locks"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,962 @@
+//! The node agent over gRPC with mTLS, real restic, real directories laid out like the kubelet's.
+
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use stowage_proto::v1::{
+    self, Outcome as POutcome, Phase, RestoreMode, RestoreRequest, VolumeIdentity, VolumeRef,
+};
+use stowage_tests::agent::{
+    Agent, AgentOptions, backup, csi_volume, local_repo, restore, volume_backup,
+};
+use stowage_tests::tls::Pki;
+use stowage_tests::{fstree, procs, restic, wait_until};
+use tonic::Code;
+
+const PW: &str = "correct horse battery staple";
+const MB: usize = 1024 * 1024;
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    pki: Pki,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let pki = Pki::create(&tmp.path().join("pki"));
+        std::fs::create_dir_all(tmp.path().join("kubelet/pods")).expect("kubelet");
+        Setup { tmp, pki }
+    }
+    fn kubelet(&self) -> PathBuf {
+        self.tmp.path().join("kubelet")
+    }
+    fn repo(&self) -> PathBuf {
+        self.tmp.path().join("repo")
+    }
+    async fn agent(&self) -> Agent {
+        Agent::start(AgentOptions::new(&self.kubelet()), &self.pki).await
+    }
+    async fn agent_with(&self, f: impl FnOnce(&mut AgentOptions)) -> Agent {
+        let mut o = AgentOptions::new(&self.kubelet());
+        f(&mut o);
+        Agent::start(o, &self.pki).await
+    }
+}
+
+fn restore_req(
+    repo: v1::Repository,
+    pvc: &str,
+    target_uid: &str,
+    target_pv: &str,
+    target_path: &str,
+) -> RestoreRequest {
+    RestoreRequest {
+        run_id: "test/restore".into(),
+        repository: Some(repo),
+        source: Some(VolumeIdentity {
+            namespace: "shop".into(),
+            pvc: pvc.into(),
+            pod_name: String::new(),
+        }),
+        snapshot: "latest".into(),
+        target: Some(VolumeRef {
+            pod_uid: target_uid.into(),
+            volume_name: target_pv.into(),
+        }),
+        target_path: target_path.into(),
+        ..Default::default()
+    }
+}
+
+/// Backs up a full tree over mTLS, restores it into another pod's volume, and compares everything.
+async fn round_trip(s: &Setup, agent: &Agent, repo: v1::Repository) {
+    let src = csi_volume(&s.kubelet(), "pod-a", "pv-data");
+    fstree::populate(&src, 50 * MB);
+    let dst = csi_volume(&s.kubelet(), "pod-b", "pv-other");
+    std::fs::write(dst.join("already-here"), b"keep me").expect("write");
+
+    let mut client = agent.client(&s.pki).await;
+    let out = backup(
+        &mut client,
+        volume_backup(repo.clone(), "pod-a", "pv-data", "shop", "data"),
+    )
+    .await;
+    let result = out.result.expect("backup succeeds");
+    assert_eq!(result.outcome(), POutcome::Succeeded);
+    // restic 0.14 reports the short id in its summary.
+    assert!(result.snapshot_id.len() >= 8, "{result:?}");
+    // restic counts regular files (6 here); symlinks are tree entries, not files.
+    assert_eq!(result.files_new, 6, "{result:?}");
+    assert_eq!(result.dirs_new, 5, "{result:?}");
+    assert!(result.data_added_bytes >= 50 * MB as u64 / 2, "{result:?}");
+    assert!(out.progress.iter().any(|p| p.phase() == Phase::Running));
+
+    let r = restore(
+        &mut client,
+        restore_req(repo, "data", "pod-b", "pv-other", "restored"),
+    )
+    .await;
+    let r = r.result.expect("restore succeeds");
+    assert!(
+        r.snapshot_id.starts_with(&result.snapshot_id),
+        "restored the snapshot just made"
+    );
+    // Every non-directory entry: 6 files and 2 symlinks.
+    assert_eq!(r.files_restored, 8);
+    assert_eq!(r.dirs_restored, 5);
+    assert!(r.bytes_restored >= 50 * MB as u64);
+    fstree::assert_same(
+        &fstree::snapshot(&src),
+        &fstree::snapshot(&dst.join("restored")),
+    );
+    assert_eq!(
+        std::fs::read(dst.join("already-here")).expect("read"),
+        b"keep me"
+    );
+    // No staging directory is left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&dst)
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+}
+
+#[tokio::test]
+async fn round_trip_over_mtls_preserves_content_and_metadata() {
+    let s = Setup::new();
+    let agent = s.agent().await;
+    round_trip(&s, &agent, local_repo(&s.repo(), PW, true)).await;
+    // The snapshot carries the volume identity, and no secret reached restic's argv or our logs.
+    let snaps = restic::snapshots(&s.repo().display().to_string(), PW);
+    assert_eq!(snaps.len(), 1);
+    let tags: Vec<String> = serde_json::from_value(snaps[0]["tags"].clone()).expect("tags");
+    for t in [
+        "stowage.dev/namespace=shop",
+        "stowage.dev/pvc=data",
+        "stowage.dev/pod=data-pod",
+        "stowage.dev/source=volume",
+    ] {
+        assert!(tags.contains(&t.to_string()), "{tags:?}");
+    }
+    assert_eq!(snaps[0]["hostname"], "shop/data");
+    assert!(
+        !agent.log_text().contains(PW),
+        "password leaked into the agent log"
+    );
+}
+
+#[tokio::test]
+async fn round_trip_against_s3() {
+    let moto = stowage_tests::moto::Moto::start();
+    let s = Setup::new();
+    let agent = s.agent().await;
+    let repo = v1::Repository {
+        backend: Some(v1::repository::Backend::S3(v1::S3Backend {
+            endpoint: moto.endpoint.clone(),
+            bucket: "stowage-test".into(),
+            prefix: "shop".into(),
+            region: "us-east-1".into(),
+            access_key_id: "AKIATESTKEY".into(),
+            secret_access_key: "test-secret-key-value".into(),
+        })),
+        password: PW.into(),
+        auto_init: true,
+        ..Default::default()
+    };
+    round_trip(&s, &agent, repo).await;
+    let log = agent.log_text();
+    assert!(
+        !log.contains("test-secret-key-value") && !log.contains(PW),
+        "secret leaked into the log"
+    );
+    // The data really is in the bucket.
+    let out = restic::run(
+        &format!("s3:{}/stowage-test/shop", moto.endpoint),
+        PW,
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIATESTKEY"),
+            ("AWS_SECRET_ACCESS_KEY", "test-secret-key-value"),
+        ],
+        &["snapshots", "--json"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snaps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(snaps.len(), 1);
+}
+
+#[tokio::test]
+async fn backup_after_pod_recreation_is_incremental() {
+    let s = Setup::new();
+    let agent = s.agent().await;
+    let vol = csi_volume(&s.kubelet(), "uid-1", "pv-1");
+    for i in 0..200 {
+        std::fs::write(vol.join(format!("f{i}")), format!("file {i}").repeat(100)).expect("write");
+    }
+    fstree::write_random(&vol.join("big"), 8 * MB, 7);
+    let repo = local_repo(&s.repo(), PW, true);
+    let mut client = agent.client(&s.pki).await;
+    let first = backup(
+        &mut client,
+        volume_backup(repo.clone(), "uid-1", "pv-1", "shop", "db"),
+    )
+    .await
+    .result
+    .expect("first");
+
+    // The pod is recreated: same data, new pod UID directory.
+    std::fs::rename(
+        s.kubelet().join("pods/uid-1"),
+        s.kubelet().join("pods/uid-2"),
+    )
+    .expect("mv");
+    let gone = backup(
+        &mut client,
+        volume_backup(repo.clone(), "uid-1", "pv-1", "shop", "db"),
+    )
+    .await;
+    assert_eq!(
+        gone.result.expect_err("old pod is gone").code(),
+        Code::NotFound
+    );
+
+    let second = backup(
+        &mut client,
+        volume_backup(repo, "uid-2", "pv-1", "shop", "db"),
+    )
+    .await
+    .result
+    .expect("second");
+    assert!(
+        second.parent_snapshot_id.starts_with(&first.snapshot_id),
+        "the parent is the first snapshot"
+    );
+    assert_eq!(second.files_new, 0, "{second:?}");
+    assert_eq!(second.files_changed, 0, "{second:?}");
+    assert_eq!(second.files_unmodified, 201, "{second:?}");
+    assert_eq!(
+        second.data_added_bytes, 0,
+        "no data re-read or re-added: {second:?}"
+    );
+}
+
+/// restic run without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, so a 0000 file is unreadable even to root
+/// (as an EIO or a root-squashed NFS file would be in production). Still the real restic binary.
+fn restic_without_dac(dir: &Path) -> PathBuf {
+    let wrapper = dir.join("restic-no-dac");
+    let restic = which(&restic::binary());
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec setpriv --inh-caps=-dac_override,-dac_read_search --bounding-set=-dac_override,-dac_read_search {} \"$@\"\n", restic.display()),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    wrapper
+}
+
+fn which(bin: &Path) -> PathBuf {
+    if bin.is_absolute() {
+        return bin.to_path_buf();
+    }
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {}", bin.display()))
+        .output()
+        .expect("sh");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+#[tokio::test]
+async fn unreadable_file_is_a_partial_backup_not_a_success() {
+    let s = Setup::new();
+    let wrapper = restic_without_dac(s.tmp.path());
+    let agent = s.agent_with(|o| o.restic = Some(wrapper)).await;
+    let vol = csi_volume(&s.kubelet(), "uid-p", "pv-p");
+    std::fs::write(vol.join("readable"), b"fine").expect("write");
+    std::fs::create_dir(vol.join("sub")).expect("mkdir");
+    std::fs::write(vol.join("sub/locked.db"), b"secret").expect("write");
+    std::fs::set_permissions(
+        vol.join("sub/locked.db"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .expect("chmod");
+    // The repository must stay usable without DAC override: owned by root, mode 0700 is fine.
+    let mut client = agent.client(&s.pki).await;
+    let out = backup(
+        &mut client,
+        volume_backup(
+            local_repo(&s.repo(), PW, true),
+            "uid-p",
+            "pv-p",
+            "shop",
+            "p",
+        ),
+    )
+    .await;
+    let r = out.result.expect("a partial backup still returns a result");
+    assert_eq!(r.outcome(), POutcome::Partial, "{r:?}");
+    assert!(!r.snapshot_id.is_empty());
+    assert!(
+        r.errors.iter().any(|e| e.item.ends_with("sub/locked.db")),
+        "{:?}",
+        r.errors
+    );
+    assert_eq!(
+        agent
+            .metric("stowage_agent_backups_total{result=\"partial\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        agent
+            .metric("stowage_agent_backups_total{result=\"succeeded\"}")
+            .await,
+        Some(0.0)
+    );
+    let metrics = agent.metrics_text().await;
+    assert!(
+        !metrics.contains("pvc=\"p\""),
+        "a partial backup is not a last success:\n{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_password_and_missing_repository_are_clear_errors() {
+    let s = Setup::new();
+    let agent = s.agent().await;
+    let vol = csi_volume(&s.kubelet(), "uid-w", "pv-w");
+    std::fs::write(vol.join("x"), b"x").expect("write");
+    let mut client = agent.client(&s.pki).await;
+
+    let missing = backup(
+        &mut client,
+        volume_backup(
+            local_repo(&s.repo(), PW, false),
+            "uid-w",
+            "pv-w",
+            "shop",
+            "w",
+        ),
+    )
+    .await;
+    let st = missing.result.expect_err("no auto-init");
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    assert!(
+        st.message().contains("no restic repository"),
+        "{}",
+        st.message()
+    );
+    assert!(!s.repo().exists(), "nothing created without auto_init");
+
+    restic::init(&s.repo(), "another password");
+    let wrong = backup(
+        &mut client,
+        volume_backup(
+            local_repo(&s.repo(), PW, true),
+            "uid-w",
+            "pv-w",
+            "shop",
+            "w",
+        ),
+    )
+    .await;
+    let st = wrong.result.expect_err("wrong password");
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    assert!(st.message().contains("wrong password"), "{}", st.message());
+
+    let ok = backup(
+        &mut client,
+        volume_backup(
+            local_repo(&s.repo(), "another password", false),
+            "uid-w",
+            "pv-w",
+            "shop",
+            "w",
+        ),
+    )
+    .await;
+    assert_eq!(
+        ok.result.expect("right password").outcome(),
+        POutcome::Succeeded
+    );
+    assert_eq!(
+        agent
+            .metric("stowage_agent_backups_total{result=\"failed\"}")
+            .await,
+        Some(2.0)
+    );
+}
+
+/// Starts `restic check --read-data` (exclusive lock), optionally under another hostname, and
+/// returns it once its lock file exists.
+fn exclusive_lock_holder(repo: &Path, hostname: Option<&str>) -> std::process::Child {
+    let restic = which(&restic::binary());
+    let mut cmd = match hostname {
+        Some(h) => {
+            let mut c = std::process::Command::new("unshare");
+            c.args([
+                "--uts",
+                "sh",
+                "-c",
+                &format!(
+                    "hostname {h} && exec {} -r \"$0\" check --read-data",
+                    restic.display()
+                ),
+            ]);
+            c.arg(repo);
+            c
+        }
+        None => {
+            let mut c = std::process::Command::new(&restic);
+            c.arg("-r").arg(repo).args(["check", "--read-data"]);
+            c
+        }
+    };
+    let child = cmd
+        .env("RESTIC_PASSWORD", PW)
+        .env("RESTIC_CACHE_DIR", repo.with_extension("check-cache"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start restic check");
+    // restic's local backend makes a file read-only once it is completely written; a half-written
+    // lock would be ignored by other restic processes.
+    let complete = || {
+        restic::lock_files(repo).iter().any(|f| {
+            std::fs::metadata(f).is_ok_and(|m| m.len() > 0 && m.permissions().mode() & 0o200 == 0)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !complete() {
+        assert!(Instant::now() < deadline, "restic check took no lock");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child
+}
+
+fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("signal");
+}
+
+#[tokio::test]
+async fn locked_repository_waits_then_succeeds_and_stale_locks_are_removed_and_counted() {
+    use nix::sys::signal::Signal;
+    let s = Setup::new();
+    let agent = s
+        .agent_with(|o| {
+            o.extra_args = vec![
+                "--stale-lock-age".into(),
+                "3s".into(),
+                "--lock-wait".into(),
+                "60s".into(),
+            ]
+        })
+        .await;
+    let vol = csi_volume(&s.kubelet(), "uid-l", "pv-l");
+    fstree::write_random(&vol.join("data"), 64 * MB, 3);
+    restic::init(&s.repo(), PW);
+    let mut client = agent.client(&s.pki).await;
+    let repo = local_repo(&s.repo(), PW, false);
+    backup(
+        &mut client,
+        volume_backup(repo.clone(), "uid-l", "pv-l", "shop", "l"),
+    )
+    .await
+    .result
+    .expect("seed");
+
+    // 1. A live holder: the backup waits (and says so), and succeeds once the lock is released.
+    let mut holder = exclusive_lock_holder(&s.repo(), None);
+    signal(&holder, Signal::SIGSTOP);
+    let mut c2 = client.clone();
+    let req = volume_backup(repo.clone(), "uid-l", "pv-l", "shop", "l");
+    let pending = tokio::spawn(async move { backup(&mut c2, req).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!pending.is_finished(), "the backup must wait for the lock");
+    signal(&holder, Signal::SIGCONT);
+    let _ = holder.wait();
+    let out = pending.await.expect("join");
+    out.result.expect("succeeds after the lock is released");
+    assert!(
+        out.progress
+            .iter()
+            .any(|p| p.phase() == Phase::WaitingForLock),
+        "waiting was reported: {:?}\n{}",
+        out.progress,
+        agent.log_text()
+    );
+    assert_eq!(
+        agent
+            .metric("stowage_agent_restic_lock_removals_total")
+            .await,
+        Some(0.0)
+    );
+
+    // 2. A holder on another host that died (an agent pod that was killed): restic cannot tell it
+    // is dead, plain `unlock` keeps it; past the age policy the agent removes it and counts it.
+    let mut dead = exclusive_lock_holder(&s.repo(), Some("old-agent-pod"));
+    dead.kill().expect("kill");
+    let _ = dead.wait();
+    assert_eq!(
+        restic::lock_files(&s.repo()).len(),
+        1,
+        "a stale lock is left behind"
+    );
+    let out = backup(
+        &mut client,
+        volume_backup(repo, "uid-l", "pv-l", "shop", "l"),
+    )
+    .await;
+    out.result.expect("succeeds after removing the stale lock");
+    assert_eq!(
+        agent
+            .metric("stowage_agent_restic_lock_removals_total")
+            .await,
+        Some(2.0),
+        "unlock, then unlock --remove-all\n{}",
+        agent.log_text()
+    );
+    assert!(restic::lock_files(&s.repo()).is_empty());
+    assert!(agent.log_text().contains("removing stale repository lock"));
+}
+
+#[tokio::test]
+async fn cancelled_backup_stops_restic_and_the_next_one_needs_no_unlock() {
+    let s = Setup::new();
+    let agent = s.agent().await;
+    let vol = csi_volume(&s.kubelet(), "uid-c", "pv-c");
+    fstree::write_random(&vol.join("huge"), 768 * MB, 9);
+    let repo = local_repo(&s.repo(), PW, true);
+    let mut client = agent.client(&s.pki).await;
+
+    let mut stream = client
+        .backup(volume_backup(repo.clone(), "uid-c", "pv-c", "shop", "c"))
+        .await
+        .expect("call")
+        .into_inner();
+    // Wait until restic is reading the volume.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("progress")
+            .expect("stream");
+        if let Some(v1::BackupEvent {
+            event: Some(v1::backup_event::Event::Progress(p)),
+        }) = msg
+            && p.phase() == Phase::Running
+            && !procs::restic_pids_under(&vol).is_empty()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "restic never started");
+    }
+    let pids = procs::restic_pids_under(&vol);
+    assert_eq!(pids.len(), 1);
+    let cancelled_at = Instant::now();
+    drop(stream); // the client goes away
+    wait_until(
+        "restic to exit after cancel",
+        Duration::from_secs(2),
+        || !procs::alive(pids[0]),
+    )
+    .await;
+    eprintln!("restic gone {:?} after cancel", cancelled_at.elapsed());
+    wait_until("cancelled counted", Duration::from_secs(5), || true).await;
+
+    // Shrink the volume so the next backup is quick, and run it with no manual unlock.
+    std::fs::remove_file(vol.join("huge")).expect("rm");
+    std::fs::write(vol.join("small"), b"small").expect("write");
+    let out = backup(
+        &mut client,
+        volume_backup(repo, "uid-c", "pv-c", "shop", "c"),
+    )
+    .await;
+    assert_eq!(
+        out.result.expect("next backup").outcome(),
+        POutcome::Succeeded
+    );
+    assert_eq!(
+        agent
+            .metric("stowage_agent_backups_total{result=\"cancelled\"}")
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn clients_without_the_right_certificate_are_refused() {
+    let s = Setup::new();
+    let vol = csi_volume(&s.kubelet(), "uid-t", "pv-t");
+    std::fs::write(vol.join("x"), b"x").expect("write");
+    let agent = s.agent().await;
+    for (what, identity) in [
+        ("no certificate", None),
+        ("certificate from another CA", Some(&s.pki.rogue_client)),
+    ] {
+        let refused = match agent.connect(&s.pki, identity).await {
+            Err(_) => true,
+            Ok(mut c) => c.list_volumes(v1::ListVolumesRequest {}).await.is_err(),
+        };
+        assert!(refused, "{what} must be refused");
+    }
+    let mut ok = agent.client(&s.pki).await;
+    let vols = ok
+        .list_volumes(v1::ListVolumesRequest {})
+        .await
+        .expect("trusted client")
+        .into_inner();
+    assert_eq!(vols.node_name, "node-1");
+    assert_eq!(vols.volumes.len(), 1);
+    assert!(
+        vols.volumes[0]
+            .path
+            .ends_with("kubernetes.io~csi/pv-t/mount")
+    );
+}
+
+#[tokio::test]
+async fn six_backups_with_max_concurrent_two_never_run_more_than_two_restics() {
+    let s = Setup::new();
+    let agent = s.agent_with(|o| o.max_concurrent = 2).await;
+    restic::init(&s.repo(), PW);
+    for i in 0..6 {
+        let vol = csi_volume(&s.kubelet(), &format!("uid-{i}"), &format!("pv-{i}"));
+        fstree::write_random(&vol.join("data"), 48 * MB, i + 100);
+    }
+    let client = agent.client(&s.pki).await;
+    let pods = s.kubelet().join("pods");
+    let sampler = tokio::spawn(async move {
+        let mut max = 0;
+        let mut samples = 0;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            let n = procs::restic_pids_under(&pods).len();
+            max = max.max(n);
+            samples += 1;
+            if samples > 20 && n == 0 && max > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        max
+    });
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let mut c = client.clone();
+        let req = volume_backup(
+            local_repo(&s.repo(), PW, false),
+            &format!("uid-{i}"),
+            &format!("pv-{i}"),
+            "shop",
+            &format!("pvc-{i}"),
+        );
+        calls.push(tokio::spawn(async move { backup(&mut c, req).await }));
+    }
+    let mut queued_seen = false;
+    for c in calls {
+        let out = c.await.expect("join");
+        queued_seen |= out.progress.iter().any(|p| p.phase() == Phase::Queued);
+        assert_eq!(
+            out.result.expect("every backup succeeds").outcome(),
+            POutcome::Succeeded
+        );
+    }
+    let max = sampler.await.expect("sampler");
+    assert!(max <= 2, "saw {max} restic processes at once");
+    assert!(max >= 1);
+    assert!(
+        queued_seen,
+        "requests beyond the limit were told they are queued"
+    );
+    assert_eq!(
+        agent
+            .metric("stowage_agent_backups_total{result=\"succeeded\"}")
+            .await,
+        Some(6.0)
+    );
+    assert_eq!(
+        agent.metric("stowage_agent_queued_operations").await,
+        Some(0.0)
+    );
+    assert_eq!(
+        agent.metric("stowage_agent_running_operations").await,
+        Some(0.0)
+    );
+    assert_eq!(
+        restic::snapshots(&s.repo().display().to_string(), PW).len(),
+        6
+    );
+}
+
+#[tokio::test]
+async fn restore_refuses_paths_that_leave_the_volume() {
+    let s = Setup::new();
+    let agent = s.agent().await;
+    let vol = csi_volume(&s.kubelet(), "uid-s", "pv-s");
+    std::fs::create_dir_all(vol.join("etc")).expect("mkdir");
+    std::fs::write(vol.join("etc/passwd"), b"from the snapshot").expect("write");
+    let repo = local_repo(&s.repo(), PW, true);
+    let mut client = agent.client(&s.pki).await;
+    backup(
+        &mut client,
+        volume_backup(repo.clone(), "uid-s", "pv-s", "shop", "s"),
+    )
+    .await
+    .result
+    .expect("backup");
+
+    let outside = s.tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    // The application plants symlinks pointing out of its volume.
+    std::fs::remove_dir_all(vol.join("etc")).expect("rm");
+    symlink(&outside, vol.join("etc")).expect("symlink");
+    symlink(&outside, vol.join("escape")).expect("symlink");
+
+    let cases: Vec<(&str, RestoreRequest)> = vec![
+        (
+            "dot-dot target",
+            restore_req(repo.clone(), "s", "uid-s", "pv-s", "../../.."),
+        ),
+        (
+            "absolute target",
+            restore_req(repo.clone(), "s", "uid-s", "pv-s", "/tmp"),
+        ),
+        (
+            "symlinked target",
+            restore_req(repo.clone(), "s", "uid-s", "pv-s", "escape/sub"),
+        ),
+        (
+            "dot-dot include",
+            RestoreRequest {
+                include: vec!["../x".into()],
+                ..restore_req(repo.clone(), "s", "uid-s", "pv-s", "")
+            },
+        ),
+        (
+            "absolute include",
+            RestoreRequest {
+                include: vec!["/etc/passwd".into()],
+                ..restore_req(repo.clone(), "s", "uid-s", "pv-s", "")
+            },
+        ),
+    ];
+    for (what, req) in cases {
+        let st = restore(&mut client, req).await.result.expect_err(what);
+        assert_eq!(st.code(), Code::InvalidArgument, "{what}: {}", st.message());
+    }
+    let st = restore(
+        &mut client,
+        restore_req(repo.clone(), "s", "no-such-pod", "pv-s", ""),
+    )
+    .await
+    .result
+    .expect_err("unknown volume");
+    assert_eq!(st.code(), Code::NotFound);
+
+    // A restore into the volume root replaces the planted `etc` symlink instead of following it.
+    let r = restore(
+        &mut client,
+        restore_req(repo.clone(), "s", "uid-s", "pv-s", ""),
+    )
+    .await
+    .result
+    .expect("restore");
+    assert_eq!(r.files_restored, 1);
+    assert!(
+        std::fs::symlink_metadata(vol.join("etc"))
+            .expect("etc")
+            .is_dir()
+    );
+    assert_eq!(
+        std::fs::read(vol.join("etc/passwd")).expect("read"),
+        b"from the snapshot"
+    );
+    assert!(
+        std::fs::read_dir(&outside).expect("ls").next().is_none(),
+        "nothing written outside the volume"
+    );
+
+    // IntoEmpty refuses a non-empty target and writes nothing.
+    let req = RestoreRequest {
+        mode: RestoreMode::IntoEmpty.into(),
+        ..restore_req(repo.clone(), "s", "uid-s", "pv-s", "")
+    };
+    let st = restore(&mut client, req)
+        .await
+        .result
+        .expect_err("not empty");
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    let req = RestoreRequest {
+        mode: RestoreMode::IntoEmpty.into(),
+        ..restore_req(repo.clone(), "s", "uid-s", "pv-s", "fresh")
+    };
+    restore(&mut client, req)
+        .await
+        .result
+        .expect("into a new empty directory");
+    assert_eq!(
+        std::fs::read(vol.join("fresh/etc/passwd")).expect("read"),
+        b"from the snapshot"
+    );
+
+    // A snapshot of another PVC is not restored under this PVC's name.
+    let other = snapshot_id_of(&s.repo(), "s");
+    let req = RestoreRequest {
+        snapshot: other[..8].to_string(),
+        source: Some(VolumeIdentity {
+            namespace: "shop".into(),
+            pvc: "someone-else".into(),
+            pod_name: String::new(),
+        }),
+        ..restore_req(repo, "s", "uid-s", "pv-s", "x")
+    };
+    let st = restore(&mut client, req)
+        .await
+        .result
+        .expect_err("other identity");
+    assert_eq!(st.code(), Code::PermissionDenied, "{}", st.message());
+}
+
+fn snapshot_id_of(repo: &Path, pvc: &str) -> String {
+    restic::snapshots(&repo.display().to_string(), PW)
+        .into_iter()
+        .find(|s| {
+            s["tags"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t == &format!("stowage.dev/pvc={pvc}")))
+        })
+        .and_then(|s| s["id"].as_str().map(String::from))
+        .expect("snapshot of pvc")
+}
+
+#[tokio::test]
+async fn metrics_are_valid_and_move_with_operations() {
+    let s = Setup::new();
+    let vol = csi_volume(&s.kubelet(), "uid-m", "pv-m");
+    std::fs::write(vol.join("x"), vec![7u8; 100_000]).expect("write");
+    let agent = s.agent().await;
+    let before = agent.metrics_text().await;
+    assert_eq!(
+        stowage_tests::agent::metric_value(&before, "stowage_agent_volumes"),
+        Some(1.0)
+    );
+    for series in [
+        "stowage_agent_backups_total{result=\"succeeded\"}",
+        "stowage_agent_backups_total{result=\"failed\"}",
+        "stowage_agent_restores_total{result=\"succeeded\"}",
+        "stowage_agent_restic_lock_removals_total",
+        "stowage_agent_backup_bytes_added_total",
+        "stowage_agent_running_operations",
+        "stowage_agent_queued_operations",
+        "stowage_agent_backup_duration_seconds_count",
+    ] {
+        assert_eq!(
+            stowage_tests::agent::metric_value(&before, series),
+            Some(0.0),
+            "{series} starts at 0"
+        );
+    }
+    let repo = local_repo(&s.repo(), PW, true);
+    let mut client = agent.client(&s.pki).await;
+    backup(
+        &mut client,
+        volume_backup(repo.clone(), "uid-m", "pv-m", "shop", "m"),
+    )
+    .await
+    .result
+    .expect("backup");
+    restore(
+        &mut client,
+        restore_req(repo, "m", "uid-m", "pv-m", "again"),
+    )
+    .await
+    .result
+    .expect("restore");
+    let after = agent.metrics_text().await;
+    let v = |s: &str| stowage_tests::agent::metric_value(&after, s).unwrap_or(-1.0);
+    assert_eq!(v("stowage_agent_backups_total{result=\"succeeded\"}"), 1.0);
+    assert_eq!(v("stowage_agent_restores_total{result=\"succeeded\"}"), 1.0);
+    assert_eq!(v("stowage_agent_backup_duration_seconds_count"), 1.0);
+    assert!(v("stowage_agent_backup_bytes_added_total") > 0.0);
+    assert!(v("stowage_agent_restore_bytes_total") >= 100_000.0);
+    let ts = v("stowage_agent_last_success_timestamp_seconds{namespace=\"shop\",pvc=\"m\"}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("now")
+        .as_secs_f64();
+    assert!((now - ts).abs() < 120.0, "last success {ts} vs now {now}");
+
+    // promtool validates the exposition format.
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(after.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn sigterm_cancels_running_backups_releases_the_lock_and_exits() {
+    let s = Setup::new();
+    let mut agent = s.agent().await;
+    let vol = csi_volume(&s.kubelet(), "uid-g", "pv-g");
+    fstree::write_random(&vol.join("huge"), 768 * MB, 11);
+    let mut client = agent.client(&s.pki).await;
+    let req = volume_backup(
+        local_repo(&s.repo(), PW, true),
+        "uid-g",
+        "pv-g",
+        "shop",
+        "g",
+    );
+    let call = tokio::spawn(async move { backup(&mut client, req).await });
+    wait_until("restic to start", Duration::from_secs(30), || {
+        !procs::restic_pids_under(&vol).is_empty()
+    })
+    .await;
+    let pid = procs::restic_pids_under(&vol)[0];
+    agent.sigterm();
+    let status = agent
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("agent exits after SIGTERM");
+    assert!(status.success(), "clean exit: {status}");
+    assert!(!procs::alive(pid), "restic was stopped");
+    let out = call.await.expect("join");
+    let st = out.result.expect_err("the backup did not complete");
+    assert!(
+        matches!(
+            st.code(),
+            Code::Cancelled | Code::Unavailable | Code::Unknown
+        ),
+        "{st:?}"
+    );
+    // restic got SIGTERM and removed its own lock: nothing for the next run to clean up.
+    assert!(
+        restic::lock_files(&s.repo()).is_empty(),
+        "lock left: {:?}",
+        restic::lock_files(&s.repo())
+    );
+}
