@@ -2,7 +2,9 @@
 //! all on loopback, every process bounded in time and stopped when its guard drops.
 
 pub mod agent;
+pub mod cluster;
 pub mod fstree;
+pub mod kubelet_emu;
 pub mod moto;
 pub mod procs;
 pub mod restic;

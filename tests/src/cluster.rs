@@ -1,0 +1,115 @@
+//! The local control plane from Rust tests: start it (or reuse a running one) once per test process,
+//! a fresh namespace per test, fixtures, and wait helpers with timeouts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{Api, PostParams};
+
+/// The running cluster's `env` file, parsed.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub env: HashMap<String, String>,
+}
+
+impl Cluster {
+    /// Starts the cluster with `tests/cluster/up` unless one is running (at most 10 minutes, which
+    /// covers the first build of the control-plane binaries).
+    pub fn shared() -> &'static Cluster {
+        static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+        CLUSTER.get_or_init(|| {
+            let root = crate::workspace_root();
+            let out = Command::new(root.join("tests/cluster/up"))
+                .args(["--nodes", "3"])
+                .status()
+                .expect("run tests/cluster/up");
+            assert!(out.success(), "tests/cluster/up failed");
+            let dir = std::env::var("STOWAGE_CLUSTER_DIR").map_or_else(|_| root.join("target/cluster"), PathBuf::from);
+            let env = parse_env(&std::fs::read_to_string(dir.join("env")).expect("cluster env"));
+            Cluster { dir, env }
+        })
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        PathBuf::from(&self.env["KUBECONFIG"])
+    }
+
+    pub fn kubectl(&self) -> PathBuf {
+        Path::new(&self.env["STOWAGE_CLUSTER_BIN"]).join("kubectl")
+    }
+
+    pub fn node_names(&self) -> Vec<String> {
+        self.env["STOWAGE_CLUSTER_NODES"].split_whitespace().map(String::from).collect()
+    }
+
+    /// The kubelet directory of node `name` (what that node's agent reads).
+    pub fn kubelet_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("nodes").join(name).join("kubelet")
+    }
+
+    pub async fn client(&self) -> kube::Client {
+        client_from(&self.kubeconfig()).await.expect("kube client")
+    }
+
+    /// `tests/cluster/volume`: PV + bound PVC (+ a pod on `node` mounting it). Returns the backing dir.
+    pub fn volume(&self, ns: &str, pod: &str, pvc: &str, node: &str, extra: &[&str]) -> PathBuf {
+        let out = Command::new(crate::workspace_root().join("tests/cluster/volume"))
+            .args([ns, pod, pvc, node])
+            .args(extra)
+            .env("STOWAGE_CLUSTER_DIR", &self.dir)
+            .output()
+            .expect("run tests/cluster/volume");
+        assert!(out.status.success(), "volume fixture: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    }
+}
+
+fn parse_env(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+        .collect()
+}
+
+pub async fn client_from(kubeconfig: &Path) -> Result<kube::Client, kube::Error> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).map_err(kube::Error::InferKubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .map_err(kube::Error::InferKubeconfig)?;
+    kube::Client::try_from(config)
+}
+
+/// A new namespace `<prefix>-<random>` whose default service account exists (pods can be created).
+pub async fn fresh_namespace(client: &kube::Client, prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").subsec_nanos();
+    let name = format!("{prefix}-{:x}{:x}", std::process::id() % 0xffff, nanos);
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("ns");
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+    wait_for("default service account", Duration::from_secs(30), || async {
+        sas.get_opt("default").await.ok().flatten().is_some()
+    })
+    .await;
+    name
+}
+
+/// Polls an async condition every 100 ms until it holds or `timeout` passes.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
