@@ -12,7 +12,7 @@ use stowage_proto::v1::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{AgentContext, ProgressSink};
+use crate::context::{AgentContext, ParentKey, ProgressSink};
 use crate::error::AgentError;
 use crate::identity::{Identity, validate_extra_tag};
 use crate::inventory::VolumeEntry;
@@ -86,47 +86,57 @@ pub async fn execute(
     let restic = ctx.restic(repo, limits, Some(progress.clone()));
     let auto_init = repo_spec.is_some_and(|r| r.auto_init);
 
-    let prepare = async {
-        restic.ensure_repository(auto_init).await?;
-        // restic picks a parent by host and absolute path; the path contains the pod UID and so
-        // changes when a pod is recreated. Pick the identity's newest snapshot ourselves.
-        let snaps = restic
-            .snapshots(&SnapshotsOptions {
-                tags: identity.selector_tags(),
-                ..Default::default()
-            })
-            .await?;
-        Ok::<_, ResticError>(
-            snaps
-                .into_iter()
-                .max_by(|a, b| a.time.cmp(&b.time))
-                .map(|s| s.id),
-        )
+    // restic picks a parent by host and absolute path; the path contains the pod UID and so changes
+    // when a pod is recreated. We pick the identity's newest snapshot ourselves, remembering the one
+    // we made last so a steady-state backup costs a single restic run.
+    let cache_key = ParentKey {
+        repository: restic.repository().location(),
+        identity: identity.host(),
     };
-    let parent = tokio::select! {
-        p = prepare => p?,
-        _ = cancel.cancelled() => return Err(AgentError::Cancelled),
+    let remembered = ctx.parents.get(&cache_key);
+    let lookup = || async {
+        tokio::select! {
+            p = find_parent(&restic, &identity, auto_init) => p.map_err(AgentError::from),
+            _ = cancel.cancelled() => Err(AgentError::Cancelled),
+        }
+    };
+    let parent = match &remembered {
+        Some(p) => Some(p.clone()),
+        None => lookup().await?,
     };
 
     let mut tags = identity.backup_tags();
     tags.extend(req.extra_tags.iter().cloned());
-    let opts = BackupOptions {
+    let mut opts = BackupOptions {
         // Relative to the volume directory: the snapshot tree holds the volume's contents, with no
         // node-specific prefix, so restores can land anywhere.
         paths: vec![".".into()],
         host: Some(identity.host()),
         tags,
-        parent: parent.clone(),
+        parent,
         excludes: req.excludes.clone(),
         ..Default::default()
     };
     tracing::info!(
         run = %req.run_id, namespace = %identity.namespace, pvc = %identity.pvc,
-        dir = %volume.data_dir.display(), parent = ?parent, "backup started"
+        dir = %volume.data_dir.display(), parent = ?opts.parent, "backup started"
     );
-    let outcome = restic
-        .with_lock_retry(|| attempt(ctx, &restic, &opts, &volume.data_dir, &progress, &cancel))
-        .await;
+    let run = |opts: BackupOptions| {
+        let (restic, dir, progress, cancel) = (&restic, &volume.data_dir, &progress, &cancel);
+        async move {
+            restic
+                .with_lock_retry(|| attempt(ctx, restic, &opts, dir, progress, cancel))
+                .await
+        }
+    };
+    let mut outcome = run(opts.clone()).await;
+    if remembered.is_some() && matches!(outcome, Err(ResticError::CommandFailed { .. })) {
+        // The remembered parent may have been removed by a prune since: look it up and retry once.
+        ctx.parents.forget(&cache_key);
+        opts.parent = lookup().await?;
+        outcome = run(opts.clone()).await;
+    }
+    let parent = opts.parent;
     let duration = started.elapsed().as_secs_f64();
     ctx.metrics.backup_duration.observe(duration);
 
@@ -136,6 +146,7 @@ pub async fn execute(
         Err(ResticError::Cancelled { .. }) => return Err(AgentError::Cancelled),
         Err(e) => return Err(e.into()),
     };
+    ctx.parents.remember(cache_key, summary.snapshot_id.clone());
     ctx.metrics.backup_bytes_added.inc_by(summary.data_added);
     if outcome_kind == Outcome::Succeeded {
         ctx.metrics
@@ -170,6 +181,30 @@ pub async fn execute(
             })
             .collect(),
     })
+}
+
+/// The identity's newest snapshot; creates the repository first when it is missing and the request
+/// allows it (then there is no parent).
+async fn find_parent(
+    restic: &restic_wrap::Restic,
+    identity: &Identity,
+    auto_init: bool,
+) -> restic_wrap::Result<Option<String>> {
+    let opts = SnapshotsOptions {
+        tags: identity.selector_tags(),
+        ..Default::default()
+    };
+    match restic.snapshots(&opts).await {
+        Ok(snaps) => Ok(snaps
+            .into_iter()
+            .max_by(|a, b| a.time.cmp(&b.time))
+            .map(|s| s.id)),
+        Err(ResticError::RepositoryNotFound { .. }) if auto_init => {
+            restic.ensure_repository(true).await?;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// One restic run; repeated by the lock policy when the repository is locked.

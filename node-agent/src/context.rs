@@ -23,6 +23,43 @@ pub struct AgentContext {
     pub lock_policy: LockPolicy,
     /// Cancelled on SIGTERM: every operation stops its restic and returns.
     pub shutdown: CancellationToken,
+    pub parents: ParentCache,
+}
+
+/// A volume identity within one repository.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ParentKey {
+    pub repository: String,
+    pub identity: String,
+}
+
+/// The last snapshot this agent made per identity, used as the next backup's parent. Only a hint:
+/// a stale entry costs re-reading changed files, a pruned one a retry with a fresh lookup.
+#[derive(Debug, Default)]
+pub struct ParentCache(std::sync::Mutex<std::collections::HashMap<ParentKey, String>>);
+
+/// Entries kept at most; identities on one node are far fewer.
+const PARENT_CACHE_MAX: usize = 10_000;
+
+impl ParentCache {
+    pub fn get(&self, key: &ParentKey) -> Option<String> {
+        self.0.lock().ok()?.get(key).cloned()
+    }
+
+    pub fn remember(&self, key: ParentKey, snapshot: String) {
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= PARENT_CACHE_MAX {
+                m.clear();
+            }
+            m.insert(key, snapshot);
+        }
+    }
+
+    pub fn forget(&self, key: &ParentKey) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(key);
+        }
+    }
 }
 
 impl AgentContext {

@@ -166,6 +166,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
             ..LockPolicy::default()
         },
         shutdown: shutdown.clone(),
+        parents: Default::default(),
     });
     let tasks = TaskTracker::new();
     let reflection = tonic_reflection::server::Builder::configure()

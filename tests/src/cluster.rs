@@ -28,7 +28,8 @@ impl Cluster {
                 .status()
                 .expect("run tests/cluster/up");
             assert!(out.success(), "tests/cluster/up failed");
-            let dir = std::env::var("STOWAGE_CLUSTER_DIR").map_or_else(|_| root.join("target/cluster"), PathBuf::from);
+            let dir = std::env::var("STOWAGE_CLUSTER_DIR")
+                .map_or_else(|_| root.join("target/cluster"), PathBuf::from);
             let env = parse_env(&std::fs::read_to_string(dir.join("env")).expect("cluster env"));
             Cluster { dir, env }
         })
@@ -43,7 +44,10 @@ impl Cluster {
     }
 
     pub fn node_names(&self) -> Vec<String> {
-        self.env["STOWAGE_CLUSTER_NODES"].split_whitespace().map(String::from).collect()
+        self.env["STOWAGE_CLUSTER_NODES"]
+            .split_whitespace()
+            .map(String::from)
+            .collect()
     }
 
     /// The kubelet directory of node `name` (what that node's agent reads).
@@ -63,7 +67,11 @@ impl Cluster {
             .env("STOWAGE_CLUSTER_DIR", &self.dir)
             .output()
             .expect("run tests/cluster/volume");
-        assert!(out.status.success(), "volume fixture: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "volume fixture: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
     }
 }
@@ -77,23 +85,34 @@ fn parse_env(text: &str) -> HashMap<String, String> {
 }
 
 pub async fn client_from(kubeconfig: &Path) -> Result<kube::Client, kube::Error> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig).map_err(kube::Error::InferKubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-        .await
-        .map_err(kube::Error::InferKubeconfig)?;
+    let kc =
+        kube::config::Kubeconfig::read_from(kubeconfig).map_err(kube::Error::InferKubeconfig)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(kube::Error::InferKubeconfig)?;
     kube::Client::try_from(config)
 }
 
 /// A new namespace `<prefix>-<random>` whose default service account exists (pods can be created).
 pub async fn fresh_namespace(client: &kube::Client, prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").subsec_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .subsec_nanos();
     let name = format!("{prefix}-{:x}{:x}", std::process::id() % 0xffff, nanos);
-    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("ns");
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("ns");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
-    wait_for("default service account", Duration::from_secs(30), || async {
-        sas.get_opt("default").await.ok().flatten().is_some()
-    })
+    wait_for(
+        "default service account",
+        Duration::from_secs(30),
+        || async { sas.get_opt("default").await.ok().flatten().is_some() },
+    )
     .await;
     name
 }
@@ -109,7 +128,10 @@ where
         if cond().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

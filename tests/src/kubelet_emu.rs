@@ -52,14 +52,20 @@ pub async fn desired(client: &kube::Client, cluster: &Path) -> kube::Result<BTre
         .collect();
     let mut out = BTreeSet::new();
     for pod in pods.list(&ListParams::default()).await? {
-        let (Some(ns), Some(uid)) = (pod.metadata.namespace.clone(), pod.metadata.uid.clone()) else { continue };
+        let (Some(ns), Some(uid)) = (pod.metadata.namespace.clone(), pod.metadata.uid.clone())
+        else {
+            continue;
+        };
         let Some(spec) = pod.spec else { continue };
         let Some(node) = spec.node_name else { continue };
-        if pod.metadata.deletion_timestamp.is_some() || !cluster.join("nodes").join(&node).is_dir() {
+        if pod.metadata.deletion_timestamp.is_some() || !cluster.join("nodes").join(&node).is_dir()
+        {
             continue;
         }
         for v in spec.volumes.unwrap_or_default() {
-            let Some(pvc) = v.persistent_volume_claim else { continue };
+            let Some(pvc) = v.persistent_volume_claim else {
+                continue;
+            };
             if let Some(pv) = claims.get(&(ns.clone(), pvc.claim_name.clone())) {
                 out.insert(MountSpec {
                     node: node.clone(),
@@ -77,7 +83,12 @@ fn mounted_targets(cluster: &Path) -> HashSet<PathBuf> {
     let nodes = cluster.join("nodes");
     procfs::process::Process::myself()
         .and_then(|p| p.mountinfo())
-        .map(|m| m.into_iter().map(|m| m.mount_point).filter(|p| p.starts_with(&nodes)).collect())
+        .map(|m| {
+            m.into_iter()
+                .map(|m| m.mount_point)
+                .filter(|p| p.starts_with(&nodes))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -93,7 +104,14 @@ pub fn reconcile(cluster: &Path, want: &BTreeSet<MountSpec>) -> std::io::Result<
         let source = cluster.join("pvs").join(&m.pv);
         std::fs::create_dir_all(&source)?;
         std::fs::create_dir_all(&target)?;
-        mount(Some(&source), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(std::io::Error::from)?;
+        mount(
+            Some(&source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(std::io::Error::from)?;
         if m.read_only {
             mount(
                 None::<&str>,
@@ -113,12 +131,17 @@ pub fn reconcile(cluster: &Path, want: &BTreeSet<MountSpec>) -> std::io::Result<
         }
     }
     // Pod directories of pods that no longer want anything mounted go away, as the kubelet's cleanup does.
-    let wanted_pods: HashSet<(String, String)> = want.iter().map(|m| (m.node.clone(), m.pod_uid.clone())).collect();
+    let wanted_pods: HashSet<(String, String)> = want
+        .iter()
+        .map(|m| (m.node.clone(), m.pod_uid.clone()))
+        .collect();
     let still_mounted = mounted_targets(cluster);
     if let Ok(nodes) = std::fs::read_dir(cluster.join("nodes")) {
         for node in nodes.flatten() {
             let node_name = node.file_name().to_string_lossy().into_owned();
-            let Ok(pods) = std::fs::read_dir(node.path().join("kubelet/pods")) else { continue };
+            let Ok(pods) = std::fs::read_dir(node.path().join("kubelet/pods")) else {
+                continue;
+            };
             for pod in pods.flatten() {
                 let uid = pod.file_name().to_string_lossy().into_owned();
                 let busy = still_mounted.iter().any(|t| t.starts_with(pod.path()));

@@ -35,8 +35,21 @@ pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // A clean environment: the variables `cargo test` sets for test processes would change
+        // build-script fingerprints and make the next `cargo test` rebuild half the dependencies.
+        let keep = [
+            "PATH",
+            "HOME",
+            "CARGO_HOME",
+            "RUSTUP_HOME",
+            "RUSTUP_TOOLCHAIN",
+            "TMPDIR",
+            "CARGO_TARGET_DIR",
+        ];
         let status = std::process::Command::new(cargo)
             .args(["build", "--quiet", "--bins"])
+            .env_clear()
+            .envs(std::env::vars().filter(|(k, _)| keep.contains(&k.as_str())))
             .current_dir(workspace_root())
             .status()
             .expect("run cargo build");

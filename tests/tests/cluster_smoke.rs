@@ -16,7 +16,14 @@ fn json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
 }
 
 async fn pod_running(pods: &Api<Pod>, name: &str) -> bool {
-    pods.get_opt(name).await.ok().flatten().and_then(|p| p.status).and_then(|s| s.phase).as_deref() == Some("Running")
+    pods.get_opt(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|p| p.status)
+        .and_then(|s| s.phase)
+        .as_deref()
+        == Some("Running")
 }
 
 #[tokio::test]
@@ -31,19 +38,40 @@ async fn pods_run_on_kwok_nodes_and_exec_goes_through_the_apiserver() {
                  "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                      {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": ["node-2"]}]}]}}}}
     }));
-    pods.create(&PostParams::default(), &pod).await.expect("create pod");
-    wait_for("pod Running", Duration::from_secs(30), || pod_running(&pods, "app")).await;
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    wait_for("pod Running", Duration::from_secs(30), || {
+        pod_running(&pods, "app")
+    })
+    .await;
     let p = pods.get("app").await.expect("get");
-    assert_eq!(p.spec.and_then(|s| s.node_name).as_deref(), Some("node-2"), "placed by the scheduler");
+    assert_eq!(
+        p.spec.and_then(|s| s.node_name).as_deref(),
+        Some("node-2"),
+        "placed by the scheduler"
+    );
 
     // exec: kube-rs -> kube-apiserver -> kwok's kubelet server, which runs the command locally.
     let mut proc = pods
-        .exec("app", ["sh", "-c", "echo out-$((40+2)); exit 3"], &AttachParams::default().stderr(false))
+        .exec(
+            "app",
+            ["sh", "-c", "echo out-$((40+2)); exit 3"],
+            &AttachParams::default().stderr(false),
+        )
         .await
         .expect("exec");
     let mut stdout = String::new();
-    proc.stdout().expect("stdout").read_to_string(&mut stdout).await.expect("read");
-    let status = proc.take_status().expect("status").await.expect("exec status");
+    proc.stdout()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .await
+        .expect("read");
+    let status = proc
+        .take_status()
+        .expect("status")
+        .await
+        .expect("exec status");
     proc.join().await.expect("join");
     assert_eq!(stdout.trim(), "out-42");
     assert_eq!(status.status.as_deref(), Some("Failure"));
@@ -53,11 +81,20 @@ async fn pods_run_on_kwok_nodes_and_exec_goes_through_the_apiserver() {
 /// kwok reports a non-zero exit as "... exit status N"; the kubelet as a NonZeroExitCode cause.
 fn exit_code(status: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Status) -> Option<i32> {
     if let Some(causes) = status.details.as_ref().and_then(|d| d.causes.as_ref())
-        && let Some(c) = causes.iter().find(|c| c.reason.as_deref() == Some("ExitCode"))
+        && let Some(c) = causes
+            .iter()
+            .find(|c| c.reason.as_deref() == Some("ExitCode"))
     {
         return c.message.as_ref()?.parse().ok();
     }
-    status.message.as_ref()?.rsplit("exit status ").next()?.trim().parse().ok()
+    status
+        .message
+        .as_ref()?
+        .rsplit("exit status ")
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn mounted(path: &Path) -> bool {
@@ -77,12 +114,27 @@ async fn pvc_binds_and_its_data_is_bind_mounted_at_the_kubelet_path_while_the_po
 
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
     wait_for("PVC Bound", Duration::from_secs(30), || async {
-        pvcs.get("data").await.ok().and_then(|c| c.status).and_then(|s| s.phase).as_deref() == Some("Bound")
+        pvcs.get("data")
+            .await
+            .ok()
+            .and_then(|c| c.status)
+            .and_then(|s| s.phase)
+            .as_deref()
+            == Some("Bound")
     })
     .await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    wait_for("pod Running", Duration::from_secs(30), || pod_running(&pods, "db")).await;
-    let uid = pods.get("db").await.expect("pod").metadata.uid.expect("uid");
+    wait_for("pod Running", Duration::from_secs(30), || {
+        pod_running(&pods, "db")
+    })
+    .await;
+    let uid = pods
+        .get("db")
+        .await
+        .expect("pod")
+        .metadata
+        .uid
+        .expect("uid");
     let pv = format!("pv-{ns}-data");
     let target = cluster
         .kubelet_dir("node-3")
@@ -91,18 +143,44 @@ async fn pvc_binds_and_its_data_is_bind_mounted_at_the_kubelet_path_while_the_po
         .join("volumes/kubernetes.io~csi")
         .join(&pv)
         .join("mount");
-    wait_for("the volume mount", Duration::from_secs(30), || async { mounted(&target) }).await;
-    assert_eq!(std::fs::read(target.join("hello.txt")).expect("read through mount"), b"written by the fixture");
-    // Only the pod's node has it.
-    assert!(!cluster.kubelet_dir("node-1").join("pods").join(&uid).exists());
-
-    pods.delete("db", &DeleteParams::default()).await.expect("delete pod");
-    wait_for("unmount after pod deletion", Duration::from_secs(30), || async { !mounted(&target) }).await;
-    wait_for("pod dir removed", Duration::from_secs(10), || async {
-        !cluster.kubelet_dir("node-3").join("pods").join(&uid).exists()
+    wait_for("the volume mount", Duration::from_secs(30), || async {
+        mounted(&target)
     })
     .await;
-    assert_eq!(std::fs::read(backing.join("hello.txt")).expect("data stays"), b"written by the fixture");
+    assert_eq!(
+        std::fs::read(target.join("hello.txt")).expect("read through mount"),
+        b"written by the fixture"
+    );
+    // Only the pod's node has it.
+    assert!(
+        !cluster
+            .kubelet_dir("node-1")
+            .join("pods")
+            .join(&uid)
+            .exists()
+    );
+
+    pods.delete("db", &DeleteParams::default())
+        .await
+        .expect("delete pod");
+    wait_for(
+        "unmount after pod deletion",
+        Duration::from_secs(30),
+        || async { !mounted(&target) },
+    )
+    .await;
+    wait_for("pod dir removed", Duration::from_secs(10), || async {
+        !cluster
+            .kubelet_dir("node-3")
+            .join("pods")
+            .join(&uid)
+            .exists()
+    })
+    .await;
+    assert_eq!(
+        std::fs::read(backing.join("hello.txt")).expect("data stays"),
+        b"written by the fixture"
+    );
 }
 
 #[tokio::test]
@@ -118,13 +196,24 @@ async fn a_daemonset_gets_a_pod_on_every_node() {
                               "spec": {"hostNetwork": true,
                                        "containers": [{"name": "agent", "image": "registry.invalid/agent:1"}]}}}
     }));
-    dss.create(&PostParams::default(), &ds).await.expect("create daemonset");
+    dss.create(&PostParams::default(), &ds)
+        .await
+        .expect("create daemonset");
     let nodes = cluster.node_names();
-    wait_for("a ready agent pod on every node", Duration::from_secs(60), || async {
-        dss.get("agent").await.ok().and_then(|d| d.status).is_some_and(|s| {
-            s.desired_number_scheduled as usize == nodes.len() && s.number_ready as usize == nodes.len()
-        })
-    })
+    wait_for(
+        "a ready agent pod on every node",
+        Duration::from_secs(60),
+        || async {
+            dss.get("agent")
+                .await
+                .ok()
+                .and_then(|d| d.status)
+                .is_some_and(|s| {
+                    s.desired_number_scheduled as usize == nodes.len()
+                        && s.number_ready as usize == nodes.len()
+                })
+        },
+    )
     .await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let list = pods.list(&Default::default()).await.expect("list");
@@ -132,15 +221,33 @@ async fn a_daemonset_gets_a_pod_on_every_node() {
         .items
         .iter()
         .map(|p| {
-            let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
-            let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
+            let node = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default();
+            let ip = p
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.clone())
+                .unwrap_or_default();
             (node, ip)
         })
         .collect();
     placed.sort();
-    let expected: Vec<(String, String)> =
-        nodes.iter().map(|n| (n.clone(), cluster.env[&format!("STOWAGE_NODE_{}_IP", &n[5..])].clone())).collect();
-    assert_eq!(placed, expected, "one pod per node; hostNetwork pods get the node's loopback address");
+    let expected: Vec<(String, String)> = nodes
+        .iter()
+        .map(|n| {
+            (
+                n.clone(),
+                cluster.env[&format!("STOWAGE_NODE_{}_IP", &n[5..])].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        placed, expected,
+        "one pod per node; hostNetwork pods get the node's loopback address"
+    );
 }
 
 #[tokio::test]
@@ -148,37 +255,69 @@ async fn control_plane_listens_only_on_loopback_and_down_leaves_nothing() {
     // A second, private cluster on other ports, so stopping it cannot disturb the shared one.
     let dir = tempfile::tempdir().expect("tmp");
     let root = stowage_tests::workspace_root();
-    let env = [("STOWAGE_CLUSTER_DIR", dir.path().to_str().expect("utf8")), ("STOWAGE_CLUSTER_PORT_BASE", "18400")];
+    let env = [
+        ("STOWAGE_CLUSTER_DIR", dir.path().to_str().expect("utf8")),
+        ("STOWAGE_CLUSTER_PORT_BASE", "18400"),
+    ];
     // Whatever fails below, the private cluster is stopped.
     struct Down<'a>(&'a [(&'a str, &'a str)]);
     impl Drop for Down<'_> {
         fn drop(&mut self) {
-            let _ = std::process::Command::new(stowage_tests::workspace_root().join("tests/cluster/down"))
-                .envs(self.0.iter().copied())
-                .status();
+            let _ = std::process::Command::new(
+                stowage_tests::workspace_root().join("tests/cluster/down"),
+            )
+            .envs(self.0.iter().copied())
+            .status();
         }
     }
     let _guard = Down(&env);
-    let up = std::process::Command::new(root.join("tests/cluster/up")).args(["--nodes", "1"]).envs(env).status().expect("up");
+    let up = std::process::Command::new(root.join("tests/cluster/up"))
+        .args(["--nodes", "1"])
+        .envs(env)
+        .status()
+        .expect("up");
     assert!(up.success());
     let pids: Vec<u32> = std::fs::read_dir(dir.path().join("pids"))
         .expect("pids")
         .flatten()
-        .map(|e| std::fs::read_to_string(e.path()).expect("pid").trim().parse().expect("number"))
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .expect("pid")
+                .trim()
+                .parse()
+                .expect("number")
+        })
         .collect();
-    assert_eq!(pids.len(), 6, "etcd, apiserver, controller-manager, scheduler, kwok, kubelet emulator: {pids:?}");
+    assert_eq!(
+        pids.len(),
+        6,
+        "etcd, apiserver, controller-manager, scheduler, kwok, kubelet emulator: {pids:?}"
+    );
     let listeners = listening_sockets();
-    let ours: Vec<_> = listeners.iter().filter(|(pid, _)| pids.contains(pid)).collect();
+    let ours: Vec<_> = listeners
+        .iter()
+        .filter(|(pid, _)| pids.contains(pid))
+        .collect();
     assert!(ours.len() >= 5, "{ours:?}");
     for (pid, addr) in &ours {
-        assert!(addr.starts_with("127."), "pid {pid} listens on {addr}, outside 127.0.0.0/8");
+        assert!(
+            addr.starts_with("127."),
+            "pid {pid} listens on {addr}, outside 127.0.0.0/8"
+        );
     }
     // Idempotent: a second `up` reports the running cluster and succeeds.
-    let again = std::process::Command::new(root.join("tests/cluster/up")).args(["--nodes", "1"]).envs(env).output().expect("up");
+    let again = std::process::Command::new(root.join("tests/cluster/up"))
+        .args(["--nodes", "1"])
+        .envs(env)
+        .output()
+        .expect("up");
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
 
-    let down = std::process::Command::new(root.join("tests/cluster/down")).envs(env).status().expect("down");
+    let down = std::process::Command::new(root.join("tests/cluster/down"))
+        .envs(env)
+        .status()
+        .expect("down");
     assert!(down.success());
     for pid in pids {
         assert!(!stowage_tests::procs::alive(pid), "pid {pid} survived down");
@@ -187,7 +326,10 @@ async fn control_plane_listens_only_on_loopback_and_down_leaves_nothing() {
 }
 
 fn listening_sockets() -> Vec<(u32, String)> {
-    let out = std::process::Command::new("ss").args(["-ltnpH"]).output().expect("ss");
+    let out = std::process::Command::new("ss")
+        .args(["-ltnpH"])
+        .output()
+        .expect("ss");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .flat_map(|l| {
