@@ -164,6 +164,15 @@ impl Agent {
         pki: &Pki,
         identity: Option<&Pem>,
     ) -> Result<AgentClient<Channel>, tonic::transport::Error> {
+        Ok(AgentClient::new(self.channel(pki, identity).await?))
+    }
+
+    /// An mTLS channel to the agent.
+    pub async fn channel(
+        &self,
+        pki: &Pki,
+        identity: Option<&Pem>,
+    ) -> Result<Channel, tonic::transport::Error> {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&pki.ca_pem))
             .domain_name("localhost");
@@ -176,7 +185,7 @@ impl Agent {
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await?;
-        Ok(AgentClient::new(channel))
+        Ok(channel)
     }
 
     pub async fn client(&self, pki: &Pki) -> AgentClient<Channel> {
@@ -374,5 +383,33 @@ pub fn volume_backup(
             }),
         })),
         ..Default::default()
+    }
+}
+
+/// Service names the agent lists through gRPC server reflection (v1).
+pub async fn reflected_services(channel: Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection call")
+        .into_inner();
+    match stream
+        .message()
+        .await
+        .expect("reflection response")
+        .and_then(|r| r.message_response)
+    {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer: {other:?}"),
     }
 }

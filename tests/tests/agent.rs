@@ -95,7 +95,7 @@ async fn round_trip(s: &Setup, agent: &Agent, repo: v1::Repository) {
 
     let r = restore(
         &mut client,
-        restore_req(repo, "data", "pod-b", "pv-other", "restored"),
+        restore_req(repo.clone(), "data", "pod-b", "pv-other", "restored"),
     )
     .await;
     let r = r.result.expect("restore succeeds");
@@ -115,6 +115,54 @@ async fn round_trip(s: &Setup, agent: &Agent, repo: v1::Repository) {
         std::fs::read(dst.join("already-here")).expect("read"),
         b"keep me"
     );
+    // The Snapshots RPC lists the identity's snapshot with its identity decoded from the tags.
+    let snaps = client
+        .snapshots(v1::SnapshotsRequest {
+            repository: Some(repo.clone()),
+            identity: Some(VolumeIdentity {
+                namespace: "shop".into(),
+                pvc: "data".into(),
+                pod_name: String::new(),
+            }),
+        })
+        .await
+        .expect("snapshots")
+        .into_inner()
+        .snapshots;
+    assert_eq!(snaps.len(), 1);
+    assert!(snaps[0].id.starts_with(&result.snapshot_id));
+    assert_eq!(
+        (
+            snaps[0].namespace.as_str(),
+            snaps[0].pvc.as_str(),
+            snaps[0].pod_name.as_str()
+        ),
+        ("shop", "data", "data-pod")
+    );
+    // Include paths restore only those paths, under the target path.
+    let only = RestoreRequest {
+        include: vec!["dir/nested".into()],
+        ..restore_req(repo.clone(), "data", "pod-b", "pv-other", "only-nested")
+    };
+    let r2 = restore(&mut client, only)
+        .await
+        .result
+        .expect("include restore");
+    assert_eq!(r2.files_restored, 1, "{r2:?}");
+    let got: Vec<_> = fstree::snapshot(&dst.join("only-nested"))
+        .into_keys()
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "dir",
+            "dir/nested",
+            "dir/nested/deeper",
+            "dir/nested/deeper/file.txt"
+        ]
+        .map(PathBuf::from)
+    );
+    std::fs::remove_dir_all(dst.join("only-nested")).expect("rm");
     // No staging directory is left behind.
     let leftovers: Vec<_> = std::fs::read_dir(&dst)
         .expect("ls")
