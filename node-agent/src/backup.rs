@@ -44,14 +44,7 @@ pub fn plan(ctx: &AgentContext, req: BackupRequest) -> Result<BackupPlan, AgentE
         None => None,
     }
     .ok_or_else(|| AgentError::InvalidArgument("source.volume.ref is required".into()))?;
-    let volume = ctx
-        .inventory
-        .lookup(&vref.pod_uid, &vref.volume_name)
-        .ok_or_else(|| AgentError::VolumeNotFound {
-            pod_uid: vref.pod_uid.clone(),
-            volume_name: vref.volume_name.clone(),
-            node: ctx.node_name.clone(),
-        })?;
+    let volume = ctx.volume(&vref)?;
     Ok(BackupPlan {
         req,
         identity,
@@ -74,16 +67,9 @@ pub async fn execute(
         volume,
     } = plan;
     let repo_spec = req.repository.as_ref();
-    if ctx.limiter.would_wait() {
-        progress.phase(Phase::Queued, "waiting for a free slot on this node");
-    }
-    let _slot = tokio::select! {
-        slot = ctx.limiter.acquire() => slot.ok_or(AgentError::ShuttingDown)?,
-        _ = cancel.cancelled() => return Err(AgentError::Cancelled),
-    };
+    let _slot = ctx.slot(&progress, &cancel).await?;
     let started = Instant::now();
-    let limits = repo_spec.map_or((0, 0), |r| (r.limit_upload_kib, r.limit_download_kib));
-    let restic = ctx.restic(repo, limits, Some(progress.clone()));
+    let restic = ctx.restic(repo, repo_spec, Some(progress.clone()));
     let auto_init = repo_spec.is_some_and(|r| r.auto_init);
 
     // restic picks a parent by host and absolute path; the path contains the pod UID and so changes

@@ -9,8 +9,9 @@ use stowage_proto::v1::{Phase, Progress};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::inventory::Inventory;
-use crate::limiter::Limiter;
+use crate::error::AgentError;
+use crate::inventory::{Inventory, VolumeEntry};
+use crate::limiter::{Limiter, Slot};
 use crate::metrics::Metrics;
 
 pub struct AgentContext {
@@ -63,14 +64,41 @@ impl ParentCache {
 }
 
 impl AgentContext {
-    /// A restic bound to `repo`, with this agent's cache, limits and lock policy; lock waits and
-    /// removals go to metrics and, as progress, to `progress`.
+    /// The volume, if it is on this node now.
+    pub fn volume(&self, r: &stowage_proto::v1::VolumeRef) -> Result<VolumeEntry, AgentError> {
+        self.inventory
+            .lookup(&r.pod_uid, &r.volume_name)
+            .ok_or_else(|| AgentError::VolumeNotFound {
+                pod_uid: r.pod_uid.clone(),
+                volume_name: r.volume_name.clone(),
+                node: self.node_name.clone(),
+            })
+    }
+
+    /// Waits for a slot under the node's limit, telling the client when it has to queue.
+    pub async fn slot(
+        &self,
+        progress: &ProgressSink,
+        cancel: &CancellationToken,
+    ) -> Result<Slot, AgentError> {
+        if self.limiter.would_wait() {
+            progress.phase(Phase::Queued, "waiting for a free slot on this node");
+        }
+        tokio::select! {
+            slot = self.limiter.acquire() => slot.ok_or(AgentError::ShuttingDown),
+            _ = cancel.cancelled() => Err(AgentError::Cancelled),
+        }
+    }
+
+    /// A restic bound to `repo`, with this agent's cache, the request's bandwidth limits and the lock
+    /// policy; lock waits and removals go to metrics and, as progress, to `progress`.
     pub fn restic(
         &self,
         repo: Repository,
-        limits: (u32, u32),
+        spec: Option<&stowage_proto::v1::Repository>,
         progress: Option<ProgressSink>,
     ) -> Restic {
+        let limits = spec.map_or((0, 0), |r| (r.limit_upload_kib, r.limit_download_kib));
         let observer = Arc::new(LockMetrics {
             metrics: self.metrics.clone(),
             progress,

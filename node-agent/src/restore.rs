@@ -66,14 +66,7 @@ pub fn plan(ctx: &AgentContext, req: RestoreRequest) -> Result<RestorePlan, Agen
         .target
         .clone()
         .ok_or_else(|| AgentError::InvalidArgument("target is required".into()))?;
-    let volume = ctx
-        .inventory
-        .lookup(&tref.pod_uid, &tref.volume_name)
-        .ok_or_else(|| AgentError::VolumeNotFound {
-            pod_uid: tref.pod_uid.clone(),
-            volume_name: tref.volume_name.clone(),
-            node: ctx.node_name.clone(),
-        })?;
+    let volume = ctx.volume(&tref)?;
     Ok(RestorePlan {
         req,
         source,
@@ -101,16 +94,9 @@ pub async fn execute(
         volume,
     } = plan;
     let repo_spec = req.repository.as_ref();
-    if ctx.limiter.would_wait() {
-        progress.phase(Phase::Queued, "waiting for a free slot on this node");
-    }
-    let _slot = tokio::select! {
-        slot = ctx.limiter.acquire() => slot.ok_or(AgentError::ShuttingDown)?,
-        _ = cancel.cancelled() => return Err(AgentError::Cancelled),
-    };
+    let _slot = ctx.slot(&progress, &cancel).await?;
     let started = Instant::now();
-    let limits = repo_spec.map_or((0, 0), |r| (r.limit_upload_kib, r.limit_download_kib));
-    let restic = ctx.restic(repo, limits, Some(progress.clone()));
+    let restic = ctx.restic(repo, repo_spec, Some(progress.clone()));
 
     let snapshot = tokio::select! {
         s = resolve_snapshot(&restic, &source, &req.snapshot) => s?,

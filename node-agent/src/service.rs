@@ -187,7 +187,7 @@ impl Agent for AgentService {
                 .selector_tags(),
             None => Vec::new(),
         };
-        let restic = self.ctx.restic(repo, (0, 0), None);
+        let restic = self.ctx.restic(repo, req.repository.as_ref(), None);
         let opts = restic_wrap::options::SnapshotsOptions {
             tags,
             ..Default::default()

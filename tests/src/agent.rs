@@ -248,13 +248,38 @@ pub struct Outcome<R> {
     pub result: Result<R, tonic::Status>,
 }
 
-/// Runs a Backup call to its end (the call's own error counts as the result).
-pub async fn backup(
-    client: &mut AgentClient<Channel>,
-    req: BackupRequest,
-) -> Outcome<BackupResult> {
+/// A streamed operation's message: progress, or the final result.
+pub trait StreamEvent {
+    type Result;
+    fn split(self) -> Option<Result<Progress, Self::Result>>;
+}
+
+impl StreamEvent for BackupEvent {
+    type Result = BackupResult;
+    fn split(self) -> Option<Result<Progress, BackupResult>> {
+        match self.event? {
+            v1::backup_event::Event::Progress(p) => Some(Ok(p)),
+            v1::backup_event::Event::Result(r) => Some(Err(r)),
+        }
+    }
+}
+
+impl StreamEvent for RestoreEvent {
+    type Result = RestoreResult;
+    fn split(self) -> Option<Result<Progress, RestoreResult>> {
+        match self.event? {
+            v1::restore_event::Event::Progress(p) => Some(Ok(p)),
+            v1::restore_event::Event::Result(r) => Some(Err(r)),
+        }
+    }
+}
+
+/// Reads a streamed call to its end (the call's own error counts as the result).
+pub async fn drive<E: StreamEvent>(
+    call: Result<tonic::Response<tonic::Streaming<E>>, tonic::Status>,
+) -> Outcome<E::Result> {
     let mut progress = Vec::new();
-    let mut stream = match client.backup(req).await {
+    let mut stream = match call {
         Ok(s) => s.into_inner(),
         Err(status) => {
             return Outcome {
@@ -265,18 +290,16 @@ pub async fn backup(
     };
     loop {
         match stream.message().await {
-            Ok(Some(BackupEvent {
-                event: Some(v1::backup_event::Event::Progress(p)),
-            })) => progress.push(p),
-            Ok(Some(BackupEvent {
-                event: Some(v1::backup_event::Event::Result(r)),
-            })) => {
-                return Outcome {
-                    progress,
-                    result: Ok(r),
-                };
-            }
-            Ok(Some(BackupEvent { event: None })) => {}
+            Ok(Some(e)) => match e.split() {
+                Some(Ok(p)) => progress.push(p),
+                Some(Err(r)) => {
+                    return Outcome {
+                        progress,
+                        result: Ok(r),
+                    };
+                }
+                None => {}
+            },
             Ok(None) => {
                 return Outcome {
                     progress,
@@ -293,48 +316,20 @@ pub async fn backup(
     }
 }
 
+/// Runs a Backup call to its end.
+pub async fn backup(
+    client: &mut AgentClient<Channel>,
+    req: BackupRequest,
+) -> Outcome<BackupResult> {
+    drive(client.backup(req).await).await
+}
+
+/// Runs a Restore call to its end.
 pub async fn restore(
     client: &mut AgentClient<Channel>,
     req: RestoreRequest,
 ) -> Outcome<RestoreResult> {
-    let mut progress = Vec::new();
-    let mut stream = match client.restore(req).await {
-        Ok(s) => s.into_inner(),
-        Err(status) => {
-            return Outcome {
-                progress,
-                result: Err(status),
-            };
-        }
-    };
-    loop {
-        match stream.message().await {
-            Ok(Some(RestoreEvent {
-                event: Some(v1::restore_event::Event::Progress(p)),
-            })) => progress.push(p),
-            Ok(Some(RestoreEvent {
-                event: Some(v1::restore_event::Event::Result(r)),
-            })) => {
-                return Outcome {
-                    progress,
-                    result: Ok(r),
-                };
-            }
-            Ok(Some(RestoreEvent { event: None })) => {}
-            Ok(None) => {
-                return Outcome {
-                    progress,
-                    result: Err(tonic::Status::unknown("stream ended without a result")),
-                };
-            }
-            Err(status) => {
-                return Outcome {
-                    progress,
-                    result: Err(status),
-                };
-            }
-        }
-    }
+    drive(client.restore(req).await).await
 }
 
 /// A local repository description.
