@@ -42,10 +42,12 @@ impl std::fmt::Debug for Restic {
     }
 }
 
-/// A message from a running backup.
+/// A message from a running backup, as yielded by [`BackupRun::events`].
 #[derive(Debug)]
 pub enum BackupEvent {
     Status(BackupStatus),
+    /// The last item: how the backup ended.
+    Finished(Result<BackupOutput>),
 }
 
 /// A successful backup's figures and the items restic reported.
@@ -114,6 +116,19 @@ impl BackupRun {
                 &self.location,
             )),
         }
+    }
+
+    /// The run as an async stream: restic's status lines, then one [`BackupEvent::Finished`].
+    /// Dropping the stream stops restic.
+    pub fn events(self) -> impl futures::Stream<Item = BackupEvent> {
+        futures::stream::unfold(Some(self), |state| async move {
+            let mut run = state?;
+            match run.next_status().await {
+                Ok(Some(status)) => Some((BackupEvent::Status(status), Some(run))),
+                Ok(None) => Some((BackupEvent::Finished(run.finish().await), None)),
+                Err(e) => Some((BackupEvent::Finished(Err(e)), None)),
+            }
+        })
     }
 
     /// Stops restic now and waits until its process group is gone.

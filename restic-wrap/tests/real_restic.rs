@@ -11,7 +11,9 @@ use restic_wrap::options::{
     BackupOptions, CheckOptions, ForgetOptions, PruneOptions, RestoreOptions, Retention,
     SnapshotsOptions, StatsMode, StatsOptions, UnlockOptions,
 };
-use restic_wrap::{Backend, Error, LockInfo, LockObserver, LockPolicy, Repository, Restic};
+use restic_wrap::{
+    Backend, BackupEvent, Error, LockInfo, LockObserver, LockPolicy, Repository, Restic,
+};
 
 fn restic_for(repo: &Path, password: &str) -> Restic {
     Restic::new(
@@ -37,9 +39,24 @@ async fn backup(r: &Restic, dir: &Path, pvc: &str, time: Option<&str>) -> String
         time: time.map(String::from),
         ..Default::default()
     };
-    let mut run = r.backup(&opts, dir).expect("spawn");
-    while run.next_status().await.expect("status").is_some() {}
-    run.finish().await.expect("backup").summary.snapshot_id
+    // Progress as an async stream: status lines, then exactly one Finished.
+    use futures::StreamExt;
+    let events: Vec<_> = r
+        .backup(&opts, dir)
+        .expect("spawn")
+        .events()
+        .collect()
+        .await;
+    let (last, statuses) = events.split_last().expect("events");
+    assert!(statuses.iter().all(|e| matches!(e, BackupEvent::Status(_))));
+    assert!(
+        !statuses.is_empty(),
+        "restic reports progress at least once"
+    );
+    match last {
+        BackupEvent::Finished(Ok(out)) => out.summary.snapshot_id.clone(),
+        other => panic!("backup failed: {other:?}"),
+    }
 }
 
 #[tokio::test]

@@ -117,6 +117,63 @@ pub async fn fresh_namespace(client: &kube::Client, prefix: &str) -> String {
     name
 }
 
+/// Server-side applies every CustomResourceDefinition in the YAML files of `dir` and waits (30 s at
+/// most) until each is Established. Returns the CRD names.
+pub async fn apply_crds(client: &kube::Client, dir: &Path) -> Vec<String> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+    use serde::Deserialize;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut names = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("CRD dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    for file in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+    {
+        let text = std::fs::read_to_string(file).expect("read CRD file");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_json::Value::deserialize(doc).expect("YAML");
+            if value.get("kind").and_then(|k| k.as_str()) != Some("CustomResourceDefinition") {
+                continue;
+            }
+            let crd: CustomResourceDefinition = serde_json::from_value(value).expect("CRD");
+            let name = crd.metadata.name.clone().expect("CRD name");
+            crds.patch(
+                &name,
+                &PatchParams::apply("stowage-tests").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .expect("apply CRD");
+            names.push(name);
+        }
+    }
+    for name in &names {
+        wait_for(
+            &format!("CRD {name} Established"),
+            Duration::from_secs(30),
+            || async {
+                crds.get(name)
+                    .await
+                    .ok()
+                    .and_then(|c| c.status)
+                    .and_then(|s| s.conditions)
+                    .is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    })
+            },
+        )
+        .await;
+    }
+    names
+}
+
 /// Polls an async condition every 100 ms until it holds or `timeout` passes.
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
 where

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 /// Writes `len` bytes of deterministic, incompressible data (xorshift) to `path`.
 pub fn write_random(path: &Path, len: usize, seed: u64) {
     let mut f = std::io::BufWriter::new(fs::File::create(path).expect("create"));
-    let mut x = seed | 1;
+    // Spread the seed first: nearby seeds (41, 42) must give unrelated streams, not the same one.
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut buf = vec![0u8; 1 << 16];
     let mut left = len;
     while left > 0 {

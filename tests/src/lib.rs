@@ -21,19 +21,30 @@ pub fn free_port(ip: &str) -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-/// The workspace's target/debug directory (the test binary lives in target/debug/deps).
+/// The profile directory this program runs from: target/debug for tests (which live in
+/// target/debug/deps), target/release for the release-built bench.
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .to_path_buf()
+    let dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") {
+        dir.parent().expect("profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
-/// Builds the workspace binaries once per test process and returns the path of `name`.
+fn running_as_test() -> bool {
+    std::env::current_exe().is_ok_and(|e| e.parent().is_some_and(|d| d.ends_with("deps")))
+}
+
+/// The path of workspace binary `name`. Tests build the binaries once per process first; programs
+/// such as the bench use the binaries built beside them.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
+        if !running_as_test() {
+            return;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         // A clean environment: the variables `cargo test` sets for test processes would change
         // build-script fingerprints and make the next `cargo test` rebuild half the dependencies.

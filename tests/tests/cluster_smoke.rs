@@ -251,6 +251,17 @@ async fn a_daemonset_gets_a_pod_on_every_node() {
 }
 
 #[tokio::test]
+async fn crds_from_a_directory_are_applied_and_established() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    // kwok's Exec/ClusterExec CRDs, as `up` installed them: applying again is idempotent.
+    let dir = std::path::Path::new(&cluster.env["STOWAGE_CLUSTER_BIN"]).join("../crds");
+    let mut names = stowage_tests::cluster::apply_crds(&client, &dir).await;
+    names.sort();
+    assert_eq!(names, ["clusterexecs.kwok.x-k8s.io", "execs.kwok.x-k8s.io"]);
+}
+
+#[tokio::test]
 async fn control_plane_listens_only_on_loopback_and_down_leaves_nothing() {
     // A second, private cluster on other ports, so stopping it cannot disturb the shared one.
     let dir = tempfile::tempdir().expect("tmp");
