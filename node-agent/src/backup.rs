@@ -181,10 +181,7 @@ async fn find_parent(
         ..Default::default()
     };
     match restic.snapshots(&opts).await {
-        Ok(snaps) => Ok(snaps
-            .into_iter()
-            .max_by(|a, b| a.time.cmp(&b.time))
-            .map(|s| s.id)),
+        Ok(snaps) => Ok(restic_wrap::json::Snapshot::newest(snaps).map(|s| s.id)),
         Err(ResticError::RepositoryNotFound { .. }) if auto_init => {
             restic.ensure_repository(true).await?;
             Ok(None)

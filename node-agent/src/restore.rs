@@ -194,10 +194,7 @@ pub async fn resolve_snapshot(
         pvc: identity.pvc.clone(),
     };
     if wanted.is_empty() || wanted == "latest" {
-        return own
-            .into_iter()
-            .max_by(|a, b| a.time.cmp(&b.time))
-            .ok_or_else(not_found);
+        return restic_wrap::json::Snapshot::newest(own).ok_or_else(not_found);
     }
     if wanted.len() < 8 || !wanted.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(AgentError::InvalidArgument(format!(

@@ -120,16 +120,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         Some(tls_config(&config)?)
     };
 
-    let restic = restic_wrap::Restic::new(
-        &config.restic,
-        restic_wrap::Repository {
-            backend: restic_wrap::Backend::Local {
-                path: String::new(),
-            },
-            password: String::new(),
-        },
-    );
-    let version = restic.version().await?;
+    let version = restic_wrap::restic::version_of(&config.restic).await?;
     std::fs::create_dir_all(&config.cache_dir).map_err(|source| ServerError::CacheDir {
         path: config.cache_dir.display().to_string(),
         source,

@@ -91,6 +91,17 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// When the snapshot was taken. restic writes local time with an offset, so compare these, not
+    /// the strings: two nodes in different time zones would otherwise sort wrongly.
+    pub fn timestamp(&self) -> Option<chrono::DateTime<chrono::FixedOffset>> {
+        chrono::DateTime::parse_from_rfc3339(&self.time).ok()
+    }
+
+    /// The newest of `snapshots` (by timestamp; unparsable times sort first).
+    pub fn newest(snapshots: impl IntoIterator<Item = Snapshot>) -> Option<Snapshot> {
+        snapshots.into_iter().max_by_key(Snapshot::timestamp)
+    }
+
     /// The value of a `key=value` tag.
     pub fn tag_value(&self, key: &str) -> Option<&str> {
         self.tags
@@ -214,6 +225,22 @@ mod tests {
         };
         assert_eq!(s.tag_value("stowage.dev/pvc"), Some("data"));
         assert_eq!(s.tag_value("stowage.dev/pv"), None);
+    }
+
+    #[test]
+    fn newest_compares_instants_not_strings() {
+        let at = |id: &str, time: &str| Snapshot {
+            id: id.into(),
+            time: time.into(),
+            ..Default::default()
+        };
+        // 20:00+02:00 is 18:00Z: earlier than 19:00Z although its string sorts later.
+        let snaps = vec![
+            at("a", "2026-11-21T20:00:00+02:00"),
+            at("b", "2026-11-21T19:00:00Z"),
+        ];
+        assert_eq!(Snapshot::newest(snaps).map(|s| s.id).as_deref(), Some("b"));
+        assert_eq!(Snapshot::newest(Vec::new()), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use crate::command::CommandSpec;
-use crate::error::{Error, ItemError, Result};
+use crate::error::{Error, Result};
 use crate::json::{BackupMessage, BackupStatus, BackupSummary, ForgetGroup, Snapshot, Stats};
 use crate::lock::{LockInfo, LockObserver, LockPolicy, NoopObserver};
 use crate::options::{
@@ -137,12 +137,36 @@ impl BackupRun {
     }
 }
 
-/// Items restic could not read, and the partial snapshot, are in `Error::PartialBackup`.
-pub fn partial_items(err: &Error) -> Option<&[ItemError]> {
-    match err {
-        Error::PartialBackup { errors, .. } => Some(errors),
-        _ => None,
+/// `restic version` of `binary`, checked against [`MIN_VERSION`]: the agent's start-up check.
+pub async fn version_of(binary: &Path) -> Result<String> {
+    let out = tokio::process::Command::new(binary)
+        .arg("version")
+        .env_clear()
+        .output()
+        .await
+        .map_err(|source| Error::Spawn {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let version = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    let parsed: Vec<u32> = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
+    let found = (
+        parsed.first().copied().unwrap_or(0),
+        parsed.get(1).copied().unwrap_or(0),
+        parsed.get(2).copied().unwrap_or(0),
+    );
+    if !out.status.success() || found < MIN_VERSION {
+        return Err(Error::UnsupportedVersion {
+            found: text.trim().to_string(),
+            required: format!("{}.{}.{}", MIN_VERSION.0, MIN_VERSION.1, MIN_VERSION.2),
+        });
     }
+    Ok(version)
 }
 
 impl Restic {
@@ -301,36 +325,9 @@ impl Restic {
         Ok(())
     }
 
-    /// `restic version`, checked against [`MIN_VERSION`].
+    /// `restic version` of this binary, checked against [`MIN_VERSION`].
     pub async fn version(&self) -> Result<String> {
-        let out = tokio::process::Command::new(&self.binary)
-            .arg("version")
-            .env_clear()
-            .output()
-            .await
-            .map_err(|source| Error::Spawn {
-                binary: self.binary.clone(),
-                source,
-            })?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let version = text
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or_default()
-            .to_string();
-        let parsed: Vec<u32> = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
-        let found = (
-            parsed.first().copied().unwrap_or(0),
-            parsed.get(1).copied().unwrap_or(0),
-            parsed.get(2).copied().unwrap_or(0),
-        );
-        if !out.status.success() || found < MIN_VERSION {
-            return Err(Error::UnsupportedVersion {
-                found: text.trim().to_string(),
-                required: format!("{}.{}.{}", MIN_VERSION.0, MIN_VERSION.1, MIN_VERSION.2),
-            });
-        }
-        Ok(version)
+        version_of(&self.binary).await
     }
 
     pub async fn init(&self) -> Result<()> {
