@@ -1,3 +1,9 @@
-//! The coordinator: turns Schedule/Backup/Check/Prune/Restore objects into work for node agents.
+//! The Stowage coordinator: turns `Schedule`, `Backup`, `Check` and `Prune` objects into work for the
+//! node agents.
 //!
-//! Not built yet: this crate holds its place in the workspace until the coordinator issue lands.
+//! Built so far (the controller loop, dispatch and status writing come next):
+//! - [`crd`]: the custom resource types; `crdgen` writes their YAML into the Helm chart;
+//! - [`cron`]: schedule expressions, including `-random` variants that are stable per schedule.
+
+pub mod crd;
+pub mod cron;

@@ -1,0 +1,442 @@
+//! Custom resources of API group `stowage.dev`, version `v1alpha1`. Rust types are the source of
+//! truth; `crdgen` renders them into the chart, and a test fails when the checked-in YAML drifts.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A key of a Secret in the object's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    pub name: String,
+    pub key: String,
+}
+
+/// Where the restic repository lives. Exactly one of `local`, `s3`, `rest` must be set (checked by
+/// the controller, which reports the field in a condition).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendSpec {
+    pub repo_password_secret_ref: SecretKeyRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalBackend>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Backend>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rest: Option<RestBackend>,
+}
+
+/// A directory that exists on every node and is seen by the agents at this path.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalBackend {
+    pub path: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Backend {
+    pub endpoint: String,
+    pub bucket: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(rename = "accessKeyIDSecretRef")]
+    pub access_key_id_secret_ref: SecretKeyRef,
+    pub secret_access_key_secret_ref: SecretKeyRef,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestBackend {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_secret_ref: Option<SecretKeyRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+}
+
+/// Limits on volume backups running at once for one run.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Concurrency {
+    /// Per node (the agent's own --max-concurrent still applies on top).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_node: Option<u32>,
+    /// Across the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<u32>,
+}
+
+/// restic retention rules, applied per volume identity (namespace + PVC), never across PVCs.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retention {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_hourly: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_daily: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_weekly: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_monthly: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_yearly: Option<u32>,
+    /// restic duration, e.g. "30d" or "1y6m".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_within_duration: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep_tags: Vec<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupAction {
+    /// 5-field cron, @hourly/@daily/@weekly/@monthly, or their -random variants.
+    pub schedule: String,
+    /// On PVC labels; absent selects every PVC in the namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckAction {
+    pub schedule: String,
+    /// restic --read-data-subset, e.g. "5%".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_data_subset: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PruneAction {
+    pub schedule: String,
+    pub retention: Retention,
+}
+
+/// Backs up, checks and prunes on schedules; each firing creates a run object owned by the Schedule.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "stowage.dev",
+    version = "v1alpha1",
+    kind = "Schedule",
+    namespaced,
+    status = "ScheduleStatus",
+    shortname = "stsched",
+    category = "stowage",
+    printcolumn = r#"{"name":"Backup","type":"string","jsonPath":".spec.backup.schedule"}"#,
+    printcolumn = r#"{"name":"Next backup","type":"string","jsonPath":".status.nextRuns.backup"}"#,
+    printcolumn = r#"{"name":"Last success","type":"date","jsonPath":".status.lastSuccessTime"}"#,
+    printcolumn = r#"{"name":"Paused","type":"boolean","jsonPath":".spec.paused"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleSpec {
+    pub backend: BackendSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune: Option<PruneAction>,
+    /// Stops firing; runs already started finish.
+    #[serde(default)]
+    pub paused: bool,
+    /// Finished runs kept per action; older ones are deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_runs: Option<u32>,
+}
+
+/// The effective next fire time of each action (RFC 3339).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NextRuns {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_runs: Option<NextRuns>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A Schedule to inherit the backend from.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleRef {
+    pub name: String,
+}
+
+/// One backup run, created by a Schedule or by hand.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "stowage.dev",
+    version = "v1alpha1",
+    kind = "Backup",
+    namespaced,
+    status = "RunStatus",
+    shortname = "stbackup",
+    category = "stowage",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Volumes","type":"string","jsonPath":".status.summary"}"#,
+    printcolumn = r#"{"name":"Started","type":"date","jsonPath":".status.startTime"}"#,
+    printcolumn = r#"{"name":"Completed","type":"date","jsonPath":".status.completionTime"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// The repository; or `scheduleRef` to inherit it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_ref: Option<ScheduleRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+}
+
+/// One `restic check` of a repository, run on one ready agent.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "stowage.dev",
+    version = "v1alpha1",
+    kind = "Check",
+    namespaced,
+    status = "RunStatus",
+    shortname = "stcheck",
+    category = "stowage",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Started","type":"date","jsonPath":".status.startTime"}"#,
+    printcolumn = r#"{"name":"Completed","type":"date","jsonPath":".status.completionTime"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_ref: Option<ScheduleRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_data_subset: Option<String>,
+}
+
+/// Applies retention per volume identity, then prunes unreferenced data; run on one ready agent.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "stowage.dev",
+    version = "v1alpha1",
+    kind = "Prune",
+    namespaced,
+    status = "RunStatus",
+    shortname = "stprune",
+    category = "stowage",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Started","type":"date","jsonPath":".status.startTime"}"#,
+    printcolumn = r#"{"name":"Completed","type":"date","jsonPath":".status.completionTime"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PruneSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_ref: Option<ScheduleRef>,
+    /// Defaults to the Schedule's retention when `scheduleRef` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RunPhase {
+    #[default]
+    Pending,
+    Running,
+    Succeeded,
+    /// Some items failed; never reported as Succeeded.
+    PartiallyFailed,
+    Failed,
+}
+
+/// One volume (or, later, one backup command) of a run.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ItemStatus {
+    pub namespace: String,
+    pub pvc: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub phase: RunPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_new: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_changed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_unmodified: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_added: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    /// While running: restic's percent done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent_done: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<RunPhase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+    /// "3/4 succeeded" for humans (a printer column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<ItemStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Where the chart keeps the CRDs.
+pub fn chart_crd_dir() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .unwrap_or(manifest)
+        .join("deploy/daemonset/crds")
+}
+
+/// Every CRD as (file name, YAML).
+pub fn rendered() -> Result<Vec<(String, String)>, serde_yaml::Error> {
+    [Schedule::crd(), Backup::crd(), Check::crd(), Prune::crd()]
+        .into_iter()
+        .map(|crd| {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            let yaml = serde_yaml::to_string(&crd)?;
+            Ok((format!("{name}.yaml"), format!("# Generated by `cargo run -p stowage-coordinator --bin crdgen`; do not edit.\n{yaml}")))
+        })
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CrdGenError {
+    #[error("rendering CRDs: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Writes every CRD into `dir`; returns the paths.
+pub fn write_all(dir: &Path) -> Result<Vec<PathBuf>, CrdGenError> {
+    std::fs::create_dir_all(dir).map_err(|source| CrdGenError::Write {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (file, yaml) in rendered()? {
+        let path = dir.join(file);
+        std::fs::write(&path, yaml).map_err(|source| CrdGenError::Write {
+            path: path.display().to_string(),
+            source,
+        })?;
+        out.push(path);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CI fails when the chart's CRDs differ from the types: run crdgen and commit the result.
+    #[test]
+    fn checked_in_crds_match_the_types() {
+        for (file, yaml) in rendered().unwrap() {
+            let path = chart_crd_dir().join(&file);
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                on_disk == yaml,
+                "{} is out of date: run `cargo run -p stowage-coordinator --bin crdgen` and commit it",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn the_issue_example_deserializes() {
+        let yaml = r#"
+apiVersion: stowage.dev/v1alpha1
+kind: Schedule
+metadata: {name: nightly, namespace: shop}
+spec:
+  backend:
+    repoPasswordSecretRef: {name: backup-repo, key: password}
+    s3: {endpoint: "http://127.0.0.1:9000", bucket: backups, prefix: shop,
+         accessKeyIDSecretRef: {name: s3-creds, key: id},
+         secretAccessKeySecretRef: {name: s3-creds, key: secret}}
+  backup:
+    schedule: "@daily-random"
+    selector: {matchLabels: {tier: db}}
+    concurrency: {perNode: 2, cluster: 10}
+  check:  {schedule: "@weekly-random"}
+  prune:  {schedule: "0 4 * * 0", retention: {keepLast: 5, keepDaily: 14, keepWeekly: 8, keepMonthly: 12}}
+  paused: false
+"#;
+        let s: Schedule = serde_yaml::from_str(yaml).unwrap();
+        let s3 = s.spec.backend.s3.as_ref().unwrap();
+        assert_eq!(s3.access_key_id_secret_ref.key, "id");
+        assert_eq!(
+            s.spec
+                .backup
+                .as_ref()
+                .unwrap()
+                .concurrency
+                .as_ref()
+                .unwrap()
+                .per_node,
+            Some(2)
+        );
+        assert_eq!(
+            s.spec.prune.as_ref().unwrap().retention.keep_weekly,
+            Some(8)
+        );
+        let crds = rendered().unwrap();
+        assert_eq!(crds.len(), 4);
+        assert!(
+            crds.iter()
+                .all(|(_, y)| y.contains("subresources") && y.contains("status"))
+        );
+    }
+}
