@@ -1,0 +1,406 @@
+//! Planning a backup run: which volumes are in scope, and which node's agent reads each one.
+//! Pure and I/O-free: the controller feeds it from its informer caches and acts on the result.
+//!
+//! - A PVC is in scope when the run's selector matches its labels and neither it nor a pod mounting
+//!   it is annotated `stowage.dev/backup: "false"`.
+//! - A PVC is read where a running pod mounts it: an RWO volume on its one node; an RWX volume mounted
+//!   on several nodes once, on the least-loaded of them.
+//! - A bound PVC mounted by no running pod needs a mount-holder pod; it is never silently skipped.
+//! - A node without a ready agent is reported, so the run can say "no agent on node X".
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+pub const BACKUP_ANNOTATION: &str = "stowage.dev/backup";
+
+#[derive(Debug, Clone, Default)]
+pub struct PvcInfo {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// The bound PV, when bound.
+    pub volume_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub node: Option<String>,
+    /// Running and not being deleted.
+    pub running: bool,
+    pub annotations: BTreeMap<String, String>,
+    /// Names of the PVCs its volumes claim.
+    pub claims: Vec<String>,
+}
+
+/// Where one volume will be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment<'a> {
+    pub namespace: &'a str,
+    pub pvc: &'a str,
+    pub pv: &'a str,
+    pub pod: &'a str,
+    pub pod_uid: &'a str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// `stowage.dev/backup: "false"` on the PVC.
+    ExcludedPvc,
+    /// `stowage.dev/backup: "false"` on a pod that mounts it.
+    ExcludedPod,
+    /// Not bound to a PV: there is no data to read.
+    NotBound,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan<'a> {
+    /// Node name → volumes its agent backs up.
+    pub by_node: BTreeMap<&'a str, Vec<Assignment<'a>>>,
+    /// Bound PVCs no running pod mounts: (namespace, pvc, pv).
+    pub needs_mount_holder: Vec<(&'a str, &'a str, &'a str)>,
+    /// Nodes with volumes in scope but no ready agent.
+    pub nodes_without_agent: Vec<&'a str>,
+    pub skipped: Vec<(&'a str, &'a str, SkipReason)>,
+}
+
+impl Plan<'_> {
+    pub fn volume_count(&self) -> usize {
+        self.by_node.values().map(Vec::len).sum::<usize>() + self.needs_mount_holder.len()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct SelectorError {
+    /// e.g. `selector.matchExpressions[0].operator`.
+    pub field: String,
+    pub reason: String,
+}
+
+/// Whether `selector` matches `labels` (Kubernetes semantics; an absent selector matches everything).
+pub fn selector_matches(
+    selector: Option<&LabelSelector>,
+    labels: &BTreeMap<String, String>,
+) -> Result<bool, SelectorError> {
+    let Some(sel) = selector else { return Ok(true) };
+    if let Some(ml) = &sel.match_labels
+        && ml.iter().any(|(k, v)| labels.get(k) != Some(v))
+    {
+        return Ok(false);
+    }
+    for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
+        let values = e.values.as_deref().unwrap_or_default();
+        let has = labels.get(&e.key);
+        let ok = match e.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => {
+                return Err(SelectorError {
+                    field: format!("selector.matchExpressions[{i}].values"),
+                    reason: format!("operator {} needs at least one value", e.operator),
+                });
+            }
+            "In" => has.is_some_and(|v| values.contains(v)),
+            "NotIn" => !has.is_some_and(|v| values.contains(v)),
+            "Exists" => has.is_some(),
+            "DoesNotExist" => has.is_none(),
+            other => {
+                return Err(SelectorError {
+                    field: format!("selector.matchExpressions[{i}].operator"),
+                    reason: format!(
+                        "unknown operator {other:?} (use In, NotIn, Exists, DoesNotExist)"
+                    ),
+                });
+            }
+        };
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// FNV-1a for the planner's string-keyed maps: with 50,000 short keys per run, SipHash (DoS-resistant,
+/// slower) dominated the planning time. Keys are object names from the API, not attacker-chosen input.
+#[derive(Default)]
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<Fnv>>;
+
+/// The running pods mounting one claim: almost always one, so no allocation for that case.
+enum Users<'a> {
+    One(&'a PodInfo),
+    Many(Vec<&'a PodInfo>),
+}
+
+impl<'a> Users<'a> {
+    fn push(&mut self, pod: &'a PodInfo) {
+        match self {
+            Users::One(first) => *self = Users::Many(vec![*first, pod]),
+            Users::Many(v) => v.push(pod),
+        }
+    }
+    fn as_slice(&self) -> &[&'a PodInfo] {
+        match self {
+            Users::One(p) => std::slice::from_ref(p),
+            Users::Many(v) => v,
+        }
+    }
+}
+
+fn excluded(annotations: &BTreeMap<String, String>) -> bool {
+    annotations
+        .get(BACKUP_ANNOTATION)
+        .is_some_and(|v| v.eq_ignore_ascii_case("false"))
+}
+
+/// Plans a backup run over `pvcs` (already restricted to the run's namespace) and `pods`;
+/// `agent_nodes` are the nodes with a ready agent.
+pub fn plan<'a>(
+    selector: Option<&LabelSelector>,
+    pvcs: &'a [PvcInfo],
+    pods: &'a [PodInfo],
+    agent_nodes: &[&str],
+) -> Result<Plan<'a>, SelectorError> {
+    // (namespace, claim) -> running pods mounting it.
+    let mut mounts: FastMap<(&str, &str), Users> = FastMap::default();
+    mounts.reserve(pods.len());
+    for pod in pods.iter().filter(|p| p.running && p.node.is_some()) {
+        for claim in &pod.claims {
+            match mounts.entry((pod.namespace.as_str(), claim.as_str())) {
+                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().push(pod),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(Users::One(pod));
+                }
+            }
+        }
+    }
+    let mut plan = Plan::default();
+    // Hashed while planning; ordered once at the end. A node's load is its list's length.
+    let mut by_node: FastMap<&str, Vec<Assignment>> = FastMap::default();
+    for pvc in pvcs {
+        if !selector_matches(selector, &pvc.labels)? {
+            continue;
+        }
+        let (ns, name) = (pvc.namespace.as_str(), pvc.name.as_str());
+        if excluded(&pvc.annotations) {
+            plan.skipped.push((ns, name, SkipReason::ExcludedPvc));
+            continue;
+        }
+        let Some(pv) = pvc.volume_name.as_deref() else {
+            plan.skipped.push((ns, name, SkipReason::NotBound));
+            continue;
+        };
+        let users = mounts
+            .get(&(ns, name))
+            .map(Users::as_slice)
+            .unwrap_or_default();
+        if users.iter().any(|p| excluded(&p.annotations)) {
+            plan.skipped.push((ns, name, SkipReason::ExcludedPod));
+            continue;
+        }
+        // The least-loaded node among those that mount it (an RWO volume has one); ties by name.
+        let chosen = users
+            .iter()
+            .filter_map(|p| p.node.as_deref().map(|n| (n, *p)))
+            .min_by_key(|(n, _)| (by_node.get(n).map_or(0, Vec::len), *n));
+        match chosen {
+            None => plan.needs_mount_holder.push((ns, name, pv)),
+            Some((node, pod)) => {
+                by_node.entry(node).or_default().push(Assignment {
+                    namespace: ns,
+                    pvc: name,
+                    pv,
+                    pod: &pod.name,
+                    pod_uid: &pod.uid,
+                });
+            }
+        }
+    }
+    plan.by_node = by_node.into_iter().collect();
+    let agents: HashSet<&str> = agent_nodes.iter().copied().collect();
+    plan.nodes_without_agent = plan
+        .by_node
+        .keys()
+        .copied()
+        .filter(|n| !agents.contains(n))
+        .collect();
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn pvc(name: &str, pv: Option<&str>, labels: &[(&str, &str)]) -> PvcInfo {
+        PvcInfo {
+            namespace: "shop".into(),
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            volume_name: pv.map(String::from),
+            ..Default::default()
+        }
+    }
+
+    fn pod(name: &str, node: &str, claims: &[&str]) -> PodInfo {
+        PodInfo {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            node: Some(node.into()),
+            running: true,
+            claims: claims.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn volumes_are_read_where_they_are_mounted() {
+        let pvcs = vec![
+            pvc("db", Some("pv-db"), &[]),
+            pvc("cache", Some("pv-cache"), &[]),
+            pvc("idle", Some("pv-idle"), &[]),
+        ];
+        let pods = vec![
+            pod("db-0", "node-3", &["db"]),
+            pod("cache-0", "node-1", &["cache"]),
+        ];
+        let p = plan(None, &pvcs, &pods, &["node-1", "node-2", "node-3"]).unwrap();
+        assert_eq!(
+            p.by_node.keys().copied().collect::<Vec<_>>(),
+            ["node-1", "node-3"]
+        );
+        assert_eq!(
+            p.by_node["node-3"][0],
+            Assignment {
+                namespace: "shop",
+                pvc: "db",
+                pv: "pv-db",
+                pod: "db-0",
+                pod_uid: "uid-db-0"
+            }
+        );
+        assert_eq!(
+            p.needs_mount_holder,
+            [("shop", "idle", "pv-idle")],
+            "unmounted is never skipped"
+        );
+        assert!(p.nodes_without_agent.is_empty());
+        assert_eq!(p.volume_count(), 3);
+    }
+
+    #[test]
+    fn rwx_on_several_nodes_is_backed_up_once_on_the_least_loaded() {
+        let pvcs = vec![
+            pvc("a", Some("pv-a"), &[]),
+            pvc("shared", Some("pv-s"), &[]),
+        ];
+        let pods = vec![
+            pod("a-0", "node-1", &["a"]),
+            pod("w1", "node-1", &["shared"]),
+            pod("w2", "node-2", &["shared"]),
+        ];
+        let p = plan(None, &pvcs, &pods, &["node-1", "node-2"]).unwrap();
+        assert_eq!(p.volume_count(), 2);
+        assert_eq!(
+            p.by_node["node-2"][0].pvc, "shared",
+            "node-1 already has a volume"
+        );
+    }
+
+    #[test]
+    fn exclusions_selector_and_unbound() {
+        let mut excluded_pvc = pvc("tmp", Some("pv-tmp"), &[("tier", "db")]);
+        excluded_pvc
+            .annotations
+            .insert(BACKUP_ANNOTATION.into(), "false".into());
+        let pvcs = vec![
+            pvc("db", Some("pv-db"), &[("tier", "db")]),
+            pvc("web", Some("pv-web"), &[("tier", "web")]),
+            excluded_pvc,
+            pvc("pending", None, &[("tier", "db")]),
+            pvc("scratch", Some("pv-scratch"), &[("tier", "db")]),
+        ];
+        let mut opted_out = pod("scratch-0", "node-1", &["scratch"]);
+        opted_out
+            .annotations
+            .insert(BACKUP_ANNOTATION.into(), "False".into());
+        let mut stopped = pod("old", "node-2", &["db"]);
+        stopped.running = false;
+        let pods = vec![pod("db-0", "node-1", &["db"]), opted_out, stopped];
+        let sel = LabelSelector {
+            match_labels: Some([("tier".to_string(), "db".to_string())].into()),
+            ..Default::default()
+        };
+        let p = plan(Some(&sel), &pvcs, &pods, &["node-1"]).unwrap();
+        assert_eq!(
+            p.by_node["node-1"]
+                .iter()
+                .map(|a| a.pvc)
+                .collect::<Vec<_>>(),
+            ["db"]
+        );
+        assert_eq!(
+            p.skipped,
+            [
+                ("shop", "tmp", SkipReason::ExcludedPvc),
+                ("shop", "pending", SkipReason::NotBound),
+                ("shop", "scratch", SkipReason::ExcludedPod)
+            ]
+        );
+    }
+
+    #[test]
+    fn nodes_without_agents_are_reported() {
+        let pvcs = vec![pvc("db", Some("pv"), &[])];
+        let pods = vec![pod("db-0", "node-9", &["db"])];
+        let p = plan(None, &pvcs, &pods, &["node-1"]).unwrap();
+        assert_eq!(p.nodes_without_agent, ["node-9"]);
+    }
+
+    #[test]
+    fn selector_expressions_and_errors_name_the_field() {
+        let labels: BTreeMap<String, String> = [("tier".to_string(), "db".to_string())].into();
+        let expr = |op: &str, values: &[&str]| LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: op.into(),
+                values: Some(values.iter().map(|v| v.to_string()).collect()),
+            }]),
+            ..Default::default()
+        };
+        assert!(selector_matches(Some(&expr("In", &["db", "x"])), &labels).unwrap());
+        assert!(!selector_matches(Some(&expr("NotIn", &["db"])), &labels).unwrap());
+        assert!(selector_matches(Some(&expr("Exists", &[])), &labels).unwrap());
+        assert!(!selector_matches(Some(&expr("DoesNotExist", &[])), &labels).unwrap());
+        let e = selector_matches(Some(&expr("Near", &["db"])), &labels).unwrap_err();
+        assert_eq!(e.field, "selector.matchExpressions[0].operator");
+        let e = selector_matches(Some(&expr("In", &[])), &labels).unwrap_err();
+        assert_eq!(e.field, "selector.matchExpressions[0].values");
+    }
+}
