@@ -396,25 +396,10 @@ mod tests {
 
     #[test]
     fn the_issue_example_deserializes() {
-        let yaml = r#"
-apiVersion: stowage.dev/v1alpha1
-kind: Schedule
-metadata: {name: nightly, namespace: shop}
-spec:
-  backend:
-    repoPasswordSecretRef: {name: backup-repo, key: password}
-    s3: {endpoint: "http://127.0.0.1:9000", bucket: backups, prefix: shop,
-         accessKeyIDSecretRef: {name: s3-creds, key: id},
-         secretAccessKeySecretRef: {name: s3-creds, key: secret}}
-  backup:
-    schedule: "@daily-random"
-    selector: {matchLabels: {tier: db}}
-    concurrency: {perNode: 2, cluster: 10}
-  check:  {schedule: "@weekly-random"}
-  prune:  {schedule: "0 4 * * 0", retention: {keepLast: 5, keepDaily: 14, keepWeekly: 8, keepMonthly: 12}}
-  paused: false
-"#;
-        let s: Schedule = serde_yaml::from_str(yaml).unwrap();
+        let path = chart_crd_dir()
+            .with_file_name("examples")
+            .join("schedule.yaml");
+        let s: Schedule = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let s3 = s.spec.backend.s3.as_ref().unwrap();
         assert_eq!(s3.access_key_id_secret_ref.key, "id");
         assert_eq!(

@@ -174,6 +174,21 @@ pub async fn apply_crds(client: &kube::Client, dir: &Path) -> Vec<String> {
     names
 }
 
+/// Whether pod `name` exists and is Running.
+pub async fn pod_running(pods: &Api<k8s_openapi::api::core::v1::Pod>, name: &str) -> bool {
+    let pod = pods.get_opt(name).await.ok().flatten();
+    pod.and_then(|p| p.status).and_then(|s| s.phase).as_deref() == Some("Running")
+}
+
+/// Whether PVC `name` exists and is Bound.
+pub async fn pvc_bound(
+    pvcs: &Api<k8s_openapi::api::core::v1::PersistentVolumeClaim>,
+    name: &str,
+) -> bool {
+    let pvc = pvcs.get_opt(name).await.ok().flatten();
+    pvc.and_then(|c| c.status).and_then(|s| s.phase).as_deref() == Some("Bound")
+}
+
 /// Polls an async condition every 100 ms until it holds or `timeout` passes.
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
 where

@@ -8,22 +8,11 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, AttachParams, DeleteParams, PostParams};
-use stowage_tests::cluster::{Cluster, fresh_namespace, wait_for};
+use stowage_tests::cluster::{Cluster, fresh_namespace, pod_running, pvc_bound, wait_for};
 use tokio::io::AsyncReadExt;
 
 fn json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
     serde_json::from_value(v).expect("valid object")
-}
-
-async fn pod_running(pods: &Api<Pod>, name: &str) -> bool {
-    pods.get_opt(name)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|p| p.status)
-        .and_then(|s| s.phase)
-        .as_deref()
-        == Some("Running")
 }
 
 #[tokio::test]
@@ -113,14 +102,8 @@ async fn pvc_binds_and_its_data_is_bind_mounted_at_the_kubelet_path_while_the_po
     std::fs::write(backing.join("hello.txt"), b"written by the fixture").expect("write");
 
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
-    wait_for("PVC Bound", Duration::from_secs(30), || async {
-        pvcs.get("data")
-            .await
-            .ok()
-            .and_then(|c| c.status)
-            .and_then(|s| s.phase)
-            .as_deref()
-            == Some("Bound")
+    wait_for("PVC Bound", Duration::from_secs(30), || {
+        pvc_bound(&pvcs, "data")
     })
     .await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);

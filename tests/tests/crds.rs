@@ -48,26 +48,8 @@ async fn chart_crds_are_accepted_and_validate_objects() {
     let gvk =
         |kind: &str| ApiResource::from_gvk(&GroupVersionKind::gvk("stowage.dev", "v1alpha1", kind));
     let schedules: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &gvk("Schedule"));
-    let nightly = object(
-        r#"
-apiVersion: stowage.dev/v1alpha1
-kind: Schedule
-metadata: {name: nightly}
-spec:
-  backend:
-    repoPasswordSecretRef: {name: backup-repo, key: password}
-    s3: {endpoint: "http://127.0.0.1:9000", bucket: backups, prefix: shop,
-         accessKeyIDSecretRef: {name: s3-creds, key: id},
-         secretAccessKeySecretRef: {name: s3-creds, key: secret}}
-  backup:
-    schedule: "@daily-random"
-    selector: {matchLabels: {tier: db}}
-    concurrency: {perNode: 2, cluster: 10}
-  check:  {schedule: "@weekly-random"}
-  prune:  {schedule: "0 4 * * 0", retention: {keepLast: 5, keepDaily: 14, keepWeekly: 8, keepMonthly: 12}}
-  paused: false
-"#,
-    );
+    let example = stowage_tests::workspace_root().join("deploy/daemonset/examples/schedule.yaml");
+    let nightly = object(&std::fs::read_to_string(example).expect("example"));
     schedules
         .create(&PostParams::default(), &nightly)
         .await

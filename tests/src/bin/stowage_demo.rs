@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::Api;
 use stowage_proto::v1::{self, RestoreMode, RestoreRequest, VolumeIdentity, VolumeRef};
 use stowage_tests::agent::{backup, restore};
-use stowage_tests::cluster::{Cluster, wait_for};
+use stowage_tests::cluster::{Cluster, pod_running, pvc_bound, wait_for};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const NS: &str = "demo-shop";
@@ -90,27 +90,7 @@ async fn main() -> anyhow::Result<()> {
         wait_for(
             &format!("{pod} Running with {pvc} bound"),
             Duration::from_secs(60),
-            || async {
-                let running = pods
-                    .get_opt(pod)
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|p| p.status)
-                    .and_then(|s| s.phase)
-                    .as_deref()
-                    == Some("Running");
-                let bound = pvcs
-                    .get_opt(pvc)
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|c| c.status)
-                    .and_then(|s| s.phase)
-                    .as_deref()
-                    == Some("Bound");
-                running && bound
-            },
+            || async { pod_running(&pods, pod).await && pvc_bound(&pvcs, pvc).await },
         )
         .await;
     }
