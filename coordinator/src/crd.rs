@@ -1,6 +1,7 @@
 //! Custom resources of API group `stowage.dev`, version `v1alpha1`. Rust types are the source of
 //! truth; `crdgen` renders them into the chart, and a test fails when the checked-in YAML drifts.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
@@ -17,9 +18,12 @@ pub struct SecretKeyRef {
 }
 
 /// Where the restic repository lives. Exactly one of `local`, `s3`, `rest` must be set (checked by
-/// the controller, which reports the field in a condition).
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+/// the controller, which reports the field in a condition). Unknown keys are kept rather than pruned
+/// by the API server, so a typo or an unsupported backend type (`gcs:`) is reported by name instead
+/// of silently disappearing.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct BackendSpec {
     pub repo_password_secret_ref: SecretKeyRef,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -28,6 +32,24 @@ pub struct BackendSpec {
     pub s3: Option<S3Backend>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rest: Option<RestBackend>,
+    /// Upload bandwidth limit for restic, KiB/s.
+    #[serde(
+        default,
+        rename = "limitUploadKiB",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub limit_upload_kib: Option<u32>,
+    /// Download bandwidth limit for restic, KiB/s.
+    #[serde(
+        default,
+        rename = "limitDownloadKiB",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub limit_download_kib: Option<u32>,
+    /// Keys this version does not know; the controller names them in a condition.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(skip)]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// A directory that exists on every node and is seen by the agents at this path.
@@ -157,10 +179,10 @@ pub struct ScheduleSpec {
     pub keep_runs: Option<u32>,
 }
 
-/// The effective next fire time of each action (RFC 3339).
+/// A time per action (RFC 3339).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct NextRuns {
+pub struct ActionTimes {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,8 +196,12 @@ pub struct NextRuns {
 pub struct ScheduleStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The effective next fire time of each action (`-random` variants resolved).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_runs: Option<NextRuns>,
+    pub next_runs: Option<ActionTimes>,
+    /// The last fire time handled per action (run, skipped or missed); a restart resumes from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scheduled: Option<ActionTimes>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_success_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -300,6 +326,11 @@ pub struct ItemStatus {
     pub bytes_added: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_seconds: Option<f64>,
+    /// Prune: snapshots kept and removed for this volume identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed: Option<u32>,
     /// While running: restic's percent done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent_done: Option<f64>,

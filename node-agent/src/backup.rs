@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::{AgentContext, ParentKey, ProgressSink};
 use crate::error::AgentError;
-use crate::identity::{Identity, validate_extra_tag};
+use crate::identity::{Identity, TAG_RUN, validate_extra_tag};
 use crate::inventory::VolumeEntry;
 use crate::repository;
 
@@ -36,6 +36,13 @@ pub struct BackupPlan {
 pub fn plan(ctx: &AgentContext, req: BackupRequest) -> Result<BackupPlan, AgentError> {
     let identity = Identity::from_proto(req.identity.as_ref(), false)?;
     let repo = repository::from_proto(req.repository.as_ref())?;
+    // The run id becomes a tag value (see TAG_RUN): restic splits tags at commas.
+    if req.run_id.contains(',') || req.run_id.chars().any(char::is_control) {
+        return Err(AgentError::InvalidArgument(format!(
+            "run_id {:?} must not contain commas or control characters",
+            req.run_id
+        )));
+    }
     for t in &req.extra_tags {
         validate_extra_tag(t).map_err(AgentError::InvalidArgument)?;
     }
@@ -92,6 +99,10 @@ pub async fn execute(
     };
 
     let mut tags = identity.backup_tags();
+    if !req.run_id.is_empty() {
+        // Lets a coordinator that restarted mid-run see which volumes this run already backed up.
+        tags.push(format!("{TAG_RUN}={}", req.run_id));
+    }
     tags.extend(req.extra_tags.iter().cloned());
     let mut opts = BackupOptions {
         // Relative to the volume directory: the snapshot tree holds the volume's contents, with no

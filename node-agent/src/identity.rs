@@ -6,6 +6,8 @@ use stowage_proto::v1::VolumeIdentity;
 pub const TAG_NAMESPACE: &str = "stowage.dev/namespace";
 pub const TAG_PVC: &str = "stowage.dev/pvc";
 pub const TAG_POD: &str = "stowage.dev/pod";
+/// The run (`<namespace>/<name>`) that made a snapshot.
+pub const TAG_RUN: &str = "stowage.dev/run";
 /// What kind of item a snapshot holds (volume now; command dumps later).
 pub const TAG_SOURCE_VOLUME: &str = "stowage.dev/source=volume";
 
@@ -26,7 +28,7 @@ pub struct InvalidIdentity {
 
 /// RFC 1123 subdomain, as Kubernetes requires of namespace, PVC and pod names. This also keeps
 /// commas (restic's tag separator) and '=' out of tags.
-fn is_k8s_name(s: &str) -> bool {
+pub fn is_k8s_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
         && s.bytes()

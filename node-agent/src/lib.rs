@@ -21,6 +21,7 @@ pub mod error;
 pub mod identity;
 pub mod inventory;
 pub mod limiter;
+pub mod maintenance;
 pub mod metrics;
 pub mod repository;
 pub mod restore;

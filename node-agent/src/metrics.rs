@@ -31,6 +31,7 @@ pub struct Metrics {
     pub lock_removals: IntCounter,
     pub lock_waits: IntCounter,
     pub restores: IntCounterVec,
+    pub maintenance: IntCounterVec,
     pub restore_duration: Histogram,
     pub restore_bytes: IntCounter,
     pub ready: Arc<AtomicBool>,
@@ -104,6 +105,13 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let maintenance = IntCounterVec::new(
+            Opts::new(
+                "stowage_agent_maintenance_total",
+                "Repository checks and prunes finished, by kind and result.",
+            ),
+            &["kind", "result"],
+        )?;
         let restore_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "stowage_agent_restore_duration_seconds",
@@ -130,6 +138,9 @@ impl Metrics {
         }
         for r in RESTORE_RESULTS {
             restores.with_label_values(&[r]);
+            for kind in ["check", "prune"] {
+                maintenance.with_label_values(&[kind, r]);
+            }
         }
         registry.register(Box::new(volumes.clone()))?;
         registry.register(Box::new(backups.clone()))?;
@@ -142,6 +153,7 @@ impl Metrics {
         registry.register(Box::new(lock_removals.clone()))?;
         registry.register(Box::new(lock_waits.clone()))?;
         registry.register(Box::new(restores.clone()))?;
+        registry.register(Box::new(maintenance.clone()))?;
         registry.register(Box::new(restore_duration.clone()))?;
         registry.register(Box::new(restore_bytes.clone()))?;
         registry.register(Box::new(info))?;
@@ -158,6 +170,7 @@ impl Metrics {
             lock_removals,
             lock_waits,
             restores,
+            maintenance,
             restore_duration,
             restore_bytes,
             ready: Arc::new(AtomicBool::new(false)),

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use stowage_proto::v1::agent_server::Agent;
 use stowage_proto::v1::{
-    BackupEvent, BackupRequest, ListVolumesRequest, ListVolumesResponse, Progress, RestoreEvent,
-    RestoreRequest, Snapshot, SnapshotsRequest, SnapshotsResponse, Volume, VolumeRef, backup_event,
-    restore_event,
+    BackupEvent, BackupRequest, CheckRequest, ListVolumesRequest, ListVolumesResponse,
+    MaintenanceEvent, Progress, PruneRequest, RestoreEvent, RestoreRequest, Snapshot,
+    SnapshotsRequest, SnapshotsResponse, Volume, VolumeRef, backup_event, restore_event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::context::{AgentContext, ProgressSink};
 use crate::error::AgentError;
 use crate::identity::{Identity, TAG_NAMESPACE, TAG_POD, TAG_PVC};
+use crate::maintenance::{self, MaintenancePlan};
 use crate::{backup, repository, restore};
 
 pub struct AgentService {
@@ -66,6 +67,36 @@ impl AgentService {
             done.cancel();
         });
         ReceiverStream::new(rx)
+    }
+}
+
+impl AgentService {
+    /// Check and Prune share one path: validated up front, then streamed like backups.
+    fn maintain(
+        &self,
+        plan: Result<MaintenancePlan, AgentError>,
+    ) -> Result<Response<ReceiverStream<Result<MaintenanceEvent, Status>>>, Status> {
+        let plan = plan.inspect_err(|e| {
+            tracing::warn!(error = %e, "maintenance request refused");
+        })?;
+        let kind = plan.kind();
+        let stream = self.stream(
+            maintenance::progress_event,
+            maintenance::result_event,
+            move |ctx, progress, cancel| async move {
+                let r = maintenance::execute(&ctx, plan, progress, cancel).await;
+                ctx.metrics
+                    .maintenance
+                    .with_label_values(&[kind, result_label(&r, false)])
+                    .inc();
+                match &r {
+                    Ok(m) => tracing::info!(kind, seconds = m.duration_seconds, "maintenance done"),
+                    Err(e) => tracing::warn!(kind, error = %e, "maintenance failed"),
+                }
+                r
+            },
+        );
+        Ok(Response::new(stream))
     }
 }
 
@@ -208,5 +239,27 @@ impl Agent for AgentService {
             })
             .collect();
         Ok(Response::new(SnapshotsResponse { snapshots }))
+    }
+
+    type CheckStream = ReceiverStream<Result<MaintenanceEvent, Status>>;
+
+    async fn check(
+        &self,
+        req: Request<CheckRequest>,
+    ) -> Result<Response<Self::CheckStream>, Status> {
+        let req = req.into_inner();
+        tracing::info!(run = %req.run_id, "check requested");
+        self.maintain(maintenance::plan_check(req))
+    }
+
+    type PruneStream = ReceiverStream<Result<MaintenanceEvent, Status>>;
+
+    async fn prune(
+        &self,
+        req: Request<PruneRequest>,
+    ) -> Result<Response<Self::PruneStream>, Status> {
+        let req = req.into_inner();
+        tracing::info!(run = %req.run_id, namespace = %req.namespace, dry_run = req.dry_run, "prune requested");
+        self.maintain(maintenance::plan_prune(req))
     }
 }

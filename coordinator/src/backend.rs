@@ -1,0 +1,326 @@
+//! A run's `backend` block: its shape is checked without I/O; resolving reads the referenced
+//! Secrets and yields the agent's `Repository` message. Secret values travel only inside that
+//! message (over mTLS) and reach restic through its environment; they are never logged.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+use stowage_proto::v1::{self as pb, repository::Backend as PbBackend};
+
+use crate::conditions::Finding;
+use crate::crd::{BackendSpec, SecretKeyRef};
+
+pub const INVALID_BACKEND: &str = "InvalidBackend";
+pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+pub const SECRET_KEY_NOT_FOUND: &str = "SecretKeyNotFound";
+
+/// Exactly one known backend type, with its required fields. `at` is the field path of the block.
+pub fn validate(spec: &BackendSpec, at: &str) -> Result<(), Finding> {
+    if let Some(key) = spec.unknown.keys().next() {
+        return Err(Finding::new(
+            INVALID_BACKEND,
+            format!("{at}.{key}: unknown backend type or field (backends: local, s3, rest)"),
+        ));
+    }
+    let set: Vec<&str> = [
+        ("local", spec.local.is_some()),
+        ("s3", spec.s3.is_some()),
+        ("rest", spec.rest.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(n, on)| on.then_some(n))
+    .collect();
+    match set.as_slice() {
+        [] => {
+            return Err(Finding::new(
+                INVALID_BACKEND,
+                format!("{at}: set exactly one of local, s3, rest (none is set)"),
+            ));
+        }
+        [_] => {}
+        many => {
+            return Err(Finding::new(
+                INVALID_BACKEND,
+                format!(
+                    "{at}: set exactly one of local, s3, rest ({} are set)",
+                    many.join(" and ")
+                ),
+            ));
+        }
+    }
+    let empty = |field: &str, v: &str| -> Result<(), Finding> {
+        if v.trim().is_empty() {
+            Err(Finding::new(
+                INVALID_BACKEND,
+                format!("{at}.{field}: must not be empty"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    if let Some(l) = &spec.local {
+        empty("local.path", &l.path)?;
+        if !l.path.starts_with('/') {
+            return Err(Finding::new(
+                INVALID_BACKEND,
+                format!("{at}.local.path: must be an absolute path on the nodes"),
+            ));
+        }
+    }
+    if let Some(s) = &spec.s3 {
+        empty("s3.endpoint", &s.endpoint)?;
+        empty("s3.bucket", &s.bucket)?;
+    }
+    if let Some(r) = &spec.rest {
+        empty("rest.url", &r.url)?;
+    }
+    ref_ok(
+        &spec.repo_password_secret_ref,
+        &format!("{at}.repoPasswordSecretRef"),
+    )?;
+    if let Some(s) = &spec.s3 {
+        ref_ok(
+            &s.access_key_id_secret_ref,
+            &format!("{at}.s3.accessKeyIDSecretRef"),
+        )?;
+        ref_ok(
+            &s.secret_access_key_secret_ref,
+            &format!("{at}.s3.secretAccessKeySecretRef"),
+        )?;
+    }
+    Ok(())
+}
+
+fn ref_ok(r: &SecretKeyRef, at: &str) -> Result<(), Finding> {
+    if r.name.is_empty() || r.key.is_empty() {
+        return Err(Finding::new(
+            INVALID_BACKEND,
+            format!("{at}: name and key are required"),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads Secrets of one namespace, each at most once per resolution.
+struct SecretReader {
+    api: Api<Secret>,
+    namespace: String,
+    cache: BTreeMap<String, Option<Secret>>,
+}
+
+impl SecretReader {
+    async fn value(&mut self, r: &SecretKeyRef, at: &str) -> Result<String, Finding> {
+        if !self.cache.contains_key(&r.name) {
+            let got = self.api.get_opt(&r.name).await.map_err(|e| {
+                Finding::new(
+                    SECRET_NOT_FOUND,
+                    format!("{at}: reading Secret {}/{}: {e}", self.namespace, r.name),
+                )
+            })?;
+            self.cache.insert(r.name.clone(), got);
+        }
+        let Some(Some(secret)) = self.cache.get(&r.name) else {
+            return Err(Finding::new(
+                SECRET_NOT_FOUND,
+                format!("{at}: Secret {}/{} not found", self.namespace, r.name),
+            ));
+        };
+        let data = secret.data.as_ref();
+        let string_data = secret.string_data.as_ref();
+        let value = data
+            .and_then(|d| d.get(&r.key))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .or_else(|| string_data.and_then(|d| d.get(&r.key)).cloned());
+        match value {
+            Some(v) if !v.is_empty() => Ok(v),
+            Some(_) => Err(Finding::new(
+                SECRET_KEY_NOT_FOUND,
+                format!(
+                    "{at}: key {:?} of Secret {}/{} is empty",
+                    r.key, self.namespace, r.name
+                ),
+            )),
+            None => {
+                let keys: Vec<&str> = data
+                    .map(|d| d.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
+                Err(Finding::new(
+                    SECRET_KEY_NOT_FOUND,
+                    format!(
+                        "{at}: Secret {}/{} has no key {:?} (it has: {})",
+                        self.namespace,
+                        r.name,
+                        r.key,
+                        if keys.is_empty() {
+                            "none".to_string()
+                        } else {
+                            keys.join(", ")
+                        }
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// Validates `spec` and reads its Secrets from `namespace`.
+pub async fn resolve(
+    client: &Client,
+    namespace: &str,
+    spec: &BackendSpec,
+    at: &str,
+) -> Result<pb::Repository, Finding> {
+    validate(spec, at)?;
+    let mut secrets = SecretReader {
+        api: Api::namespaced(client.clone(), namespace),
+        namespace: namespace.to_string(),
+        cache: BTreeMap::new(),
+    };
+    let password = secrets
+        .value(
+            &spec.repo_password_secret_ref,
+            &format!("{at}.repoPasswordSecretRef"),
+        )
+        .await?;
+    let backend = if let Some(l) = &spec.local {
+        PbBackend::Local(pb::LocalBackend {
+            path: l.path.clone(),
+        })
+    } else if let Some(s) = &spec.s3 {
+        PbBackend::S3(pb::S3Backend {
+            endpoint: s.endpoint.clone(),
+            bucket: s.bucket.clone(),
+            prefix: s.prefix.clone().unwrap_or_default(),
+            region: s.region.clone().unwrap_or_default(),
+            access_key_id: secrets
+                .value(
+                    &s.access_key_id_secret_ref,
+                    &format!("{at}.s3.accessKeyIDSecretRef"),
+                )
+                .await?,
+            secret_access_key: secrets
+                .value(
+                    &s.secret_access_key_secret_ref,
+                    &format!("{at}.s3.secretAccessKeySecretRef"),
+                )
+                .await?,
+        })
+    } else if let Some(r) = &spec.rest {
+        let mut optional = async |sr: &Option<SecretKeyRef>, field: &str| match sr {
+            Some(sr) => secrets.value(sr, &format!("{at}.rest.{field}")).await,
+            None => Ok(String::new()),
+        };
+        let username = optional(&r.username_secret_ref, "usernameSecretRef").await?;
+        let password = optional(&r.password_secret_ref, "passwordSecretRef").await?;
+        PbBackend::Rest(pb::RestBackend {
+            url: r.url.clone(),
+            username,
+            password,
+        })
+    } else {
+        return Err(Finding::new(
+            INVALID_BACKEND,
+            format!("{at}: set exactly one of local, s3, rest"),
+        ));
+    };
+    Ok(pb::Repository {
+        backend: Some(backend),
+        password,
+        // A new repository is created on first backup; Check and Prune never create one.
+        auto_init: true,
+        limit_upload_kib: spec.limit_upload_kib.unwrap_or(0),
+        limit_download_kib: spec.limit_download_kib.unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{LocalBackend, RestBackend, S3Backend};
+
+    fn local() -> BackendSpec {
+        BackendSpec {
+            repo_password_secret_ref: SecretKeyRef {
+                name: "repo".into(),
+                key: "password".into(),
+            },
+            local: Some(LocalBackend {
+                path: "/var/lib/stowage-repo".into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn exactly_one_known_backend_is_required_and_named() {
+        assert!(validate(&local(), "spec.backend").is_ok());
+        let mut two = local();
+        two.rest = Some(RestBackend {
+            url: "http://x".into(),
+            ..Default::default()
+        });
+        let e = validate(&two, "spec.backend").unwrap_err();
+        assert_eq!(e.reason, INVALID_BACKEND);
+        assert!(
+            e.message.contains("local and rest are set"),
+            "{}",
+            e.message
+        );
+        let mut none = local();
+        none.local = None;
+        assert!(
+            validate(&none, "spec.backend")
+                .unwrap_err()
+                .message
+                .contains("none is set")
+        );
+        let unknown: BackendSpec = serde_json::from_value(serde_json::json!({
+            "repoPasswordSecretRef": {"name": "r", "key": "k"},
+            "gcs": {"bucket": "b"}
+        }))
+        .unwrap();
+        let e = validate(&unknown, "spec.backend").unwrap_err();
+        assert!(
+            e.message
+                .starts_with("spec.backend.gcs: unknown backend type"),
+            "{}",
+            e.message
+        );
+        let mut relative = local();
+        relative.local = Some(LocalBackend {
+            path: "repo".into(),
+        });
+        assert!(
+            validate(&relative, "spec.backend")
+                .unwrap_err()
+                .message
+                .contains("local.path")
+        );
+        let mut s3 = local();
+        s3.local = None;
+        s3.s3 = Some(S3Backend {
+            endpoint: "http://127.0.0.1:9000".into(),
+            bucket: "b".into(),
+            ..Default::default()
+        });
+        let e = validate(&s3, "spec.backend").unwrap_err();
+        assert!(
+            e.message.contains("s3.accessKeyIDSecretRef"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn unknown_keys_round_trip_and_known_ones_do_not_leak_into_them() {
+        let spec: BackendSpec = serde_json::from_value(serde_json::json!({
+            "repoPasswordSecretRef": {"name": "r", "key": "k"},
+            "local": {"path": "/r"},
+            "limitUploadKiB": 100
+        }))
+        .unwrap();
+        assert!(spec.unknown.is_empty());
+        assert_eq!(spec.limit_upload_kib, Some(100));
+    }
+}

@@ -1,0 +1,163 @@
+//! Command-line flags; each one can also come from a `STOWAGE_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "stowage-coordinator",
+    version,
+    about = "Stowage coordinator: turns Schedule, Backup, Check and Prune objects into work for the node agents"
+)]
+pub struct Config {
+    /// Watch only this namespace (default: every namespace).
+    #[arg(long, env = "STOWAGE_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Namespace of the agent DaemonSet's pods.
+    #[arg(
+        long,
+        env = "STOWAGE_AGENT_NAMESPACE",
+        default_value = "stowage-system"
+    )]
+    pub agent_namespace: String,
+
+    /// Label selector of the agent DaemonSet's pods.
+    #[arg(
+        long,
+        env = "STOWAGE_AGENT_SELECTOR",
+        default_value = "app.kubernetes.io/name=stowage-agent"
+    )]
+    pub agent_selector: String,
+
+    /// The agents' gRPC port (dialled at podIP:port).
+    #[arg(long, env = "STOWAGE_AGENT_PORT", default_value_t = 9443)]
+    pub agent_port: u16,
+
+    /// PEM CA bundle that signed the agents' serving certificates.
+    #[arg(
+        long,
+        env = "STOWAGE_TLS_CA",
+        required_unless_present = "insecure_plaintext"
+    )]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate presented to the agents.
+    #[arg(
+        long,
+        env = "STOWAGE_TLS_CERT",
+        required_unless_present = "insecure_plaintext"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "STOWAGE_TLS_KEY",
+        required_unless_present = "insecure_plaintext"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Name the agents' certificate is verified against (e.g. one shared `stowage-agent` DNS name);
+    /// by default the pod IP, which the certificate must then carry as an IP SAN.
+    #[arg(long, env = "STOWAGE_AGENT_TLS_SERVER_NAME")]
+    pub agent_tls_server_name: Option<String>,
+
+    /// Dial agents without TLS: tests only.
+    #[arg(long, env = "STOWAGE_INSECURE_PLAINTEXT", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    pub insecure_plaintext: bool,
+
+    /// Address of /metrics and /healthz.
+    #[arg(long, env = "STOWAGE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
+    /// Namespace of the leader-election Lease (default: the pod's namespace, else stowage-system).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "stowage-system")]
+    pub lease_namespace: String,
+
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "STOWAGE_LEASE_NAME",
+        default_value = "stowage-coordinator"
+    )]
+    pub lease_name: String,
+
+    /// This replica's identity in the Lease (default: the pod name, else host and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// How long a leader's Lease is honoured without renewal.
+    #[arg(long, env = "STOWAGE_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+
+    /// A fire time missed (coordinator down) by less than this still runs, once; older ones are
+    /// counted as missed.
+    #[arg(long, env = "STOWAGE_MISSED_RUN_DEADLINE", default_value = "10m", value_parser = parse_duration)]
+    pub missed_run_deadline: Duration,
+
+    /// Finished runs kept per Schedule and action (a Schedule's spec.keepRuns overrides it).
+    #[arg(long, env = "STOWAGE_KEEP_RUNS", default_value_t = 3)]
+    pub keep_runs: u32,
+
+    /// HTTP/2 keepalive towards agents: an agent that stops answering pings for this long is
+    /// considered dead and its volume fails (an agent process that exits fails it at once).
+    #[arg(long, env = "STOWAGE_AGENT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub agent_timeout: Duration,
+
+    /// Image of mount-holder pods (they only hold a PVC mounted; the agent reads it).
+    #[arg(
+        long,
+        env = "STOWAGE_MOUNT_HOLDER_IMAGE",
+        default_value = "registry.k8s.io/pause:3.10"
+    )]
+    pub mount_holder_image: String,
+
+    /// How long a mount-holder pod may take to be scheduled and running.
+    #[arg(long, env = "STOWAGE_MOUNT_HOLDER_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub mount_holder_timeout: Duration,
+
+    /// Log as JSON lines.
+    #[arg(long, env = "STOWAGE_LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl Config {
+    pub fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "coordinator".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+/// "30s", "10m", "1h30m", "500ms".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    restic_wrap::lock::parse_go_duration(s)
+        .ok_or_else(|| format!("not a duration: {s:?} (e.g. 30s, 10m, 1h)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn tls_is_required_unless_plaintext_is_explicit() {
+        assert!(Config::try_parse_from(["c"]).is_err());
+        let c =
+            Config::try_parse_from(["c", "--insecure-plaintext", "--missed-run-deadline", "90s"])
+                .unwrap();
+        assert_eq!(c.missed_run_deadline, Duration::from_secs(90));
+        assert_eq!(c.agent_port, 9443);
+        assert!(parse_duration("soon").is_err());
+    }
+}

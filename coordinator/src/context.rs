@@ -1,0 +1,63 @@
+//! What every reconciler and run shares.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use kube::Client;
+
+use crate::agents::AgentDirectory;
+use crate::conditions::Notifier;
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+pub struct Ctx {
+    pub client: Client,
+    pub config: Config,
+    pub agents: Arc<AgentDirectory>,
+    pub notifier: Notifier,
+    pub metrics: Metrics,
+    /// UIDs of runs this process is executing, so a reconcile never starts one twice.
+    active: Mutex<HashSet<String>>,
+}
+
+impl Ctx {
+    pub fn new(
+        client: Client,
+        config: Config,
+        agents: Arc<AgentDirectory>,
+        notifier: Notifier,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            client,
+            config,
+            agents,
+            notifier,
+            metrics,
+            active: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Claims run `uid` for execution; `None` when it is already executing here.
+    pub fn claim(self: &Arc<Self>, uid: &str) -> Option<Claim> {
+        let mut active = self.active.lock().ok()?;
+        active.insert(uid.to_string()).then(|| Claim {
+            ctx: Arc::clone(self),
+            uid: uid.to_string(),
+        })
+    }
+}
+
+/// Releases a run's claim when its execution ends, however it ends.
+pub struct Claim {
+    ctx: Arc<Ctx>,
+    uid: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Ok(mut active) = self.ctx.active.lock() {
+            active.remove(&self.uid);
+        }
+    }
+}

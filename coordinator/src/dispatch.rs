@@ -1,0 +1,186 @@
+//! Calling a node agent: one volume backup, or one repository maintenance task, with its progress
+//! stream. Failures become sentences a user can act on ("agent on node-2 unreachable: ...").
+
+use futures::StreamExt;
+use stowage_proto::v1::{
+    BackupRequest, BackupResult, CheckRequest, MaintenanceResult, Progress, PruneRequest,
+    Repository, Snapshot, SnapshotsRequest, VolumeIdentity, VolumeRef, VolumeSource, backup_event,
+    backup_request, maintenance_event,
+};
+use tonic::Code;
+
+use crate::agents::{AgentDirectory, AgentEndpoint, AgentUnavailable};
+
+/// The agent tags every snapshot with `stowage.dev/run=<run id>`, so a resumed run can tell what
+/// it already backed up.
+pub const TAG_RUN: &str = "stowage.dev/run";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error(transparent)]
+    Unavailable(#[from] AgentUnavailable),
+    #[error("agent on node {node} ({uri}) is unreachable: {message}")]
+    Unreachable {
+        node: String,
+        uri: String,
+        message: String,
+    },
+    #[error("agent on node {node}: {message}")]
+    Agent {
+        node: String,
+        code: Code,
+        message: String,
+    },
+    #[error("agent on node {node} ended the stream without a result (it may have restarted)")]
+    NoResult { node: String },
+}
+
+impl DispatchError {
+    /// Whether another agent could do the same work (maintenance tries the next one).
+    pub fn try_elsewhere(&self) -> bool {
+        matches!(
+            self,
+            DispatchError::Unavailable(_) | DispatchError::Unreachable { .. }
+        )
+    }
+
+    fn from_status(ep: &AgentEndpoint, s: tonic::Status) -> Self {
+        // A refused connection is UNAVAILABLE; a connection reset mid-stream (the agent died)
+        // surfaces as UNKNOWN with a transport error.
+        let transport = s.code() == Code::Unknown
+            && (s.message().contains("transport") || s.message().contains("connection"));
+        match s.code() {
+            Code::Unavailable => DispatchError::Unreachable {
+                node: ep.node.clone(),
+                uri: ep.uri.clone(),
+                message: s.message().to_string(),
+            },
+            _ if transport => DispatchError::Unreachable {
+                node: ep.node.clone(),
+                uri: ep.uri.clone(),
+                message: s.message().to_string(),
+            },
+            code => DispatchError::Agent {
+                node: ep.node.clone(),
+                code,
+                message: s.message().to_string(),
+            },
+        }
+    }
+}
+
+/// One volume to back up, where it is.
+#[derive(Debug, Clone)]
+pub struct VolumeJob {
+    /// `<namespace>/<name>` of the run.
+    pub run_id: String,
+    pub repository: Repository,
+    pub namespace: String,
+    pub pvc: String,
+    pub pod: String,
+    pub pod_uid: String,
+    pub volume_name: String,
+    pub node: String,
+}
+
+pub async fn backup_volume(
+    agents: &AgentDirectory,
+    job: &VolumeJob,
+    mut on_progress: impl FnMut(&Progress),
+) -> Result<BackupResult, DispatchError> {
+    let ep = agents.endpoint(&job.node)?;
+    let mut client = agents.client(&ep)?;
+    let req = BackupRequest {
+        run_id: job.run_id.clone(),
+        repository: Some(job.repository.clone()),
+        identity: Some(VolumeIdentity {
+            namespace: job.namespace.clone(),
+            pvc: job.pvc.clone(),
+            pod_name: job.pod.clone(),
+        }),
+        source: Some(backup_request::Source::Volume(VolumeSource {
+            r#ref: Some(VolumeRef {
+                pod_uid: job.pod_uid.clone(),
+                volume_name: job.volume_name.clone(),
+            }),
+        })),
+        // The agent tags the snapshot with the run id (TAG_RUN).
+        extra_tags: Vec::new(),
+        excludes: Vec::new(),
+    };
+    let mut stream = client
+        .backup(req)
+        .await
+        .map_err(|s| DispatchError::from_status(&ep, s))?
+        .into_inner();
+    while let Some(ev) = stream.next().await {
+        match ev.map_err(|s| DispatchError::from_status(&ep, s))?.event {
+            Some(backup_event::Event::Progress(p)) => on_progress(&p),
+            Some(backup_event::Event::Result(r)) => return Ok(r),
+            None => {}
+        }
+    }
+    Err(DispatchError::NoResult { node: ep.node })
+}
+
+/// The identity's snapshots made by run `run_id` (a resumed run skips those volumes).
+pub async fn snapshots_of_run(
+    agents: &AgentDirectory,
+    node: &str,
+    repository: &Repository,
+    namespace: &str,
+    pvc: &str,
+    run_id: &str,
+) -> Result<Vec<Snapshot>, DispatchError> {
+    let ep = agents.endpoint(node)?;
+    let mut client = agents.client(&ep)?;
+    let resp = client
+        .snapshots(SnapshotsRequest {
+            repository: Some(repository.clone()),
+            identity: Some(VolumeIdentity {
+                namespace: namespace.into(),
+                pvc: pvc.into(),
+                pod_name: String::new(),
+            }),
+        })
+        .await
+        .map_err(|s| DispatchError::from_status(&ep, s))?
+        .into_inner();
+    let tag = format!("{TAG_RUN}={run_id}");
+    Ok(resp
+        .snapshots
+        .into_iter()
+        .filter(|s| s.tags.contains(&tag))
+        .collect())
+}
+
+pub enum Maintenance {
+    Check(CheckRequest),
+    Prune(PruneRequest),
+}
+
+/// Runs a maintenance task on the agent of `node`.
+pub async fn maintain(
+    agents: &AgentDirectory,
+    node: &str,
+    task: &Maintenance,
+    mut on_progress: impl FnMut(&Progress),
+) -> Result<MaintenanceResult, DispatchError> {
+    let ep = agents.endpoint(node)?;
+    let mut client = agents.client(&ep)?;
+    let resp = match task {
+        Maintenance::Check(r) => client.check(r.clone()).await,
+        Maintenance::Prune(r) => client.prune(r.clone()).await,
+    };
+    let mut stream = resp
+        .map_err(|s| DispatchError::from_status(&ep, s))?
+        .into_inner();
+    while let Some(ev) = stream.next().await {
+        match ev.map_err(|s| DispatchError::from_status(&ep, s))?.event {
+            Some(maintenance_event::Event::Progress(p)) => on_progress(&p),
+            Some(maintenance_event::Event::Result(r)) => return Ok(r),
+            None => {}
+        }
+    }
+    Err(DispatchError::NoResult { node: ep.node })
+}

@@ -1,0 +1,235 @@
+//! Mount-holder pods: a PVC that no running pod mounts is still backed up. A short-lived pod mounts
+//! it read-only; Kubernetes schedules it (volume topology and RWO attachment included) and the agent
+//! on that node reads the volume like any other. The pod is owned by the run, so it is
+//! garbage-collected even if the coordinator dies before deleting it.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{
+    Container, PersistentVolumeClaimVolumeSource, Pod, PodSpec, ResourceRequirements,
+    SecurityContext, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::crd::Backup;
+
+pub const LABEL_MOUNT_HOLDER: &str = "stowage.dev/mount-holder";
+
+/// A running holder: where the volume can now be read.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub pod: String,
+    pub uid: String,
+    pub node: String,
+}
+
+/// FNV-1a, for short stable name suffixes.
+fn short_hash(s: &str) -> String {
+    let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{:08x}", h & 0xffff_ffff)
+}
+
+/// `<pvc>-hold-<hash>`, at most 63 characters (a valid hostname label), unique per run and PVC.
+pub fn pod_name(run_uid: &str, pvc: &str) -> String {
+    let mut base: String = pvc.chars().take(63 - 14).collect();
+    while base.ends_with(['-', '.']) {
+        base.pop();
+    }
+    format!("{base}-hold-{}", short_hash(&format!("{run_uid}/{pvc}")))
+}
+
+pub fn pod_for(run: &Backup, pvc: &str, image: &str) -> Pod {
+    let owner = OwnerReference {
+        api_version: Backup::api_version(&()).into_owned(),
+        kind: Backup::kind(&()).into_owned(),
+        name: run.name_any(),
+        uid: run.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    };
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(pod_name(&run.uid().unwrap_or_default(), pvc)),
+            namespace: run.namespace(),
+            labels: Some(
+                [
+                    (LABEL_MOUNT_HOLDER.to_string(), "true".to_string()),
+                    ("stowage.dev/run".to_string(), run.name_any()),
+                ]
+                .into(),
+            ),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            termination_grace_period_seconds: Some(0),
+            automount_service_account_token: Some(false),
+            // Wherever the volume can be attached is fine, tainted nodes included.
+            tolerations: Some(vec![Toleration {
+                operator: Some("Exists".into()),
+                ..Default::default()
+            }]),
+            containers: vec![Container {
+                name: "hold".into(),
+                image: Some(image.into()),
+                volume_mounts: Some(vec![VolumeMount {
+                    name: "data".into(),
+                    mount_path: "/data".into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                }]),
+                resources: Some(ResourceRequirements {
+                    requests: Some(
+                        [
+                            ("cpu".to_string(), Quantity("1m".into())),
+                            ("memory".to_string(), Quantity("8Mi".into())),
+                        ]
+                        .into(),
+                    ),
+                    ..Default::default()
+                }),
+                security_context: Some(SecurityContext {
+                    allow_privilege_escalation: Some(false),
+                    read_only_root_filesystem: Some(true),
+                    run_as_non_root: Some(true),
+                    run_as_user: Some(65535),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            volumes: Some(vec![Volume {
+                name: "data".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: pvc.into(),
+                    read_only: Some(true),
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// Why a holder pod is not running yet, for the error message.
+fn pending_reason(pod: &Pod) -> String {
+    let status = pod.status.as_ref();
+    let phase = status
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_else(|| "Pending".into());
+    let why = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.status != "True"))
+        .and_then(|c| c.message.clone())
+        .unwrap_or_default();
+    if why.is_empty() {
+        phase
+    } else {
+        format!("{phase}: {why}")
+    }
+}
+
+/// Creates the holder for `pvc` (or adopts one left by an earlier attempt of the same run) and
+/// waits until it runs on a node.
+pub async fn hold(
+    client: &Client,
+    run: &Backup,
+    pvc: &str,
+    image: &str,
+    timeout: Duration,
+) -> Result<Held, String> {
+    let ns = run.namespace().unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = pod_for(run, pvc, image);
+    let name = pod.name_any();
+    match api.create(&PostParams::default(), &pod).await {
+        Ok(_) => tracing::info!(namespace = %ns, pvc, pod = %name, "created mount holder"),
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => {
+            return Err(format!(
+                "creating mount holder pod {ns}/{name} for PVC {pvc}: {e}"
+            ));
+        }
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::from("Pending");
+    while tokio::time::Instant::now() < deadline {
+        match api.get_opt(&name).await {
+            Ok(Some(p)) => {
+                let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+                if let (true, Some(node), Some(uid)) = (running, node, p.uid()) {
+                    return Ok(Held {
+                        pod: name,
+                        uid,
+                        node,
+                    });
+                }
+                last = pending_reason(&p);
+            }
+            Ok(None) => last = "deleted while starting".into(),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    release(client, &ns, &name).await;
+    Err(format!(
+        "mount holder pod {ns}/{name} for PVC {pvc} did not start within {}s ({last})",
+        timeout.as_secs()
+    ))
+}
+
+/// Deletes a holder pod (absent is fine).
+pub async fn release(client: &Client, namespace: &str, pod: &str) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let dp = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    };
+    match api.delete(pod, &dp).await {
+        Ok(_) => tracing::info!(namespace, pod, "deleted mount holder"),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => {
+            tracing::warn!(namespace, pod, error = %e, "deleting mount holder (its run owns it, so GC will)")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holder_pods_are_read_only_owned_and_validly_named() {
+        let mut run = Backup::new("nightly-backup-1", Default::default());
+        run.metadata.namespace = Some("shop".into());
+        run.metadata.uid = Some("uid-1".into());
+        let long = "x".repeat(200);
+        let name = pod_name("uid-1", &long);
+        assert!(name.len() <= 63, "{name}");
+        assert_ne!(pod_name("uid-1", "db"), pod_name("uid-2", "db"));
+        let pod = pod_for(&run, "db", "pause");
+        let spec = pod.spec.unwrap();
+        let claim = spec.volumes.unwrap()[0]
+            .persistent_volume_claim
+            .clone()
+            .unwrap();
+        assert_eq!(claim.claim_name, "db");
+        assert_eq!(claim.read_only, Some(true));
+        let owner = &pod.metadata.owner_references.unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("Backup", "uid-1")
+        );
+        assert_eq!(
+            spec.node_name, None,
+            "scheduled by Kubernetes, never pinned"
+        );
+    }
+}

@@ -1,0 +1,592 @@
+//! A Backup run: plan which node's agent reads each selected volume, hold unmounted PVCs with a
+//! mount-holder pod, dispatch under the run's concurrency limits, and record one status item per
+//! volume. Resuming after a coordinator restart never backs up a finished volume again: items
+//! already Succeeded are kept, and for the others the agents are asked whether a snapshot tagged
+//! with this run exists.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+use stowage_proto::v1::{self as pb, BackupResult, Outcome};
+use tokio::sync::Semaphore;
+use tonic::Code;
+
+use super::{Shared, finish, resolve_backend, run_id, start};
+use crate::conditions::Finding;
+use crate::context::Ctx;
+use crate::crd::{Backup, Concurrency, ItemStatus, RunPhase};
+use crate::dispatch::{self, DispatchError, VolumeJob};
+use crate::mount_holder;
+use crate::plan::{self, PodInfo, PvcInfo};
+use crate::runs::{StatusWriter, phase_of};
+
+pub const NOTHING_SELECTED: &str = "NothingSelected";
+pub const INVALID_SELECTOR: &str = "InvalidSelector";
+
+/// Where a selected volume will be read.
+enum Source {
+    Mounted {
+        node: String,
+        pod: String,
+        pod_uid: String,
+        pv: String,
+    },
+    /// No running pod mounts it: a mount-holder pod will.
+    Unmounted { pv: String },
+    /// Cannot be read at all; the message says why.
+    Unreadable(String),
+}
+
+struct Work {
+    namespace: String,
+    pvc: String,
+    source: Source,
+}
+
+/// The run's concurrency limits: one cluster-wide semaphore and one per node.
+struct Limits {
+    cluster: Arc<Semaphore>,
+    per_node: usize,
+    nodes: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Limits {
+    fn new(c: Option<&Concurrency>) -> Self {
+        let limit = |v: Option<u32>| {
+            v.filter(|n| *n > 0)
+                .map_or(Semaphore::MAX_PERMITS, |n| n as usize)
+        };
+        Self {
+            cluster: Arc::new(Semaphore::new(limit(c.and_then(|c| c.cluster)))),
+            per_node: limit(c.and_then(|c| c.per_node)),
+            nodes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn node(&self, node: &str) -> Arc<Semaphore> {
+        let mut nodes = match self.nodes.lock() {
+            Ok(n) => n,
+            Err(p) => p.into_inner(),
+        };
+        Arc::clone(
+            nodes
+                .entry(node.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_node))),
+        )
+    }
+}
+
+fn item_key(i: &ItemStatus) -> (&str, &str) {
+    (i.namespace.as_str(), i.pvc.as_str())
+}
+
+/// Applies `f` to the item of `namespace/pvc`, creating it if needed.
+fn with_item(
+    writer: &StatusWriter<Backup>,
+    namespace: &str,
+    pvc: &str,
+    f: impl FnOnce(&mut ItemStatus),
+) {
+    writer.update(|s| {
+        let idx = match s.items.iter().position(|i| item_key(i) == (namespace, pvc)) {
+            Some(i) => i,
+            None => {
+                s.items.push(ItemStatus {
+                    namespace: namespace.into(),
+                    pvc: pvc.into(),
+                    ..Default::default()
+                });
+                s.items.len() - 1
+            }
+        };
+        if let Some(item) = s.items.get_mut(idx) {
+            f(item);
+        }
+    });
+}
+
+fn pvc_info(p: &PersistentVolumeClaim) -> PvcInfo {
+    PvcInfo {
+        namespace: p.namespace().unwrap_or_default(),
+        name: p.name_any(),
+        labels: p.labels().clone(),
+        annotations: p.annotations().clone(),
+        volume_name: p
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_name.clone())
+            .filter(|v| !v.is_empty()),
+    }
+}
+
+fn pod_info(p: &Pod) -> PodInfo {
+    let running = p.metadata.deletion_timestamp.is_none()
+        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    PodInfo {
+        namespace: p.namespace().unwrap_or_default(),
+        name: p.name_any(),
+        uid: p.uid().unwrap_or_default(),
+        node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
+        running,
+        annotations: p.annotations().clone(),
+        claims: p
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.as_ref())
+            .map(|vs| {
+                vs.iter()
+                    .filter_map(|v| v.persistent_volume_claim.as_ref())
+                    .map(|c| c.claim_name.clone())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// What to back up, or why nothing can be.
+async fn select(
+    ctx: &Ctx,
+    namespace: &str,
+    selector: Option<&LabelSelector>,
+) -> Result<Vec<Work>, Finding> {
+    let lp = ListParams::default();
+    let listed =
+        |e: kube::Error| Finding::new("ListFailed", format!("listing in {namespace}: {e}"));
+    let pvcs: Vec<PvcInfo> =
+        Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace)
+            .list(&lp)
+            .await
+            .map_err(listed)?
+            .items
+            .iter()
+            .map(pvc_info)
+            .collect();
+    let pods: Vec<PodInfo> = Api::<Pod>::namespaced(ctx.client.clone(), namespace)
+        .list(&lp)
+        .await
+        .map_err(listed)?
+        .items
+        .iter()
+        // Another run's mount holder is not a workload.
+        .filter(|p| !p.labels().contains_key(mount_holder::LABEL_MOUNT_HOLDER))
+        .map(pod_info)
+        .collect();
+    let ready = ctx.agents.ready_nodes();
+    let ready: Vec<&str> = ready.iter().map(String::as_str).collect();
+    let planned = plan::plan(selector, &pvcs, &pods, &ready)
+        .map_err(|e| Finding::new(INVALID_SELECTOR, format!("spec.{}: {}", e.field, e.reason)))?;
+    if planned.volume_count() == 0
+        && planned
+            .skipped
+            .iter()
+            .all(|(_, _, r)| *r != plan::SkipReason::NotBound)
+    {
+        let excluded = planned.skipped.len();
+        let what = if selector.is_some() {
+            format!("spec.selector matches no PersistentVolumeClaim in namespace {namespace}")
+        } else {
+            format!("namespace {namespace} has no PersistentVolumeClaim")
+        };
+        let more = if excluded > 0 {
+            format!(
+                " to back up ({excluded} excluded by the {} annotation)",
+                plan::BACKUP_ANNOTATION
+            )
+        } else {
+            String::new()
+        };
+        return Err(Finding::new(NOTHING_SELECTED, format!("{what}{more}")));
+    }
+    let mut work = Vec::new();
+    for (node, assigned) in &planned.by_node {
+        let unavailable = ctx.agents.endpoint(node).err();
+        for a in assigned {
+            let source = match &unavailable {
+                Some(e) => Source::Unreadable(e.to_string()),
+                None => Source::Mounted {
+                    node: node.to_string(),
+                    pod: a.pod.into(),
+                    pod_uid: a.pod_uid.into(),
+                    pv: a.pv.into(),
+                },
+            };
+            work.push(Work {
+                namespace: a.namespace.into(),
+                pvc: a.pvc.into(),
+                source,
+            });
+        }
+    }
+    for (ns, pvc, pv) in &planned.needs_mount_holder {
+        work.push(Work {
+            namespace: ns.to_string(),
+            pvc: pvc.to_string(),
+            source: Source::Unmounted { pv: pv.to_string() },
+        });
+    }
+    for (ns, pvc, reason) in &planned.skipped {
+        if *reason == plan::SkipReason::NotBound {
+            work.push(Work {
+                namespace: ns.to_string(),
+                pvc: pvc.to_string(),
+                source: Source::Unreadable(
+                    "the PVC is not bound to a PersistentVolume yet; there is no data to back up"
+                        .into(),
+                ),
+            });
+        }
+    }
+    Ok(work)
+}
+
+pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error> {
+    let namespace = run.namespace().unwrap_or_default();
+    let writer = StatusWriter::new(ctx.client.clone(), run.as_ref());
+    let resumed = start(&writer).await?;
+    if resumed {
+        tracing::info!(namespace = %namespace, run = %run.name_any(), "resuming a run interrupted by a coordinator restart");
+    }
+    let (repository, schedule) = match resolve_backend(
+        &ctx,
+        &namespace,
+        run.spec.backend.as_ref(),
+        run.spec.schedule_ref.as_ref(),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(f) => return super::fail(&ctx, run.as_ref(), &writer, &f).await,
+    };
+    let from_schedule = schedule.as_ref().and_then(|s| s.spec.backup.as_ref());
+    let selector = run
+        .spec
+        .selector
+        .as_ref()
+        .or(from_schedule.and_then(|b| b.selector.as_ref()));
+    let concurrency = run
+        .spec
+        .concurrency
+        .as_ref()
+        .or(from_schedule.and_then(|b| b.concurrency.as_ref()));
+    let work = match select(&ctx, &namespace, selector).await {
+        Ok(w) => w,
+        Err(f) => return super::fail(&ctx, run.as_ref(), &writer, &f).await,
+    };
+    let done: Vec<(String, String)> = writer
+        .snapshot()
+        .items
+        .iter()
+        .filter(|i| i.phase == RunPhase::Succeeded)
+        .map(|i| (i.namespace.clone(), i.pvc.clone()))
+        .collect();
+    let limits = Arc::new(Limits::new(concurrency));
+    let ticker = writer.progress_ticker();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in work {
+        if done.contains(&(w.namespace.clone(), w.pvc.clone())) {
+            continue;
+        }
+        with_item(&writer, &w.namespace, &w.pvc, |i| {
+            i.phase = RunPhase::Pending;
+            i.error = None;
+        });
+        tasks.spawn(back_up_one(
+            Arc::clone(&ctx),
+            Arc::clone(&run),
+            Arc::clone(&writer),
+            w,
+            repository.clone(),
+            Arc::clone(&limits),
+            resumed,
+        ));
+    }
+    writer.flush().await?;
+    while tasks.join_next().await.is_some() {}
+    ticker.abort();
+
+    let items = writer.snapshot().items;
+    let phase = phase_of(&items);
+    let failed: Vec<String> = items
+        .iter()
+        .filter(|i| i.phase != RunPhase::Succeeded)
+        .map(|i| {
+            format!(
+                "{}/{}{}: {}",
+                i.namespace,
+                i.pvc,
+                i.node
+                    .as_deref()
+                    .map(|n| format!(" on {n}"))
+                    .unwrap_or_default(),
+                i.error.as_deref().unwrap_or("failed")
+            )
+        })
+        .collect();
+    let ok = items.len() - failed.len();
+    let finding = match phase {
+        RunPhase::Succeeded => {
+            Finding::new("BackedUp", format!("all {ok} volumes have a new snapshot"))
+        }
+        RunPhase::PartiallyFailed => Finding::new(
+            "SomeVolumesFailed",
+            format!(
+                "{ok} of {} volumes backed up; {}",
+                items.len(),
+                failed.join("; ")
+            ),
+        ),
+        _ => Finding::new(
+            "AllVolumesFailed",
+            format!("no volume was backed up: {}", failed.join("; ")),
+        ),
+    };
+    finish(&ctx, run.as_ref(), &writer, phase, &finding).await
+}
+
+async fn back_up_one(
+    ctx: Arc<Ctx>,
+    run: Arc<Backup>,
+    writer: Shared<Backup>,
+    work: Work,
+    repository: pb::Repository,
+    limits: Arc<Limits>,
+    resumed: bool,
+) {
+    let Work {
+        namespace,
+        pvc,
+        source,
+    } = work;
+    let id = run_id(run.as_ref());
+    let fail = |msg: String| {
+        with_item(&writer, &namespace, &pvc, |i| {
+            i.phase = RunPhase::Failed;
+            i.percent_done = None;
+            i.error = Some(msg);
+        });
+    };
+    if resumed && already_done(&ctx, &writer, &namespace, &pvc, &repository, &id, &source).await {
+        let _ = writer.flush().await;
+        return;
+    }
+    let (node, pod, pod_uid, pv, holder) = match source {
+        Source::Unreadable(msg) => {
+            fail(msg);
+            let _ = writer.flush().await;
+            return;
+        }
+        Source::Mounted {
+            node,
+            pod,
+            pod_uid,
+            pv,
+        } => (node, pod, pod_uid, pv, None),
+        Source::Unmounted { pv } => {
+            match mount_holder::hold(
+                &ctx.client,
+                run.as_ref(),
+                &pvc,
+                &ctx.config.mount_holder_image,
+                ctx.config.mount_holder_timeout,
+            )
+            .await
+            {
+                Ok(h) => (h.node, h.pod.clone(), h.uid, pv, Some(h.pod)),
+                Err(msg) => {
+                    fail(msg);
+                    let _ = writer.flush().await;
+                    return;
+                }
+            }
+        }
+    };
+    with_item(&writer, &namespace, &pvc, |i| {
+        i.node = Some(node.clone());
+        i.pod = Some(pod.clone());
+    });
+    let result = {
+        let _cluster = limits.cluster.acquire().await;
+        let node_limit = limits.node(&node);
+        let _node = node_limit.acquire().await;
+        with_item(&writer, &namespace, &pvc, |i| i.phase = RunPhase::Running);
+        let _ = writer.flush().await;
+        ctx.metrics.volume_dispatches.inc();
+        let job = VolumeJob {
+            run_id: id.clone(),
+            repository,
+            namespace: namespace.clone(),
+            pvc: pvc.clone(),
+            pod: pod.clone(),
+            pod_uid,
+            volume_name: pv,
+            node: node.clone(),
+        };
+        let mut attempts = 0;
+        loop {
+            let r = dispatch::backup_volume(&ctx.agents, &job, |p| {
+                if p.percent_done > 0.0 {
+                    with_item(&writer, &namespace, &pvc, |i| {
+                        i.percent_done = Some((p.percent_done * 1000.0).round() / 10.0);
+                    });
+                }
+            })
+            .await;
+            // A holder's volume may take a moment to appear in the agent's inventory.
+            let not_there_yet = matches!(
+                &r,
+                Err(DispatchError::Agent {
+                    code: Code::NotFound,
+                    ..
+                })
+            );
+            if holder.is_some() && not_there_yet && attempts < 20 {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                continue;
+            }
+            break r;
+        }
+    };
+    if let Some(h) = &holder {
+        mount_holder::release(&ctx.client, &namespace, h).await;
+    }
+    match result {
+        Ok(r) => with_item(&writer, &namespace, &pvc, |i| record(i, &r)),
+        Err(e) => {
+            tracing::warn!(run = %id, namespace = %namespace, pvc = %pvc, node = %node, error = %e, "volume backup failed");
+            fail(e.to_string());
+        }
+    }
+    if let Err(e) = writer.flush().await {
+        tracing::warn!(run = %id, error = %e, "writing run status");
+    }
+}
+
+/// On resume: whether this run already made a snapshot of the volume before the restart.
+async fn already_done(
+    ctx: &Ctx,
+    writer: &StatusWriter<Backup>,
+    namespace: &str,
+    pvc: &str,
+    repository: &pb::Repository,
+    id: &str,
+    source: &Source,
+) -> bool {
+    let ready = ctx.agents.ready_nodes();
+    let node = match source {
+        Source::Mounted { node, .. } => node.clone(),
+        _ => match ready.first() {
+            Some(n) => n.clone(),
+            None => return false,
+        },
+    };
+    let mut repo = repository.clone();
+    repo.auto_init = false;
+    match dispatch::snapshots_of_run(&ctx.agents, &node, &repo, namespace, pvc, id).await {
+        Ok(snaps) => match snaps.last() {
+            Some(s) => {
+                tracing::info!(run = %id, namespace, pvc, snapshot = %s.id, "already backed up by this run before the restart");
+                let snapshot = s.short_id.clone();
+                with_item(writer, namespace, pvc, |i| {
+                    i.phase = RunPhase::Succeeded;
+                    i.snapshot_id = Some(snapshot);
+                    i.percent_done = None;
+                    i.error = None;
+                });
+                true
+            }
+            None => false,
+        },
+        Err(e) => {
+            tracing::debug!(run = %id, namespace, pvc, error = %e, "could not look for an earlier snapshot; backing up");
+            false
+        }
+    }
+}
+
+fn record(i: &mut ItemStatus, r: &BackupResult) {
+    i.snapshot_id = Some(r.snapshot_id.clone());
+    i.files_new = Some(r.files_new);
+    i.files_changed = Some(r.files_changed);
+    i.files_unmodified = Some(r.files_unmodified);
+    i.bytes_added = Some(r.data_added_bytes);
+    i.duration_seconds = Some((r.duration_seconds * 1000.0).round() / 1000.0);
+    i.percent_done = None;
+    if r.outcome == Outcome::Succeeded as i32 {
+        i.phase = RunPhase::Succeeded;
+        i.error = None;
+    } else {
+        i.phase = RunPhase::PartiallyFailed;
+        let first: Vec<String> = r
+            .errors
+            .iter()
+            .take(3)
+            .map(|e| format!("{}: {}", e.item, e.message))
+            .collect();
+        i.error = Some(format!(
+            "snapshot {} is incomplete: restic could not read {} item(s) ({})",
+            r.snapshot_id,
+            r.errors.len().max(1),
+            first.join("; ")
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_result_is_never_recorded_as_success() {
+        let mut i = ItemStatus::default();
+        record(
+            &mut i,
+            &BackupResult {
+                outcome: Outcome::Partial as i32,
+                snapshot_id: "abc".into(),
+                errors: vec![pb::ItemError {
+                    item: "secret.key".into(),
+                    during: "archival".into(),
+                    message: "permission denied".into(),
+                }],
+                ..Default::default()
+            },
+        );
+        assert_eq!(i.phase, RunPhase::PartiallyFailed);
+        assert!(
+            i.error
+                .as_deref()
+                .unwrap()
+                .contains("secret.key: permission denied")
+        );
+        record(
+            &mut i,
+            &BackupResult {
+                outcome: Outcome::Succeeded as i32,
+                snapshot_id: "abc".into(),
+                files_new: 3,
+                ..Default::default()
+            },
+        );
+        assert_eq!(i.phase, RunPhase::Succeeded);
+        assert_eq!(i.files_new, Some(3));
+        assert_eq!(i.error, None);
+    }
+
+    #[test]
+    fn limits_default_to_unbounded_and_respect_settings() {
+        let l = Limits::new(Some(&Concurrency {
+            per_node: Some(2),
+            cluster: Some(5),
+        }));
+        assert_eq!(l.cluster.available_permits(), 5);
+        assert_eq!(l.node("n1").available_permits(), 2);
+        assert!(Arc::ptr_eq(&l.node("n1"), &l.node("n1")));
+        let u = Limits::new(None);
+        assert_eq!(u.cluster.available_permits(), Semaphore::MAX_PERMITS);
+    }
+}

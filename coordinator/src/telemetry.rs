@@ -1,0 +1,16 @@
+//! Structured logging through `tracing`; `RUST_LOG` filters, `--log-json` for log pipelines.
+
+use tracing_subscriber::EnvFilter;
+
+pub fn init(json: bool) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,kube_runtime=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}

@@ -1,0 +1,282 @@
+//! Repository-wide maintenance: `restic check`, and retention per volume identity followed by
+//! `restic prune`. Both take restic's exclusive lock, so the lock policy (wait, stale removal) applies.
+
+use std::time::Instant;
+
+use restic_wrap::options::{CheckOptions, ForgetOptions, PruneOptions, Retention};
+use stowage_proto::v1::{
+    CheckRequest, IdentityRetention, MaintenanceEvent, MaintenanceResult, Phase, Progress,
+    PruneRequest, RetentionPolicy, maintenance_event::Event,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::context::{AgentContext, ProgressSink};
+use crate::error::AgentError;
+use crate::identity::{TAG_NAMESPACE, TAG_PVC, is_k8s_name};
+use crate::repository;
+
+/// restic's reports can be long; the result carries the end, where the verdict is.
+const REPORT_TAIL: usize = 4096;
+
+pub fn progress_event(p: Progress) -> MaintenanceEvent {
+    MaintenanceEvent {
+        event: Some(Event::Progress(p)),
+    }
+}
+
+pub fn result_event(r: MaintenanceResult) -> MaintenanceEvent {
+    MaintenanceEvent {
+        event: Some(Event::Result(r)),
+    }
+}
+
+/// A validated maintenance request.
+pub enum MaintenancePlan {
+    Check {
+        repo: restic_wrap::Repository,
+        spec: stowage_proto::v1::Repository,
+        opts: CheckOptions,
+    },
+    Prune {
+        repo: restic_wrap::Repository,
+        spec: stowage_proto::v1::Repository,
+        forget: ForgetOptions,
+        prune: PruneOptions,
+    },
+}
+
+impl MaintenancePlan {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MaintenancePlan::Check { .. } => "check",
+            MaintenancePlan::Prune { .. } => "prune",
+        }
+    }
+}
+
+pub fn plan_check(req: CheckRequest) -> Result<MaintenancePlan, AgentError> {
+    let repo = repository::from_proto(req.repository.as_ref())?;
+    let subset = req.read_data_subset.trim();
+    if !subset.is_empty() && !valid_subset(subset) {
+        return Err(AgentError::InvalidArgument(format!(
+            "read_data_subset {subset:?}: use a percentage (\"5%\") or n/t (\"1/10\")"
+        )));
+    }
+    Ok(MaintenancePlan::Check {
+        repo,
+        spec: req.repository.unwrap_or_default(),
+        opts: CheckOptions {
+            read_data_subset: (!subset.is_empty()).then(|| subset.to_string()),
+        },
+    })
+}
+
+fn valid_subset(s: &str) -> bool {
+    let num = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    match (s.strip_suffix('%'), s.split_once('/')) {
+        (Some(p), _) => num(p),
+        (None, Some((n, t))) => num(n) && num(t),
+        _ => false,
+    }
+}
+
+pub fn plan_prune(req: PruneRequest) -> Result<MaintenancePlan, AgentError> {
+    let repo = repository::from_proto(req.repository.as_ref())?;
+    if !is_k8s_name(&req.namespace) {
+        return Err(AgentError::InvalidArgument(format!(
+            "namespace {:?} is not a valid Kubernetes name; retention is always scoped to one namespace",
+            req.namespace
+        )));
+    }
+    let retention = retention_from_proto(req.retention.unwrap_or_default());
+    if retention.is_empty() {
+        // restic forget without a policy keeps everything, but an empty policy is almost certainly
+        // a mistake that would otherwise look like a successful prune.
+        return Err(AgentError::InvalidArgument(
+            "retention: set at least one keep rule".into(),
+        ));
+    }
+    Ok(MaintenancePlan::Prune {
+        repo,
+        spec: req.repository.unwrap_or_default(),
+        forget: ForgetOptions {
+            retention,
+            tags: vec![format!("{TAG_NAMESPACE}={}", req.namespace)],
+            // The restic host is `<namespace>/<pvc>`: one group per volume identity, so each PVC
+            // keeps its own newest N and retention never mixes PVCs.
+            group_by: Some("host".into()),
+            dry_run: req.dry_run,
+            ..Default::default()
+        },
+        prune: PruneOptions {
+            dry_run: req.dry_run,
+            ..Default::default()
+        },
+    })
+}
+
+fn retention_from_proto(p: RetentionPolicy) -> Retention {
+    let n = |v: u32| (v > 0).then_some(v);
+    Retention {
+        keep_last: n(p.keep_last),
+        keep_hourly: n(p.keep_hourly),
+        keep_daily: n(p.keep_daily),
+        keep_weekly: n(p.keep_weekly),
+        keep_monthly: n(p.keep_monthly),
+        keep_yearly: n(p.keep_yearly),
+        keep_within: (!p.keep_within.is_empty()).then_some(p.keep_within),
+        keep_tags: p.keep_tags,
+    }
+}
+
+fn tail(s: &str) -> String {
+    let start = s.len().saturating_sub(REPORT_TAIL);
+    let start = (start..=s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
+    s[start..].trim().to_string()
+}
+
+pub async fn execute(
+    ctx: &AgentContext,
+    plan: MaintenancePlan,
+    progress: ProgressSink,
+    cancel: CancellationToken,
+) -> Result<MaintenanceResult, AgentError> {
+    let _slot = ctx.slot(&progress, &cancel).await?;
+    let started = Instant::now();
+    let work = async {
+        match plan {
+            MaintenancePlan::Check { repo, spec, opts } => {
+                let restic = ctx.restic(repo, Some(&spec), Some(progress.clone()));
+                restic.ensure_repository(false).await?;
+                progress.phase(Phase::Running, "restic check");
+                let report = restic.check(&opts).await?;
+                Ok::<_, AgentError>(MaintenanceResult {
+                    report: tail(&report),
+                    ..Default::default()
+                })
+            }
+            MaintenancePlan::Prune {
+                repo,
+                spec,
+                forget,
+                prune,
+            } => {
+                let restic = ctx.restic(repo, Some(&spec), Some(progress.clone()));
+                restic.ensure_repository(false).await?;
+                progress.phase(Phase::Running, "restic forget (per volume identity)");
+                let groups = restic.forget(&forget).await?;
+                let identities = groups
+                    .iter()
+                    .map(|g| {
+                        let first = g.keep.first();
+                        let (namespace, pvc) = match g.host.split_once('/') {
+                            Some((ns, pvc)) => (ns.to_string(), pvc.to_string()),
+                            None => (
+                                first
+                                    .and_then(|s| s.tag_value(TAG_NAMESPACE))
+                                    .unwrap_or_default()
+                                    .to_string(),
+                                first
+                                    .and_then(|s| s.tag_value(TAG_PVC))
+                                    .unwrap_or_default()
+                                    .to_string(),
+                            ),
+                        };
+                        IdentityRetention {
+                            namespace,
+                            pvc,
+                            kept: u32::try_from(g.keep.len()).unwrap_or(u32::MAX),
+                            removed: u32::try_from(g.remove.as_ref().map_or(0, Vec::len))
+                                .unwrap_or(u32::MAX),
+                        }
+                    })
+                    .collect();
+                progress.phase(Phase::Running, "restic prune");
+                let report = restic.prune(&prune).await?;
+                Ok(MaintenanceResult {
+                    identities,
+                    report: tail(&report),
+                    ..Default::default()
+                })
+            }
+        }
+    };
+    let mut result = tokio::select! {
+        r = work => r?,
+        _ = cancel.cancelled() => return Err(AgentError::Cancelled),
+    };
+    result.duration_seconds = started.elapsed().as_secs_f64();
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stowage_proto::v1::{LocalBackend, Repository, repository::Backend};
+
+    fn repo() -> Option<Repository> {
+        Some(Repository {
+            backend: Some(Backend::Local(LocalBackend {
+                path: "/tmp/repo".into(),
+            })),
+            password: "pw".into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn prune_is_scoped_to_a_namespace_and_grouped_per_identity() {
+        let plan = plan_prune(PruneRequest {
+            repository: repo(),
+            namespace: "shop".into(),
+            retention: Some(RetentionPolicy {
+                keep_last: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        let MaintenancePlan::Prune { forget, .. } = plan else {
+            panic!("not a prune plan")
+        };
+        assert_eq!(forget.tags, ["stowage.dev/namespace=shop"]);
+        assert_eq!(forget.group_by.as_deref(), Some("host"));
+        assert_eq!(forget.retention.keep_last, Some(2));
+        assert_eq!(forget.retention.keep_daily, None);
+    }
+
+    #[test]
+    fn bad_prune_and_check_requests_are_refused() {
+        let no_rules = plan_prune(PruneRequest {
+            repository: repo(),
+            namespace: "shop".into(),
+            ..Default::default()
+        });
+        assert!(matches!(no_rules, Err(AgentError::InvalidArgument(m)) if m.contains("retention")));
+        let no_ns = plan_prune(PruneRequest {
+            repository: repo(),
+            retention: Some(RetentionPolicy {
+                keep_last: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert!(matches!(no_ns, Err(AgentError::InvalidArgument(m)) if m.contains("namespace")));
+        for ok in ["5%", "1/10", "2.5%"] {
+            assert!(valid_subset(ok), "{ok}");
+        }
+        for bad in ["5", "%", "a/b", "1/", "--x"] {
+            assert!(!valid_subset(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn report_tail_keeps_the_end_on_a_char_boundary() {
+        let s = format!("{}é{}", "x".repeat(5000), "verdict");
+        let t = tail(&s);
+        assert!(t.ends_with("verdict"));
+        assert!(t.len() <= REPORT_TAIL);
+    }
+}
