@@ -3,9 +3,9 @@
 
 use futures::StreamExt;
 use stowage_proto::v1::{
-    BackupRequest, BackupResult, CheckRequest, MaintenanceResult, Progress, PruneRequest,
-    Repository, Snapshot, SnapshotsRequest, VolumeIdentity, VolumeRef, VolumeSource, backup_event,
-    backup_request, maintenance_event,
+    BackupRequest, BackupResult, CheckRequest, EnsureRepositoryRequest, MaintenanceResult,
+    Progress, PruneRequest, Repository, Snapshot, SnapshotsRequest, VolumeIdentity, VolumeRef,
+    VolumeSource, backup_event, backup_request, maintenance_event,
 };
 use tonic::Code;
 
@@ -121,6 +121,23 @@ pub async fn backup_volume(
         }
     }
     Err(DispatchError::NoResult { node: ep.node })
+}
+
+/// Opens (and, when `auto_init` is set, creates) the repository through the agent of `node`.
+pub async fn ensure_repository(
+    agents: &AgentDirectory,
+    node: &str,
+    repository: &Repository,
+) -> Result<(), DispatchError> {
+    let ep = agents.endpoint(node)?;
+    let mut client = agents.client(&ep)?;
+    client
+        .ensure_repository(EnsureRepositoryRequest {
+            repository: Some(repository.clone()),
+        })
+        .await
+        .map_err(|s| DispatchError::from_status(&ep, s))?;
+    Ok(())
 }
 
 /// The identity's snapshots made by run `run_id` (a resumed run skips those volumes).

@@ -311,7 +311,14 @@ async fn write_status(
     name: &str,
     status: &ScheduleStatus,
 ) -> Result<(), kube::Error> {
-    let patch = serde_json::json!({ "status": status });
+    // A merge patch leaves out what is absent: clear fields that became empty explicitly.
+    let mut value = serde_json::to_value(status).unwrap_or_default();
+    if let Some(obj) = value.as_object_mut() {
+        for key in ["nextRuns", "lastSuccessTime", "conditions"] {
+            obj.entry(key).or_insert(serde_json::Value::Null);
+        }
+    }
+    let patch = serde_json::json!({ "status": value });
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(drop)

@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use stowage_proto::v1::agent_server::Agent;
 use stowage_proto::v1::{
-    BackupEvent, BackupRequest, CheckRequest, ListVolumesRequest, ListVolumesResponse,
-    MaintenanceEvent, Progress, PruneRequest, RestoreEvent, RestoreRequest, Snapshot,
-    SnapshotsRequest, SnapshotsResponse, Volume, VolumeRef, backup_event, restore_event,
+    BackupEvent, BackupRequest, CheckRequest, EnsureRepositoryRequest, EnsureRepositoryResponse,
+    ListVolumesRequest, ListVolumesResponse, MaintenanceEvent, Progress, PruneRequest,
+    RestoreEvent, RestoreRequest, Snapshot, SnapshotsRequest, SnapshotsResponse, Volume, VolumeRef,
+    backup_event, restore_event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -261,5 +262,20 @@ impl Agent for AgentService {
         let req = req.into_inner();
         tracing::info!(run = %req.run_id, namespace = %req.namespace, dry_run = req.dry_run, "prune requested");
         self.maintain(maintenance::plan_prune(req))
+    }
+
+    async fn ensure_repository(
+        &self,
+        req: Request<EnsureRepositoryRequest>,
+    ) -> Result<Response<EnsureRepositoryResponse>, Status> {
+        let req = req.into_inner();
+        let repo = repository::from_proto(req.repository.as_ref()).map_err(AgentError::from)?;
+        let auto_init = req.repository.as_ref().is_some_and(|r| r.auto_init);
+        self.ctx
+            .restic(repo, req.repository.as_ref(), None)
+            .ensure_repository(auto_init)
+            .await
+            .map_err(AgentError::from)?;
+        Ok(Response::new(EnsureRepositoryResponse {}))
     }
 }

@@ -95,6 +95,12 @@ impl Error {
                 message: tail(stderr, 512),
             };
         }
+        // restic 0.14 refuses to store a snapshot of an empty directory.
+        if stderr.contains("snapshot is empty") {
+            return Error::SourceMissing {
+                message: "the volume is empty (restic does not store empty snapshots)".into(),
+            };
+        }
         Error::CommandFailed {
             subcommand: subcommand.to_string(),
             status,
@@ -140,6 +146,15 @@ mod tests {
             Error::from_exit("backup", 1, &sample("err_missing_source.stderr"), "r"),
             Error::SourceMissing { .. }
         ));
+        match Error::from_exit(
+            "backup",
+            1,
+            "Fatal: unable to save snapshot: snapshot is empty",
+            "r",
+        ) {
+            Error::SourceMissing { message } => assert!(message.contains("volume is empty")),
+            other => panic!("{other:?}"),
+        }
         match Error::from_exit("prune", 1, &sample("err_locked_exclusive.txt"), "r") {
             Error::Locked { lock } => {
                 assert_eq!(lock.pid, Some(13288));

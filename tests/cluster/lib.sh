@@ -13,6 +13,10 @@ ETCD_PEER_PORT=$((PORT_BASE + 80))
 KWOK_PORT=$((PORT_BASE + 50))
 KCM_PORT=$((PORT_BASE + 57))
 SCHED_PORT=$((PORT_BASE + 59))
+# Stowage's agents listen on each node's address; the coordinator's metrics on 127.0.0.1.
+AGENT_GRPC_PORT=$((PORT_BASE + 91))
+AGENT_METRICS_PORT=$((PORT_BASE + 92))
+COORDINATOR_METRICS_PORT=$((PORT_BASE + 93))
 PKI="$CLUSTER_DIR/pki"
 LOGS="$CLUSTER_DIR/logs"
 PIDS="$CLUSTER_DIR/pids"

@@ -22,6 +22,8 @@ pub struct AgentOptions {
     pub kubelet_dir: PathBuf,
     pub max_concurrent: u32,
     pub restic: Option<PathBuf>,
+    /// The gRPC port (default: a free one).
+    pub grpc_port: Option<u16>,
     pub extra_args: Vec<String>,
 }
 
@@ -33,6 +35,7 @@ impl AgentOptions {
             kubelet_dir: kubelet_dir.to_path_buf(),
             max_concurrent: 2,
             restic: None,
+            grpc_port: None,
             extra_args: Vec::new(),
         }
     }
@@ -48,9 +51,8 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent with mTLS from `pki` and waits until /healthz answers 200 (30 s at most).
     pub async fn start(opts: AgentOptions, pki: &Pki) -> Agent {
-        let grpc: SocketAddr = format!("{}:{}", opts.ip, crate::free_port(&opts.ip))
-            .parse()
-            .expect("addr");
+        let port = opts.grpc_port.unwrap_or_else(|| crate::free_port(&opts.ip));
+        let grpc: SocketAddr = format!("{}:{}", opts.ip, port).parse().expect("addr");
         let metrics: SocketAddr = format!("{}:{}", opts.ip, crate::free_port(&opts.ip))
             .parse()
             .expect("addr");
@@ -122,31 +124,9 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// A minimal HTTP/1.0 GET against the metrics listener: (status code, body).
+    /// A GET against the metrics listener: (status code, body).
     pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio::net::TcpStream::connect(self.metrics),
-        )
-        .await
-        .ok()?
-        .ok()?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut buf = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let code = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Some((code, body))
+        crate::http_get(self.metrics, path).await
     }
 
     pub async fn metrics_text(&self) -> String {

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod coordinator;
 pub mod fstree;
 pub mod kubelet_emu;
 pub mod moto;
@@ -88,4 +89,29 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut c
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// A minimal HTTP/1.0 GET (metrics and health endpoints): (status code, body); `None` when the
+/// server does not answer within a few seconds.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: stowage\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
 }

@@ -39,7 +39,8 @@ fn leaf(issuer: &CertifiedIssuer<'static, KeyPair>, cn: &str, sans: &[&str]) -> 
 }
 
 impl Pki {
-    /// Creates the PKI and writes ca.pem, server.pem, server-key.pem into `dir`.
+    /// Creates the PKI and writes ca.pem, server.pem, server-key.pem, client.pem and client-key.pem
+    /// into `dir`.
     pub fn create(dir: &Path) -> Pki {
         let ca = new_ca("stowage test CA");
         let rogue = new_ca("some other CA");
@@ -60,6 +61,8 @@ impl Pki {
         std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write");
         std::fs::write(dir.join("server.pem"), &server.cert).expect("write");
         std::fs::write(dir.join("server-key.pem"), &server.key).expect("write");
+        std::fs::write(dir.join("client.pem"), &client.cert).expect("write");
+        std::fs::write(dir.join("client-key.pem"), &client.key).expect("write");
         Pki {
             dir: dir.to_path_buf(),
             ca_pem: ca.pem(),

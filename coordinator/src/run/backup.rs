@@ -276,6 +276,22 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
         Ok(w) => w,
         Err(f) => return super::fail(&ctx, run.as_ref(), &writer, &f).await,
     };
+    // One agent opens (or creates) the repository first: parallel first backups must not each
+    // initialise it. An unreachable agent is skipped; if none answers, the volumes fail one by one
+    // with the reason.
+    for node in ctx.agents.ready_nodes() {
+        match dispatch::ensure_repository(&ctx.agents, &node, &repository).await {
+            Ok(()) => break,
+            Err(e) if e.try_elsewhere() => continue,
+            Err(e) => {
+                let f = Finding::new(
+                    "RepositoryUnavailable",
+                    format!("opening the repository: {e}"),
+                );
+                return super::fail(&ctx, run.as_ref(), &writer, &f).await;
+            }
+        }
+    }
     let done: Vec<(String, String)> = writer
         .snapshot()
         .items

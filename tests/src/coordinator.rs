@@ -1,0 +1,338 @@
+//! Starting a real `stowage-coordinator` process against the local control plane, and the helpers
+//! its tests share: repository Secrets, waiting for runs, reading Events.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, PostParams};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::de::DeserializeOwned;
+
+use crate::cluster::Cluster;
+
+/// Which agents the coordinator discovers.
+pub enum Agents {
+    /// The cluster's agent DaemonSet (tests/cluster/stowage-up), with the cluster's PKI.
+    Shared,
+    /// A test's own agent pods and processes: pods `selector` in `namespace`, gRPC on `port`,
+    /// certificates from a test Pki in `pki_dir`.
+    Private {
+        namespace: String,
+        selector: String,
+        port: u16,
+        pki_dir: PathBuf,
+    },
+}
+
+pub struct CoordinatorOptions {
+    /// The one namespace this coordinator watches; its Lease lives there too.
+    pub namespace: String,
+    pub identity: String,
+    pub agents: Agents,
+    pub extra_args: Vec<String>,
+}
+
+impl CoordinatorOptions {
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            identity: format!("coordinator-{namespace}"),
+            agents: Agents::Shared,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+pub struct Coordinator {
+    child: Child,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+    pub identity: String,
+}
+
+impl Coordinator {
+    /// Starts the coordinator and waits until /healthz answers (30 s at most).
+    pub async fn start(cluster: &Cluster, opts: CoordinatorOptions) -> Coordinator {
+        let metrics: SocketAddr = format!("127.0.0.1:{}", crate::free_port("127.0.0.1"))
+            .parse()
+            .expect("addr");
+        let logs = cluster.dir.join("logs");
+        std::fs::create_dir_all(&logs).expect("log dir");
+        let log = logs.join(format!("{}-{}.log", opts.identity, metrics.port()));
+        let out = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(crate::binary("stowage-coordinator"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env(
+                "RUST_LOG",
+                "info,stowage_coordinator=debug,kube_runtime=warn",
+            )
+            .arg("--namespace")
+            .arg(&opts.namespace)
+            .arg("--lease-namespace")
+            .arg(&opts.namespace)
+            .arg("--identity")
+            .arg(&opts.identity)
+            .arg("--metrics-listen")
+            .arg(metrics.to_string())
+            .args(["--lease-duration", "3s"]);
+        match &opts.agents {
+            Agents::Shared => {
+                let e = &cluster.env;
+                cmd.arg("--agent-namespace")
+                    .arg(&e["STOWAGE_AGENT_NAMESPACE"])
+                    .arg("--agent-selector")
+                    .arg(&e["STOWAGE_AGENT_SELECTOR"])
+                    .arg("--agent-port")
+                    .arg(&e["STOWAGE_AGENT_PORT"])
+                    .arg("--tls-ca")
+                    .arg(&e["STOWAGE_TLS_CA"])
+                    .arg("--tls-cert")
+                    .arg(&e["STOWAGE_COORDINATOR_CERT"])
+                    .arg("--tls-key")
+                    .arg(&e["STOWAGE_COORDINATOR_KEY"]);
+            }
+            Agents::Private {
+                namespace,
+                selector,
+                port,
+                pki_dir,
+            } => {
+                cmd.arg("--agent-namespace")
+                    .arg(namespace)
+                    .arg("--agent-selector")
+                    .arg(selector)
+                    .arg("--agent-port")
+                    .arg(port.to_string())
+                    .arg("--tls-ca")
+                    .arg(pki_dir.join("ca.pem"))
+                    .arg("--tls-cert")
+                    .arg(pki_dir.join("client.pem"))
+                    .arg("--tls-key")
+                    .arg(pki_dir.join("client-key.pem"));
+            }
+        }
+        let child = cmd
+            .args(&opts.extra_args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn stowage-coordinator");
+        let mut c = Coordinator {
+            child,
+            metrics,
+            log,
+            identity: opts.identity,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = c.child.try_wait().expect("try_wait") {
+                panic!(
+                    "coordinator exited early ({status}); log:\n{}",
+                    c.log_text()
+                );
+            }
+            if crate::http_get(c.metrics, "/healthz")
+                .await
+                .is_some_and(|(code, _)| code == 200)
+            {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "coordinator not healthy within 30s; log:\n{}",
+                c.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = crate::http_get(self.metrics, "/metrics").await?;
+        crate::agent::metric_value(&body, series)
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        crate::http_get(self.metrics, "/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// Waits until this replica leads (its leader gauge is 1), at most `timeout`.
+    pub async fn wait_leading(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.metric("stowage_coordinator_leader").await != Some(1.0) {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not become leader within {timeout:?}; log:\n{}",
+                self.identity,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills the process at once (SIGKILL), as a node failure or OOM kill would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Secret `name` with `key: value` in `ns`.
+pub async fn secret(client: &kube::Client, ns: &str, name: &str, data: &[(&str, &str)]) {
+    let s: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "stringData": data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &s)
+        .await
+        .expect("create secret");
+}
+
+/// A local-backend block (repository `repo`, password from Secret `backup-repo`/`password`).
+pub fn local_backend(repo: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "repoPasswordSecretRef": {"name": "backup-repo", "key": "password"},
+        "local": {"path": repo.display().to_string()},
+    })
+}
+
+/// Creates any namespaced object from JSON.
+pub async fn create<K>(client: &kube::Client, ns: &str, obj: serde_json::Value) -> K
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let o: K = serde_json::from_value(obj).expect("object json");
+    Api::<K>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &o)
+        .await
+        .expect("create object")
+}
+
+/// Polls `name` until `done` holds for its JSON form, at most `timeout`; returns the JSON.
+pub async fn wait_json<K>(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let api = Api::<K>::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + timeout;
+    let mut last = serde_json::Value::Null;
+    loop {
+        if let Ok(Some(o)) = api.get_opt(name).await {
+            last = serde_json::to_value(&o).expect("json");
+            if done(&last) {
+                return last;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ns}/{name}: {what} not reached within {timeout:?}; last seen:\n{}",
+            serde_json::to_string_pretty(&last).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether a run's JSON shows a finished phase.
+pub fn finished(v: &serde_json::Value) -> bool {
+    matches!(
+        v["status"]["phase"].as_str(),
+        Some("Succeeded" | "PartiallyFailed" | "Failed")
+    )
+}
+
+/// The condition `type_` of an object's JSON.
+pub fn condition<'a>(v: &'a serde_json::Value, type_: &str) -> Option<&'a serde_json::Value> {
+    v["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+/// Events about object `name` in `ns` (events.k8s.io/v1).
+pub async fn events_for(client: &kube::Client, ns: &str, name: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect()
+}
+
+/// Waits until an Event about `name` with `reason` whose note contains `needle` exists.
+pub async fn wait_event(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+    needle: &str,
+    timeout: Duration,
+) -> Event {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let evs = events_for(client, ns, name).await;
+        if let Some(e) = evs.iter().find(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.note.as_deref().is_some_and(|n| n.contains(needle))
+        }) {
+            return e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Event {reason:?} mentioning {needle:?} about {ns}/{name} within {timeout:?}; have: {:?}",
+            evs.iter()
+                .map(|e| (e.reason.clone(), e.note.clone()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

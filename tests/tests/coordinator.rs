@@ -1,0 +1,757 @@
+//! The coordinator against the local control plane: real API server, scheduler and controller
+//! manager, real agents (the cluster's DaemonSet, or a test's own) and real restic. Each test has
+//! its own namespace and its own coordinator process watching only that namespace.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use stowage_coordinator::crd::{Backup, Check, Prune, Schedule};
+use stowage_tests::cluster::{Cluster, fresh_namespace, pod_running, wait_for};
+use stowage_tests::coordinator::{
+    Agents, Coordinator, CoordinatorOptions, condition, create, finished, local_backend, secret,
+    wait_event, wait_json,
+};
+use stowage_tests::restic;
+
+const PASSWORD: &str = "correct horse battery staple";
+const RUN_TIMEOUT: Duration = Duration::from_secs(90);
+
+struct Env {
+    cluster: &'static Cluster,
+    client: kube::Client,
+    ns: String,
+    repo: PathBuf,
+}
+
+async fn setup(prefix: &str) -> Env {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, prefix).await;
+    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
+    let repo = cluster.dir.join("repos").join(&ns);
+    Env {
+        cluster,
+        client,
+        ns,
+        repo,
+    }
+}
+
+impl Env {
+    /// A PVC with files on `node` (mounted by pod `<pvc>-0` unless `--no-pod` is passed).
+    fn volume_with_data(&self, pvc: &str, node: &str, extra: &[&str]) -> PathBuf {
+        let dir = self
+            .cluster
+            .volume(&self.ns, &format!("{pvc}-0"), pvc, node, extra);
+        std::fs::create_dir_all(dir.join("data")).expect("mkdir");
+        std::fs::write(dir.join("data/owner.txt"), format!("{}/{pvc}\n", self.ns)).expect("write");
+        stowage_tests::fstree::write_random(&dir.join("data/blob"), 64 * 1024, pvc.len() as u64);
+        dir
+    }
+
+    /// Waits until the pod mounting `pvc` is Running and the volume is mounted in its node's
+    /// kubelet directory, as a kubelet has it before starting containers.
+    async fn wait_mounted(&self, pvc: &str, node: &str) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        let pod = format!("{pvc}-0");
+        wait_for("pod Running", Duration::from_secs(30), || {
+            pod_running(&pods, &pod)
+        })
+        .await;
+        let uid = pods
+            .get(&pod)
+            .await
+            .expect("pod")
+            .metadata
+            .uid
+            .expect("uid");
+        let marker = self
+            .cluster
+            .kubelet_dir(node)
+            .join("pods")
+            .join(uid)
+            .join("volumes/kubernetes.io~csi")
+            .join(format!("pv-{}-{pvc}", self.ns))
+            .join("mount/data/owner.txt");
+        wait_for("the volume mount", Duration::from_secs(30), || async {
+            marker.exists()
+        })
+        .await;
+    }
+
+    /// `volume_with_data` for a pod-mounted PVC, returning once it is mounted.
+    async fn mounted_volume(&self, pvc: &str, node: &str) -> PathBuf {
+        let dir = self.volume_with_data(pvc, node, &[]);
+        self.wait_mounted(pvc, node).await;
+        dir
+    }
+
+    fn repo_str(&self) -> String {
+        self.repo.display().to_string()
+    }
+
+    async fn backup(&self, name: &str, extra: serde_json::Value) -> serde_json::Value {
+        let mut spec = serde_json::json!({"backend": local_backend(&self.repo)});
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        let _: Backup = create(
+            &self.client,
+            &self.ns,
+            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+                "metadata": {"name": name}, "spec": spec}),
+        )
+        .await;
+        self.wait_run::<Backup>(name).await
+    }
+
+    async fn wait_run<K>(&self, name: &str) -> serde_json::Value
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+    {
+        wait_json::<K>(
+            &self.client,
+            &self.ns,
+            name,
+            RUN_TIMEOUT,
+            "a finished phase",
+            finished,
+        )
+        .await
+    }
+
+    fn snapshots(&self) -> Vec<serde_json::Value> {
+        restic::snapshots(&self.repo_str(), PASSWORD)
+    }
+}
+
+fn item<'a>(run: &'a serde_json::Value, pvc: &str) -> &'a serde_json::Value {
+    run["status"]["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|i| i["pvc"] == pvc))
+        .unwrap_or_else(|| panic!("no item for {pvc} in {run:#}"))
+}
+
+fn tags(s: &serde_json::Value) -> Vec<String> {
+    s["tags"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Snapshots of one PVC (by its identity tags).
+fn snapshots_of(all: &[serde_json::Value], ns: &str, pvc: &str) -> Vec<serde_json::Value> {
+    all.iter()
+        .filter(|s| {
+            let t = tags(s);
+            t.contains(&format!("stowage.dev/namespace={ns}"))
+                && t.contains(&format!("stowage.dev/pvc={pvc}"))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Restores `snapshot` with plain `restic restore` and checks the fixture's files came back.
+fn assert_restores(env: &Env, snapshot: &str, pvc: &str, original: &Path) {
+    let target = tempfile::tempdir().expect("tmp");
+    restic::ok(
+        &env.repo_str(),
+        PASSWORD,
+        &[
+            "restore",
+            snapshot,
+            "--target",
+            target.path().to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(target.path().join("data/owner.txt")).expect("owner.txt"),
+        format!("{}/{pvc}\n", env.ns)
+    );
+    assert_eq!(
+        std::fs::read(target.path().join("data/blob")).expect("blob"),
+        std::fs::read(original.join("data/blob")).expect("original blob")
+    );
+}
+
+#[tokio::test]
+async fn a_schedule_firing_every_minute_backs_up_pods_on_two_nodes() {
+    let env = setup("sched").await;
+    let web = env.mounted_volume("web", "node-1").await;
+    let db = env.mounted_volume("db", "node-2").await;
+    let coordinator = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    let _: Schedule = create(
+        &env.client,
+        &env.ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+            "metadata": {"name": "every-minute"},
+            "spec": {"backend": local_backend(&env.repo), "keepRuns": 2,
+                     "backup": {"schedule": "* * * * *"}}}),
+    )
+    .await;
+    let sched = wait_json::<Schedule>(
+        &env.client,
+        &env.ns,
+        "every-minute",
+        Duration::from_secs(20),
+        "status.nextRuns.backup",
+        |v| v["status"]["nextRuns"]["backup"].is_string(),
+    )
+    .await;
+    let next = chrono::DateTime::parse_from_rfc3339(
+        sched["status"]["nextRuns"]["backup"]
+            .as_str()
+            .expect("next"),
+    )
+    .expect("rfc3339");
+    let until = next.signed_duration_since(chrono::Utc::now());
+    assert!(
+        until.num_seconds() <= 60,
+        "next run {next} is within the minute"
+    );
+    assert_eq!(condition(&sched, "Ready").expect("Ready")["status"], "True");
+
+    // The first fire time creates a Backup owned by the Schedule; it succeeds.
+    let backups: Api<Backup> = Api::namespaced(env.client.clone(), &env.ns);
+    let lp = ListParams::default().labels("stowage.dev/schedule=every-minute");
+    let deadline = std::time::Instant::now() + Duration::from_secs(100);
+    let run = loop {
+        let runs = backups.list(&lp).await.expect("list");
+        if let Some(r) = runs.items.first() {
+            break r.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scheduled run within 100 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let name = run.metadata.name.clone().expect("name");
+    let owner = &run.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Schedule", "every-minute")
+    );
+    let run = env.wait_run::<Backup>(&name).await;
+    assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
+    assert_eq!(run["status"]["items"].as_array().expect("items").len(), 2);
+    assert_eq!(item(&run, "web")["node"], "node-1");
+    assert_eq!(item(&run, "db")["node"], "node-2");
+    for pvc in ["web", "db"] {
+        let i = item(&run, pvc);
+        assert_eq!(i["phase"], "Succeeded");
+        assert!(i["filesNew"].as_u64().expect("filesNew") >= 2, "{i}");
+        assert!(i["bytesAdded"].as_u64().expect("bytesAdded") > 0);
+    }
+
+    // One snapshot per PVC with the identity tags; each restores to the fixture's data.
+    let all = env.snapshots();
+    for (pvc, dir) in [("web", &web), ("db", &db)] {
+        let snaps = snapshots_of(&all, &env.ns, pvc);
+        assert_eq!(snaps.len(), 1, "{pvc}: {all:#?}");
+        let s = &snaps[0];
+        assert_eq!(s["hostname"], format!("{}/{pvc}", env.ns));
+        let t = tags(s);
+        assert!(t.contains(&format!("stowage.dev/pod={pvc}-0")), "{t:?}");
+        assert!(
+            t.contains(&format!("stowage.dev/run={}/{name}", env.ns)),
+            "{t:?}"
+        );
+        let id = s["short_id"].as_str().expect("id");
+        assert!(
+            item(&run, pvc)["snapshotId"]
+                .as_str()
+                .is_some_and(|i| i.starts_with(id) || id.starts_with(i))
+        );
+        assert_restores(&env, id, pvc, dir);
+    }
+
+    // The Schedule records the success; metrics show the next fire time and the result.
+    let sched = wait_json::<Schedule>(
+        &env.client,
+        &env.ns,
+        "every-minute",
+        Duration::from_secs(20),
+        "status.lastSuccessTime",
+        |v| v["status"]["lastSuccessTime"].is_string(),
+    )
+    .await;
+    assert!(sched["status"]["lastScheduled"]["backup"].is_string());
+    let next_metric = format!(
+        "stowage_schedule_next_run_timestamp_seconds{{action=\"backup\",namespace=\"{}\",schedule=\"every-minute\"}}",
+        env.ns
+    );
+    assert!(coordinator.metric(&next_metric).await.unwrap_or(0.0) > 1.7e9);
+    assert!(
+        coordinator
+            .metric("stowage_coordinator_runs_total{kind=\"backup\",result=\"succeeded\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    let last_success = format!(
+        "stowage_schedule_last_success_timestamp_seconds{{namespace=\"{}\",schedule=\"every-minute\"}}",
+        env.ns
+    );
+    assert!(coordinator.metric(&last_success).await.unwrap_or(0.0) > 1.7e9);
+
+    // keepRuns: 2. Two more runs of the Schedule (owned by it, as fired runs are) finish; the oldest
+    // is deleted.
+    let sched_uid = Api::<Schedule>::namespaced(env.client.clone(), &env.ns)
+        .get("every-minute")
+        .await
+        .expect("schedule")
+        .metadata
+        .uid
+        .expect("uid");
+    for extra in ["every-minute-backup-extra-1", "every-minute-backup-extra-2"] {
+        let _: Backup = create(
+            &env.client,
+            &env.ns,
+            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+                "metadata": {"name": extra,
+                    "labels": {"stowage.dev/schedule": "every-minute", "stowage.dev/action": "backup"},
+                    "ownerReferences": [{"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+                        "name": "every-minute", "uid": sched_uid, "controller": true}]},
+                "spec": {"scheduleRef": {"name": "every-minute"}}}),
+        )
+        .await;
+        let r = env.wait_run::<Backup>(extra).await;
+        assert_eq!(r["status"]["phase"], "Succeeded", "{r:#}");
+        // Distinct creation timestamps (second resolution) keep the age order unambiguous.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let names: Vec<String> = backups
+            .list(&lp)
+            .await
+            .expect("list")
+            .items
+            .iter()
+            .filter(|b| {
+                stowage_tests::coordinator::finished(&serde_json::to_value(b).expect("json"))
+            })
+            .filter_map(|b| b.metadata.name.clone())
+            .collect();
+        if !names.contains(&name) && names.len() <= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old runs not deleted (keepRuns 2): {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_volume_on_node_3_is_read_by_node_3s_agent_only() {
+    let env = setup("rwo").await;
+    let _dir = env.mounted_volume("orders", "node-3").await;
+    let _c = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    let run = env.backup("only-node-3", serde_json::json!({})).await;
+    assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
+    assert_eq!(item(&run, "orders")["node"], "node-3");
+    let run_id = format!("run={}/only-node-3", env.ns);
+    for k in 1..=3 {
+        let log = std::fs::read_to_string(&env.cluster.env[&format!("STOWAGE_AGENT_{k}_LOG")])
+            .expect("agent log");
+        let called = log
+            .lines()
+            .any(|l| l.contains(&run_id) && l.contains("backup"));
+        assert_eq!(
+            called,
+            k == 3,
+            "node-{k}'s agent log mentions {run_id}: {called}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unmounted_pvc_is_backed_up_through_a_mount_holder_pod() {
+    let env = setup("holder").await;
+    let dir = env.volume_with_data("archive", "node-1", &["--no-pod"]);
+    let _c = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    let run = env.backup("unmounted", serde_json::json!({})).await;
+    assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
+    let i = item(&run, "archive");
+    let holder = i["pod"].as_str().expect("pod");
+    assert!(holder.starts_with("archive-hold-"), "{holder}");
+    assert!(i["node"].as_str().is_some_and(|n| n.starts_with("node-")));
+    let snaps = snapshots_of(&env.snapshots(), &env.ns, "archive");
+    assert_eq!(snaps.len(), 1);
+    assert_restores(
+        &env,
+        snaps[0]["short_id"].as_str().expect("id"),
+        "archive",
+        &dir,
+    );
+    // The holder pod is gone afterwards.
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let gone = pods
+        .get_opt(holder)
+        .await
+        .expect("get")
+        .is_none_or(|p| p.metadata.deletion_timestamp.is_some());
+    assert!(gone, "mount holder {holder} still exists");
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_condition_and_an_event_naming_the_field() {
+    let env = setup("bad").await;
+    let _dir = env.mounted_volume("good", "node-1").await;
+    let _c = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    let schedule = |name: &str, backend: serde_json::Value, cron: &str| {
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+            "metadata": {"name": name},
+            "spec": {"backend": backend, "backup": {"schedule": cron}}})
+    };
+    let good = local_backend(&env.repo);
+    let mut two = good.clone();
+    two["rest"] = serde_json::json!({"url": "http://127.0.0.1:1/x"});
+    let mut unknown =
+        serde_json::json!({"repoPasswordSecretRef": {"name": "backup-repo", "key": "password"}});
+    unknown["gcs"] = serde_json::json!({"bucket": "b"});
+    let mut missing = good.clone();
+    missing["repoPasswordSecretRef"] =
+        serde_json::json!({"name": "no-such-secret", "key": "password"});
+    let mut bad_key = good.clone();
+    bad_key["repoPasswordSecretRef"] = serde_json::json!({"name": "backup-repo", "key": "pw"});
+    let cases = [
+        (
+            "bad-cron",
+            good.clone(),
+            "61 * * * *",
+            "InvalidSchedule",
+            "spec.backup.schedule",
+        ),
+        (
+            "two-backends",
+            two,
+            "@daily",
+            "InvalidBackend",
+            "spec.backend: set exactly one of local, s3, rest (local and rest are set)",
+        ),
+        (
+            "unknown-backend",
+            unknown,
+            "@daily",
+            "InvalidBackend",
+            "spec.backend.gcs: unknown backend type",
+        ),
+        (
+            "missing-secret",
+            missing,
+            "@daily",
+            "SecretNotFound",
+            "spec.backend.repoPasswordSecretRef: Secret",
+        ),
+        (
+            "missing-key",
+            bad_key,
+            "@daily",
+            "SecretKeyNotFound",
+            "has no key \"pw\"",
+        ),
+    ];
+    // The unknown backend type must reach the controller, not be dropped by the API server.
+    let api: Api<Schedule> = Api::namespaced(env.client.clone(), &env.ns);
+    for (name, backend, cron, _, _) in &cases {
+        let obj: Schedule =
+            serde_json::from_value(schedule(name, backend.clone(), cron)).expect("schedule");
+        api.create(&Default::default(), &obj)
+            .await
+            .expect("create schedule");
+    }
+    for (name, _, _, reason, needle) in &cases {
+        let v = wait_json::<Schedule>(
+            &env.client,
+            &env.ns,
+            name,
+            Duration::from_secs(30),
+            "a Ready=False condition",
+            |v| condition(v, "Ready").is_some_and(|c| c["status"] == "False"),
+        )
+        .await;
+        let c = condition(&v, "Ready").expect("Ready");
+        assert_eq!(c["reason"], *reason, "{name}: {c}");
+        assert!(
+            c["message"].as_str().is_some_and(|m| m.contains(needle)),
+            "{name}: {c}"
+        );
+        wait_event(
+            &env.client,
+            &env.ns,
+            name,
+            reason,
+            needle,
+            Duration::from_secs(20),
+        )
+        .await;
+    }
+    // A selector matching nothing: the Backup fails naming spec.selector; a Schedule warns.
+    let run = env
+        .backup(
+            "nothing",
+            serde_json::json!({"selector": {"matchLabels": {"tier": "nope"}}}),
+        )
+        .await;
+    assert_eq!(run["status"]["phase"], "Failed");
+    let c = condition(&run, "Succeeded").expect("Succeeded");
+    assert_eq!(c["reason"], "NothingSelected");
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.selector matches no PersistentVolumeClaim")),
+        "{c}"
+    );
+    wait_event(
+        &env.client,
+        &env.ns,
+        "nothing",
+        "NothingSelected",
+        "spec.selector",
+        Duration::from_secs(20),
+    )
+    .await;
+    let _: Schedule = create(
+        &env.client,
+        &env.ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+            "metadata": {"name": "selects-nothing"},
+            "spec": {"backend": local_backend(&env.repo),
+                     "backup": {"schedule": "@daily", "selector": {"matchLabels": {"tier": "nope"}}}}}),
+    )
+    .await;
+    let v = wait_json::<Schedule>(
+        &env.client,
+        &env.ns,
+        "selects-nothing",
+        Duration::from_secs(30),
+        "VolumesSelected=False",
+        |v| condition(v, "VolumesSelected").is_some_and(|c| c["status"] == "False"),
+    )
+    .await;
+    assert!(
+        condition(&v, "VolumesSelected").expect("cond")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.backup.selector"))
+    );
+    // An invalid selector operator names the expression's field.
+    let run = env
+        .backup("bad-op", serde_json::json!({"selector": {"matchExpressions": [{"key": "tier", "operator": "Near", "values": ["x"]}]}}))
+        .await;
+    let c = condition(&run, "Succeeded").expect("Succeeded");
+    assert_eq!(c["reason"], "InvalidSelector");
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("spec.selector.matchExpressions[0].operator")),
+        "{c}"
+    );
+    // Meanwhile the controller keeps serving everything else.
+    let ok = env.backup("still-serving", serde_json::json!({})).await;
+    assert_eq!(ok["status"]["phase"], "Succeeded", "{ok:#}");
+}
+
+#[tokio::test]
+async fn random_schedules_are_stable_across_restarts_and_spread() {
+    let env = setup("random").await;
+    let make = |name: &str| {
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+            "metadata": {"name": name},
+            "spec": {"backend": local_backend(&env.repo),
+                     "backup": {"schedule": "@hourly-random"},
+                     "check": {"schedule": "@daily-random"}}})
+    };
+    let mut c = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    for name in ["alpha", "bravo"] {
+        let _: Schedule = create(&env.client, &env.ns, make(name)).await;
+    }
+    let next = |v: &serde_json::Value, action: &str| {
+        chrono::DateTime::parse_from_rfc3339(
+            v["status"]["nextRuns"][action].as_str().expect("next"),
+        )
+        .expect("rfc3339")
+    };
+    let mut first = Vec::new();
+    for name in ["alpha", "bravo"] {
+        let v = wait_json::<Schedule>(
+            &env.client,
+            &env.ns,
+            name,
+            Duration::from_secs(20),
+            "nextRuns",
+            |v| {
+                v["status"]["nextRuns"]["backup"].is_string()
+                    && v["status"]["nextRuns"]["check"].is_string()
+            },
+        )
+        .await;
+        let now = chrono::Utc::now();
+        let (b, k) = (next(&v, "backup"), next(&v, "check"));
+        assert!(
+            b > now && b.signed_duration_since(now).num_minutes() < 60,
+            "hourly within the hour: {b}"
+        );
+        assert!(
+            k > now && k.signed_duration_since(now).num_hours() < 24,
+            "daily within the day: {k}"
+        );
+        first.push((b, k));
+    }
+    assert_ne!(
+        first[0].0, first[1].0,
+        "different schedules fire at different minutes"
+    );
+    // A new coordinator computes the same times.
+    c.kill();
+    let c2 = Coordinator::start(
+        env.cluster,
+        CoordinatorOptions {
+            identity: "second".into(),
+            ..CoordinatorOptions::new(&env.ns)
+        },
+    )
+    .await;
+    c2.wait_leading(Duration::from_secs(20)).await;
+    for (i, name) in ["alpha", "bravo"].iter().enumerate() {
+        // Force a fresh reconcile by the new process, then compare.
+        let api: Api<Schedule> = Api::namespaced(env.client.clone(), &env.ns);
+        api.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"nextRuns": null}})),
+        )
+        .await
+        .expect("clear status");
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {"touch": "1"}}})),
+        )
+        .await
+        .expect("touch");
+        let v = wait_json::<Schedule>(
+            &env.client,
+            &env.ns,
+            name,
+            Duration::from_secs(20),
+            "nextRuns again",
+            |v| v["status"]["nextRuns"]["backup"].is_string(),
+        )
+        .await;
+        assert_eq!(
+            (next(&v, "backup"), next(&v, "check")),
+            first[i],
+            "{name} is stable across restarts"
+        );
+    }
+    // paused stops firing: no next run is published.
+    let api: Api<Schedule> = Api::namespaced(env.client.clone(), &env.ns);
+    api.patch(
+        "alpha",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"paused": true}})),
+    )
+    .await
+    .expect("pause");
+    let v = wait_json::<Schedule>(
+        &env.client,
+        &env.ns,
+        "alpha",
+        Duration::from_secs(20),
+        "paused",
+        |v| {
+            v["status"]["nextRuns"].is_null()
+                && condition(v, "Ready").is_some_and(|c| c["reason"] == "Paused")
+        },
+    )
+    .await;
+    assert!(v["status"]["nextRuns"].is_null());
+}
+
+#[tokio::test]
+async fn prune_keeps_each_pvcs_own_newest_snapshots_and_check_passes() {
+    let env = setup("prune").await;
+    let a = env.mounted_volume("alpha", "node-1").await;
+    let _b = env.mounted_volume("bravo", "node-2").await;
+    let _c = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    for round in 0..3 {
+        std::fs::write(a.join("data/round"), format!("{round}")).expect("write");
+        let run = env
+            .backup(&format!("b{round}"), serde_json::json!({}))
+            .await;
+        assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
+    }
+    let before = env.snapshots();
+    let newest = |all: &[serde_json::Value], pvc: &str, n: usize| {
+        let mut s = snapshots_of(all, &env.ns, pvc);
+        s.sort_by(|x, y| x["time"].as_str().cmp(&y["time"].as_str()));
+        s.iter()
+            .rev()
+            .take(n)
+            .map(|x| x["id"].as_str().expect("id").to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(snapshots_of(&before, &env.ns, "alpha").len(), 3);
+    let keep_alpha = newest(&before, "alpha", 2);
+    let keep_bravo = newest(&before, "bravo", 2);
+    let _: Prune = create(
+        &env.client,
+        &env.ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Prune",
+            "metadata": {"name": "keep-2"},
+            "spec": {"backend": local_backend(&env.repo), "retention": {"keepLast": 2}}}),
+    )
+    .await;
+    let run = env.wait_run::<Prune>("keep-2").await;
+    assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
+    for pvc in ["alpha", "bravo"] {
+        let i = item(&run, pvc);
+        assert_eq!(
+            (i["kept"].as_u64(), i["removed"].as_u64()),
+            (Some(2), Some(1)),
+            "{i}"
+        );
+    }
+    let after = env.snapshots();
+    let mut kept_alpha = newest(&after, "alpha", 10);
+    let mut kept_bravo = newest(&after, "bravo", 10);
+    kept_alpha.sort();
+    kept_bravo.sort();
+    let (mut ka, mut kb) = (keep_alpha, keep_bravo);
+    ka.sort();
+    kb.sort();
+    assert_eq!(kept_alpha, ka, "alpha keeps its own newest two");
+    assert_eq!(kept_bravo, kb, "bravo keeps its own newest two");
+
+    let _: Check = create(
+        &env.client,
+        &env.ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Check",
+            "metadata": {"name": "healthy"},
+            "spec": {"backend": local_backend(&env.repo)}}),
+    )
+    .await;
+    let run = env.wait_run::<Check>("healthy").await;
+    assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
+    let c = condition(&run, "Succeeded").expect("condition");
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no errors were found")),
+        "{c}"
+    );
+}
