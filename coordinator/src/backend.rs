@@ -164,6 +164,16 @@ impl SecretReader {
     }
 }
 
+/// Where a repository is, without secrets (for caches and messages).
+pub fn location(r: &pb::Repository) -> String {
+    match &r.backend {
+        Some(PbBackend::Local(l)) => format!("local:{}", l.path),
+        Some(PbBackend::S3(s)) => format!("s3:{}/{}/{}", s.endpoint, s.bucket, s.prefix),
+        Some(PbBackend::Rest(r)) => format!("rest:{}", r.url),
+        None => String::new(),
+    }
+}
+
 /// Validates `spec` and reads its Secrets from `namespace`.
 pub async fn resolve(
     client: &Client,

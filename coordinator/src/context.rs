@@ -18,6 +18,9 @@ pub struct Ctx {
     pub metrics: Metrics,
     /// UIDs of runs this process is executing, so a reconcile never starts one twice.
     active: Mutex<HashSet<String>>,
+    /// Repositories known to exist. Opening one costs a restic run (and its key derivation), so a
+    /// run checks only the first time; a repository removed later is re-created by the agent.
+    known_repositories: Mutex<HashSet<String>>,
 }
 
 impl Ctx {
@@ -35,6 +38,19 @@ impl Ctx {
             notifier,
             metrics,
             active: Mutex::new(HashSet::new()),
+            known_repositories: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn repository_known(&self, location: &str) -> bool {
+        self.known_repositories
+            .lock()
+            .is_ok_and(|k| k.contains(location))
+    }
+
+    pub fn remember_repository(&self, location: &str) {
+        if let Ok(mut k) = self.known_repositories.lock() {
+            k.insert(location.to_string());
         }
     }
 

@@ -25,6 +25,12 @@ pub enum DispatchError {
         uri: String,
         message: String,
     },
+    #[error("lost the agent on node {node} ({uri}) during the operation: {message}")]
+    Lost {
+        node: String,
+        uri: String,
+        message: String,
+    },
     #[error("agent on node {node}: {message}")]
     Agent {
         node: String,
@@ -65,6 +71,16 @@ impl DispatchError {
                 code,
                 message: s.message().to_string(),
             },
+        }
+    }
+
+    /// An error on a stream that had started: a broken connection means the agent went away.
+    fn mid_stream(ep: &AgentEndpoint, s: tonic::Status) -> Self {
+        match Self::from_status(ep, s) {
+            DispatchError::Unreachable { node, uri, message } => {
+                DispatchError::Lost { node, uri, message }
+            }
+            other => other,
         }
     }
 }
@@ -114,7 +130,7 @@ pub async fn backup_volume(
         .map_err(|s| DispatchError::from_status(&ep, s))?
         .into_inner();
     while let Some(ev) = stream.next().await {
-        match ev.map_err(|s| DispatchError::from_status(&ep, s))?.event {
+        match ev.map_err(|s| DispatchError::mid_stream(&ep, s))?.event {
             Some(backup_event::Event::Progress(p)) => on_progress(&p),
             Some(backup_event::Event::Result(r)) => return Ok(r),
             None => {}
@@ -193,7 +209,7 @@ pub async fn maintain(
         .map_err(|s| DispatchError::from_status(&ep, s))?
         .into_inner();
     while let Some(ev) = stream.next().await {
-        match ev.map_err(|s| DispatchError::from_status(&ep, s))?.event {
+        match ev.map_err(|s| DispatchError::mid_stream(&ep, s))?.event {
             Some(maintenance_event::Event::Progress(p)) => on_progress(&p),
             Some(maintenance_event::Event::Result(r)) => return Ok(r),
             None => {}

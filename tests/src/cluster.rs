@@ -76,6 +76,39 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Waits until pod `pod` is Running and the volume of `pvc` shows `file` through the pod's
+    /// kubelet directory on `node` (what a kubelet guarantees before starting containers).
+    pub async fn wait_mounted(
+        &self,
+        client: &kube::Client,
+        ns: &str,
+        pod: &str,
+        pvc: &str,
+        node: &str,
+        file: &str,
+    ) {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+        wait_for("pod Running", Duration::from_secs(30), || {
+            pod_running(&pods, pod)
+        })
+        .await;
+        let uid = pods.get(pod).await.expect("pod").metadata.uid.expect("uid");
+        let marker = self
+            .kubelet_dir(node)
+            .join("pods")
+            .join(uid)
+            .join("volumes/kubernetes.io~csi")
+            .join(format!("pv-{ns}-{pvc}"))
+            .join("mount")
+            .join(file);
+        wait_for("the volume mount", Duration::from_secs(30), || async {
+            marker.exists()
+        })
+        .await;
+    }
+}
+
 fn parse_env(text: &str) -> HashMap<String, String> {
     text.lines()
         .filter_map(|l| l.strip_prefix("export "))

@@ -336,3 +336,86 @@ pub async fn wait_event(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A test's own agents: a DaemonSet in namespace `ns` (the controller manager puts a pod on every
+/// node; kwok gives hostNetwork pods their node's address) and agent processes for `nodes`
+/// ((name, address) pairs), all on one port, with a PKI of their own.
+pub struct PrivateAgents {
+    pub agents: Vec<crate::agent::Agent>,
+    pub pki: crate::tls::Pki,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateAgents {
+    pub async fn start(
+        cluster: &Cluster,
+        client: &kube::Client,
+        ns: &str,
+        nodes: &[(&str, &str)],
+        restic: Option<PathBuf>,
+    ) -> PrivateAgents {
+        let ds: k8s_openapi::api::apps::v1::DaemonSet = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "test-agents"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "test-agents"}},
+                "template": {"metadata": {"labels": {"app": "test-agents"}},
+                    "spec": {"hostNetwork": true, "tolerations": [{"operator": "Exists"}],
+                             "containers": [{"name": "agent", "image": "stowage/agent:test"}]}}}
+        }))
+        .expect("daemonset");
+        Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &ds)
+            .await
+            .expect("create daemonset");
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+        let lp = ListParams::default().labels("app=test-agents");
+        let want = cluster.node_names().len();
+        crate::cluster::wait_for(
+            "agent pods on every node",
+            Duration::from_secs(60),
+            || async {
+                pods.list(&lp).await.is_ok_and(|l| {
+                    l.items.len() == want
+                        && l.items.iter().all(|p| {
+                            let st = p.status.as_ref();
+                            st.and_then(|s| s.pod_ip.as_deref()).is_some()
+                                && st.and_then(|s| s.phase.as_deref()) == Some("Running")
+                        })
+                })
+            },
+        )
+        .await;
+        let dir = tempfile::tempdir().expect("tmp");
+        let pki = crate::tls::Pki::create(dir.path());
+        let port = crate::free_port("127.0.0.11");
+        let mut agents = Vec::new();
+        for (node, ip) in nodes {
+            let mut opts = crate::agent::AgentOptions::new(&cluster.kubelet_dir(node));
+            opts.node = node.to_string();
+            opts.ip = ip.to_string();
+            opts.grpc_port = Some(port);
+            opts.restic = restic.clone();
+            agents.push(crate::agent::Agent::start(opts, &pki).await);
+        }
+        PrivateAgents {
+            agents,
+            pki,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// Options for a coordinator in `ns` that discovers these agents.
+    pub fn coordinator_options(&self, ns: &str) -> CoordinatorOptions {
+        CoordinatorOptions {
+            agents: Agents::Private {
+                namespace: ns.into(),
+                selector: "app=test-agents".into(),
+                port: self.port,
+                pki_dir: self.pki.dir.clone(),
+            },
+            ..CoordinatorOptions::new(ns)
+        }
+    }
+}

@@ -2,6 +2,7 @@
 //! all on loopback, every process bounded in time and stopped when its guard drops.
 
 pub mod agent;
+pub mod bench;
 pub mod cluster;
 pub mod coordinator;
 pub mod fstree;

@@ -8,10 +8,10 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use stowage_coordinator::crd::{Backup, Check, Prune, Schedule};
-use stowage_tests::cluster::{Cluster, fresh_namespace, pod_running, wait_for};
+use stowage_tests::cluster::{Cluster, fresh_namespace};
 use stowage_tests::coordinator::{
-    Agents, Coordinator, CoordinatorOptions, condition, create, finished, local_backend, secret,
-    wait_event, wait_json,
+    Coordinator, CoordinatorOptions, PrivateAgents, condition, create, finished, local_backend,
+    secret, wait_event, wait_json,
 };
 use stowage_tests::restic;
 
@@ -51,40 +51,19 @@ impl Env {
         dir
     }
 
-    /// Waits until the pod mounting `pvc` is Running and the volume is mounted in its node's
-    /// kubelet directory, as a kubelet has it before starting containers.
-    async fn wait_mounted(&self, pvc: &str, node: &str) {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
-        let pod = format!("{pvc}-0");
-        wait_for("pod Running", Duration::from_secs(30), || {
-            pod_running(&pods, &pod)
-        })
-        .await;
-        let uid = pods
-            .get(&pod)
-            .await
-            .expect("pod")
-            .metadata
-            .uid
-            .expect("uid");
-        let marker = self
-            .cluster
-            .kubelet_dir(node)
-            .join("pods")
-            .join(uid)
-            .join("volumes/kubernetes.io~csi")
-            .join(format!("pv-{}-{pvc}", self.ns))
-            .join("mount/data/owner.txt");
-        wait_for("the volume mount", Duration::from_secs(30), || async {
-            marker.exists()
-        })
-        .await;
-    }
-
     /// `volume_with_data` for a pod-mounted PVC, returning once it is mounted.
     async fn mounted_volume(&self, pvc: &str, node: &str) -> PathBuf {
         let dir = self.volume_with_data(pvc, node, &[]);
-        self.wait_mounted(pvc, node).await;
+        self.cluster
+            .wait_mounted(
+                &self.client,
+                &self.ns,
+                &format!("{pvc}-0"),
+                pvc,
+                node,
+                "data/owner.txt",
+            )
+            .await;
         dir
     }
 
@@ -771,83 +750,21 @@ async fn prune_keeps_each_pvcs_own_newest_snapshots_and_check_passes() {
     );
 }
 
-/// A test's own agents: a DaemonSet in the test namespace (the controller manager puts a pod on
-/// every node; kwok gives hostNetwork pods their node's address) and agent processes for `nodes`,
-/// all on one port.
-struct PrivateAgents {
-    agents: Vec<stowage_tests::agent::Agent>,
-    pki: stowage_tests::tls::Pki,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl PrivateAgents {
-    async fn start(env: &Env, nodes: &[(&str, &str)]) -> PrivateAgents {
-        let ds: k8s_openapi::api::apps::v1::DaemonSet = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "test-agents"},
-            "spec": {
-                "selector": {"matchLabels": {"app": "test-agents"}},
-                "template": {"metadata": {"labels": {"app": "test-agents"}},
-                    "spec": {"hostNetwork": true, "tolerations": [{"operator": "Exists"}],
-                             "containers": [{"name": "agent", "image": "stowage/agent:test"}]}}}
-        }))
-        .expect("daemonset");
-        Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(env.client.clone(), &env.ns)
-            .create(&Default::default(), &ds)
-            .await
-            .expect("create daemonset");
-        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-        let lp = ListParams::default().labels("app=test-agents");
-        wait_for("agent pods on every node", Duration::from_secs(60), || async {
-            pods.list(&lp).await.is_ok_and(|l| {
-                l.items.len() == 3
-                    && l.items.iter().all(|p| {
-                        p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).is_some()
-                            && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-                    })
-            })
-        })
-        .await;
-        let dir = tempfile::tempdir().expect("tmp");
-        let pki = stowage_tests::tls::Pki::create(dir.path());
-        let port = stowage_tests::free_port("127.0.0.11");
-        let mut agents = Vec::new();
-        for (node, ip) in nodes {
-            let mut opts = stowage_tests::agent::AgentOptions::new(&env.cluster.kubelet_dir(node));
-            opts.node = node.to_string();
-            opts.ip = ip.to_string();
-            opts.grpc_port = Some(port);
-            agents.push(stowage_tests::agent::Agent::start(opts, &pki).await);
-        }
-        PrivateAgents {
-            agents,
-            pki,
-            port,
-            _dir: dir,
-        }
-    }
-
-    fn coordinator_options(&self, env: &Env) -> CoordinatorOptions {
-        CoordinatorOptions {
-            agents: Agents::Private {
-                namespace: env.ns.clone(),
-                selector: "app=test-agents".into(),
-                port: self.port,
-                pki_dir: self.pki.dir.clone(),
-            },
-            ..CoordinatorOptions::new(&env.ns)
-        }
-    }
-}
-
 #[tokio::test]
 async fn an_agent_dying_mid_backup_fails_only_its_volume() {
     let env = setup("agentdies").await;
     let _fast = env.mounted_volume("fast", "node-1").await;
     let slow = env.mounted_volume("slow", "node-2").await;
     stowage_tests::fstree::write_random(&slow.join("data/big"), 8 << 20, 7);
-    let mut private = PrivateAgents::start(&env, &[("node-1", "127.0.0.11"), ("node-2", "127.0.0.12")]).await;
-    let _c = Coordinator::start(env.cluster, private.coordinator_options(&env)).await;
+    let mut private = PrivateAgents::start(
+        env.cluster,
+        &env.client,
+        &env.ns,
+        &[("node-1", "127.0.0.11"), ("node-2", "127.0.0.12")],
+        None,
+    )
+    .await;
+    let _c = Coordinator::start(env.cluster, private.coordinator_options(&env.ns)).await;
     let mut backend = local_backend(&env.repo);
     backend["limitUploadKiB"] = serde_json::json!(1024);
     let _: Backup = create(
@@ -858,9 +775,21 @@ async fn an_agent_dying_mid_backup_fails_only_its_volume() {
     )
     .await;
     // Wait until node-2's volume is being backed up, then kill that node's agent.
-    wait_json::<Backup>(&env.client, &env.ns, "agent-dies", Duration::from_secs(60), "slow running",
-        |v| v["status"]["items"].as_array().is_some_and(|items| items.iter().any(|i| i["pvc"] == "slow" && i["phase"] == "Running")))
-        .await;
+    wait_json::<Backup>(
+        &env.client,
+        &env.ns,
+        "agent-dies",
+        Duration::from_secs(60),
+        "slow running",
+        |v| {
+            v["status"]["items"].as_array().is_some_and(|items| {
+                items
+                    .iter()
+                    .any(|i| i["pvc"] == "slow" && i["phase"] == "Running")
+            })
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     private.agents[1].kill();
     let run = env.wait_run::<Backup>("agent-dies").await;
@@ -872,8 +801,16 @@ async fn an_agent_dying_mid_backup_fails_only_its_volume() {
     assert!(error.contains("node-2"), "{error}");
     let c = condition(&run, "Succeeded").expect("condition");
     assert_eq!(c["reason"], "SomeVolumesFailed");
-    assert!(c["message"].as_str().is_some_and(|m| m.contains("slow on node-2")), "{c}");
-    assert!(snapshots_of(&env.snapshots(), &env.ns, "slow").is_empty(), "no snapshot of the failed volume");
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("slow on node-2")),
+        "{c}"
+    );
+    assert!(
+        snapshots_of(&env.snapshots(), &env.ns, "slow").is_empty(),
+        "no snapshot of the failed volume"
+    );
 }
 
 #[tokio::test]
@@ -895,10 +832,20 @@ async fn a_coordinator_killed_mid_run_resumes_without_duplicate_snapshots() {
     )
     .await;
     // One volume done, the run still going: kill the coordinator.
-    wait_json::<Backup>(&env.client, &env.ns, "interrupted", Duration::from_secs(90), "one volume done",
-        |v| v["status"]["items"].as_array().is_some_and(|items| items.iter().any(|i| i["phase"] == "Succeeded"))
-            && !finished(v))
-        .await;
+    wait_json::<Backup>(
+        &env.client,
+        &env.ns,
+        "interrupted",
+        Duration::from_secs(90),
+        "one volume done",
+        |v| {
+            v["status"]["items"]
+                .as_array()
+                .is_some_and(|items| items.iter().any(|i| i["phase"] == "Succeeded"))
+                && !finished(v)
+        },
+    )
+    .await;
     first.kill();
     let second = start_coordinator(env.env_coordinator("second")).await;
     let run = env.wait_run::<Backup>("interrupted").await;
@@ -906,9 +853,17 @@ async fn a_coordinator_killed_mid_run_resumes_without_duplicate_snapshots() {
     let all = env.snapshots();
     for pvc in ["one", "two", "three"] {
         assert_eq!(item(&run, pvc)["phase"], "Succeeded");
-        assert_eq!(snapshots_of(&all, &env.ns, pvc).len(), 1, "{pvc} backed up exactly once: {all:#?}");
+        assert_eq!(
+            snapshots_of(&all, &env.ns, pvc).len(),
+            1,
+            "{pvc} backed up exactly once: {all:#?}"
+        );
     }
-    assert!(second.log_text().contains("resuming a run"), "{}", second.log_text());
+    assert!(
+        second.log_text().contains("resuming a run"),
+        "{}",
+        second.log_text()
+    );
 }
 
 #[tokio::test]
@@ -920,17 +875,25 @@ async fn only_the_leader_dispatches_and_a_standby_takes_over() {
     let b = start_coordinator(env.env_coordinator("replica-b")).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(b.metric("stowage_coordinator_leader").await, Some(0.0));
-    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(env.client.clone(), &env.ns)
-        .get("stowage-coordinator")
-        .await
-        .expect("lease");
-    assert_eq!(lease.spec.and_then(|s| s.holder_identity).as_deref(), Some("replica-a"));
+    let lease =
+        Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(env.client.clone(), &env.ns)
+            .get("stowage-coordinator")
+            .await
+            .expect("lease");
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some("replica-a")
+    );
 
     let run = env.backup("first", serde_json::json!({})).await;
     assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
     let dispatched = "stowage_coordinator_volume_dispatches_total";
     assert_eq!(a.metric(dispatched).await, Some(1.0));
-    assert_eq!(b.metric(dispatched).await, Some(0.0), "the standby never dispatches");
+    assert_eq!(
+        b.metric(dispatched).await,
+        Some(0.0),
+        "the standby never dispatches"
+    );
 
     a.kill();
     b.wait_leading(Duration::from_secs(20)).await;
@@ -954,10 +917,14 @@ async fn fire_times_missed_while_down_are_counted_and_the_latest_runs_once() {
     )
     .await;
     let now = chrono::Utc::now();
-    let ten_ago = (now - chrono::Duration::minutes(10)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let ten_ago =
+        (now - chrono::Duration::minutes(10)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     Api::<Schedule>::namespaced(env.client.clone(), &env.ns)
-        .patch_status("every-minute", &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"status": {"lastScheduled": {"backup": ten_ago}}})))
+        .patch_status(
+            "every-minute",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"lastScheduled": {"backup": ten_ago}}})),
+        )
         .await
         .expect("patch status");
     let (cluster, mut opts) = env.env_coordinator("after-outage");
@@ -971,18 +938,35 @@ async fn fire_times_missed_while_down_are_counted_and_the_latest_runs_once() {
         if !runs.is_empty() {
             break runs;
         }
-        assert!(std::time::Instant::now() < deadline, "the latest missed fire time did not run");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the latest missed fire time did not run"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     // Only the newest fire time (within the deadline) ran; the older ones were counted.
     let this_minute = now.format("%Y%m%d%H%M").to_string();
     let name = runs[0].metadata.name.clone().expect("name");
     let stamp = name.rsplit('-').next().expect("stamp");
-    assert!(stamp >= this_minute.as_str(), "{name} is the newest fire time, not an old one");
+    assert!(
+        stamp >= this_minute.as_str(),
+        "{name} is the newest fire time, not an old one"
+    );
     assert_eq!(runs.len(), 1, "one run, not a burst");
-    let missed = c.metric("stowage_coordinator_missed_runs_total").await.expect("metric");
+    let missed = c
+        .metric("stowage_coordinator_missed_runs_total")
+        .await
+        .expect("metric");
     assert!((9.0..=10.0).contains(&missed), "missed {missed}");
-    wait_event(&env.client, &env.ns, "every-minute", "MissedRuns", "missed by more than 90s", Duration::from_secs(20)).await;
+    wait_event(
+        &env.client,
+        &env.ns,
+        "every-minute",
+        "MissedRuns",
+        "missed by more than 90s",
+        Duration::from_secs(20),
+    )
+    .await;
     let run = env.wait_run::<Backup>(&name).await;
     assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
 }

@@ -279,9 +279,16 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
     // One agent opens (or creates) the repository first: parallel first backups must not each
     // initialise it. An unreachable agent is skipped; if none answers, the volumes fail one by one
     // with the reason.
+    let location = crate::backend::location(&repository);
     for node in ctx.agents.ready_nodes() {
+        if ctx.repository_known(&location) {
+            break;
+        }
         match dispatch::ensure_repository(&ctx.agents, &node, &repository).await {
-            Ok(()) => break,
+            Ok(()) => {
+                ctx.remember_repository(&location);
+                break;
+            }
             Err(e) if e.try_elsewhere() => continue,
             Err(e) => {
                 let f = Finding::new(

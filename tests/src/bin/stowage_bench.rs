@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use stowage_tests::bench::{Row, percentile, print_table};
 
 use stowage_tests::agent::{Agent, AgentOptions, backup, csi_volume, local_repo, volume_backup};
 use stowage_tests::fstree::write_random;
@@ -83,19 +84,6 @@ fn fill_small_files(dir: &Path, seed: u64) {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let idx = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[idx]
-}
-
-struct Row {
-    what: String,
-    value: String,
-    target: String,
-    ok: bool,
 }
 
 #[tokio::main]
@@ -293,14 +281,5 @@ async fn main() {
     });
     drop(agent);
 
-    println!("\n{:<100} {:>9} {:>11}", "benchmark", "value", "target");
-    for r in &rows {
-        println!(
-            "{:<100} {:>9} {:>11}  {}",
-            r.what,
-            r.value,
-            r.target,
-            if r.ok { "ok" } else { "MISSED" }
-        );
-    }
+    print_table(&rows);
 }
