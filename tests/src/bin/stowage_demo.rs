@@ -1,15 +1,18 @@
-//! `stowage-demo`: the agent half of the demo, against a cluster from `tests/cluster/up --stowage`.
-//! Until the coordinator exists, this program plays its part: it finds the pods' volumes through the
-//! Kubernetes API and asks each node's agent, over mutual TLS, to back them up and restore one file.
+//! `stowage-demo`: the demo's steps, against a cluster from `tests/cluster/up --coordinator` (agents
+//! from the agent DaemonSet, one coordinator). The user-facing part is Kubernetes objects: a
+//! Schedule, a Backup run and a Check run; the coordinator sends each volume to the agent of the node
+//! that mounts it. The in-place restore of one file talks to that node's agent directly over mutual
+//! TLS (Restore runs are the next issue on the roadmap).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use kube::api::Api;
+use stowage_coordinator::crd::{Backup, Check, RunPhase, Schedule};
 use stowage_proto::v1::{self, RestoreMode, RestoreRequest, VolumeIdentity, VolumeRef};
-use stowage_tests::agent::{backup, restore};
+use stowage_tests::agent::restore;
 use stowage_tests::cluster::{Cluster, pod_running, pvc_bound, wait_for};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -19,6 +22,9 @@ const APPS: [(&str, &str, &str); 3] = [
     ("redis-0", "data-redis-0", "node-2"),
     ("uploads-0", "uploads", "node-3"),
 ];
+/// A PVC that no pod mounts (a scaled-down app): backed up through a mount-holder pod.
+const IDLE: (&str, &str) = ("reports-0", "reports");
+const PASSWORD: &str = "demo-password-change-me";
 
 fn step(n: usize, what: &str) {
     println!("\n[{n}] {what}");
@@ -49,6 +55,28 @@ async fn agent_client(
     Ok(v1::agent_client::AgentClient::new(channel))
 }
 
+/// Waits (2 minutes at most) until run `name` has finished.
+async fn wait_run<K>(api: &Api<K>, name: &str) -> anyhow::Result<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + serde::Serialize,
+{
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let obj = api.get(name).await?;
+        let phase = serde_json::to_value(&obj)?["status"]["phase"].clone();
+        if matches!(
+            phase.as_str(),
+            Some("Succeeded" | "PartiallyFailed" | "Failed")
+        ) {
+            return Ok(obj);
+        }
+        if Instant::now() > deadline {
+            bail!("{name} did not finish within 2 minutes (phase {phase})");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
@@ -58,16 +86,19 @@ async fn main() -> anyhow::Result<()> {
         backend: Some(v1::repository::Backend::Local(v1::LocalBackend {
             path: repo_dir.display().to_string(),
         })),
-        password: "demo-password-change-me".into(),
+        password: PASSWORD.into(),
         auto_init: true,
         ..Default::default()
     };
 
     step(
         1,
-        "three application pods on three nodes, each with a PVC holding data",
+        "three application pods on three nodes, each with a PVC holding data, and one unmounted PVC",
     );
     let mut backing = BTreeMap::new();
+    let idle = cluster.volume(NS, IDLE.0, IDLE.1, "node-1", &["--no-pod"]);
+    std::fs::write(idle.join("q3.csv"), "quarter,revenue\nq3,42\n")?;
+    println!("    {NS}/{}: no pod mounts it", IDLE.1);
     for (pod, pvc, node) in APPS {
         let dir = cluster.volume(NS, pod, pvc, node, &[]);
         for i in 0..50 {
@@ -86,64 +117,85 @@ async fn main() -> anyhow::Result<()> {
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NS);
-    for (pod, pvc, _) in APPS {
+    for (pod, pvc, node) in APPS {
         wait_for(
             &format!("{pod} Running with {pvc} bound"),
             Duration::from_secs(60),
             || async { pod_running(&pods, pod).await && pvc_bound(&pvcs, pvc).await },
         )
         .await;
+        cluster
+            .wait_mounted(&client, NS, pod, pvc, node, "conf/settings.ini")
+            .await;
     }
 
     step(
         2,
-        "each node's agent backs up the volumes of its own pods (read from the kubelet directory)",
+        "a Schedule and a Backup run: the coordinator sends each volume to the agent of its node",
     );
-    let mut summary = Vec::new();
-    for (pod, pvc, node) in APPS {
-        let p = pods.get(pod).await?;
-        let uid = p.metadata.uid.context("pod uid")?;
-        let pv = pvcs
-            .get(pvc)
-            .await?
-            .spec
-            .and_then(|s| s.volume_name)
-            .context("bound PV")?;
-        let mut agent = agent_client(cluster, node).await?;
-        // The kubelet emulator mounts the volume a moment after the pod starts; the agent sees it
-        // through mountinfo.
-        let req = stowage_tests::agent::volume_backup(repo.clone(), &uid, &pv, NS, pvc);
-        let started = Instant::now();
-        let mut out = backup(&mut agent, req.clone()).await;
-        while matches!(&out.result, Err(s) if s.code() == tonic::Code::NotFound)
-            && started.elapsed() < Duration::from_secs(20)
-        {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            out = backup(&mut agent, req.clone()).await;
-        }
-        let r = out
-            .result
-            .with_context(|| format!("backup of {pvc} on {node}"))?;
-        if r.outcome() != v1::Outcome::Succeeded {
-            bail!("backup of {pvc} did not succeed: {r:?}");
-        }
-        summary.push((pvc, node, r));
-    }
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "backup-repo"}, "stringData": {"password": PASSWORD}}))?;
+    let _ = Api::<Secret>::namespaced(client.clone(), NS)
+        .create(&Default::default(), &secret)
+        .await;
+    let backend = serde_json::json!({
+        "repoPasswordSecretRef": {"name": "backup-repo", "key": "password"},
+        "local": {"path": repo_dir.display().to_string()}});
+    let schedule: Schedule = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "nightly"},
+        "spec": {"backend": backend, "backup": {"schedule": "@daily-random"},
+                 "check": {"schedule": "@weekly-random"},
+                 "prune": {"schedule": "0 4 * * 0", "retention": {"keepLast": 5, "keepDaily": 14}}}}))?;
+    let schedules: Api<Schedule> = Api::namespaced(client.clone(), NS);
+    schedules.create(&Default::default(), &schedule).await?;
+    let run: Backup = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "manual-1"}, "spec": {"scheduleRef": {"name": "nightly"}}}))?;
+    let backups: Api<Backup> = Api::namespaced(client.clone(), NS);
+    let started = Instant::now();
+    backups.create(&Default::default(), &run).await?;
+    println!("    kubectl -n {NS} create -f backup.yaml   (spec.scheduleRef: nightly)");
+    let done = wait_run(&backups, "manual-1").await?;
+    let status = done.status.context("status")?;
     println!(
-        "\n    {:<18} {:<7} {:<10} {:>6} {:>10} {:>9}",
-        "PVC", "NODE", "SNAPSHOT", "FILES", "BYTES", "SECONDS"
+        "\n    Backup manual-1: {:?} in {:.1}s ({})",
+        status.phase.unwrap_or_default(),
+        started.elapsed().as_secs_f64(),
+        status.summary.unwrap_or_default()
     );
-    for (pvc, node, r) in &summary {
+    println!(
+        "    {:<18} {:<7} {:<24} {:<10} {:>5} {:>9} {:>8}",
+        "PVC", "NODE", "POD", "SNAPSHOT", "NEW", "ADDED", "SECONDS"
+    );
+    for i in &status.items {
         println!(
-            "    {:<18} {:<7} {:<10} {:>6} {:>10} {:>9.2}",
-            pvc,
-            node,
-            &r.snapshot_id[..8.min(r.snapshot_id.len())],
-            r.files_new + r.files_changed + r.files_unmodified,
-            r.total_bytes_processed,
-            r.duration_seconds
+            "    {:<18} {:<7} {:<24} {:<10} {:>5} {:>9} {:>8.2}",
+            i.pvc,
+            i.node.as_deref().unwrap_or("-"),
+            i.pod.as_deref().unwrap_or("-"),
+            i.snapshot_id.as_deref().unwrap_or("-"),
+            i.files_new.unwrap_or(0),
+            i.bytes_added.unwrap_or(0),
+            i.duration_seconds.unwrap_or(0.0)
+        );
+        if i.phase != RunPhase::Succeeded {
+            bail!("{} was not backed up: {:?}", i.pvc, i.error);
+        }
+    }
+    if status.items.len() != APPS.len() + 1 {
+        bail!(
+            "expected {} volumes, got {}",
+            APPS.len() + 1,
+            status.items.len()
         );
     }
+    let sched = schedules.get("nightly").await?;
+    let next = sched.status.and_then(|s| s.next_runs).unwrap_or_default();
+    println!(
+        "    Schedule nightly fires next: backup {}, check {}, prune {}",
+        next.backup.unwrap_or_default(),
+        next.check.unwrap_or_default(),
+        next.prune.unwrap_or_default()
+    );
 
     step(
         3,
@@ -199,7 +251,32 @@ async fn main() -> anyhow::Result<()> {
         &r.snapshot_id[..8]
     );
 
-    step(4, "where to look");
+    step(4, "a Check run verifies the repository on one ready agent");
+    let check: Check = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "verify-1"}, "spec": {"scheduleRef": {"name": "nightly"}}}))?;
+    let checks: Api<Check> = Api::namespaced(client.clone(), NS);
+    checks.create(&Default::default(), &check).await?;
+    let done = wait_run(&checks, "verify-1").await?;
+    let status = done.status.context("status")?;
+    let verdict = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Succeeded")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    println!(
+        "    Check verify-1: {:?}: {verdict}",
+        status.phase.unwrap_or_default()
+    );
+    if status.phase != Some(RunPhase::Succeeded) {
+        bail!("the check failed");
+    }
+
+    step(5, "where to look");
+    println!(
+        "    kubectl -n {NS} get schedules,backups,checks    (KUBECONFIG={})",
+        cluster.kubeconfig().display()
+    );
     println!(
         "    repository:  {}  (restic -r ... snapshots)",
         repo_dir.display()
@@ -211,6 +288,9 @@ async fn main() -> anyhow::Result<()> {
         ) {
             println!("    node-{k} agent: metrics {m}  log {l}");
         }
+    }
+    if let Some(m) = cluster.env.get("STOWAGE_COORDINATOR_METRICS") {
+        println!("    coordinator: metrics {m}");
     }
     println!(
         "    control plane logs: {}",
