@@ -298,6 +298,15 @@ async fn a_schedule_firing_every_minute_backs_up_pods_on_two_nodes() {
         env.ns
     );
     assert!(coordinator.metric(&last_success).await.unwrap_or(0.0) > 1.7e9);
+    let text = coordinator.metrics_text().await;
+    for name in [
+        "stowage_coordinator_run_duration_seconds_bucket{kind=\"backup\"",
+        "stowage_coordinator_missed_runs_total 0",
+        "stowage_coordinator_agents{state=\"ready\"} 3",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+    stowage_tests::promtool_check(&text);
 
     // keepRuns: 2. Two more runs of the Schedule (owned by it, as fired runs are) finish; the oldest
     // is deleted.
