@@ -95,9 +95,10 @@ impl AgentDirectory {
         let (store, writer) = reflector::store();
         let watch_cfg = watcher::Config::default().labels(&config.agent_selector);
         let reader = store.clone();
+        // Every event, InitDone included: the store is only complete (and the counts right) once the
+        // initial list has been committed.
         let driver = reflector(writer, watcher(api, watch_cfg))
             .default_backoff()
-            .touched_objects()
             .for_each(move |ev| {
                 if let Err(e) = ev {
                     tracing::warn!(error = %e, "watching agent pods");
