@@ -109,6 +109,85 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// A kubeconfig for user `user` (a client certificate signed by the cluster CA), with whatever
+    /// RBAC the test binds to that user and nothing else.
+    pub fn user_kubeconfig(&self, user: &str) -> PathBuf {
+        let pki = self.dir.join("pki");
+        let dir = self.dir.join("users").join(user);
+        std::fs::create_dir_all(&dir).expect("user dir");
+        let (key, csr, crt) = (
+            dir.join("key.pem"),
+            dir.join("req.csr"),
+            dir.join("cert.pem"),
+        );
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let p = |p: &Path| p.to_str().expect("utf8").to_string();
+        openssl(&["genrsa", "-out", &p(&key), "2048"]);
+        openssl(&[
+            "req",
+            "-new",
+            "-key",
+            &p(&key),
+            "-subj",
+            &format!("/CN={user}"),
+            "-out",
+            &p(&csr),
+        ]);
+        // Extensions make it an X.509 v3 certificate (rustls accepts nothing older).
+        let ext = dir.join("ext.cnf");
+        std::fs::write(
+            &ext,
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
+        )
+        .expect("ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-extfile",
+            &p(&ext),
+            "-in",
+            &p(&csr),
+            "-CA",
+            &p(&pki.join("ca.crt")),
+            "-CAkey",
+            &p(&pki.join("ca.key")),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            &p(&crt),
+        ]);
+        let server = std::fs::read_to_string(self.kubeconfig())
+            .expect("admin kubeconfig")
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server: ").map(String::from))
+            .expect("server");
+        let kc = dir.join("kubeconfig");
+        std::fs::write(
+            &kc,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: u\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n",
+                p(&pki.join("ca.crt")),
+                p(&crt),
+                p(&key)
+            ),
+        )
+        .expect("write kubeconfig");
+        kc
+    }
+}
+
 fn parse_env(text: &str) -> HashMap<String, String> {
     text.lines()
         .filter_map(|l| l.strip_prefix("export "))

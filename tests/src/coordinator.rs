@@ -34,6 +34,8 @@ pub struct CoordinatorOptions {
     pub namespace: String,
     pub identity: String,
     pub agents: Agents,
+    /// Default: the cluster admin's.
+    pub kubeconfig: Option<PathBuf>,
     pub extra_args: Vec<String>,
 }
 
@@ -43,6 +45,7 @@ impl CoordinatorOptions {
             namespace: namespace.into(),
             identity: format!("coordinator-{namespace}"),
             agents: Agents::Shared,
+            kubeconfig: None,
             extra_args: Vec::new(),
         }
     }
@@ -68,7 +71,12 @@ impl Coordinator {
         let mut cmd = Command::new(crate::binary("stowage-coordinator"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("KUBECONFIG", cluster.kubeconfig())
+            .env(
+                "KUBECONFIG",
+                opts.kubeconfig
+                    .clone()
+                    .unwrap_or_else(|| cluster.kubeconfig()),
+            )
             .env(
                 "RUST_LOG",
                 "info,stowage_coordinator=debug,kube_runtime=warn",

@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use stowage_coordinator::crd::{Backup, Check, Prune, Schedule};
-use stowage_tests::cluster::{Cluster, fresh_namespace};
+use stowage_tests::cluster::{Cluster, fresh_namespace, wait_for};
 use stowage_tests::coordinator::{
     Coordinator, CoordinatorOptions, PrivateAgents, condition, create, finished, local_backend,
     secret, wait_event, wait_json,
@@ -978,4 +978,126 @@ async fn fire_times_missed_while_down_are_counted_and_the_latest_runs_once() {
     .await;
     let run = env.wait_run::<Backup>(&name).await;
     assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
+}
+
+#[tokio::test]
+async fn a_coordinator_with_only_the_documented_rbac_does_everything() {
+    let env = setup("rbac").await;
+    let _dir = env.mounted_volume("data", "node-2").await;
+    let _idle = env.volume_with_data("idle", "node-1", &["--no-pod"]);
+    // The chart's ClusterRole, bound in the watched namespace (which also holds the Lease) and in
+    // the agents' namespace, to a user that has nothing else.
+    let rbac = stowage_tests::workspace_root().join("deploy/daemonset/rbac/coordinator.yaml");
+    let out = std::process::Command::new(env.cluster.kubectl())
+        .env("KUBECONFIG", env.cluster.kubeconfig())
+        .args(["apply", "--server-side", "-f"])
+        .arg(&rbac)
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let user = format!("stowage-coordinator-{}", env.ns);
+    for ns in [env.ns.as_str(), "stowage-system"] {
+        let rb: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("coordinator-{}", env.ns)},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "stowage-coordinator"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+        }))
+        .expect("rolebinding");
+        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(env.client.clone(), ns)
+            .create(&Default::default(), &rb)
+            .await
+            .expect("create rolebinding");
+    }
+    let (cluster, mut opts) = env.env_coordinator("least-privilege");
+    opts.kubeconfig = Some(env.cluster.user_kubeconfig(&user));
+    let c = Coordinator::start(cluster, opts).await;
+    c.wait_leading(Duration::from_secs(20)).await;
+
+    let sched: Schedule = create(
+        &env.client,
+        &env.ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+            "metadata": {"name": "nightly"},
+            "spec": {"backend": local_backend(&env.repo), "keepRuns": 1,
+                     "backup": {"schedule": "@hourly-random"},
+                     "check": {"schedule": "@daily-random"},
+                     "prune": {"schedule": "@weekly", "retention": {"keepLast": 1}}}}),
+    )
+    .await;
+    let v = wait_json::<Schedule>(
+        &env.client,
+        &env.ns,
+        "nightly",
+        Duration::from_secs(20),
+        "Ready",
+        |v| {
+            condition(v, "Ready").is_some_and(|c| c["status"] == "True")
+                && v["status"]["nextRuns"]["prune"].is_string()
+        },
+    )
+    .await;
+    assert_eq!(
+        condition(&v, "VolumesSelected").expect("VolumesSelected")["status"],
+        "True"
+    );
+    let uid = sched.metadata.uid.expect("uid");
+    for name in ["nightly-backup-1", "nightly-backup-2"] {
+        let _: Backup = create(
+            &env.client,
+            &env.ns,
+            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+                "metadata": {"name": name,
+                    "labels": {"stowage.dev/schedule": "nightly", "stowage.dev/action": "backup"},
+                    "ownerReferences": [{"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+                        "name": "nightly", "uid": uid, "controller": true}]},
+                "spec": {"scheduleRef": {"name": "nightly"}}}),
+        )
+        .await;
+        let run = env.wait_run::<Backup>(name).await;
+        assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
+        assert!(
+            item(&run, "idle")["pod"]
+                .as_str()
+                .is_some_and(|p| p.contains("-hold-"))
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    wait_event(
+        &env.client,
+        &env.ns,
+        "nightly-backup-2",
+        "BackedUp",
+        "have a new snapshot",
+        Duration::from_secs(20),
+    )
+    .await;
+    // keepRuns: 1 deletes the older run.
+    let backups: Api<Backup> = Api::namespaced(env.client.clone(), &env.ns);
+    wait_for("the older run deleted", Duration::from_secs(30), || async {
+        backups
+            .get_opt("nightly-backup-1")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+    })
+    .await;
+    for (kind, name) in [("Prune", "prune-1"), ("Check", "check-1")] {
+        let obj = serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": kind,
+            "metadata": {"name": name}, "spec": {"scheduleRef": {"name": "nightly"}}});
+        let run = if kind == "Prune" {
+            let _: Prune = create(&env.client, &env.ns, obj).await;
+            env.wait_run::<Prune>(name).await
+        } else {
+            let _: Check = create(&env.client, &env.ns, obj).await;
+            env.wait_run::<Check>(name).await
+        };
+        assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
+    }
+    let log = c.log_text();
+    assert!(!log.to_lowercase().contains("forbidden"), "{log}");
 }
