@@ -10,7 +10,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::crd::{Backup, Check, ItemStatus, Prune, RunPhase, RunStatus};
+use crate::crd::{BackendSpec, Backup, Check, ItemStatus, Prune, RunPhase, RunStatus, ScheduleRef};
 
 pub const LABEL_SCHEDULE: &str = "stowage.dev/schedule";
 pub const LABEL_ACTION: &str = "stowage.dev/action";
@@ -29,9 +29,19 @@ pub trait RunObject:
     /// `backup`, `check` or `prune`: the metric label and the Schedule action.
     const ACTION: &'static str;
     fn run_status(&self) -> Option<&RunStatus>;
+    /// The run's own repository, if it names one.
+    fn backend(&self) -> Option<&BackendSpec>;
+    /// The Schedule whose repository (and defaults) the run uses otherwise.
+    fn schedule_ref(&self) -> Option<&ScheduleRef>;
 }
 
 impl RunObject for Backup {
+    fn backend(&self) -> Option<&BackendSpec> {
+        self.spec.backend.as_ref()
+    }
+    fn schedule_ref(&self) -> Option<&ScheduleRef> {
+        self.spec.schedule_ref.as_ref()
+    }
     const ACTION: &'static str = "backup";
     fn run_status(&self) -> Option<&RunStatus> {
         self.status.as_ref()
@@ -39,6 +49,12 @@ impl RunObject for Backup {
 }
 
 impl RunObject for Check {
+    fn backend(&self) -> Option<&BackendSpec> {
+        self.spec.backend.as_ref()
+    }
+    fn schedule_ref(&self) -> Option<&ScheduleRef> {
+        self.spec.schedule_ref.as_ref()
+    }
     const ACTION: &'static str = "check";
     fn run_status(&self) -> Option<&RunStatus> {
         self.status.as_ref()
@@ -46,6 +62,12 @@ impl RunObject for Check {
 }
 
 impl RunObject for Prune {
+    fn backend(&self) -> Option<&BackendSpec> {
+        self.spec.backend.as_ref()
+    }
+    fn schedule_ref(&self) -> Option<&ScheduleRef> {
+        self.spec.schedule_ref.as_ref()
+    }
     const ACTION: &'static str = "prune";
     fn run_status(&self) -> Option<&RunStatus> {
         self.status.as_ref()

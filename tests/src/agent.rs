@@ -95,25 +95,8 @@ impl Agent {
             metrics,
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = agent.child.try_wait().expect("try_wait") {
-                panic!("agent exited early ({status}); log:\n{}", agent.log_text());
-            }
-            if agent
-                .http_get("/healthz")
-                .await
-                .is_some_and(|(code, _)| code == 200)
-            {
-                return agent;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent not healthy within 30s; log:\n{}",
-                agent.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::wait_healthy(&mut agent.child, agent.metrics, "agent", &agent.log).await;
+        agent
     }
 
     pub fn pid(&self) -> u32 {
@@ -199,18 +182,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.sigterm();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        crate::terminate(&mut self.child);
     }
 }
 

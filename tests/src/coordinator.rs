@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, PostParams};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde::de::DeserializeOwned;
 
 use crate::cluster::Cluster;
@@ -139,27 +137,8 @@ impl Coordinator {
             log,
             identity: opts.identity,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = c.child.try_wait().expect("try_wait") {
-                panic!(
-                    "coordinator exited early ({status}); log:\n{}",
-                    c.log_text()
-                );
-            }
-            if crate::http_get(c.metrics, "/healthz")
-                .await
-                .is_some_and(|(code, _)| code == 200)
-            {
-                return c;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "coordinator not healthy within 30s; log:\n{}",
-                c.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::wait_healthy(&mut c.child, c.metrics, "coordinator", &c.log).await;
+        c
     }
 
     pub fn log_text(&self) -> String {
@@ -201,18 +180,7 @@ impl Coordinator {
 
 impl Drop for Coordinator {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        crate::terminate(&mut self.child);
     }
 }
 
@@ -237,15 +205,27 @@ pub fn local_backend(repo: &Path) -> serde_json::Value {
     })
 }
 
-/// Creates any namespaced object from JSON.
-pub async fn create<K>(client: &kube::Client, ns: &str, obj: serde_json::Value) -> K
-where
+/// A namespaced API object the helpers below can create and read as JSON.
+pub trait Object:
+    kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + DeserializeOwned
+    + serde::Serialize
+    + std::fmt::Debug
+{
+}
+
+impl<K> Object for K where
     K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
         + Clone
         + DeserializeOwned
         + serde::Serialize
-        + std::fmt::Debug,
+        + std::fmt::Debug
 {
+}
+
+/// Creates any namespaced object from JSON.
+pub async fn create<K: Object>(client: &kube::Client, ns: &str, obj: serde_json::Value) -> K {
     let o: K = serde_json::from_value(obj).expect("object json");
     Api::<K>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &o)
@@ -254,21 +234,14 @@ where
 }
 
 /// Polls `name` until `done` holds for its JSON form, at most `timeout`; returns the JSON.
-pub async fn wait_json<K>(
+pub async fn wait_json<K: Object>(
     client: &kube::Client,
     ns: &str,
     name: &str,
     timeout: Duration,
     what: &str,
     done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value
-where
-    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
-{
+) -> serde_json::Value {
     let api = Api::<K>::namespaced(client.clone(), ns);
     let deadline = Instant::now() + timeout;
     let mut last = serde_json::Value::Null;

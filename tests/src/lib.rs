@@ -141,3 +141,51 @@ pub fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Waits (30 s at most) until `addr` answers `/healthz` with 200; fails with the process's log if
+/// `child` exits first or time runs out.
+pub async fn wait_healthy(
+    child: &mut std::process::Child,
+    addr: std::net::SocketAddr,
+    what: &str,
+    log: &std::path::Path,
+) {
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("{what} exited early ({status}); log:\n{}", log_text());
+        }
+        if http_get(addr, "/healthz")
+            .await
+            .is_some_and(|(code, _)| code == 200)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not healthy within 30s; log:\n{}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Stops a child process: SIGTERM, up to 10 s to exit, then SIGKILL; always reaped.
+pub fn terminate(child: &mut std::process::Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

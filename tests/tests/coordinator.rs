@@ -10,8 +10,8 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use stowage_coordinator::crd::{Backup, Check, Prune, Schedule};
 use stowage_tests::cluster::{Cluster, fresh_namespace, wait_for};
 use stowage_tests::coordinator::{
-    Coordinator, CoordinatorOptions, PrivateAgents, condition, create, finished, local_backend,
-    secret, wait_event, wait_json,
+    Coordinator, CoordinatorOptions, Object, PrivateAgents, condition, create, finished,
+    local_backend, secret, wait_event, wait_json,
 };
 use stowage_tests::restic;
 
@@ -97,14 +97,7 @@ impl Env {
         self.wait_run::<Backup>(name).await
     }
 
-    async fn wait_run<K>(&self, name: &str) -> serde_json::Value
-    where
-        K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + serde::Serialize
-            + std::fmt::Debug,
-    {
+    async fn wait_run<K: Object>(&self, name: &str) -> serde_json::Value {
         wait_json::<K>(
             &self.client,
             &self.ns,
@@ -114,6 +107,32 @@ impl Env {
             finished,
         )
         .await
+    }
+
+    /// A Backup that belongs to Schedule `schedule` (labels and owner), as a fired run would.
+    async fn owned_backup(&self, schedule: &str, name: &str) -> serde_json::Value {
+        let uid = Api::<Schedule>::namespaced(self.client.clone(), &self.ns)
+            .get(schedule)
+            .await
+            .expect("schedule")
+            .metadata
+            .uid
+            .expect("uid");
+        let _: Backup = create(
+            &self.client,
+            &self.ns,
+            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+                "metadata": {"name": name,
+                    "labels": {"stowage.dev/schedule": schedule, "stowage.dev/action": "backup"},
+                    "ownerReferences": [{"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+                        "name": schedule, "uid": uid, "controller": true}]},
+                "spec": {"scheduleRef": {"name": schedule}}}),
+        )
+        .await;
+        let run = self.wait_run::<Backup>(name).await;
+        // Distinct creation timestamps (second resolution) keep the age order unambiguous.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        run
     }
 
     fn snapshots(&self) -> Vec<serde_json::Value> {
@@ -310,29 +329,9 @@ async fn a_schedule_firing_every_minute_backs_up_pods_on_two_nodes() {
 
     // keepRuns: 2. Two more runs of the Schedule (owned by it, as fired runs are) finish; the oldest
     // is deleted.
-    let sched_uid = Api::<Schedule>::namespaced(env.client.clone(), &env.ns)
-        .get("every-minute")
-        .await
-        .expect("schedule")
-        .metadata
-        .uid
-        .expect("uid");
     for extra in ["every-minute-backup-extra-1", "every-minute-backup-extra-2"] {
-        let _: Backup = create(
-            &env.client,
-            &env.ns,
-            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
-                "metadata": {"name": extra,
-                    "labels": {"stowage.dev/schedule": "every-minute", "stowage.dev/action": "backup"},
-                    "ownerReferences": [{"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
-                        "name": "every-minute", "uid": sched_uid, "controller": true}]},
-                "spec": {"scheduleRef": {"name": "every-minute"}}}),
-        )
-        .await;
-        let r = env.wait_run::<Backup>(extra).await;
+        let r = env.owned_backup("every-minute", extra).await;
         assert_eq!(r["status"]["phase"], "Succeeded", "{r:#}");
-        // Distinct creation timestamps (second resolution) keep the age order unambiguous.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -1017,7 +1016,7 @@ async fn a_coordinator_with_only_the_documented_rbac_does_everything() {
     let c = Coordinator::start(cluster, opts).await;
     c.wait_leading(Duration::from_secs(20)).await;
 
-    let sched: Schedule = create(
+    let _: Schedule = create(
         &env.client,
         &env.ns,
         serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
@@ -1044,27 +1043,14 @@ async fn a_coordinator_with_only_the_documented_rbac_does_everything() {
         condition(&v, "VolumesSelected").expect("VolumesSelected")["status"],
         "True"
     );
-    let uid = sched.metadata.uid.expect("uid");
     for name in ["nightly-backup-1", "nightly-backup-2"] {
-        let _: Backup = create(
-            &env.client,
-            &env.ns,
-            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
-                "metadata": {"name": name,
-                    "labels": {"stowage.dev/schedule": "nightly", "stowage.dev/action": "backup"},
-                    "ownerReferences": [{"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
-                        "name": "nightly", "uid": uid, "controller": true}]},
-                "spec": {"scheduleRef": {"name": "nightly"}}}),
-        )
-        .await;
-        let run = env.wait_run::<Backup>(name).await;
+        let run = env.owned_backup("nightly", name).await;
         assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
         assert!(
             item(&run, "idle")["pod"]
                 .as_str()
                 .is_some_and(|p| p.contains("-hold-"))
         );
-        tokio::time::sleep(Duration::from_millis(1100)).await;
     }
     wait_event(
         &env.client,

@@ -15,7 +15,7 @@ use stowage_proto::v1::{self as pb, BackupResult, Outcome};
 use tokio::sync::Semaphore;
 use tonic::Code;
 
-use super::{Shared, finish, resolve_backend, run_id, start};
+use super::{Begun, Shared, begin, finish, run_id};
 use crate::conditions::Finding;
 use crate::context::Ctx;
 use crate::crd::{Backup, Concurrency, ItemStatus, RunPhase};
@@ -245,21 +245,14 @@ async fn select(
 
 pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error> {
     let namespace = run.namespace().unwrap_or_default();
-    let writer = StatusWriter::new(ctx.client.clone(), run.as_ref());
-    let resumed = start(&writer).await?;
-    if resumed {
-        tracing::info!(namespace = %namespace, run = %run.name_any(), "resuming a run interrupted by a coordinator restart");
-    }
-    let (repository, schedule) = match resolve_backend(
-        &ctx,
-        &namespace,
-        run.spec.backend.as_ref(),
-        run.spec.schedule_ref.as_ref(),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(f) => return super::fail(&ctx, run.as_ref(), &writer, &f).await,
+    let Some(Begun {
+        writer,
+        resumed,
+        repository,
+        schedule,
+    }) = begin(ctx.as_ref(), run.as_ref()).await?
+    else {
+        return Ok(());
     };
     let from_schedule = schedule.as_ref().and_then(|s| s.spec.backup.as_ref());
     let selector = run

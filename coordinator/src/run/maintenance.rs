@@ -6,7 +6,7 @@ use std::sync::Arc;
 use kube::ResourceExt;
 use stowage_proto::v1::{self as pb, CheckRequest, MaintenanceResult, PruneRequest};
 
-use super::{finish, resolve_backend, run_id, start};
+use super::{Begun, begin, finish, run_id};
 use crate::conditions::Finding;
 use crate::context::Ctx;
 use crate::crd::{Check, ItemStatus, Prune, Retention, RunPhase};
@@ -128,20 +128,16 @@ async fn run_task<K: RunObject>(
 }
 
 pub async fn execute_check(ctx: Arc<Ctx>, run: Arc<Check>) -> Result<(), kube::Error> {
-    let namespace = run.namespace().unwrap_or_default();
-    let writer = StatusWriter::new(ctx.client.clone(), run.as_ref());
-    start(&writer).await?;
-    let (mut repository, schedule) = match resolve_backend(
-        &ctx,
-        &namespace,
-        run.spec.backend.as_ref(),
-        run.spec.schedule_ref.as_ref(),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(f) => return super::fail(ctx.as_ref(), run.as_ref(), &writer, &f).await,
+    let Some(Begun {
+        writer,
+        mut repository,
+        schedule,
+        ..
+    }) = begin(ctx.as_ref(), run.as_ref()).await?
+    else {
+        return Ok(());
     };
+    // Maintenance never creates a repository.
     repository.auto_init = false;
     let subset = run.spec.read_data_subset.clone().or_else(|| {
         schedule
@@ -159,18 +155,14 @@ pub async fn execute_check(ctx: Arc<Ctx>, run: Arc<Check>) -> Result<(), kube::E
 
 pub async fn execute_prune(ctx: Arc<Ctx>, run: Arc<Prune>) -> Result<(), kube::Error> {
     let namespace = run.namespace().unwrap_or_default();
-    let writer = StatusWriter::new(ctx.client.clone(), run.as_ref());
-    start(&writer).await?;
-    let (mut repository, schedule) = match resolve_backend(
-        &ctx,
-        &namespace,
-        run.spec.backend.as_ref(),
-        run.spec.schedule_ref.as_ref(),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(f) => return super::fail(ctx.as_ref(), run.as_ref(), &writer, &f).await,
+    let Some(Begun {
+        writer,
+        mut repository,
+        schedule,
+        ..
+    }) = begin(ctx.as_ref(), run.as_ref()).await?
+    else {
+        return Ok(());
     };
     repository.auto_init = false;
     let retention = run.spec.retention.clone().or_else(|| {

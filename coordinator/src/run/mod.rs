@@ -58,8 +58,8 @@ pub async fn resolve_backend(
     Ok((repo, Some(schedule)))
 }
 
-/// Marks a run Running (keeping the start time of an earlier attempt).
-pub async fn start<K: RunObject>(writer: &StatusWriter<K>) -> Result<bool, kube::Error> {
+/// Marks a run Running (keeping the start time of an earlier attempt); whether it was already.
+async fn start<K: RunObject>(writer: &StatusWriter<K>) -> Result<bool, kube::Error> {
     let resumed = writer.snapshot().phase == Some(RunPhase::Running);
     writer.update(|s| {
         s.phase = Some(RunPhase::Running);
@@ -69,6 +69,39 @@ pub async fn start<K: RunObject>(writer: &StatusWriter<K>) -> Result<bool, kube:
     });
     writer.flush().await?;
     Ok(resumed)
+}
+
+/// A started run with its repository resolved.
+pub struct Begun<K: RunObject> {
+    pub writer: Arc<StatusWriter<K>>,
+    /// The run was already Running: a coordinator restarted in the middle of it.
+    pub resumed: bool,
+    pub repository: pb::Repository,
+    /// The Schedule of `spec.scheduleRef`, when the run has one.
+    pub schedule: Option<Schedule>,
+}
+
+/// Marks the run Running and resolves its repository. `Ok(None)` when the input was bad: the run
+/// has then been failed, with a condition and an Event naming the field.
+pub async fn begin<K: RunObject>(ctx: &Ctx, run: &K) -> Result<Option<Begun<K>>, kube::Error> {
+    let namespace = run.namespace().unwrap_or_default();
+    let writer = StatusWriter::new(ctx.client.clone(), run);
+    let resumed = start(&writer).await?;
+    if resumed {
+        tracing::info!(kind = K::ACTION, namespace = %namespace, run = %run.name_any(), "resuming a run interrupted by a coordinator restart");
+    }
+    match resolve_backend(ctx, &namespace, run.backend(), run.schedule_ref()).await {
+        Ok((repository, schedule)) => Ok(Some(Begun {
+            writer,
+            resumed,
+            repository,
+            schedule,
+        })),
+        Err(f) => {
+            fail(ctx, run, &writer, &f).await?;
+            Ok(None)
+        }
+    }
 }
 
 /// Ends a run: phase, completion time, the `Succeeded` condition, an Event and the metrics.
