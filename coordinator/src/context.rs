@@ -1,6 +1,8 @@
 //! What every reconciler and run shares.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
 use std::sync::{Arc, Mutex};
 
 use kube::Client;
@@ -21,6 +23,10 @@ pub struct Ctx {
     /// Repositories known to exist. Opening one costs a restic run (and its key derivation), so a
     /// run checks only the first time; a repository removed later is re-created by the agent.
     known_repositories: Mutex<HashSet<String>>,
+    /// Per Schedule UID and action, the newest fire time this process handled. The controller may
+    /// hand a reconcile an object from its cache that predates our own status write; without this,
+    /// missed fire times would be counted (and announced) twice.
+    handled: Mutex<HashMap<(String, &'static str), DateTime<Utc>>>,
 }
 
 impl Ctx {
@@ -39,6 +45,32 @@ impl Ctx {
             metrics,
             active: Mutex::new(HashSet::new()),
             known_repositories: Mutex::new(HashSet::new()),
+            handled: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The newest of `from_status` and what this process last handled for the action.
+    pub fn handled_up_to(
+        &self,
+        uid: &str,
+        action: &'static str,
+        from_status: Option<DateTime<Utc>>,
+    ) -> Option<DateTime<Utc>> {
+        let mem = self
+            .handled
+            .lock()
+            .ok()
+            .and_then(|h| h.get(&(uid.to_string(), action)).copied());
+        match (from_status, mem) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn set_handled(&self, uid: &str, action: &'static str, t: DateTime<Utc>) {
+        if let Ok(mut h) = self.handled.lock() {
+            let e = h.entry((uid.to_string(), action)).or_insert(t);
+            *e = (*e).max(t);
         }
     }
 

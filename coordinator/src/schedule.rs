@@ -164,6 +164,7 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<Ctx>) -> Result<Action, kube::
     let before = s.status.clone().unwrap_or_default();
     let mut status = before.clone();
     let generation = s.metadata.generation;
+    let uid = s.uid().unwrap_or_default();
 
     let mut crons = Vec::new();
     let (problems, backend_ok, selection) = validate(&ctx, &s, &mut crons).await;
@@ -174,13 +175,15 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<Ctx>) -> Result<Action, kube::
         let Some(entry) = slot(&mut last, action) else {
             continue;
         };
-        let previous = entry
+        let from_status = entry
             .as_deref()
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .map(|d| d.to_utc());
+        let previous = ctx.handled_up_to(&uid, action, from_status);
         let Some(previous) = previous.filter(|_| !s.spec.paused && backend_ok) else {
             // New, paused or unusable: nothing before now will ever run.
             *entry = Some(rfc3339(now));
+            ctx.set_handled(&uid, action, now);
             continue;
         };
         let d = due(cron, previous, now, ctx.config.missed_run_deadline);
@@ -201,6 +204,9 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<Ctx>) -> Result<Action, kube::
         }
         if let Some(h) = d.handled_up_to {
             *entry = Some(rfc3339(h));
+            ctx.set_handled(&uid, action, h);
+        } else {
+            *entry = Some(rfc3339(previous));
         }
     }
     status.last_scheduled = Some(last);
