@@ -822,6 +822,63 @@ async fn an_agent_dying_mid_backup_fails_only_its_volume() {
 }
 
 #[tokio::test]
+async fn a_hung_agent_fails_its_volume_after_the_agent_timeout() {
+    let env = setup("agenthangs").await;
+    let slow = env.mounted_volume("stuck", "node-1").await;
+    stowage_tests::fstree::write_random(&slow.join("data/big"), 8 << 20, 9);
+    let private = PrivateAgents::start(
+        env.cluster,
+        &env.client,
+        &env.ns,
+        &[("node-1", "127.0.0.11")],
+        None,
+    )
+    .await;
+    let mut opts = private.coordinator_options(&env.ns);
+    opts.extra_args = vec!["--agent-timeout".into(), "3s".into()];
+    let _c = Coordinator::start(env.cluster, opts).await;
+    let mut backend = local_backend(&env.repo);
+    backend["limitUploadKiB"] = serde_json::json!(1024);
+    let _: Backup = create(
+        &env.client,
+        &env.ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+            "metadata": {"name": "agent-hangs"}, "spec": {"backend": backend}}),
+    )
+    .await;
+    wait_json::<Backup>(
+        &env.client,
+        &env.ns,
+        "agent-hangs",
+        Duration::from_secs(60),
+        "running",
+        |v| {
+            v["status"]["items"]
+                .as_array()
+                .is_some_and(|items| items.iter().any(|i| i["phase"] == "Running"))
+        },
+    )
+    .await;
+    // A frozen agent keeps its TCP connection open but answers nothing, as on a dead node.
+    let pid = nix::unistd::Pid::from_raw(private.agents[0].pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let stopped = std::time::Instant::now();
+    let run = env.wait_run::<Backup>("agent-hangs").await;
+    let waited = stopped.elapsed();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    assert_eq!(run["status"]["phase"], "Failed", "{run:#}");
+    let error = item(&run, "stuck")["error"]
+        .as_str()
+        .expect("error")
+        .to_string();
+    assert!(error.contains("node-1"), "{error}");
+    assert!(
+        waited < Duration::from_secs(30),
+        "failed after {waited:?}, not after the 3 s timeout"
+    );
+}
+
+#[tokio::test]
 async fn a_coordinator_killed_mid_run_resumes_without_duplicate_snapshots() {
     let env = setup("restart").await;
     for pvc in ["one", "two", "three"] {
