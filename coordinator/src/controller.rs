@@ -155,6 +155,10 @@ pub async fn run(config: Config) -> Result<(), CoordinatorError> {
     let ns = ns.as_deref();
     let wc = watcher::Config::default;
 
+    tokio::spawn(sweep_schedule_metrics(
+        api::<Schedule>(&client, ns),
+        metrics.clone(),
+    ));
     let schedules = Controller::new(api::<Schedule>(&client, ns), wc())
         .owns(api::<Backup>(&client, ns), wc())
         .owns(api::<Check>(&client, ns), wc())
@@ -201,6 +205,25 @@ pub async fn run(config: Config) -> Result<(), CoordinatorError> {
             elector.release().await;
             metrics.leader.set(0);
             Ok(())
+        }
+    }
+}
+
+/// Deleted Schedules get no reconcile (there is nothing left to reconcile), so their metric series
+/// are swept against a fresh list of the Schedules that exist.
+async fn sweep_schedule_metrics(api: Api<Schedule>, metrics: Metrics) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        match api.list(&kube::api::ListParams::default()).await {
+            Ok(list) => {
+                let live = list
+                    .items
+                    .iter()
+                    .map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
+                    .collect();
+                metrics.forget_schedules_except(&live);
+            }
+            Err(e) => tracing::debug!(error = %e, "listing Schedules for the metrics sweep"),
         }
     }
 }

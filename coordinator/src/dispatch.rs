@@ -85,8 +85,8 @@ impl DispatchError {
     }
 }
 
-/// One volume to back up, where it is.
-#[derive(Debug, Clone)]
+/// One volume to back up, where it is. No `Debug`: the repository carries secrets.
+#[derive(Clone)]
 pub struct VolumeJob {
     /// `<namespace>/<name>` of the run.
     pub run_id: String,

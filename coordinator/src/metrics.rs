@@ -1,7 +1,8 @@
 //! The coordinator's Prometheus metrics, served on `/metrics` next to `/healthz`.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -34,6 +35,8 @@ pub struct Metrics {
     pub volume_dispatches: IntCounter,
     pub leader: IntGauge,
     ready: Arc<AtomicBool>,
+    /// Schedules (namespace, name) with series, so those of deleted Schedules can be removed.
+    schedules: Arc<Mutex<BTreeSet<(String, String)>>>,
 }
 
 impl Metrics {
@@ -120,7 +123,31 @@ impl Metrics {
             volume_dispatches,
             leader,
             ready: Arc::new(AtomicBool::new(false)),
+            schedules: Arc::new(Mutex::new(BTreeSet::new())),
         })
+    }
+
+    /// Notes that Schedule `namespace/name` has series.
+    pub fn schedule_seen(&self, namespace: &str, name: &str) {
+        if let Ok(mut s) = self.schedules.lock() {
+            s.insert((namespace.to_string(), name.to_string()));
+        }
+    }
+
+    /// Removes the series of Schedules that no longer exist: alerts on a deleted Schedule's stale
+    /// last-success time would otherwise fire forever.
+    pub fn forget_schedules_except(&self, live: &BTreeSet<(String, String)>) {
+        let Ok(mut seen) = self.schedules.lock() else {
+            return;
+        };
+        let gone: Vec<(String, String)> = seen.difference(live).cloned().collect();
+        for (ns, name) in gone {
+            for action in RUN_KINDS {
+                let _ = self.next_run.remove_label_values(&[&ns, &name, action]);
+            }
+            let _ = self.last_success.remove_label_values(&[&ns, &name]);
+            seen.remove(&(ns, name));
+        }
     }
 
     /// Healthy once the process has a working API client (leader or standby alike).
@@ -176,6 +203,7 @@ mod tests {
             .with_label_values(&["shop", "nightly"])
             .set(1.0);
         m.run_duration.with_label_values(&["backup"]).observe(3.0);
+        m.schedule_seen("shop", "nightly");
         let text = m.render();
         for name in [
             "stowage_coordinator_runs_total{kind=\"backup\",result=\"failed\"} 0",
@@ -187,5 +215,8 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
+        m.forget_schedules_except(&BTreeSet::new());
+        let text = m.render();
+        assert!(!text.contains("schedule=\"nightly\""), "{text}");
     }
 }

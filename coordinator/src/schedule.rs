@@ -212,6 +212,7 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<Ctx>) -> Result<Action, kube::
     status.last_scheduled = Some(last);
 
     // Publish the next fire times.
+    ctx.metrics.schedule_seen(&ns, &name);
     let mut next = ActionTimes::default();
     let mut soonest: Option<DateTime<Utc>> = None;
     for (action, cron) in &crons {

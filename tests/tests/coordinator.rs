@@ -682,6 +682,20 @@ async fn random_schedules_are_stable_across_restarts_and_spread() {
     )
     .await;
     assert!(v["status"]["nextRuns"].is_null());
+    // A paused Schedule publishes no next run; a deleted one loses its series.
+    let series = |name: &str| format!("schedule=\"{name}\"");
+    let text = c2.metrics_text().await;
+    assert!(!text.contains(&series("alpha")), "{text}");
+    assert!(text.contains(&series("bravo")), "{text}");
+    api.delete("bravo", &Default::default())
+        .await
+        .expect("delete");
+    wait_for(
+        "bravo's series removed",
+        Duration::from_secs(40),
+        || async { !c2.metrics_text().await.contains(&series("bravo")) },
+    )
+    .await;
 }
 
 #[tokio::test]
