@@ -299,6 +299,27 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
         .filter(|i| i.phase == RunPhase::Succeeded)
         .map(|i| (i.namespace.clone(), i.pvc.clone()))
         .collect();
+    // Items of an earlier attempt that are no longer selected (PVC deleted or excluded since) must
+    // not stay Pending or Running in a finished run.
+    let selected: Vec<(String, String)> = work
+        .iter()
+        .map(|w| (w.namespace.clone(), w.pvc.clone()))
+        .collect();
+    writer.update(|s| {
+        for i in s
+            .items
+            .iter_mut()
+            .filter(|i| i.phase != RunPhase::Succeeded)
+        {
+            if !selected.contains(&(i.namespace.clone(), i.pvc.clone())) {
+                i.phase = RunPhase::Failed;
+                i.percent_done = None;
+                i.error = Some(
+                    "no longer selected when the run resumed (PVC deleted or excluded)".into(),
+                );
+            }
+        }
+    });
     let limits = Arc::new(Limits::new(concurrency));
     let ticker = writer.progress_ticker();
     let mut tasks = tokio::task::JoinSet::new();
@@ -389,6 +410,10 @@ async fn back_up_one(
         let _ = writer.flush().await;
         return;
     }
+    // Always the cluster-wide slot first, then the node's: one order, so no deadlock. A mount holder
+    // is created only once a cluster slot is free, so a run over many idle PVCs does not start all
+    // their pods at once.
+    let _cluster = limits.cluster.acquire().await;
     let (node, pod, pod_uid, pv, holder) = match source {
         Source::Unreadable(msg) => {
             fail(msg);
@@ -425,7 +450,6 @@ async fn back_up_one(
         i.pod = Some(pod.clone());
     });
     let result = {
-        let _cluster = limits.cluster.acquire().await;
         let node_limit = limits.node(&node);
         let _node = node_limit.acquire().await;
         with_item(&writer, &namespace, &pvc, |i| i.phase = RunPhase::Running);
