@@ -361,10 +361,30 @@ async fn a_schedule_firing_every_minute_backs_up_pods_on_two_nodes() {
 async fn a_volume_on_node_3_is_read_by_node_3s_agent_only() {
     let env = setup("rwo").await;
     let _dir = env.mounted_volume("orders", "node-3").await;
+    // A PVC annotated stowage.dev/backup: "false" on node-1 is left out (so node-1 is not called).
+    let _skip = env.mounted_volume("scratch", "node-1").await;
+    Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(
+        env.client.clone(),
+        &env.ns,
+    )
+    .patch(
+        "scratch",
+        &PatchParams::default(),
+        &Patch::Merge(
+            serde_json::json!({"metadata": {"annotations": {"stowage.dev/backup": "false"}}}),
+        ),
+    )
+    .await
+    .expect("annotate");
     let _c = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
     let run = env.backup("only-node-3", serde_json::json!({})).await;
     assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
     assert_eq!(item(&run, "orders")["node"], "node-3");
+    assert_eq!(
+        run["status"]["items"].as_array().map(Vec::len),
+        Some(1),
+        "{run:#}"
+    );
     let run_id = format!("run={}/only-node-3", env.ns);
     for k in 1..=3 {
         let log = std::fs::read_to_string(&env.cluster.env[&format!("STOWAGE_AGENT_{k}_LOG")])
@@ -802,13 +822,17 @@ async fn an_agent_dying_mid_backup_fails_only_its_volume() {
         &env.ns,
         "agent-dies",
         Duration::from_secs(60),
-        "slow running",
+        "slow running, with progress in the status",
         |v| {
             v["status"]["items"].as_array().is_some_and(|items| {
-                items
-                    .iter()
-                    .any(|i| i["pvc"] == "slow" && i["phase"] == "Running")
-            })
+                items.iter().any(|i| {
+                    i["pvc"] == "slow"
+                        && i["phase"] == "Running"
+                        && i["percentDone"].as_f64().is_some_and(|p| p > 0.0)
+                })
+            }) && v["status"]["summary"]
+                .as_str()
+                .is_some_and(|s| s.contains("running"))
         },
     )
     .await;
