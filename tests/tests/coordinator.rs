@@ -82,8 +82,28 @@ impl Env {
         self.repo.display().to_string()
     }
 
+    /// Creates Backup `name` (this test's repository, plus `extra` spec fields) and waits for it.
     async fn backup(&self, name: &str, extra: serde_json::Value) -> serde_json::Value {
-        let mut spec = serde_json::json!({"backend": local_backend(&self.repo)});
+        self.create_backup(name, local_backend(&self.repo), extra)
+            .await;
+        self.wait_run::<Backup>(name).await
+    }
+
+    /// Creates Backup `name` whose uploads are limited to 1 MiB/s, so a few MiB take seconds: time
+    /// for a test to act while it runs. Does not wait.
+    async fn start_throttled_backup(&self, name: &str, extra: serde_json::Value) {
+        let mut backend = local_backend(&self.repo);
+        backend["limitUploadKiB"] = serde_json::json!(1024);
+        self.create_backup(name, backend, extra).await;
+    }
+
+    async fn create_backup(
+        &self,
+        name: &str,
+        backend: serde_json::Value,
+        extra: serde_json::Value,
+    ) {
+        let mut spec = serde_json::json!({ "backend": backend });
         if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
             s.extend(e.clone());
         }
@@ -94,7 +114,6 @@ impl Env {
                 "metadata": {"name": name}, "spec": spec}),
         )
         .await;
-        self.wait_run::<Backup>(name).await
     }
 
     async fn wait_run<K: Object>(&self, name: &str) -> serde_json::Value {
@@ -807,15 +826,8 @@ async fn an_agent_dying_mid_backup_fails_only_its_volume() {
     )
     .await;
     let _c = Coordinator::start(env.cluster, private.coordinator_options(&env.ns)).await;
-    let mut backend = local_backend(&env.repo);
-    backend["limitUploadKiB"] = serde_json::json!(1024);
-    let _: Backup = create(
-        &env.client,
-        &env.ns,
-        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
-            "metadata": {"name": "agent-dies"}, "spec": {"backend": backend}}),
-    )
-    .await;
+    env.start_throttled_backup("agent-dies", serde_json::json!({}))
+        .await;
     // Wait until node-2's volume is being backed up, then kill that node's agent.
     wait_json::<Backup>(
         &env.client,
@@ -875,15 +887,8 @@ async fn a_hung_agent_fails_its_volume_after_the_agent_timeout() {
     let mut opts = private.coordinator_options(&env.ns);
     opts.extra_args = vec!["--agent-timeout".into(), "3s".into()];
     let _c = Coordinator::start(env.cluster, opts).await;
-    let mut backend = local_backend(&env.repo);
-    backend["limitUploadKiB"] = serde_json::json!(1024);
-    let _: Backup = create(
-        &env.client,
-        &env.ns,
-        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
-            "metadata": {"name": "agent-hangs"}, "spec": {"backend": backend}}),
-    )
-    .await;
+    env.start_throttled_backup("agent-hangs", serde_json::json!({}))
+        .await;
     wait_json::<Backup>(
         &env.client,
         &env.ns,
@@ -924,14 +929,9 @@ async fn a_coordinator_killed_mid_run_resumes_without_duplicate_snapshots() {
         stowage_tests::fstree::write_random(&dir.join("data/big"), 3 << 20, pvc.len() as u64);
     }
     let mut first = start_coordinator(env.env_coordinator("first")).await;
-    let mut backend = local_backend(&env.repo);
-    backend["limitUploadKiB"] = serde_json::json!(1024);
-    let _: Backup = create(
-        &env.client,
-        &env.ns,
-        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
-            "metadata": {"name": "interrupted"},
-            "spec": {"backend": backend, "concurrency": {"cluster": 1}}}),
+    env.start_throttled_backup(
+        "interrupted",
+        serde_json::json!({"concurrency": {"cluster": 1}}),
     )
     .await;
     // One volume done, the run still going: kill the coordinator.

@@ -524,9 +524,8 @@ async fn already_done(
             None => return false,
         },
     };
-    let mut repo = repository.clone();
-    repo.auto_init = false;
-    match dispatch::snapshots_of_run(&ctx.agents, &node, &repo, namespace, pvc, id).await {
+    // Listing snapshots never creates a repository, whatever auto_init says.
+    match dispatch::snapshots_of_run(&ctx.agents, &node, repository, namespace, pvc, id).await {
         Ok(snaps) => match snaps.last() {
             Some(s) => {
                 tracing::info!(run = %id, namespace, pvc, snapshot = %s.id, "already backed up by this run before the restart");

@@ -130,15 +130,13 @@ async fn run_task<K: RunObject>(
 pub async fn execute_check(ctx: Arc<Ctx>, run: Arc<Check>) -> Result<(), kube::Error> {
     let Some(Begun {
         writer,
-        mut repository,
+        repository,
         schedule,
         ..
     }) = begin(ctx.as_ref(), run.as_ref()).await?
     else {
         return Ok(());
     };
-    // Maintenance never creates a repository.
-    repository.auto_init = false;
     let subset = run.spec.read_data_subset.clone().or_else(|| {
         schedule
             .as_ref()
@@ -157,14 +155,13 @@ pub async fn execute_prune(ctx: Arc<Ctx>, run: Arc<Prune>) -> Result<(), kube::E
     let namespace = run.namespace().unwrap_or_default();
     let Some(Begun {
         writer,
-        mut repository,
+        repository,
         schedule,
         ..
     }) = begin(ctx.as_ref(), run.as_ref()).await?
     else {
         return Ok(());
     };
-    repository.auto_init = false;
     let retention = run.spec.retention.clone().or_else(|| {
         schedule
             .as_ref()
