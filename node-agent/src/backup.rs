@@ -1,5 +1,7 @@
-//! Backing up one volume: resolve it in the inventory, wait for a slot, pick the parent snapshot of
-//! the volume identity, run restic in the volume directory, and report progress and the result.
+//! Backing up one volume: resolve it in the inventory, wait for a slot, open the volume directory
+//! (refusing a CSI volume that is no longer mounted, skipping an empty one), pick the parent snapshot
+//! of the volume identity, run restic in a sandbox that holds only that directory, and report
+//! progress and the result.
 
 use std::time::Instant;
 
@@ -16,7 +18,11 @@ use crate::context::{AgentContext, ParentKey, ProgressSink};
 use crate::error::AgentError;
 use crate::identity::{Identity, TAG_RUN, validate_extra_tag};
 use crate::inventory::VolumeEntry;
-use crate::repository;
+use crate::inventory::scan::CSI_PLUGIN;
+use crate::{mountpoint, repository, safe_fs, sandbox};
+
+/// `skipped_reason` of a volume with nothing in it.
+pub const SKIPPED_EMPTY: &str = "EmptyVolume";
 
 pub fn progress_event(p: Progress) -> BackupEvent {
     BackupEvent {
@@ -35,7 +41,7 @@ pub struct BackupPlan {
 /// Checks the request and finds the volume; errors here are answered before any work starts.
 pub fn plan(ctx: &AgentContext, req: BackupRequest) -> Result<BackupPlan, AgentError> {
     let identity = Identity::from_proto(req.identity.as_ref(), false)?;
-    let repo = repository::from_proto(req.repository.as_ref())?;
+    let repo = repository::from_proto(req.repository.as_ref(), &ctx.local_roots)?;
     // The run id becomes a tag value (see TAG_RUN): restic splits tags at commas.
     if req.run_id.contains(',') || req.run_id.chars().any(char::is_control) {
         return Err(AgentError::InvalidArgument(format!(
@@ -76,6 +82,23 @@ pub async fn execute(
     let repo_spec = req.repository.as_ref();
     let _slot = ctx.slot(&progress, &cancel).await?;
     let started = Instant::now();
+
+    // From here on the volume is addressed through this descriptor, never by its name again.
+    let root = safe_fs::open_root(&volume.data_dir)?;
+    if volume.plugin == CSI_PLUGIN
+        && !mountpoint::is_mount_root(&root).map_err(|source| AgentError::Io {
+            context: format!("checking that {} is mounted", volume.data_dir.display()),
+            source,
+        })?
+    {
+        return Err(AgentError::NotMounted {
+            dir: volume.data_dir.display().to_string(),
+        });
+    }
+    if safe_fs::is_empty(&root)? {
+        return Ok(skipped(&req.run_id, &identity, started, SKIPPED_EMPTY));
+    }
+
     let restic = ctx.restic(repo, repo_spec, Some(progress.clone()));
     let auto_init = repo_spec.is_some_and(|r| r.auto_init);
 
@@ -118,8 +141,18 @@ pub async fn execute(
         run = %req.run_id, namespace = %identity.namespace, pvc = %identity.pvc,
         dir = %volume.data_dir.display(), parent = ?opts.parent, "backup started"
     );
+    let tmp = sandbox::OperationTmp::create(&ctx.cache_dir)?;
+    let restic =
+        restic
+            .clone()
+            .with_sandbox(sandbox::for_backup(ctx, &root, restic.repository(), &tmp)?);
     let run = |opts: BackupOptions| {
-        let (restic, dir, progress, cancel) = (&restic, &volume.data_dir, &progress, &cancel);
+        let (restic, dir, progress, cancel) = (
+            &restic,
+            std::path::Path::new(sandbox::VOLUME),
+            &progress,
+            &cancel,
+        );
         async move {
             restic
                 .with_lock_retry(|| attempt(ctx, restic, &opts, dir, progress, cancel))
@@ -140,6 +173,10 @@ pub async fn execute(
     let (summary, outcome_kind, errors) = match outcome {
         Ok(BackupOutput { summary }) => (summary, Outcome::Succeeded, Vec::new()),
         Err(ResticError::PartialBackup { summary, errors }) => (*summary, Outcome::Partial, errors),
+        // Not empty when we looked, but nothing left to store (everything excluded, or emptied).
+        Err(ResticError::EmptySource) => {
+            return Ok(skipped(&req.run_id, &identity, started, SKIPPED_EMPTY));
+        }
         Err(ResticError::Cancelled { .. }) => return Err(AgentError::Cancelled),
         Err(e) => return Err(e.into()),
     };
@@ -177,7 +214,22 @@ pub async fn execute(
                 message: e.message,
             })
             .collect(),
+        skipped_reason: String::new(),
     })
+}
+
+/// The result for a volume with nothing to back up: no restic run, no snapshot, not a failure.
+fn skipped(run_id: &str, identity: &Identity, started: Instant, reason: &str) -> BackupResult {
+    tracing::info!(
+        run = %run_id, namespace = %identity.namespace, pvc = %identity.pvc, reason,
+        "backup skipped: the volume is empty"
+    );
+    BackupResult {
+        outcome: Outcome::Skipped.into(),
+        skipped_reason: reason.to_string(),
+        duration_seconds: started.elapsed().as_secs_f64(),
+        ..Default::default()
+    }
 }
 
 /// The identity's newest snapshot; creates the repository first when it is missing and the request

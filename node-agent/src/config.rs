@@ -53,6 +53,15 @@ pub struct Config {
     )]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// The identity the coordinator's client certificate must carry (a DNS or URI SAN, or the CN).
+    /// A certificate signed by the CA with any other identity is refused. Repeatable.
+    #[arg(
+        long = "client-identity",
+        env = "STOWAGE_CLIENT_IDENTITY",
+        value_delimiter = ','
+    )]
+    pub client_identities: Vec<String>,
+
     /// Serve gRPC without TLS. Anyone who can reach the port can then read every volume: tests only.
     #[arg(long, env = "STOWAGE_INSECURE_PLAINTEXT", conflicts_with_all = ["tls_cert", "tls_key", "tls_client_ca"])]
     pub insecure_plaintext: bool,
@@ -64,6 +73,29 @@ pub struct Config {
     /// The restic binary.
     #[arg(long, env = "STOWAGE_RESTIC", default_value = "restic")]
     pub restic: PathBuf,
+
+    /// bubblewrap, the sandbox every restic that reads or writes volume data runs in.
+    #[arg(long, env = "STOWAGE_BWRAP", default_value = "bwrap")]
+    pub bwrap: PathBuf,
+
+    /// A directory under which local (filesystem) repositories may live. Repeatable. With none,
+    /// requests for a local repository are refused: tenants must not choose paths on the node.
+    #[arg(
+        long = "local-repository-root",
+        env = "STOWAGE_LOCAL_REPOSITORY_ROOTS",
+        value_delimiter = ','
+    )]
+    pub local_repository_roots: Vec<PathBuf>,
+
+    /// A backup or restore whose restic reports no progress for this long is stopped and fails.
+    /// Commands that print nothing until done (listing snapshots, opening the repository) may take
+    /// this long in total.
+    #[arg(long, env = "STOWAGE_STALL_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub stall_timeout: Duration,
+
+    /// No single restic run lasts longer than this, progress or not.
+    #[arg(long, env = "STOWAGE_MAX_DURATION", default_value = "12h", value_parser = parse_duration)]
+    pub max_duration: Duration,
 
     /// restic's cache directory (speeds up incremental backups; safe to lose).
     #[arg(

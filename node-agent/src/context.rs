@@ -3,8 +3,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use restic_wrap::options::GlobalOptions;
-use restic_wrap::{LockInfo, LockObserver, LockPolicy, Repository, Restic};
+use restic_wrap::{
+    Backend, Limits, LockInfo, LockObserver, LockPolicy, Repository, Restic, Sandbox,
+};
 use stowage_proto::v1::{Phase, Progress};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -20,8 +24,14 @@ pub struct AgentContext {
     pub limiter: Limiter,
     pub metrics: Metrics,
     pub restic_bin: PathBuf,
+    pub bwrap: PathBuf,
     pub cache_dir: PathBuf,
+    /// Where local repositories may live (empty: none may).
+    pub local_roots: Vec<PathBuf>,
     pub lock_policy: LockPolicy,
+    pub limits: Limits,
+    /// Numbers sandboxes, so each has a hostname of its own (see [`Sandbox::new`]).
+    pub sandboxes: AtomicU64,
     /// Cancelled on SIGTERM: every operation stops its restic and returns.
     pub shutdown: CancellationToken,
     pub parents: ParentCache,
@@ -90,6 +100,30 @@ impl AgentContext {
         }
     }
 
+    /// restic's cache for one repository. Each repository has its own directory, so a sandbox that
+    /// binds the cache exposes no other tenant's cached metadata.
+    pub fn cache_for(&self, repo: &Repository) -> PathBuf {
+        self.cache_dir
+            .join(format!("{:016x}", fnv1a(repo.location().as_bytes())))
+    }
+
+    /// A fresh sandbox (own hostname) with bubblewrap from the flags. The caller adds the binds.
+    pub fn sandbox(&self) -> Sandbox {
+        let n = self.sandboxes.fetch_add(1, Ordering::Relaxed);
+        // A hostname is at most 64 bytes; keep the sequence number whole.
+        let suffix = format!(".sbx-{}-{n}", std::process::id());
+        let node: String = self.node_name.chars().take(64 - suffix.len()).collect();
+        Sandbox::new(&self.bwrap, format!("{node}{suffix}"))
+    }
+
+    /// The host directory of a local repository, which a sandbox must bind; `None` for S3/REST.
+    pub fn local_repository(repo: &Repository) -> Option<PathBuf> {
+        match &repo.backend {
+            Backend::Local { path } => Some(PathBuf::from(path)),
+            _ => None,
+        }
+    }
+
     /// A restic bound to `repo`, with this agent's cache, the request's bandwidth limits and the lock
     /// policy; lock waits and removals go to metrics and, as progress, to `progress`.
     pub fn restic(
@@ -103,15 +137,25 @@ impl AgentContext {
             metrics: self.metrics.clone(),
             progress,
         });
+        let cache_dir = self.cache_for(&repo);
         Restic::new(&self.restic_bin, repo)
+            .with_limits(self.limits)
             .with_global(GlobalOptions {
-                cache_dir: Some(self.cache_dir.clone()),
+                cache_dir: Some(cache_dir),
                 limit_upload: Some(limits.0),
                 limit_download: Some(limits.1),
                 ..Default::default()
             })
             .with_lock_policy(self.lock_policy.clone(), observer)
     }
+}
+
+/// FNV-1a (the `fnv` crate): stable across releases, so a repository keeps its cache directory.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(bytes);
+    h.finish()
 }
 
 /// Sends progress messages of one operation; the message wrapper differs per RPC.

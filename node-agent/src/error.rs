@@ -32,6 +32,10 @@ pub enum AgentError {
         expected: String,
         found: String,
     },
+    #[error(
+        "the volume directory {dir} is no longer a mount point (the volume is being unmounted?); not backing up what is left behind"
+    )]
+    NotMounted { dir: String },
     #[error("restore target {dir} is not empty (mode IntoEmpty)")]
     TargetNotEmpty { dir: String },
     #[error(transparent)]
@@ -66,16 +70,19 @@ impl From<AgentError> for Status {
             AgentError::Path(SafeFsError::Conflict { .. }) => Code::FailedPrecondition,
             AgentError::Path(SafeFsError::Io { .. }) | AgentError::Io { .. } => Code::Internal,
             AgentError::SnapshotOfOtherVolume { .. } => Code::PermissionDenied,
-            AgentError::TargetNotEmpty { .. } => Code::FailedPrecondition,
+            AgentError::TargetNotEmpty { .. } | AgentError::NotMounted { .. } => {
+                Code::FailedPrecondition
+            }
             AgentError::ShuttingDown => Code::Unavailable,
             AgentError::Cancelled => Code::Cancelled,
             AgentError::Restic(r) => match r {
                 R::RepositoryNotFound { .. }
                 | R::WrongPassword { .. }
-                | R::SourceMissing { .. } => Code::FailedPrecondition,
+                | R::SourceMissing { .. }
+                | R::EmptySource => Code::FailedPrecondition,
                 // Someone else holds the repository: retry later.
                 R::Locked { .. } => Code::Aborted,
-                R::Timeout { .. } => Code::DeadlineExceeded,
+                R::Timeout { .. } | R::Stalled { .. } => Code::DeadlineExceeded,
                 R::Cancelled { .. } => Code::Cancelled,
                 R::PartialBackup { .. } => Code::DataLoss,
                 R::UnsupportedVersion { .. } | R::Spawn { .. } => Code::Unavailable,

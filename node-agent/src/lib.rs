@@ -14,6 +14,7 @@
 //! - [`metrics`]: the Prometheus registry and HTTP endpoint;
 //! - [`server`]: wiring, TLS, health, reflection and graceful shutdown.
 
+pub mod authz;
 pub mod backup;
 pub mod config;
 pub mod context;
@@ -23,9 +24,11 @@ pub mod inventory;
 pub mod limiter;
 pub mod maintenance;
 pub mod metrics;
+pub mod mountpoint;
 pub mod repository;
 pub mod restore;
 pub mod safe_fs;
+pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod telemetry;

@@ -59,7 +59,7 @@ mod tests {
 
     #[tokio::test]
     async fn never_more_than_max_and_queue_is_counted() {
-        let m = Metrics::new("n").unwrap();
+        let m = Metrics::new("n", "0.19.1").unwrap();
         let l = Limiter::new(2, m.clone());
         let a = l.acquire().await.unwrap();
         let _b = l.acquire().await.unwrap();

@@ -54,8 +54,11 @@ impl MaintenancePlan {
     }
 }
 
-pub fn plan_check(req: CheckRequest) -> Result<MaintenancePlan, AgentError> {
-    let repo = repository::from_proto(req.repository.as_ref())?;
+pub fn plan_check(
+    req: CheckRequest,
+    local_roots: &[std::path::PathBuf],
+) -> Result<MaintenancePlan, AgentError> {
+    let repo = repository::from_proto(req.repository.as_ref(), local_roots)?;
     let subset = req.read_data_subset.trim();
     if !subset.is_empty() && !valid_subset(subset) {
         return Err(AgentError::InvalidArgument(format!(
@@ -80,8 +83,11 @@ fn valid_subset(s: &str) -> bool {
     }
 }
 
-pub fn plan_prune(req: PruneRequest) -> Result<MaintenancePlan, AgentError> {
-    let repo = repository::from_proto(req.repository.as_ref())?;
+pub fn plan_prune(
+    req: PruneRequest,
+    local_roots: &[std::path::PathBuf],
+) -> Result<MaintenancePlan, AgentError> {
+    let repo = repository::from_proto(req.repository.as_ref(), local_roots)?;
     if !is_k8s_name(&req.namespace) {
         return Err(AgentError::InvalidArgument(format!(
             "namespace {:?} is not a valid Kubernetes name; retention is always scoped to one namespace",
@@ -219,24 +225,36 @@ mod tests {
     fn repo() -> Option<Repository> {
         Some(Repository {
             backend: Some(Backend::Local(LocalBackend {
-                path: "/tmp/repo".into(),
+                path: std::env::temp_dir()
+                    .join("stowage-roots/repo")
+                    .display()
+                    .to_string(),
             })),
             password: "pw".into(),
             ..Default::default()
         })
     }
 
+    fn roots() -> Vec<std::path::PathBuf> {
+        let root = std::env::temp_dir().join("stowage-roots");
+        std::fs::create_dir_all(&root).unwrap();
+        vec![root]
+    }
+
     #[test]
     fn prune_is_scoped_to_a_namespace_and_grouped_per_identity() {
-        let plan = plan_prune(PruneRequest {
-            repository: repo(),
-            namespace: "shop".into(),
-            retention: Some(RetentionPolicy {
-                keep_last: 2,
+        let plan = plan_prune(
+            PruneRequest {
+                repository: repo(),
+                namespace: "shop".into(),
+                retention: Some(RetentionPolicy {
+                    keep_last: 2,
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        })
+            },
+            &roots(),
+        )
         .unwrap();
         let MaintenancePlan::Prune { forget, .. } = plan else {
             panic!("not a prune plan")
@@ -249,20 +267,26 @@ mod tests {
 
     #[test]
     fn bad_prune_and_check_requests_are_refused() {
-        let no_rules = plan_prune(PruneRequest {
-            repository: repo(),
-            namespace: "shop".into(),
-            ..Default::default()
-        });
-        assert!(matches!(no_rules, Err(AgentError::InvalidArgument(m)) if m.contains("retention")));
-        let no_ns = plan_prune(PruneRequest {
-            repository: repo(),
-            retention: Some(RetentionPolicy {
-                keep_last: 1,
+        let no_rules = plan_prune(
+            PruneRequest {
+                repository: repo(),
+                namespace: "shop".into(),
                 ..Default::default()
-            }),
-            ..Default::default()
-        });
+            },
+            &roots(),
+        );
+        assert!(matches!(no_rules, Err(AgentError::InvalidArgument(m)) if m.contains("retention")));
+        let no_ns = plan_prune(
+            PruneRequest {
+                repository: repo(),
+                retention: Some(RetentionPolicy {
+                    keep_last: 1,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            &roots(),
+        );
         assert!(matches!(no_ns, Err(AgentError::InvalidArgument(m)) if m.contains("namespace")));
         for ok in ["5%", "1/10", "2.5%"] {
             assert!(valid_subset(ok), "{ok}");

@@ -14,7 +14,7 @@ use prometheus::{
 };
 
 /// Outcomes of a backup, each a `result` label value that exists from start-up.
-pub const BACKUP_RESULTS: [&str; 4] = ["succeeded", "partial", "failed", "cancelled"];
+pub const BACKUP_RESULTS: [&str; 5] = ["succeeded", "partial", "skipped", "failed", "cancelled"];
 pub const RESTORE_RESULTS: [&str; 3] = ["succeeded", "failed", "cancelled"];
 
 #[derive(Clone)]
@@ -47,7 +47,7 @@ const DURATION_BUCKETS: &[f64] = &[
 ];
 
 impl Metrics {
-    pub fn new(node_name: &str) -> Result<Self, MetricsError> {
+    pub fn new(node_name: &str, restic_version: &str) -> Result<Self, MetricsError> {
         let registry = Registry::new();
         let volumes = IntGauge::new(
             "stowage_agent_volumes",
@@ -126,11 +126,11 @@ impl Metrics {
         let info = GaugeVec::new(
             Opts::new(
                 "stowage_agent_info",
-                "Constant 1, labelled with the agent's node and version.",
+                "Constant 1, labelled with the agent's node, its version and restic's.",
             ),
-            &["node", "version"],
+            &["node", "version", "restic_version"],
         )?;
-        info.with_label_values(&[node_name, env!("CARGO_PKG_VERSION")])
+        info.with_label_values(&[node_name, env!("CARGO_PKG_VERSION"), restic_version])
             .set(1.0);
 
         for r in BACKUP_RESULTS {
@@ -245,7 +245,7 @@ mod tests {
 
     #[test]
     fn result_series_exist_before_first_event() {
-        let m = Metrics::new("node-1").unwrap();
+        let m = Metrics::new("node-1", "0.19.1").unwrap();
         let text = m.render();
         for r in BACKUP_RESULTS {
             assert!(
@@ -268,7 +268,7 @@ mod tests {
 
     #[test]
     fn gauge_guard_restores_on_drop() {
-        let m = Metrics::new("n").unwrap();
+        let m = Metrics::new("n", "0.19.1").unwrap();
         {
             let _g = GaugeGuard::new(&m.running);
             assert_eq!(m.running.get(), 1);

@@ -2,46 +2,116 @@
 
 use stowage_proto::v1::{self, repository::Backend as PBackend};
 
+use std::path::{Component, Path, PathBuf};
+
 use restic_wrap::{Backend, Repository};
+
+/// `path` must be absolute, plain (no `..`), strictly below one of `roots`, and stay below it once
+/// the symlinks of its existing part are resolved.
+fn check_local_path(path: &Path, roots: &[PathBuf]) -> Result<(), InvalidRepository> {
+    if roots.is_empty() {
+        return Err(invalid(
+            "local.path",
+            "local repositories are disabled on this node (the agent has no --local-repository-root); use an S3 or REST repository, or ask the administrator to allow a directory",
+        ));
+    }
+    if !path.is_absolute() {
+        return Err(invalid("local.path", "must be absolute"));
+    }
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(invalid("local.path", "must not contain '.' or '..'"));
+    }
+    let allowed = || {
+        roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let below = |p: &Path, root: &Path| p.starts_with(root) && p != root;
+    if !roots.iter().any(|r| below(path, r)) {
+        return Err(invalid(
+            "local.path",
+            format!(
+                "{} is outside the directories allowed for local repositories ({})",
+                path.display(),
+                allowed()
+            ),
+        ));
+    }
+    // The deepest existing ancestor, with symlinks resolved, must still be inside a root.
+    let mut existing = path;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) => existing = p,
+            None => break,
+        }
+    }
+    let resolved = existing.canonicalize().map_err(|e| {
+        invalid(
+            "local.path",
+            format!("{} cannot be resolved: {e}", existing.display()),
+        )
+    })?;
+    let inside = roots.iter().any(|r| {
+        let root = r.canonicalize().unwrap_or_else(|_| r.clone());
+        resolved.starts_with(&root)
+    });
+    if !inside {
+        return Err(invalid(
+            "local.path",
+            format!(
+                "{} leads outside the directories allowed for local repositories ({}) through a symlink",
+                path.display(),
+                allowed()
+            ),
+        ));
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("repository.{field}: {reason}")]
 pub struct InvalidRepository {
     pub field: &'static str,
-    pub reason: &'static str,
+    pub reason: String,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> InvalidRepository {
+    InvalidRepository {
+        field,
+        reason: reason.into(),
+    }
 }
 
 fn required(field: &'static str, v: &str) -> Result<String, InvalidRepository> {
     if v.is_empty() {
-        Err(InvalidRepository {
-            field,
-            reason: "is required",
-        })
+        Err(invalid(field, "is required"))
     } else {
         Ok(v.to_string())
     }
 }
 
-pub fn from_proto(p: Option<&v1::Repository>) -> Result<Repository, InvalidRepository> {
-    let p = p.ok_or(InvalidRepository {
-        field: "repository",
-        reason: "is required",
-    })?;
+/// The repository of a request. A local repository must lie below one of `local_roots`, the
+/// directories an administrator allowed: a tenant must not choose where on the node we write.
+pub fn from_proto(
+    p: Option<&v1::Repository>,
+    local_roots: &[PathBuf],
+) -> Result<Repository, InvalidRepository> {
+    let p = p.ok_or_else(|| invalid("repository", "is required"))?;
     let backend = match &p.backend {
         None => {
-            return Err(InvalidRepository {
-                field: "backend",
-                reason: "exactly one of local, s3, rest is required",
-            });
+            return Err(invalid(
+                "backend",
+                "exactly one of local, s3, rest is required",
+            ));
         }
         Some(PBackend::Local(l)) => {
             let path = required("local.path", &l.path)?;
-            if !path.starts_with('/') {
-                return Err(InvalidRepository {
-                    field: "local.path",
-                    reason: "must be absolute",
-                });
-            }
+            check_local_path(Path::new(&path), local_roots)?;
             Backend::Local { path }
         }
         Some(PBackend::S3(s)) => Backend::S3 {
@@ -70,27 +140,64 @@ mod tests {
 
     #[test]
     fn validates_each_backend() {
+        let t = tempfile::tempdir().unwrap();
+        let roots = vec![t.path().to_path_buf()];
+        let inside = t.path().join("r").display().to_string();
         let mut p = v1::Repository {
             password: "pw".into(),
             ..Default::default()
         };
-        assert_eq!(from_proto(Some(&p)).unwrap_err().field, "backend");
+        assert_eq!(from_proto(Some(&p), &roots).unwrap_err().field, "backend");
         p.backend = Some(PBackend::Local(v1::LocalBackend { path: "rel".into() }));
-        assert_eq!(from_proto(Some(&p)).unwrap_err().field, "local.path");
-        p.backend = Some(PBackend::Local(v1::LocalBackend { path: "/r".into() }));
-        assert_eq!(from_proto(Some(&p)).unwrap().location(), "/r");
+        assert_eq!(
+            from_proto(Some(&p), &roots).unwrap_err().field,
+            "local.path"
+        );
+        p.backend = Some(PBackend::Local(v1::LocalBackend {
+            path: inside.clone(),
+        }));
+        assert_eq!(from_proto(Some(&p), &roots).unwrap().location(), inside);
         p.backend = Some(PBackend::S3(v1::S3Backend {
             endpoint: "http://e".into(),
             bucket: "b".into(),
             ..Default::default()
         }));
-        assert_eq!(from_proto(Some(&p)).unwrap_err().field, "s3.access_key_id");
+        assert_eq!(
+            from_proto(Some(&p), &roots).unwrap_err().field,
+            "s3.access_key_id"
+        );
         p.password.clear();
         p.backend = Some(PBackend::Rest(v1::RestBackend {
             url: "http://r".into(),
             ..Default::default()
         }));
-        assert_eq!(from_proto(Some(&p)).unwrap_err().field, "password");
-        assert!(from_proto(None).is_err());
+        assert_eq!(from_proto(Some(&p), &roots).unwrap_err().field, "password");
+        assert!(from_proto(None, &roots).is_err());
+    }
+
+    #[test]
+    fn local_repositories_stay_below_the_configured_roots() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("repos");
+        let outside = t.path().join("elsewhere");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        let roots = vec![root.clone()];
+        let ok = |p: &Path| check_local_path(p, &roots);
+        assert!(ok(&root.join("shop/nightly")).is_ok());
+        let none = check_local_path(&root.join("a"), &[]).unwrap_err();
+        assert!(none.reason.contains("disabled"), "{none}");
+        for bad in [
+            root.clone(),
+            outside.join("r"),
+            root.join("../elsewhere/r"),
+            root.join("link/r"),
+            PathBuf::from("/var/lib/kubelet/pods"),
+        ] {
+            let e = ok(&bad).unwrap_err();
+            assert_eq!(e.field, "local.path", "{bad:?}");
+            assert!(e.to_string().starts_with("repository.local.path: "), "{e}");
+        }
     }
 }

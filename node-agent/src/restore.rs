@@ -1,14 +1,14 @@
 //! Restoring a snapshot into a volume on this node, in place, while its pod keeps running.
 //!
 //! restic writes into a fresh staging directory inside the target volume (same filesystem, so the
-//! final move is a rename, not a copy) addressed as `/proc/<agent>/fd/<n>`: the path names the
-//! directory we created, whatever is renamed or planted at its name meanwhile. The staged tree is then
-//! merged into the target with descriptor-relative renames that never follow symlinks ([`safe_fs`]).
+//! final move is a rename, not a copy), bound into its sandbox through `/proc/<agent>/fd/<n>`: the
+//! path names the directory we created, whatever is renamed or planted at its name meanwhile, and
+//! inside the sandbox nothing else is writable ([`crate::sandbox`]). The staged tree is then merged
+//! into the target with descriptor-relative renames that never follow symlinks ([`safe_fs`]).
 
 use std::ffi::OsStr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use nix::errno::Errno;
@@ -16,7 +16,7 @@ use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
 use restic_wrap::json::Snapshot;
-use restic_wrap::options::{RestoreOptions, SnapshotsOptions};
+use restic_wrap::options::{GlobalOptions, RestoreOptions, SnapshotsOptions};
 use stowage_proto::v1::{
     Phase, Progress, RestoreEvent, RestoreMode, RestoreRequest, RestoreResult, restore_event::Event,
 };
@@ -26,8 +26,8 @@ use crate::context::{AgentContext, ProgressSink};
 use crate::error::AgentError;
 use crate::identity::Identity;
 use crate::inventory::VolumeEntry;
-use crate::repository;
 use crate::safe_fs::{self, MergeStats, SafeFsError};
+use crate::{repository, sandbox};
 
 pub fn progress_event(p: Progress) -> RestoreEvent {
     RestoreEvent {
@@ -49,7 +49,7 @@ pub struct RestorePlan {
 /// Checks the request and finds the target volume; errors here are answered before any work starts.
 pub fn plan(ctx: &AgentContext, req: RestoreRequest) -> Result<RestorePlan, AgentError> {
     let source = Identity::from_proto(req.source.as_ref(), false)?;
-    let repo = repository::from_proto(req.repository.as_ref())?;
+    let repo = repository::from_proto(req.repository.as_ref(), &ctx.local_roots)?;
     let mut includes = Vec::new();
     for inc in &req.include {
         let parts = safe_fs::relative_components(inc)?;
@@ -138,13 +138,29 @@ pub async fn execute(
     );
     let opts = RestoreOptions {
         snapshot: snapshot.id.clone(),
-        target: staging.proc_path(),
+        target: sandbox::RESTORE_TARGET.into(),
         includes,
         ..Default::default()
     };
-    tokio::select! {
-        r = restic.restore(&opts) => r?,
-        _ = cancel.cancelled() => return Err(AgentError::Cancelled),
+    let local = AgentContext::local_repository(restic.repository()).is_some();
+    let sandboxed = restic
+        .clone()
+        .with_global(GlobalOptions {
+            // Nothing writable but staging in the sandbox: no cache, and a local repository is
+            // bound read-only, so it cannot take a lock there.
+            cache_dir: None,
+            no_cache: true,
+            no_lock: local,
+            ..restic.global().clone()
+        })
+        .with_sandbox(sandbox::for_restore(ctx, &staging.dir, restic.repository()));
+    let restored = sandboxed
+        .with_lock_retry(|| run_restore(ctx, &sandboxed, &opts, &progress, &cancel))
+        .await;
+    match restored {
+        Ok(_) => {}
+        Err(restic_wrap::Error::Cancelled { .. }) => return Err(AgentError::Cancelled),
+        Err(e) => return Err(e.into()),
     }
 
     progress.phase(Phase::Finalizing, "moving restored files into place");
@@ -160,7 +176,6 @@ pub async fn execute(
 
     let duration = started.elapsed().as_secs_f64();
     ctx.metrics.restore_duration.observe(duration);
-    ctx.metrics.restore_bytes.inc_by(stats.bytes);
     tracing::info!(
         run = %req.run_id, snapshot = %snapshot.id, files = stats.files, bytes = stats.bytes,
         duration_secs = duration, "restore finished"
@@ -173,6 +188,54 @@ pub async fn execute(
         duration_seconds: duration,
         target_dir: target_dir.display().to_string(),
     })
+}
+
+/// One `restic restore` in the sandbox, its JSON progress turned into Progress events and metrics.
+async fn run_restore(
+    ctx: &AgentContext,
+    restic: &restic_wrap::Restic,
+    opts: &RestoreOptions,
+    progress: &ProgressSink,
+    cancel: &CancellationToken,
+) -> restic_wrap::Result<restic_wrap::restic::RestoreOutput> {
+    let mut run = restic.restore(opts)?;
+    tracing::debug!(pid = ?run.pid(), "restic restore spawned");
+    let mut bytes_seen = 0u64;
+    loop {
+        tokio::select! {
+            status = run.next_status() => match status? {
+                Some(s) => {
+                    ctx.metrics.restore_bytes.inc_by(s.bytes_restored.saturating_sub(bytes_seen));
+                    bytes_seen = bytes_seen.max(s.bytes_restored);
+                    progress.send(Progress {
+                        phase: Phase::Running.into(),
+                        percent_done: s.percent_done,
+                        total_files: s.total_files,
+                        files_done: s.files_restored + s.files_skipped,
+                        total_bytes: s.total_bytes,
+                        bytes_done: s.bytes_restored + s.bytes_skipped,
+                        seconds_elapsed: s.seconds_elapsed,
+                        ..Default::default()
+                    });
+                }
+                None => break,
+            },
+            _ = cancel.cancelled() => {
+                run.cancel().await;
+                return Err(restic_wrap::Error::Cancelled { subcommand: "restore".into() });
+            }
+        }
+    }
+    let out = tokio::select! {
+        out = run.finish() => out?,
+        _ = cancel.cancelled() => {
+            return Err(restic_wrap::Error::Cancelled { subcommand: "restore".into() });
+        }
+    };
+    ctx.metrics
+        .restore_bytes
+        .inc_by(out.summary.bytes_restored.saturating_sub(bytes_seen));
+    Ok(out)
 }
 
 /// Finds the snapshot among the identity's own: "latest" (or empty) is the newest of that
@@ -257,15 +320,6 @@ impl Staging {
             source,
         })?;
         Ok(Self { root, name, dir })
-    }
-
-    /// The staging directory as restic should see it: through our descriptor, not its name.
-    fn proc_path(&self) -> PathBuf {
-        PathBuf::from(format!(
-            "/proc/{}/fd/{}",
-            std::process::id(),
-            self.dir.as_raw_fd()
-        ))
     }
 
     fn open(&self) -> Result<OwnedFd, AgentError> {

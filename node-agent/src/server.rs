@@ -6,15 +6,19 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use restic_wrap::LockPolicy;
+use std::path::PathBuf;
+
+use restic_wrap::{Limits, LockPolicy};
 use stowage_proto::v1::FILE_DESCRIPTOR_SET;
 use stowage_proto::v1::agent_server::AgentServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use crate::authz::ClientIdentity;
 use crate::config::Config;
 use crate::context::AgentContext;
 use crate::inventory::{Inventory, watch};
@@ -46,6 +50,20 @@ pub enum ServerError {
     MissingTls,
     #[error("restic is not usable: {0}")]
     Restic(#[from] restic_wrap::Error),
+    #[error("{what} {name:?} is not an executable on PATH")]
+    NotFound { what: &'static str, name: String },
+    #[error(
+        "the sandbox does not work ({detail}); the agent needs bubblewrap and CAP_SYS_ADMIN to create mount namespaces"
+    )]
+    Sandbox { detail: String },
+    #[error("local repository root {path}: {source}")]
+    LocalRoot {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--client-identity is required with TLS: name the coordinator's certificate identity")]
+    MissingClientIdentity,
     #[error("creating the restic cache directory {path}: {source}")]
     CacheDir {
         path: String,
@@ -85,8 +103,75 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 }
 
 /// Runs the agent until `shutdown` is cancelled.
+/// `name` as an absolute path: itself when it has a slash, else the first match on PATH. The sandbox
+/// binds the binary at its own path, so it must be absolute.
+fn executable(what: &'static str, name: &std::path::Path) -> Result<PathBuf, ServerError> {
+    if name.components().count() > 1 {
+        return std::path::absolute(name).map_err(|_| ServerError::NotFound {
+            what,
+            name: name.display().to_string(),
+        });
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| ServerError::NotFound {
+            what,
+            name: name.display().to_string(),
+        })
+}
+
+/// Runs `restic version` inside an empty sandbox: proves that bubblewrap can create its namespaces
+/// here and that restic runs with nothing but itself (it must be a static binary).
+async fn probe_sandbox(ctx: &AgentContext) -> Result<(), ServerError> {
+    let spec = restic_wrap::command::CommandSpec {
+        program: ctx.restic_bin.clone(),
+        args: vec!["version".into()],
+        env: Vec::new(),
+        cwd: None,
+        subcommand: "version".into(),
+    };
+    let spec = ctx.sandbox().wrap(&spec);
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(&spec.program)
+            .args(&spec.args)
+            .env_clear()
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| ServerError::Sandbox {
+        detail: "restic version did not answer within 30s".into(),
+    })?
+    .map_err(|e| ServerError::Sandbox {
+        detail: format!("starting {}: {e}", spec.program.display()),
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ServerError::Sandbox {
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
 pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<(), ServerError> {
-    let metrics = Metrics::new(&config.node_name)?;
+    let restic_bin = executable("restic", &config.restic)?;
+    let bwrap = executable("bwrap", &config.bwrap)?;
+    let version = restic_wrap::restic::version_of(&restic_bin).await?;
+    if !config.insecure_plaintext && config.client_identities.is_empty() {
+        return Err(ServerError::MissingClientIdentity);
+    }
+    for root in &config.local_repository_roots {
+        std::fs::create_dir_all(root).map_err(|source| ServerError::LocalRoot {
+            path: root.display().to_string(),
+            source,
+        })?;
+    }
+    let metrics = Metrics::new(&config.node_name, &version)?;
     let metrics_listener = TcpListener::bind(config.metrics_listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -120,7 +205,6 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         Some(tls_config(&config)?)
     };
 
-    let version = restic_wrap::restic::version_of(&config.restic).await?;
     std::fs::create_dir_all(&config.cache_dir).map_err(|source| ServerError::CacheDir {
         path: config.cache_dir.display().to_string(),
         source,
@@ -149,16 +233,24 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         inventory,
         limiter: limiter.clone(),
         metrics: metrics.clone(),
-        restic_bin: config.restic.clone(),
+        restic_bin,
+        bwrap,
         cache_dir: config.cache_dir.clone(),
+        local_roots: config.local_repository_roots.clone(),
         lock_policy: LockPolicy {
             max_wait: config.lock_wait,
             stale_after: config.stale_lock_age,
             ..LockPolicy::default()
         },
+        limits: Limits {
+            stall: config.stall_timeout,
+            max: config.max_duration,
+        },
+        sandboxes: Default::default(),
         shutdown: shutdown.clone(),
         parents: Default::default(),
     });
+    probe_sandbox(&ctx).await?;
     let tasks = TaskTracker::new();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -174,7 +266,10 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
     builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AgentServer::new(AgentService::new(ctx, tasks.clone())))
+        .add_service(authorized(
+            AgentServer::new(AgentService::new(ctx, tasks.clone())),
+            &config,
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
             stop.cancelled().await;
         })
@@ -194,6 +289,36 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
     let _ = metrics_task.await;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The agent API behind the client-identity check (none in plaintext mode, where there is no
+/// certificate to check).
+fn authorized(
+    server: AgentServer<AgentService>,
+    config: &Config,
+) -> InterceptedService<AgentServer<AgentService>, AllowAll> {
+    let check = if config.insecure_plaintext {
+        AllowAll::Everyone
+    } else {
+        AllowAll::Only(ClientIdentity::new(config.client_identities.clone()))
+    };
+    InterceptedService::new(server, check)
+}
+
+/// The interceptor in front of the agent API.
+#[derive(Clone)]
+enum AllowAll {
+    Everyone,
+    Only(ClientIdentity),
+}
+
+impl tonic::service::Interceptor for AllowAll {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        match self {
+            AllowAll::Everyone => Ok(req),
+            AllowAll::Only(id) => id.call(req),
+        }
+    }
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {

@@ -72,6 +72,20 @@ impl AgentService {
 }
 
 impl AgentService {
+    /// A slot under the node's limit for a unary call, bounded by the stall timeout: a unary
+    /// caller has no progress stream to see that it queues.
+    async fn slot(&self) -> Result<crate::limiter::Slot, Status> {
+        match tokio::time::timeout(self.ctx.limits.stall, self.ctx.limiter.acquire()).await {
+            Ok(Some(slot)) => Ok(slot),
+            Ok(None) => Err(AgentError::ShuttingDown.into()),
+            Err(_) => Err(Status::resource_exhausted(format!(
+                "no free slot on node {} within {}; every slot is busy",
+                self.ctx.node_name,
+                restic_wrap::error::human(self.ctx.limits.stall)
+            ))),
+        }
+    }
+
     /// Check and Prune share one path: validated up front, then streamed like backups.
     fn maintain(
         &self,
@@ -103,9 +117,12 @@ impl AgentService {
 
 /// Metric label for how an operation ended.
 fn result_label(r: &Result<impl Sized, AgentError>, partial: bool) -> &'static str {
+    result_label_of(r, if partial { "partial" } else { "succeeded" })
+}
+
+fn result_label_of(r: &Result<impl Sized, AgentError>, ok: &'static str) -> &'static str {
     match r {
-        Ok(_) if partial => "partial",
-        Ok(_) => "succeeded",
+        Ok(_) => ok,
         Err(AgentError::Cancelled | AgentError::ShuttingDown) => "cancelled",
         Err(_) => "failed",
     }
@@ -158,12 +175,14 @@ impl Agent for AgentService {
             },
             move |ctx, progress, cancel| async move {
                 let r = backup::execute(&ctx, plan, progress, cancel).await;
-                let partial = r
-                    .as_ref()
-                    .is_ok_and(|r| r.outcome == stowage_proto::v1::Outcome::Partial as i32);
+                let ok = match r.as_ref().map(|r| r.outcome()) {
+                    Ok(stowage_proto::v1::Outcome::Partial) => "partial",
+                    Ok(stowage_proto::v1::Outcome::Skipped) => "skipped",
+                    _ => "succeeded",
+                };
                 ctx.metrics
                     .backups
-                    .with_label_values(&[result_label(&r, partial)])
+                    .with_label_values(&[result_label_of(&r, ok)])
                     .inc();
                 if let Err(e) = &r {
                     tracing::warn!(error = %e, "backup failed");
@@ -212,7 +231,8 @@ impl Agent for AgentService {
         req: Request<SnapshotsRequest>,
     ) -> Result<Response<SnapshotsResponse>, Status> {
         let req = req.into_inner();
-        let repo = repository::from_proto(req.repository.as_ref()).map_err(AgentError::from)?;
+        let repo = repository::from_proto(req.repository.as_ref(), &self.ctx.local_roots)
+            .map_err(AgentError::from)?;
         let tags = match &req.identity {
             Some(id) => Identity::from_proto(Some(id), false)
                 .map_err(AgentError::from)?
@@ -224,6 +244,8 @@ impl Agent for AgentService {
             tags,
             ..Default::default()
         };
+        // Through the node's limiter like every restic: a resumed 500-volume run asks for many.
+        let _slot = self.slot().await?;
         let snaps = restic.snapshots(&opts).await.map_err(AgentError::from)?;
         let snapshots = snaps
             .into_iter()
@@ -250,7 +272,7 @@ impl Agent for AgentService {
     ) -> Result<Response<Self::CheckStream>, Status> {
         let req = req.into_inner();
         tracing::info!(run = %req.run_id, "check requested");
-        self.maintain(maintenance::plan_check(req))
+        self.maintain(maintenance::plan_check(req, &self.ctx.local_roots))
     }
 
     type PruneStream = ReceiverStream<Result<MaintenanceEvent, Status>>;
@@ -261,7 +283,7 @@ impl Agent for AgentService {
     ) -> Result<Response<Self::PruneStream>, Status> {
         let req = req.into_inner();
         tracing::info!(run = %req.run_id, namespace = %req.namespace, dry_run = req.dry_run, "prune requested");
-        self.maintain(maintenance::plan_prune(req))
+        self.maintain(maintenance::plan_prune(req, &self.ctx.local_roots))
     }
 
     async fn ensure_repository(
@@ -269,8 +291,10 @@ impl Agent for AgentService {
         req: Request<EnsureRepositoryRequest>,
     ) -> Result<Response<EnsureRepositoryResponse>, Status> {
         let req = req.into_inner();
-        let repo = repository::from_proto(req.repository.as_ref()).map_err(AgentError::from)?;
+        let repo = repository::from_proto(req.repository.as_ref(), &self.ctx.local_roots)
+            .map_err(AgentError::from)?;
         let auto_init = req.repository.as_ref().is_some_and(|r| r.auto_init);
+        let _slot = self.slot().await?;
         self.ctx
             .restic(repo, req.repository.as_ref(), None)
             .ensure_repository(auto_init)

@@ -43,6 +43,9 @@ pub enum Error {
     Locked { lock: Box<LockInfo> },
     #[error("nothing to back up: {message}")]
     SourceMissing { message: String },
+    /// restic refuses to store a snapshot of an empty tree.
+    #[error("nothing to back up: the source is empty (restic stores no empty snapshots)")]
+    EmptySource,
     /// restic exit 3: a snapshot was written but some files could not be read. Not a success.
     #[error("backup is incomplete: {} item(s) could not be read (snapshot {})", errors.len(), summary.snapshot_id)]
     PartialBackup {
@@ -62,50 +65,73 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    #[error("restic {subcommand} timed out after {after:?} and was killed")]
+    #[error("restic {subcommand} timed out after {} and was stopped", human(*after))]
     Timeout { subcommand: String, after: Duration },
+    #[error("restic {subcommand} made no progress for {} and was stopped", human(*after))]
+    Stalled { subcommand: String, after: Duration },
     #[error("restic {subcommand} was cancelled")]
     Cancelled { subcommand: String },
 }
 
+/// restic's documented exit codes (0.17 and later).
+pub mod exit {
+    pub const FATAL: i32 = 1;
+    pub const PARTIAL: i32 = 3;
+    pub const NO_REPOSITORY: i32 = 10;
+    pub const LOCK_FAILED: i32 = 11;
+    pub const WRONG_PASSWORD: i32 = 12;
+    pub const INTERRUPTED: i32 = 130;
+}
+
 impl Error {
-    /// Maps a non-zero exit to the most specific variant we can recognise from stderr.
+    /// Maps a non-zero exit to a variant. The cause comes from restic's exit code, never from its
+    /// wording: only exit 10 means "no repository" (so only it may ever lead to `restic init`), and an
+    /// authentication, permission or network error stays a plain failure. Text is read only to add
+    /// detail (the lock holder) or to tell two fatal errors apart that need different handling.
     pub(crate) fn from_exit(subcommand: &str, status: i32, stderr: &str, location: &str) -> Error {
-        if let Some(lock) = LockInfo::parse(stderr) {
-            return Error::Locked {
-                lock: Box::new(lock),
-            };
-        }
-        if stderr.contains("wrong password or no key found") {
-            return Error::WrongPassword {
+        match status {
+            exit::NO_REPOSITORY => Error::RepositoryNotFound {
                 location: location.to_string(),
-            };
-        }
-        // Local: "unable to open config file: stat <path>/config: no such file or directory".
-        // S3/REST: "unable to open config file: Stat: The specified key does not exist." and kin.
-        if stderr.contains("unable to open config file")
-            || stderr.contains("Is there a repository at")
-        {
-            return Error::RepositoryNotFound {
+            },
+            exit::WRONG_PASSWORD => Error::WrongPassword {
                 location: location.to_string(),
-            };
+            },
+            exit::LOCK_FAILED => Error::Locked {
+                lock: Box::new(LockInfo::parse(stderr).unwrap_or_default()),
+            },
+            exit::INTERRUPTED => Error::Cancelled {
+                subcommand: subcommand.to_string(),
+            },
+            exit::FATAL if stderr.contains("directories/files do not exist") => {
+                Error::SourceMissing {
+                    message: tail(stderr, 512),
+                }
+            }
+            exit::FATAL if subcommand == "backup" && stderr.contains("snapshot is empty") => {
+                Error::EmptySource
+            }
+            _ => Error::CommandFailed {
+                subcommand: subcommand.to_string(),
+                status,
+                stderr_tail: tail(stderr, 2048),
+            },
         }
-        if stderr.contains("all target directories/files do not exist") {
-            return Error::SourceMissing {
-                message: tail(stderr, 512),
-            };
-        }
-        // restic 0.14 refuses to store a snapshot of an empty directory.
-        if stderr.contains("snapshot is empty") {
-            return Error::SourceMissing {
-                message: "the volume is empty (restic does not store empty snapshots)".into(),
-            };
-        }
-        Error::CommandFailed {
-            subcommand: subcommand.to_string(),
-            status,
-            stderr_tail: tail(stderr, 2048),
-        }
+    }
+}
+
+/// "1h2m3s", "45s", "1.5s": durations in messages people read.
+pub fn human(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs < 10 && d.subsec_millis() != 0 {
+        return format!("{:.1}s", d.as_secs_f64());
+    }
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m, s) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, 0, 0) => format!("{h}h"),
+        (h, m, s) => format!("{h}h{m}m{s}s"),
     }
 }
 
@@ -133,35 +159,56 @@ mod tests {
     }
 
     #[test]
-    fn classifies_real_stderr_samples() {
+    fn classifies_by_exit_code_not_by_wording() {
+        // The 0.14 samples carry the old wording; the exit code alone decides.
         assert!(matches!(
-            Error::from_exit("backup", 1, &sample("err_wrong_password.stderr"), "r"),
+            Error::from_exit("backup", 12, &sample("err_wrong_password.stderr"), "r"),
             Error::WrongPassword { .. }
         ));
         assert!(matches!(
-            Error::from_exit("backup", 1, &sample("err_no_repo.stderr"), "r"),
+            Error::from_exit("backup", 10, &sample("err_no_repo.stderr"), "r"),
             Error::RepositoryNotFound { .. }
+        ));
+        // "Is there a repository at ..." with exit 1 is a failure (e.g. access denied), never
+        // "not found": only exit 10 may lead to `restic init`.
+        assert!(matches!(
+            Error::from_exit("cat", 1, &sample("err_no_repo.stderr"), "r"),
+            Error::CommandFailed { status: 1, .. }
         ));
         assert!(matches!(
             Error::from_exit("backup", 1, &sample("err_missing_source.stderr"), "r"),
             Error::SourceMissing { .. }
         ));
-        match Error::from_exit(
-            "backup",
-            1,
-            "Fatal: unable to save snapshot: snapshot is empty",
-            "r",
-        ) {
-            Error::SourceMissing { message } => assert!(message.contains("volume is empty")),
-            other => panic!("{other:?}"),
-        }
-        match Error::from_exit("prune", 1, &sample("err_locked_exclusive.txt"), "r") {
+        assert!(matches!(
+            Error::from_exit(
+                "backup",
+                1,
+                "Fatal: unable to save snapshot: snapshot is empty",
+                "r"
+            ),
+            Error::EmptySource
+        ));
+        match Error::from_exit("prune", 11, &sample("err_locked_exclusive.txt"), "r") {
             Error::Locked { lock } => {
                 assert_eq!(lock.pid, Some(13288));
                 assert_eq!(lock.host, "vm");
             }
             other => panic!("{other:?}"),
         }
+        // A lock failure whose text we cannot parse is still a lock failure.
+        assert!(matches!(
+            Error::from_exit("prune", 11, "something new", "r"),
+            Error::Locked { .. }
+        ));
+        // The lock text with another exit code is not taken for a lock.
+        assert!(matches!(
+            Error::from_exit("prune", 1, &sample("err_locked_exclusive.txt"), "r"),
+            Error::CommandFailed { .. }
+        ));
+        assert!(matches!(
+            Error::from_exit("backup", 130, "", "r"),
+            Error::Cancelled { .. }
+        ));
         match Error::from_exit("check", 1, "boom\nsomething else went wrong", "r") {
             Error::CommandFailed {
                 status,
@@ -173,6 +220,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human(Duration::from_secs(600)), "10m");
+        assert_eq!(human(Duration::from_secs(3)), "3s");
+        assert_eq!(human(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(human(Duration::from_secs(3725)), "1h2m5s");
     }
 
     #[test]

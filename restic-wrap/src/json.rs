@@ -59,6 +59,12 @@ impl BackupError {
     pub fn message(&self) -> String {
         match &self.error {
             serde_json::Value::Object(m) if m.is_empty() => "could not be read".to_string(),
+            // restic 0.17+: {"message": "..."}.
+            serde_json::Value::Object(m) if m.get("message").is_some_and(|v| v.is_string()) => m
+                .get("message")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string(),
             serde_json::Value::Object(m) => {
                 let op = m.get("Op").and_then(|v| v.as_str()).unwrap_or("access");
                 match m.get("Err").and_then(|v| v.as_i64()) {
@@ -73,6 +79,52 @@ impl BackupError {
             other => other.to_string(),
         }
     }
+}
+
+/// One line of `restic restore --json` (0.17+).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "message_type", rename_all = "snake_case")]
+pub enum RestoreMessage {
+    Status(RestoreStatus),
+    Summary(RestoreSummary),
+    Error(BackupError),
+    VerboseStatus(serde_json::Value),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct RestoreStatus {
+    pub seconds_elapsed: u64,
+    pub percent_done: f64,
+    pub total_files: u64,
+    pub files_restored: u64,
+    pub files_skipped: u64,
+    pub files_deleted: u64,
+    pub total_bytes: u64,
+    pub bytes_restored: u64,
+    pub bytes_skipped: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct RestoreSummary {
+    pub seconds_elapsed: u64,
+    pub total_files: u64,
+    pub files_restored: u64,
+    pub files_skipped: u64,
+    pub files_deleted: u64,
+    pub total_bytes: u64,
+    pub bytes_restored: u64,
+    pub bytes_skipped: u64,
+}
+
+/// What restic 0.17+ prints on stderr as its last line with `--json` when it fails.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ExitError {
+    pub message_type: String,
+    pub code: i32,
+    pub message: String,
 }
 
 /// An element of `restic snapshots --json`.
@@ -208,6 +260,33 @@ mod tests {
             "{}",
             errors[2].message()
         );
+    }
+
+    #[test]
+    fn restic_019_restore_and_exit_lines() {
+        let status = r#"{"message_type":"status","seconds_elapsed":1,"percent_done":0.5,"total_files":4,"files_restored":2,"total_bytes":100,"bytes_restored":50}"#;
+        let Ok(RestoreMessage::Status(s)) = serde_json::from_str(status) else {
+            panic!("status")
+        };
+        assert_eq!((s.files_restored, s.bytes_restored), (2, 50));
+        let err = r#"{"message_type":"error","error":{"message":"permission denied"},"during":"restore","item":"/a"}"#;
+        let Ok(RestoreMessage::Error(e)) = serde_json::from_str(err) else {
+            panic!("error")
+        };
+        assert_eq!(e.message(), "permission denied");
+        let summary = r#"{"message_type":"summary","total_files":4,"files_restored":4,"total_bytes":100,"bytes_restored":100,"new_field":1}"#;
+        assert!(matches!(
+            serde_json::from_str(summary),
+            Ok(RestoreMessage::Summary(RestoreSummary {
+                files_restored: 4,
+                ..
+            }))
+        ));
+        let exit: ExitError = serde_json::from_str(
+            r#"{"message_type":"exit_error","code":10,"message":"Fatal: repository does not exist"}"#,
+        )
+        .unwrap();
+        assert_eq!(exit.code, 10);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! A typed async wrapper around the `restic` binary (0.14 or newer).
+//! A typed async wrapper around the `restic` binary (0.17 or newer).
 //!
 //! - Option structs render argv ([`options`]); call sites never assemble strings.
 //! - Secrets travel only in the child's environment ([`Repository::env`]); argv and logs never carry them.
@@ -16,8 +16,10 @@ pub mod options;
 pub mod process;
 pub mod repository;
 pub mod restic;
+pub mod sandbox;
 
 pub use error::{Error, Result};
 pub use lock::{LockInfo, LockObserver, LockPolicy};
 pub use repository::{Backend, Repository};
-pub use restic::{BackupEvent, BackupRun, Restic};
+pub use restic::{BackupEvent, BackupRun, Limits, Restic, RestoreRun};
+pub use sandbox::Sandbox;

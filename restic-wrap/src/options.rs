@@ -18,6 +18,8 @@ pub trait Subcommand {
 pub struct GlobalOptions {
     pub cache_dir: Option<PathBuf>,
     pub no_cache: bool,
+    /// Take no repository lock (restores from a repository mounted read-only).
+    pub no_lock: bool,
     /// KiB/s.
     pub limit_upload: Option<u32>,
     /// KiB/s.
@@ -35,6 +37,9 @@ impl GlobalOptions {
         }
         if self.no_cache {
             a.push("--no-cache".into());
+        }
+        if self.no_lock {
+            a.push("--no-lock".into());
         }
         if let Some(kib) = self.limit_upload.filter(|k| *k > 0) {
             a.push("--limit-upload".into());
@@ -147,7 +152,7 @@ pub struct RestoreOptions {
 
 impl Subcommand for RestoreOptions {
     fn args(&self) -> Vec<OsString> {
-        let mut a: Vec<OsString> = vec!["restore".into(), "--target".into()];
+        let mut a: Vec<OsString> = vec!["restore".into(), "--json".into(), "--target".into()];
         a.push(self.target.clone().into_os_string());
         push_each(&mut a, "--include", &self.includes);
         push_each(&mut a, "--exclude", &self.excludes);
@@ -454,6 +459,7 @@ mod tests {
             strs(o.args()),
             [
                 "restore",
+                "--json",
                 "--target",
                 "/t",
                 "--include",

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, Lines};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::task::JoinHandle;
 
 use crate::command::CommandSpec;
 use crate::error::{Error, ItemError, Result};
-use crate::json::BackupMessage;
+use crate::json::{BackupMessage, ExitError};
 
 /// How long restic gets to clean up (remove its lock) after SIGTERM before SIGKILL.
 pub const TERMINATE_GRACE: Duration = Duration::from_millis(1500);
@@ -34,7 +34,7 @@ pub struct StderrCapture {
 pub struct ResticProcess {
     child: Option<Child>,
     pgid: Option<Pid>,
-    stdout: Option<Lines<BufReader<ChildStdout>>>,
+    stdout: Option<BufReader<ChildStdout>>,
     stdin: Option<ChildStdin>,
     stderr: Arc<Mutex<StderrCapture>>,
     stderr_task: Option<JoinHandle<()>>,
@@ -77,7 +77,7 @@ impl ResticProcess {
             .id()
             .and_then(|id| i32::try_from(id).ok())
             .map(Pid::from_raw);
-        let stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
+        let stdout = child.stdout.take().map(BufReader::new);
         let stdin = child.stdin.take();
         let stderr = Arc::new(Mutex::new(StderrCapture::default()));
         let stderr_task = child
@@ -105,10 +105,10 @@ impl ResticProcess {
         self.stdin.take()
     }
 
-    /// The next line of stdout, or `None` at end of output.
+    /// The next line of stdout (decoded lossily), or `None` at end of output.
     pub async fn next_line(&mut self) -> Result<Option<String>> {
         match &mut self.stdout {
-            Some(lines) => lines.next_line().await.map_err(|source| Error::Io {
+            Some(out) => read_line_lossy(out).await.map_err(|source| Error::Io {
                 context: "reading stdout",
                 source,
             }),
@@ -116,8 +116,20 @@ impl ResticProcess {
         }
     }
 
+    /// Stops the process group now, keeping the handle (for callers that own it by reference).
+    pub async fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            terminate_group(child, self.pgid, TERMINATE_GRACE).await;
+        }
+    }
+
     /// Waits for exit and the end of stderr. Returns the exit code (-signal if killed) and stderr.
     pub async fn wait(mut self) -> Result<(i32, StderrCapture)> {
+        self.wait_mut().await
+    }
+
+    /// [`ResticProcess::wait`] by reference.
+    pub async fn wait_mut(&mut self) -> Result<(i32, StderrCapture)> {
         let status = match self.child.as_mut() {
             Some(child) => child.wait().await.map_err(|source| Error::Io {
                 context: "waiting for restic",
@@ -191,32 +203,59 @@ async fn terminate_group(mut child: Child, pgid: Option<Pid>, grace: Duration) {
     }
 }
 
+/// One line, without its end, decoded lossily: restic prints file names as they are on disk, and a
+/// name that is not UTF-8 must not end the reading. `None` at end of stream.
+pub(crate) async fn read_line_lossy<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    if r.read_until(b'\n', &mut buf).await? == 0 {
+        return Ok(None);
+    }
+    while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        buf.pop();
+    }
+    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
+}
+
 async fn capture_stderr<R: AsyncRead + Unpin>(stream: R, sink: Arc<Mutex<StderrCapture>>) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut reader = BufReader::new(stream);
+    while let Ok(Some(line)) = read_line_lossy(&mut reader).await {
         let Ok(mut cap) = sink.lock() else { return };
-        // restic 0.14 writes backup item errors as JSON on stderr.
-        if line.starts_with('{')
-            && let Ok(BackupMessage::Error(e)) = serde_json::from_str::<BackupMessage>(&line)
-        {
-            if cap.item_errors.len() < MAX_ITEM_ERRORS {
-                let message = e.message();
-                cap.item_errors.push(ItemError {
-                    item: e.item,
-                    during: e.during,
-                    message,
-                });
-            } else {
-                cap.item_errors_dropped += 1;
+        if line.starts_with('{') {
+            // Item errors (restic 0.14 writes backup item errors as JSON on stderr).
+            if let Ok(BackupMessage::Error(e)) = serde_json::from_str::<BackupMessage>(&line) {
+                if cap.item_errors.len() < MAX_ITEM_ERRORS {
+                    let message = e.message();
+                    cap.item_errors.push(ItemError {
+                        item: e.item,
+                        during: e.during,
+                        message,
+                    });
+                } else {
+                    cap.item_errors_dropped += 1;
+                }
+                continue;
             }
-            continue;
+            // restic 0.17+ ends a failed `--json` run with its message as JSON: keep the text, so
+            // the tail reads like restic's plain output (and the lock report can be parsed).
+            if let Ok(exit) = serde_json::from_str::<ExitError>(&line)
+                && exit.message_type == "exit_error"
+            {
+                push_tail(&mut cap, &exit.message);
+                continue;
+            }
         }
-        cap.tail.push_str(&line);
+        push_tail(&mut cap, &line);
+    }
+}
+
+fn push_tail(cap: &mut StderrCapture, text: &str) {
+    cap.tail.push_str(text);
+    cap.tail.push('\n');
+    if cap.tail.len() > 2 * STDERR_TAIL_BYTES {
+        cap.tail = crate::error::tail(&cap.tail, STDERR_TAIL_BYTES);
         cap.tail.push('\n');
-        if cap.tail.len() > 2 * STDERR_TAIL_BYTES {
-            cap.tail = crate::error::tail(&cap.tail, STDERR_TAIL_BYTES);
-            cap.tail.push('\n');
-        }
     }
 }
 
@@ -241,4 +280,40 @@ fn inherited_env() -> Vec<(String, String)> {
     std::env::vars()
         .filter(|(k, _)| KEEP.contains(&k.as_str()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_that_are_not_utf8_do_not_stop_the_reading() {
+        let data: &[u8] = b"first\nname \xff\xfe here\r\nlast";
+        let mut r = BufReader::new(data);
+        assert_eq!(
+            read_line_lossy(&mut r).await.unwrap().as_deref(),
+            Some("first")
+        );
+        let second = read_line_lossy(&mut r).await.unwrap().unwrap();
+        assert!(
+            second.starts_with("name ") && second.ends_with(" here"),
+            "{second}"
+        );
+        assert_eq!(
+            read_line_lossy(&mut r).await.unwrap().as_deref(),
+            Some("last")
+        );
+        assert_eq!(read_line_lossy(&mut r).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn stderr_capture_keeps_exit_messages_and_survives_bad_bytes() {
+        let data: &[u8] = b"bad \xff byte\n{\"message_type\":\"exit_error\",\"code\":11,\"message\":\"unable to create lock in backend: repository is already locked by PID 7 on h by u\\nstorage ID abcd1234\"}\n";
+        let sink = Arc::new(Mutex::new(StderrCapture::default()));
+        capture_stderr(data, Arc::clone(&sink)).await;
+        let tail = sink.lock().unwrap().tail.clone();
+        assert!(tail.starts_with("bad "), "{tail}");
+        let lock = crate::LockInfo::parse(&tail).unwrap();
+        assert_eq!((lock.pid, lock.storage_id.as_str()), (Some(7), "abcd1234"));
+    }
 }

@@ -8,18 +8,42 @@ use serde::de::DeserializeOwned;
 
 use crate::command::CommandSpec;
 use crate::error::{Error, Result};
-use crate::json::{BackupMessage, BackupStatus, BackupSummary, ForgetGroup, Snapshot, Stats};
+use crate::json::{
+    BackupMessage, BackupStatus, BackupSummary, ForgetGroup, RestoreMessage, RestoreStatus,
+    RestoreSummary, Snapshot, Stats,
+};
 use crate::lock::{LockInfo, LockObserver, LockPolicy, NoopObserver};
 use crate::options::{
     BackupOptions, CatConfigOptions, CheckOptions, ForgetOptions, GlobalOptions, InitOptions,
     ListLocksOptions, PruneOptions, RestoreOptions, SnapshotsOptions, StatsOptions, Subcommand,
     UnlockOptions,
 };
-use crate::process::ResticProcess;
+use crate::process::{ResticProcess, StderrCapture};
 use crate::repository::Repository;
+use crate::sandbox::Sandbox;
 
-/// The oldest restic we support (Debian bookworm's).
-pub const MIN_VERSION: (u32, u32, u32) = (0, 14, 0);
+/// The oldest restic we support: 0.17 brought documented exit codes, `--stdin-from-command`,
+/// restore JSON progress and the REST credential variables.
+pub const MIN_VERSION: (u32, u32, u32) = (0, 17, 0);
+
+/// How long restic may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// A backup or restore that reports no progress for this long is stopped; commands that print
+    /// nothing until they are done (snapshots, init, unlock ...) may take this long in total.
+    pub stall: Duration,
+    /// No command runs longer than this, progress or not.
+    pub max: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            stall: Duration::from_secs(10 * 60),
+            max: Duration::from_secs(12 * 3600),
+        }
+    }
+}
 
 /// A restic binary bound to one repository.
 #[derive(Clone)]
@@ -29,8 +53,8 @@ pub struct Restic {
     global: GlobalOptions,
     lock_policy: LockPolicy,
     observer: Arc<dyn LockObserver>,
-    /// Default deadline for commands that are not streamed (snapshots, check, forget ...).
-    timeout: Duration,
+    limits: Limits,
+    sandbox: Option<Sandbox>,
 }
 
 impl std::fmt::Debug for Restic {
@@ -38,6 +62,7 @@ impl std::fmt::Debug for Restic {
         f.debug_struct("Restic")
             .field("binary", &self.binary)
             .field("repository", &self.repository)
+            .field("sandboxed", &self.sandbox.is_some())
             .finish()
     }
 }
@@ -56,29 +81,187 @@ pub struct BackupOutput {
     pub summary: BackupSummary,
 }
 
-/// A running `restic backup`. Dropping it stops restic.
-#[derive(Debug)]
-pub struct BackupRun {
-    process: ResticProcess,
-    summary: Option<BackupSummary>,
-    location: String,
+/// A successful restore's figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoreOutput {
+    pub summary: RestoreSummary,
 }
 
-impl BackupRun {
-    /// The next progress line; `None` once restic's output ended (then call [`BackupRun::finish`]).
-    pub async fn next_status(&mut self) -> Result<Option<BackupStatus>> {
+/// What a streamed subcommand prints on stdout, one JSON object a line.
+pub trait StreamKind {
+    type Status;
+    type Summary;
+    /// Classifies one stdout line.
+    fn parse(line: &str) -> Line<Self::Status, Self::Summary>;
+    /// The figures whose change counts as progress (not the clock, which always moves).
+    fn progress(status: &Self::Status) -> [u64; 5];
+}
+
+/// One stdout line of a streamed run.
+pub enum Line<S, M> {
+    Status(S),
+    Summary(M),
+    /// Anything else restic reported (an error, a verbose line): it is alive and doing something.
+    Activity,
+    Ignored,
+}
+
+/// `restic backup --json`.
+#[derive(Debug)]
+pub struct Backup;
+impl StreamKind for Backup {
+    type Status = BackupStatus;
+    type Summary = BackupSummary;
+    fn parse(line: &str) -> Line<BackupStatus, BackupSummary> {
+        match serde_json::from_str::<BackupMessage>(line) {
+            Ok(BackupMessage::Status(s)) => Line::Status(s),
+            Ok(BackupMessage::Summary(s)) => Line::Summary(s),
+            Ok(_) => Line::Activity,
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring unparsable restic line");
+                Line::Ignored
+            }
+        }
+    }
+    fn progress(s: &BackupStatus) -> [u64; 5] {
+        [
+            s.files_done,
+            s.bytes_done,
+            s.total_files,
+            s.total_bytes,
+            s.error_count,
+        ]
+    }
+}
+
+/// `restic restore --json`.
+#[derive(Debug)]
+pub struct Restore;
+impl StreamKind for Restore {
+    type Status = RestoreStatus;
+    type Summary = RestoreSummary;
+    fn parse(line: &str) -> Line<RestoreStatus, RestoreSummary> {
+        match serde_json::from_str::<RestoreMessage>(line) {
+            Ok(RestoreMessage::Status(s)) => Line::Status(s),
+            Ok(RestoreMessage::Summary(s)) => Line::Summary(s),
+            Ok(_) => Line::Activity,
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring unparsable restic line");
+                Line::Ignored
+            }
+        }
+    }
+    fn progress(s: &RestoreStatus) -> [u64; 5] {
+        [
+            s.files_restored + s.files_skipped,
+            s.bytes_restored + s.bytes_skipped,
+            s.total_files,
+            s.total_bytes,
+            s.files_deleted,
+        ]
+    }
+}
+
+/// Stops a run that made no progress for `limits.stall`, or ran longer than `limits.max`.
+#[derive(Debug)]
+struct Watchdog {
+    limits: Limits,
+    started: Instant,
+    last_progress: Instant,
+    last_figures: Option<[u64; 5]>,
+}
+
+impl Watchdog {
+    fn new(limits: Limits) -> Self {
+        let now = Instant::now();
+        Self {
+            limits,
+            started: now,
+            last_progress: now,
+            last_figures: None,
+        }
+    }
+
+    fn progressed(&mut self) {
+        self.last_progress = Instant::now();
+    }
+
+    fn figures(&mut self, figures: [u64; 5]) {
+        if self.last_figures != Some(figures) {
+            self.last_figures = Some(figures);
+            self.progressed();
+        }
+    }
+
+    /// The instant the run is stopped at, and the error it then fails with.
+    fn deadline(&self, subcommand: &str) -> (Instant, Error) {
+        let stall_at = self.last_progress + self.limits.stall;
+        let max_at = self.started + self.limits.max;
+        if stall_at < max_at {
+            (
+                stall_at,
+                Error::Stalled {
+                    subcommand: subcommand.to_string(),
+                    after: self.limits.stall,
+                },
+            )
+        } else {
+            (
+                max_at,
+                Error::Timeout {
+                    subcommand: subcommand.to_string(),
+                    after: self.limits.max,
+                },
+            )
+        }
+    }
+}
+
+/// A running streamed restic (backup or restore). Dropping it stops restic.
+#[derive(Debug)]
+pub struct StreamRun<K: StreamKind> {
+    process: ResticProcess,
+    summary: Option<K::Summary>,
+    location: String,
+    watchdog: Watchdog,
+}
+
+/// A running `restic backup`.
+pub type BackupRun = StreamRun<Backup>;
+/// A running `restic restore`.
+pub type RestoreRun = StreamRun<Restore>;
+
+impl<K: StreamKind> StreamRun<K> {
+    /// The next progress line; `None` once restic's output ended (then call `finish`). Fails with
+    /// [`Error::Stalled`] or [`Error::Timeout`] (restic stopped) when the limits run out.
+    pub async fn next_status(&mut self) -> Result<Option<K::Status>> {
         loop {
-            let Some(line) = self.process.next_line().await? else {
-                return Ok(None);
+            let (deadline, expired) = self.watchdog.deadline(&self.process.subcommand);
+            let line = match tokio::time::timeout_at(deadline.into(), self.process.next_line())
+                .await
+            {
+                Ok(line) => line?,
+                Err(_) => {
+                    tracing::warn!(subcommand = %self.process.subcommand, error = %expired, "stopping restic");
+                    self.process.stop().await;
+                    return Err(expired);
+                }
             };
+            let Some(line) = line else { return Ok(None) };
             if !line.starts_with('{') {
                 continue;
             }
-            match serde_json::from_str::<BackupMessage>(&line) {
-                Ok(BackupMessage::Status(s)) => return Ok(Some(s)),
-                Ok(BackupMessage::Summary(s)) => self.summary = Some(s),
-                Ok(_) => {}
-                Err(e) => tracing::debug!(error = %e, "ignoring unparsable restic line"),
+            match K::parse(&line) {
+                Line::Status(s) => {
+                    self.watchdog.figures(K::progress(&s));
+                    return Ok(Some(s));
+                }
+                Line::Summary(s) => {
+                    self.watchdog.progressed();
+                    self.summary = Some(s);
+                }
+                Line::Activity => self.watchdog.progressed(),
+                Line::Ignored => {}
             }
         }
     }
@@ -92,29 +275,46 @@ impl BackupRun {
         self.process.take_stdin()
     }
 
-    /// Drains remaining output and waits for restic. Exit 3 becomes [`Error::PartialBackup`].
-    pub async fn finish(mut self) -> Result<BackupOutput> {
+    /// Drains the remaining output and waits for restic (within the limits).
+    async fn wait(mut self) -> Result<(i32, Option<K::Summary>, StderrCapture, String)> {
         while self.next_status().await?.is_some() {}
         let subcommand = self.process.subcommand.clone();
-        let (code, stderr) = self.process.wait().await?;
-        let items = stderr.item_errors;
-        match (code, self.summary) {
+        let (deadline, expired) = self.watchdog.deadline(&subcommand);
+        match tokio::time::timeout_at(deadline.into(), self.process.wait_mut()).await {
+            Ok(r) => {
+                let (code, stderr) = r?;
+                Ok((code, self.summary, stderr, subcommand))
+            }
+            Err(_) => {
+                self.process.stop().await;
+                Err(expired)
+            }
+        }
+    }
+
+    /// Stops restic now and waits until its process group is gone.
+    pub async fn cancel(self) {
+        self.process.terminate().await;
+    }
+}
+
+impl BackupRun {
+    /// Waits for the end. Exit 3 becomes [`Error::PartialBackup`].
+    pub async fn finish(self) -> Result<BackupOutput> {
+        let location = self.location.clone();
+        let (code, summary, stderr, subcommand) = self.wait().await?;
+        match (code, summary) {
             (0, Some(summary)) => Ok(BackupOutput { summary }),
-            (3, Some(summary)) => Err(Error::PartialBackup {
+            (crate::error::exit::PARTIAL, Some(summary)) => Err(Error::PartialBackup {
                 summary: Box::new(summary),
-                errors: items,
+                errors: stderr.item_errors,
             }),
             (0, None) => Err(Error::CommandFailed {
                 subcommand,
                 status: 0,
                 stderr_tail: "restic exited without a summary".into(),
             }),
-            (code, _) => Err(Error::from_exit(
-                &subcommand,
-                code,
-                &stderr.tail,
-                &self.location,
-            )),
+            (code, _) => Err(Error::from_exit(&subcommand, code, &stderr.tail, &location)),
         }
     }
 
@@ -130,24 +330,59 @@ impl BackupRun {
             }
         })
     }
+}
 
-    /// Stops restic now and waits until its process group is gone.
-    pub async fn cancel(self) {
-        self.process.terminate().await;
+impl RestoreRun {
+    /// Waits for the end. Anything but exit 0 with a summary is an error: a restore that could not
+    /// write some files is not a restore.
+    pub async fn finish(self) -> Result<RestoreOutput> {
+        let location = self.location.clone();
+        let (code, summary, stderr, subcommand) = self.wait().await?;
+        match (code, summary) {
+            (0, Some(summary)) => Ok(RestoreOutput { summary }),
+            (0, None) => Err(Error::CommandFailed {
+                subcommand,
+                status: 0,
+                stderr_tail: "restic exited without a summary".into(),
+            }),
+            (code, _) => {
+                let mut text = stderr.tail;
+                for e in stderr.item_errors.iter().take(5) {
+                    text.push_str(&format!("\n{}: {}", e.item, e.message));
+                }
+                Err(Error::from_exit(&subcommand, code, &text, &location))
+            }
+        }
     }
+}
+
+/// The first JSON line of `out`: some subcommands (forget --prune) print plain text after it.
+fn parse_json<S: Subcommand, T: DeserializeOwned>(sub: &S, out: &str) -> Result<T> {
+    let json = out
+        .lines()
+        .find(|l| l.starts_with('[') || l.starts_with('{'))
+        .unwrap_or("null");
+    serde_json::from_str(json).map_err(|source| Error::Json {
+        subcommand: sub
+            .args()
+            .first()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        source,
+    })
 }
 
 /// `restic version` of `binary`, checked against [`MIN_VERSION`]: the agent's start-up check.
 pub async fn version_of(binary: &Path) -> Result<String> {
-    let out = tokio::process::Command::new(binary)
-        .arg("version")
-        .env_clear()
-        .output()
-        .await
-        .map_err(|source| Error::Spawn {
-            binary: binary.to_path_buf(),
-            source,
-        })?;
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.arg("version").env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    let out = cmd.output().await.map_err(|source| Error::Spawn {
+        binary: binary.to_path_buf(),
+        source,
+    })?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let version = text
         .split_whitespace()
@@ -177,7 +412,8 @@ impl Restic {
             global: GlobalOptions::default(),
             lock_policy: LockPolicy::default(),
             observer: Arc::new(NoopObserver),
-            timeout: Duration::from_secs(6 * 3600),
+            limits: Limits::default(),
+            sandbox: None,
         }
     }
 
@@ -192,9 +428,19 @@ impl Restic {
         self
     }
 
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
         self
+    }
+
+    /// Every command of this `Restic` runs inside `sandbox`.
+    pub fn with_sandbox(mut self, sandbox: Sandbox) -> Self {
+        self.sandbox = Some(sandbox);
+        self
+    }
+
+    pub fn global(&self) -> &GlobalOptions {
+        &self.global
     }
 
     pub fn repository(&self) -> &Repository {
@@ -218,17 +464,32 @@ impl Restic {
         let mut env = self.repository.env();
         // Progress lines twice a second: enough for humans, cheap for us.
         env.push(("RESTIC_PROGRESS_FPS".into(), "2".into()));
-        CommandSpec {
+        let spec = CommandSpec {
             program: self.binary.clone(),
             args,
             env,
             cwd: cwd.map(Path::to_path_buf),
             subcommand,
+        };
+        match &self.sandbox {
+            Some(sandbox) => sandbox.wrap(&spec),
+            None => spec,
         }
     }
 
-    /// Runs `sub` to completion within the timeout; returns stdout.
+    /// Runs a command that prints nothing until it is done (snapshots, init, unlock ...): it may
+    /// take the stall limit in total.
     async fn run<S: Subcommand>(&self, sub: &S) -> Result<String> {
+        self.run_within(sub, self.limits.stall, true).await
+    }
+
+    /// Runs `sub` to completion within `bound`; returns stdout.
+    async fn run_within<S: Subcommand>(
+        &self,
+        sub: &S,
+        bound: Duration,
+        stall: bool,
+    ) -> Result<String> {
         let spec = self.spec(sub, None);
         let mut process = ResticProcess::spawn(&spec, false)?;
         let collect = async {
@@ -239,17 +500,28 @@ impl Restic {
             }
             Ok::<_, Error>(out)
         };
-        let out = match tokio::time::timeout(self.timeout, collect).await {
+        let out = match tokio::time::timeout(bound, collect).await {
             Ok(out) => out?,
+            Err(_) => {
+                process.terminate().await;
+                let (subcommand, after) = (spec.subcommand, bound);
+                return Err(if stall {
+                    Error::Stalled { subcommand, after }
+                } else {
+                    Error::Timeout { subcommand, after }
+                });
+            }
+        };
+        let (code, stderr) = match tokio::time::timeout(bound, process.wait_mut()).await {
+            Ok(r) => r?,
             Err(_) => {
                 process.terminate().await;
                 return Err(Error::Timeout {
                     subcommand: spec.subcommand,
-                    after: self.timeout,
+                    after: bound,
                 });
             }
         };
-        let (code, stderr) = process.wait().await?;
         if code == 0 {
             Ok(out)
         } else {
@@ -264,19 +536,7 @@ impl Restic {
 
     async fn run_json<S: Subcommand, T: DeserializeOwned>(&self, sub: &S) -> Result<T> {
         let out = self.run(sub).await?;
-        // Some subcommands (forget --prune) print plain text after the JSON line.
-        let json = out
-            .lines()
-            .find(|l| l.starts_with('[') || l.starts_with('{'))
-            .unwrap_or("null");
-        serde_json::from_str(json).map_err(|source| Error::Json {
-            subcommand: sub
-                .args()
-                .first()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            source,
-        })
+        parse_json(sub, &out)
     }
 
     /// Runs `attempt` under the lock policy: while restic reports the repository as locked, wait with
@@ -377,17 +637,24 @@ impl Restic {
     pub fn backup(&self, opts: &BackupOptions, cwd: &Path) -> Result<BackupRun> {
         let spec = self.spec(opts, Some(cwd));
         let process = ResticProcess::spawn(&spec, opts.stdin_filename.is_some())?;
-        Ok(BackupRun {
+        Ok(StreamRun {
             process,
             summary: None,
             location: self.repository.location(),
+            watchdog: Watchdog::new(self.limits),
         })
     }
 
-    /// `restic restore`; restic 0.14 prints no JSON for restores, so this reports only completion.
-    /// Dropping the future stops restic.
-    pub async fn restore(&self, opts: &RestoreOptions) -> Result<()> {
-        self.with_lock_retry(|| self.run(opts)).await.map(drop)
+    /// Starts `restic restore --json`. Lock retries are the caller's, as for [`Restic::backup`].
+    pub fn restore(&self, opts: &RestoreOptions) -> Result<RestoreRun> {
+        let spec = self.spec(opts, None);
+        let process = ResticProcess::spawn(&spec, false)?;
+        Ok(StreamRun {
+            process,
+            summary: None,
+            location: self.repository.location(),
+            watchdog: Watchdog::new(self.limits),
+        })
     }
 
     pub async fn forget(&self, opts: &ForgetOptions) -> Result<Vec<ForgetGroup>> {
@@ -397,12 +664,14 @@ impl Restic {
 
     /// `restic prune`; returns restic's report (plain text in 0.14).
     pub async fn prune(&self, opts: &PruneOptions) -> Result<String> {
-        self.with_lock_retry(|| self.run(opts)).await
+        self.with_lock_retry(|| self.run_within(opts, self.limits.max, false))
+            .await
     }
 
     /// `restic check`; returns restic's report (plain text in 0.14). A damaged repository is an error.
     pub async fn check(&self, opts: &CheckOptions) -> Result<String> {
-        self.with_lock_retry(|| self.run(opts)).await
+        self.with_lock_retry(|| self.run_within(opts, self.limits.max, false))
+            .await
     }
 
     pub async fn unlock(&self, opts: &UnlockOptions) -> Result<()> {
@@ -421,7 +690,11 @@ impl Restic {
     }
 
     pub async fn stats(&self, opts: &StatsOptions) -> Result<Stats> {
-        self.with_lock_retry(|| self.run_json(opts)).await
+        self.with_lock_retry(|| async {
+            let out = self.run_within(opts, self.limits.max, false).await?;
+            parse_json(opts, &out)
+        })
+        .await
     }
 }
 

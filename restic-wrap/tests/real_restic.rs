@@ -25,7 +25,10 @@ fn restic_for(repo: &Path, password: &str) -> Restic {
             password: password.into(),
         },
     )
-    .with_timeout(Duration::from_secs(120))
+    .with_limits(restic_wrap::Limits {
+        stall: Duration::from_secs(120),
+        max: Duration::from_secs(300),
+    })
 }
 
 async fn backup(r: &Restic, dir: &Path, pvc: &str, time: Option<&str>) -> String {
@@ -49,10 +52,8 @@ async fn backup(r: &Restic, dir: &Path, pvc: &str, time: Option<&str>) -> String
         .await;
     let (last, statuses) = events.split_last().expect("events");
     assert!(statuses.iter().all(|e| matches!(e, BackupEvent::Status(_))));
-    assert!(
-        !statuses.is_empty(),
-        "restic reports progress at least once"
-    );
+    // restic 0.19 prints no status line for a backup that ends before its first progress tick.
+    let _ = statuses;
     match last {
         BackupEvent::Finished(Ok(out)) => out.summary.snapshot_id.clone(),
         other => panic!("backup failed: {other:?}"),
@@ -156,13 +157,19 @@ async fn every_wrapped_subcommand_works_against_real_restic() {
     assert!(restore_size.total_size >= 12);
 
     let target = t.path().join("restored");
-    r.restore(&RestoreOptions {
-        snapshot: b.clone(),
-        target: target.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut run = r
+        .restore(&RestoreOptions {
+            snapshot: b.clone(),
+            target: target.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+    while run.next_status().await.unwrap().is_some() {}
+    let restored = run.finish().await.unwrap();
+    // restic 0.19's restore JSON: the summary counts what was written.
+    // restic counts the directory too.
+    assert_eq!(restored.summary.files_restored, 2, "{restored:?}");
+    assert_eq!(restored.summary.bytes_restored, 12, "{restored:?}");
     assert_eq!(
         std::fs::read(target.join("sub/file")).unwrap(),
         b"hello restic"
@@ -318,4 +325,75 @@ async fn lock_retry_waits_for_a_live_lock_and_reports_it() {
     assert!(snaps.is_empty());
     assert!(seen.0.load(Ordering::SeqCst) >= 1, "the wait was reported");
     release.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stopped_restic_is_stalled_and_killed_within_the_limit() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    restic_for(&repo, "pw")
+        .ensure_repository(true)
+        .await
+        .unwrap();
+    let r = restic_for(&repo, "pw").with_limits(restic_wrap::Limits {
+        stall: Duration::from_secs(2),
+        max: Duration::from_secs(60),
+    });
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..200 {
+        std::fs::write(src.join(format!("f{i}")), vec![i as u8; 64 * 1024]).unwrap();
+    }
+    let opts = BackupOptions {
+        paths: vec![".".into()],
+        host: Some("ns/pvc".into()),
+        ..Default::default()
+    };
+    let mut run = r.backup(&opts, &src).unwrap();
+    let pid = run.pid().unwrap() as i32;
+    // Frozen: it prints nothing any more, as if its disk or its repository hung.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let err = loop {
+        match run.next_status().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => break run.finish().await.unwrap_err(),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, restic_wrap::Error::Stalled { .. }), "{err:?}");
+    assert!(err.to_string().contains("made no progress for 2s"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The process is gone (killed, not left stopped).
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
+        "restic {pid} still exists"
+    );
+}
+
+#[tokio::test]
+async fn outcomes_come_from_exit_codes() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    let missing = restic_for(&repo, "pw");
+    assert!(matches!(
+        missing.snapshots(&SnapshotsOptions::default()).await,
+        Err(restic_wrap::Error::RepositoryNotFound { .. })
+    ));
+    assert!(!missing.exists().await.unwrap());
+    missing.ensure_repository(true).await.unwrap();
+    let wrong = restic_for(&repo, "not the password");
+    assert!(matches!(
+        wrong.snapshots(&SnapshotsOptions::default()).await,
+        Err(restic_wrap::Error::WrongPassword { .. })
+    ));
+    // Never created by a read, and never "not found" when the password is wrong.
+    assert!(matches!(
+        wrong.ensure_repository(true).await,
+        Err(restic_wrap::Error::WrongPassword { .. })
+    ));
 }

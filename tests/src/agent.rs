@@ -22,6 +22,11 @@ pub struct AgentOptions {
     pub kubelet_dir: PathBuf,
     pub max_concurrent: u32,
     pub restic: Option<PathBuf>,
+    /// `--bwrap` (default: bwrap on PATH). Tests that watch or change how restic is started wrap
+    /// bubblewrap, since the sandbox runs nothing but a static restic.
+    pub bwrap: Option<PathBuf>,
+    /// `--local-repository-root`s (default: the directory holding the kubelet directory).
+    pub local_roots: Vec<PathBuf>,
     /// The gRPC port (default: a free one).
     pub grpc_port: Option<u16>,
     pub extra_args: Vec<String>,
@@ -35,6 +40,12 @@ impl AgentOptions {
             kubelet_dir: kubelet_dir.to_path_buf(),
             max_concurrent: 2,
             restic: None,
+            bwrap: None,
+            local_roots: kubelet_dir
+                .parent()
+                .map(Path::to_path_buf)
+                .into_iter()
+                .collect(),
             grpc_port: None,
             extra_args: Vec::new(),
         }
@@ -82,6 +93,18 @@ impl Agent {
             .arg(opts.restic.unwrap_or_else(crate::restic::binary))
             .arg("--cache-dir")
             .arg(cache)
+            .args(
+                opts.bwrap
+                    .iter()
+                    .flat_map(|b| ["--bwrap".as_ref(), b.as_os_str()]),
+            )
+            .arg("--client-identity")
+            .arg("stowage-coordinator")
+            .args(
+                opts.local_roots
+                    .iter()
+                    .flat_map(|r| ["--local-repository-root".as_ref(), r.as_os_str()]),
+            )
             .args(&opts.extra_args)
             .env("RUST_LOG", "info,stowage_agent=debug,restic_wrap=debug")
             .stdin(Stdio::null())
@@ -296,7 +319,9 @@ pub fn local_repo(path: &Path, password: &str, auto_init: bool) -> v1::Repositor
     }
 }
 
-/// Creates a kubelet-style CSI volume `pods/<uid>/volumes/kubernetes.io~csi/<pv>/mount` and returns it.
+/// Creates a kubelet-style CSI volume `pods/<uid>/volumes/kubernetes.io~csi/<pv>/mount` and returns
+/// it. Like a kubelet's, it is a mount point (a bind mount onto itself): the agent refuses a CSI
+/// directory that is not. Undo with [`crate::unmount_below`].
 pub fn csi_volume(kubelet_dir: &Path, pod_uid: &str, pv: &str) -> PathBuf {
     let d = kubelet_dir
         .join("pods")
@@ -305,6 +330,13 @@ pub fn csi_volume(kubelet_dir: &Path, pod_uid: &str, pv: &str) -> PathBuf {
         .join(pv)
         .join("mount");
     std::fs::create_dir_all(&d).expect("mkdir volume");
+    let status = Command::new("mount")
+        .arg("--bind")
+        .arg(&d)
+        .arg(&d)
+        .status()
+        .expect("mount");
+    assert!(status.success(), "bind-mounting {}", d.display());
     d
 }
 

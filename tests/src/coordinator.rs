@@ -334,7 +334,7 @@ impl PrivateAgents {
         client: &kube::Client,
         ns: &str,
         nodes: &[(&str, &str)],
-        restic: Option<PathBuf>,
+        bwrap: Option<PathBuf>,
     ) -> PrivateAgents {
         let ds: k8s_openapi::api::apps::v1::DaemonSet = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "test-agents"},
@@ -376,7 +376,8 @@ impl PrivateAgents {
             opts.node = node.to_string();
             opts.ip = ip.to_string();
             opts.grpc_port = Some(port);
-            opts.restic = restic.clone();
+            opts.bwrap = bwrap.clone();
+            opts.local_roots = vec![cluster.dir.join("repos"), std::env::temp_dir()];
             agents.push(crate::agent::Agent::start(opts, &pki).await);
         }
         PrivateAgents {

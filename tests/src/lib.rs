@@ -189,3 +189,24 @@ pub fn terminate(child: &mut std::process::Child) {
         let _ = child.wait();
     }
 }
+
+/// Unmounts every mount point at or below `dir` (lazily, deepest first): what the test volume helpers
+/// mounted, so that the directory can be removed.
+pub fn unmount_below(dir: &std::path::Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<std::path::PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| std::path::PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&p)
+            .status();
+    }
+}

@@ -3,6 +3,57 @@
 
 use std::path::Path;
 
+/// Mounts of a process's namespace: (device, root within the filesystem, mount point).
+fn mounts(pid: &str) -> Vec<(String, std::path::PathBuf, std::path::PathBuf)> {
+    let unescape = |p: &str| std::path::PathBuf::from(p.replace("\\040", " "));
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            Some((
+                f.get(2)?.to_string(),
+                unescape(f.get(3)?),
+                unescape(f.get(4)?),
+            ))
+        })
+        .collect()
+}
+
+/// `dir` as (device, path within its filesystem): comparable across mount namespaces.
+fn fs_location(dir: &Path) -> Option<(String, std::path::PathBuf)> {
+    mounts("self")
+        .into_iter()
+        .filter(|(_, _, point)| dir.starts_with(point))
+        .max_by_key(|(_, _, point)| point.components().count())
+        .and_then(|(dev, root, point)| Some((dev, root.join(dir.strip_prefix(&point).ok()?))))
+}
+
+/// Whether the working directory of `pid` is `dir` or below it. A sandboxed restic's cwd has another
+/// name in its own mount namespace (`/data`), so there the mount that holds its cwd is compared by
+/// device and path within the filesystem.
+fn cwd_within(pid: u32, dir: &Path) -> bool {
+    let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else {
+        return false;
+    };
+    if cwd.starts_with(dir) {
+        return true;
+    }
+    let Some((dev, want)) = fs_location(dir) else {
+        return false;
+    };
+    mounts(&pid.to_string())
+        .into_iter()
+        .filter(|(_, _, point)| cwd.starts_with(point))
+        .max_by_key(|(_, _, point)| point.components().count())
+        .is_some_and(|(d, root, point)| {
+            d == dev
+                && cwd
+                    .strip_prefix(&point)
+                    .is_ok_and(|rest| root.join(rest).starts_with(&want))
+        })
+}
+
 /// PIDs of running `restic` processes whose cwd is `dir` or below it.
 pub fn restic_pids_under(dir: &Path) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -19,10 +70,7 @@ pub fn restic_pids_under(dir: &Path) -> Vec<u32> {
                 .rsplit(')')
                 .next()
                 .is_some_and(|rest| rest.trim_start().starts_with('Z'));
-            comm.trim() == "restic"
-                && !zombie
-                && std::fs::read_link(format!("/proc/{pid}/cwd"))
-                    .is_ok_and(|cwd| cwd.starts_with(dir))
+            comm.trim() == "restic" && !zombie && cwd_within(*pid, dir)
         })
         .collect()
 }

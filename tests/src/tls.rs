@@ -17,6 +17,8 @@ pub struct Pki {
     pub client: Pem,
     /// Signed by a CA the agent does not trust.
     pub rogue_client: Pem,
+    /// Signed by the trusted CA, but with an identity that is not the coordinator's.
+    pub other_client: Pem,
 }
 
 fn new_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
@@ -57,6 +59,7 @@ impl Pki {
         );
         let client = leaf(&ca, "stowage-coordinator", &["stowage-coordinator"]);
         let rogue_client = leaf(&rogue, "stowage-coordinator", &["stowage-coordinator"]);
+        let other_client = leaf(&ca, "some-other-component", &["other.example"]);
         std::fs::create_dir_all(dir).expect("pki dir");
         std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write");
         std::fs::write(dir.join("server.pem"), &server.cert).expect("write");
@@ -69,6 +72,7 @@ impl Pki {
             server,
             client,
             rogue_client,
+            other_client,
         }
     }
 }

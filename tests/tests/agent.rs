@@ -22,6 +22,12 @@ struct Setup {
     pki: Pki,
 }
 
+impl Drop for Setup {
+    fn drop(&mut self) {
+        stowage_tests::unmount_below(self.tmp.path());
+    }
+}
+
 impl Setup {
     fn new() -> Self {
         let tmp = tempfile::tempdir().expect("tmp");
@@ -294,14 +300,13 @@ async fn backup_after_pod_recreation_is_incremental() {
     );
 }
 
-/// restic run without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, so a 0000 file is unreadable even to root
-/// (as an EIO or a root-squashed NFS file would be in production). Still the real restic binary.
-fn restic_without_dac(dir: &Path) -> PathBuf {
-    let wrapper = dir.join("restic-no-dac");
-    let restic = which(&restic::binary());
+/// bubblewrap that leaves CAP_DAC_READ_SEARCH out of the sandbox, so a 0000 file is unreadable even
+/// to root (as an EIO or a root-squashed NFS file would be in production). Still the real restic.
+fn bwrap_without_dac(dir: &Path) -> PathBuf {
+    let wrapper = dir.join("bwrap-no-dac");
     std::fs::write(
         &wrapper,
-        format!("#!/bin/sh\nexec setpriv --inh-caps=-dac_override,-dac_read_search --bounding-set=-dac_override,-dac_read_search {} \"$@\"\n", restic.display()),
+        "#!/bin/bash\nargs=()\nwhile [ $# -gt 0 ]; do\n  if [ \"$1\" = --cap-add ] && [ \"$2\" = CAP_DAC_READ_SEARCH ]; then shift 2; continue; fi\n  args+=(\"$1\"); shift\ndone\nexec bwrap \"${args[@]}\"\n",
     )
     .expect("wrapper");
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -323,8 +328,8 @@ fn which(bin: &Path) -> PathBuf {
 #[tokio::test]
 async fn unreadable_file_is_a_partial_backup_not_a_success() {
     let s = Setup::new();
-    let wrapper = restic_without_dac(s.tmp.path());
-    let agent = s.agent_with(|o| o.restic = Some(wrapper)).await;
+    let wrapper = bwrap_without_dac(s.tmp.path());
+    let agent = s.agent_with(|o| o.bwrap = Some(wrapper)).await;
     let vol = csi_volume(&s.kubelet(), "uid-p", "pv-p");
     std::fs::write(vol.join("readable"), b"fine").expect("write");
     std::fs::create_dir(vol.join("sub")).expect("mkdir");
@@ -647,6 +652,10 @@ async fn clients_without_the_right_certificate_are_refused() {
     for (what, identity) in [
         ("no certificate", None),
         ("certificate from another CA", Some(&s.pki.rogue_client)),
+        (
+            "certificate from the CA with another identity",
+            Some(&s.pki.other_client),
+        ),
     ] {
         let refused = match agent.connect(&s.pki, identity).await {
             Err(_) => true,
@@ -654,6 +663,17 @@ async fn clients_without_the_right_certificate_are_refused() {
         };
         assert!(refused, "{what} must be refused");
     }
+    // The CA-signed certificate with the wrong identity gets through TLS and is refused by name.
+    let mut other = agent
+        .connect(&s.pki, Some(&s.pki.other_client))
+        .await
+        .expect("TLS accepts a CA-signed certificate");
+    let denied = other
+        .list_volumes(v1::ListVolumesRequest {})
+        .await
+        .expect_err("refused");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert!(denied.message().contains("other.example"), "{denied:?}");
     let mut ok = agent.client(&s.pki).await;
     let vols = ok
         .list_volumes(v1::ListVolumesRequest {})

@@ -190,7 +190,7 @@ async fn main() {
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\ndate +%s%N >> {}\nexec restic \"$@\"\n",
+            "#!/bin/sh\ndate +%s%N >> {}\nexec bwrap \"$@\"\n",
             stamps.display()
         ),
     )
@@ -201,7 +201,7 @@ async fn main() {
     std::fs::write(vol.join("small"), b"x").expect("write");
     let agent = Agent::start(
         AgentOptions {
-            restic: Some(wrapper),
+            bwrap: Some(wrapper),
             ..AgentOptions::new(&kubelet)
         },
         &pki,
@@ -280,6 +280,7 @@ async fn main() {
         ok: rss_kib / 1024.0 <= 20.0,
     });
     drop(agent);
+    stowage_tests::unmount_below(tmp.path());
 
     print_table(&rows);
 }

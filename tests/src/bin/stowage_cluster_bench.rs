@@ -36,7 +36,7 @@ async fn main() {
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\ncase \" $* \" in *\" backup \"*) date +%s%N >> {} ;; esac\nexec restic \"$@\"\n",
+            "#!/bin/sh\ncase \" $* \" in *\" backup \"*) date +%s%N >> {} ;; esac\nexec bwrap \"$@\"\n",
             stamps.display()
         ),
     )
