@@ -237,8 +237,9 @@ pub async fn resolve(
     Ok(pb::Repository {
         backend: Some(backend),
         password,
-        // A new repository is created on first backup; Check and Prune never create one.
-        auto_init: true,
+        // Only when asked; a Schedule's first runs are allowed by the caller (see `initialize`).
+        // Check and Prune never create a repository.
+        auto_init: spec.initialize == Some(true),
         limit_upload_kib: spec.limit_upload_kib.unwrap_or(0),
         limit_download_kib: spec.limit_download_kib.unwrap_or(0),
     })

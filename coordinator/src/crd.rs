@@ -46,6 +46,12 @@ pub struct BackendSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub limit_download_kib: Option<u32>,
+    /// Whether a run may create the repository when it does not exist. `true`: always; `false`:
+    /// never. Unset: only the runs of a Schedule that has never had a successful backup (its first
+    /// runs); a hand-made run with its own backend never. A typo in a bucket, prefix or path must not
+    /// silently start a new, empty history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initialize: Option<bool>,
     /// Keys this version does not know; the controller names them in a condition.
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(skip)]
@@ -301,6 +307,16 @@ pub enum RunPhase {
     /// Some items failed; never reported as Succeeded.
     PartiallyFailed,
     Failed,
+    /// Items only: nothing to back up and nothing wrong (see the item's `reason`, e.g.
+    /// `EmptyVolume`). Not a failure: a run whose other items succeeded is Succeeded.
+    Skipped,
+}
+
+impl RunPhase {
+    /// An item that ended well: backed up, or skipped for a reason that is not a failure.
+    pub fn is_fine(self) -> bool {
+        matches!(self, RunPhase::Succeeded | RunPhase::Skipped)
+    }
 }
 
 /// One volume (or, later, one backup command) of a run.
@@ -336,6 +352,9 @@ pub struct ItemStatus {
     pub percent_done: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why a Skipped item was skipped (`EmptyVolume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

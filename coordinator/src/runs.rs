@@ -88,16 +88,14 @@ pub fn phase_label(phase: RunPhase) -> &'static str {
         RunPhase::Succeeded => "succeeded",
         RunPhase::PartiallyFailed => "partially_failed",
         RunPhase::Failed => "failed",
+        RunPhase::Skipped => "skipped",
     }
 }
 
 /// The run's phase from its items: Succeeded only when every item succeeded; PartiallyFailed when
 /// at least one item produced a snapshot.
 pub fn phase_of(items: &[ItemStatus]) -> RunPhase {
-    let ok = items
-        .iter()
-        .filter(|i| i.phase == RunPhase::Succeeded)
-        .count();
+    let ok = items.iter().filter(|i| i.phase.is_fine()).count();
     let some = items
         .iter()
         .any(|i| matches!(i.phase, RunPhase::Succeeded | RunPhase::PartiallyFailed));

@@ -375,15 +375,27 @@ fn parse_json<S: Subcommand, T: DeserializeOwned>(sub: &S, out: &str) -> Result<
 /// `restic version` of `binary`, checked against [`MIN_VERSION`]: the agent's start-up check.
 pub async fn version_of(binary: &Path) -> Result<String> {
     let mut cmd = tokio::process::Command::new(binary);
-    cmd.arg("version").env_clear();
+    cmd.arg("version").env_clear().kill_on_drop(true);
     if let Some(path) = std::env::var_os("PATH") {
         cmd.env("PATH", path);
     }
-    let out = cmd.output().await.map_err(|source| Error::Spawn {
-        binary: binary.to_path_buf(),
-        source,
-    })?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let after = Duration::from_secs(30);
+    let out = tokio::time::timeout(after, cmd.output())
+        .await
+        .map_err(|_| Error::Timeout {
+            subcommand: "version".into(),
+            after,
+        })?
+        .map_err(|source| Error::Spawn {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
+    check_version(&String::from_utf8_lossy(&out.stdout), out.status.success())
+}
+
+/// The version in `restic version`'s output ("restic 0.19.1 compiled with ..."), if it is at least
+/// [`MIN_VERSION`].
+fn check_version(text: &str, success: bool) -> Result<String> {
     let version = text
         .split_whitespace()
         .nth(1)
@@ -395,7 +407,7 @@ pub async fn version_of(binary: &Path) -> Result<String> {
         parsed.get(1).copied().unwrap_or(0),
         parsed.get(2).copied().unwrap_or(0),
     );
-    if !out.status.success() || found < MIN_VERSION {
+    if !success || found < MIN_VERSION {
         return Err(Error::UnsupportedVersion {
             found: text.trim().to_string(),
             required: format!("{}.{}.{}", MIN_VERSION.0, MIN_VERSION.1, MIN_VERSION.2),
@@ -735,6 +747,31 @@ mod tests {
         );
         assert!(!args.iter().any(|a| a.contains("hunter2")));
         assert!(!format!("{spec:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn versions_before_0_17_are_refused_with_a_clear_message() {
+        let old = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/restic-samples/version.txt"
+        ))
+        .unwrap();
+        let e = check_version(&old, true).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("is too old; at least 0.17.0 is needed"),
+            "{e}"
+        );
+        assert_eq!(
+            check_version(
+                "restic 0.19.1 compiled with go1.26.8 on linux/amd64\n",
+                true
+            )
+            .unwrap(),
+            "0.19.1"
+        );
+        assert!(check_version("restic 0.19.1 compiled", false).is_err());
+        assert!(check_version("", true).is_err());
     }
 
     #[test]

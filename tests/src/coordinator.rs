@@ -197,11 +197,13 @@ pub async fn secret(client: &kube::Client, ns: &str, name: &str, data: &[(&str, 
         .expect("create secret");
 }
 
-/// A local-backend block (repository `repo`, password from Secret `backup-repo`/`password`).
+/// A local-backend block (repository `repo`, password from Secret `backup-repo`/`password`), which
+/// creates the repository when it is missing (`initialize: true`).
 pub fn local_backend(repo: &Path) -> serde_json::Value {
     serde_json::json!({
         "repoPasswordSecretRef": {"name": "backup-repo", "key": "password"},
         "local": {"path": repo.display().to_string()},
+        "initialize": true,
     })
 }
 
@@ -336,6 +338,18 @@ impl PrivateAgents {
         nodes: &[(&str, &str)],
         bwrap: Option<PathBuf>,
     ) -> PrivateAgents {
+        Self::start_with_args(cluster, client, ns, nodes, bwrap, &[]).await
+    }
+
+    /// [`PrivateAgents::start`] with extra agent flags.
+    pub async fn start_with_args(
+        cluster: &Cluster,
+        client: &kube::Client,
+        ns: &str,
+        nodes: &[(&str, &str)],
+        bwrap: Option<PathBuf>,
+        agent_args: &[&str],
+    ) -> PrivateAgents {
         let ds: k8s_openapi::api::apps::v1::DaemonSet = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "test-agents"},
             "spec": {
@@ -377,6 +391,7 @@ impl PrivateAgents {
             opts.ip = ip.to_string();
             opts.grpc_port = Some(port);
             opts.bwrap = bwrap.clone();
+            opts.extra_args = agent_args.iter().map(|a| a.to_string()).collect();
             opts.local_roots = vec![cluster.dir.join("repos"), std::env::temp_dir()];
             agents.push(crate::agent::Agent::start(opts, &pki).await);
         }

@@ -49,6 +49,14 @@ impl Moto {
     }
 }
 
+impl Moto {
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: an S3 endpoint that stops answering.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("signal moto_server");
+    }
+}
+
 impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();

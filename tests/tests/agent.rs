@@ -1008,3 +1008,248 @@ async fn sigterm_cancels_running_backups_releases_the_lock_and_exits() {
         restic::lock_files(&s.repo())
     );
 }
+
+/// Starts a backup of `vol` limited to `kib_per_s`, waits until its restic has run for `running_for`,
+/// and returns the pending call and restic's PID.
+async fn throttled_backup_running(
+    agent: &Agent,
+    s: &Setup,
+    repo: v1::Repository,
+    (uid, pv): (&str, &str),
+    vol: &Path,
+    running_for: Duration,
+) -> (
+    tokio::task::JoinHandle<stowage_tests::agent::Outcome<v1::BackupResult>>,
+    u32,
+) {
+    let mut client = agent.client(&s.pki).await;
+    let mut req = volume_backup(repo, uid, pv, "shop", "stall");
+    if let Some(r) = req.repository.as_mut() {
+        r.limit_upload_kib = 2048;
+    }
+    let call = tokio::spawn(async move { backup(&mut client, req).await });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        if let Some(pid) = procs::restic_pids_under(vol).first() {
+            break *pid;
+        }
+        assert!(Instant::now() < deadline, "restic never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(running_for).await;
+    assert!(!call.is_finished(), "the throttled backup ended too early");
+    (call, pid)
+}
+
+#[tokio::test]
+async fn a_frozen_restic_is_stopped_after_the_stall_timeout_and_the_next_backup_works() {
+    let s = Setup::new();
+    let agent = s
+        .agent_with(|o| o.extra_args = vec!["--stall-timeout".into(), "3s".into()])
+        .await;
+    restic::init(&s.repo(), PW);
+    let vol = csi_volume(&s.kubelet(), "uid-stall", "pv-stall");
+    fstree::write_random(&vol.join("big"), 64 * MB, 5);
+    let repo = local_repo(&s.repo(), PW, false);
+    // Slow but progressing (2 MiB/s) for 4 s: longer than the stall timeout, and not stopped.
+    let (call, pid) = throttled_backup_running(
+        &agent,
+        &s,
+        repo.clone(),
+        ("uid-stall", "pv-stall"),
+        &vol,
+        Duration::from_secs(4),
+    )
+    .await;
+    signal_pid(pid, nix::sys::signal::Signal::SIGSTOP);
+    let frozen_at = Instant::now();
+    let out = call.await.expect("join");
+    let err = out.result.expect_err("a frozen restic fails the backup");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("made no progress for 3s"), "{err:?}");
+    assert!(frozen_at.elapsed() < Duration::from_secs(15));
+    assert!(
+        gone_within(pid, Duration::from_secs(5)).await,
+        "the frozen restic was not killed"
+    );
+    let again = backup(
+        &mut agent.client(&s.pki).await,
+        volume_backup(repo, "uid-stall", "pv-stall", "shop", "stall"),
+    )
+    .await;
+    assert_eq!(
+        again.result.expect("the next backup").outcome(),
+        POutcome::Succeeded
+    );
+}
+
+#[tokio::test]
+async fn an_s3_endpoint_that_stops_answering_fails_the_backup_within_the_stall_timeout() {
+    let moto = stowage_tests::moto::Moto::start();
+    let s = Setup::new();
+    let agent = s
+        .agent_with(|o| o.extra_args = vec!["--stall-timeout".into(), "3s".into()])
+        .await;
+    let repo = v1::Repository {
+        backend: Some(v1::repository::Backend::S3(v1::S3Backend {
+            endpoint: moto.endpoint.clone(),
+            bucket: "stowage-stall".into(),
+            prefix: "shop".into(),
+            region: "us-east-1".into(),
+            access_key_id: "AKIATESTKEY".into(),
+            secret_access_key: "test-secret-key-value".into(),
+        })),
+        password: PW.into(),
+        auto_init: true,
+        ..Default::default()
+    };
+    let vol = csi_volume(&s.kubelet(), "uid-s3", "pv-s3");
+    fstree::write_random(&vol.join("big"), 48 * MB, 6);
+    let (call, pid) = throttled_backup_running(
+        &agent,
+        &s,
+        repo.clone(),
+        ("uid-s3", "pv-s3"),
+        &vol,
+        Duration::from_secs(2),
+    )
+    .await;
+    moto.signal(nix::sys::signal::Signal::SIGSTOP);
+    let frozen_at = Instant::now();
+    let out = call.await.expect("join");
+    let err = out
+        .result
+        .expect_err("a backup into a silent endpoint fails");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("made no progress for 3s"), "{err:?}");
+    assert!(frozen_at.elapsed() < Duration::from_secs(15));
+    assert!(
+        gone_within(pid, Duration::from_secs(5)).await,
+        "restic was not stopped"
+    );
+    // Listing snapshots against the silent endpoint is bounded the same way.
+    let listed = tokio::time::timeout(
+        Duration::from_secs(20),
+        agent.client(&s.pki).await.snapshots(v1::SnapshotsRequest {
+            repository: Some(repo.clone()),
+            identity: None,
+        }),
+    )
+    .await
+    .expect("bounded");
+    let e = listed.expect_err("no answer from S3");
+    assert!(e.message().contains("made no progress for 3s"), "{e:?}");
+    moto.signal(nix::sys::signal::Signal::SIGCONT);
+    let again = backup(
+        &mut agent.client(&s.pki).await,
+        volume_backup(repo, "uid-s3", "pv-s3", "shop", "stall"),
+    )
+    .await;
+    assert_eq!(
+        again.result.expect("the next backup").outcome(),
+        POutcome::Succeeded
+    );
+}
+
+/// Whether `pid` is gone within `limit` (a killed sandbox's namespace is torn down asynchronously).
+async fn gone_within(pid: u32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while procs::alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+fn signal_pid(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("signal");
+}
+
+#[tokio::test]
+async fn an_empty_volume_is_skipped_not_failed_and_restore_reports_progress() {
+    let s = Setup::new();
+    let agent = s.agent().await;
+    let mut client = agent.client(&s.pki).await;
+    let repo = local_repo(&s.repo(), PW, true);
+    csi_volume(&s.kubelet(), "uid-empty", "pv-empty");
+    let out = backup(
+        &mut client,
+        volume_backup(repo.clone(), "uid-empty", "pv-empty", "shop", "fresh"),
+    )
+    .await;
+    let r = out.result.expect("an empty volume is not an error");
+    assert_eq!(r.outcome(), POutcome::Skipped);
+    assert_eq!(r.skipped_reason, "EmptyVolume");
+    assert!(r.snapshot_id.is_empty());
+    assert_eq!(
+        agent
+            .metric("stowage_agent_backups_total{result=\"skipped\"}")
+            .await,
+        Some(1.0)
+    );
+    // A CSI directory that is not a mount point (the volume being torn down) is refused.
+    let gone = s
+        .kubelet()
+        .join("pods/uid-gone/volumes/kubernetes.io~csi/pv-gone/mount");
+    std::fs::create_dir_all(&gone).expect("mkdir");
+    std::fs::write(gone.join("leftover"), b"x").expect("write");
+    let refused = backup(
+        &mut client,
+        volume_backup(repo.clone(), "uid-gone", "pv-gone", "shop", "gone"),
+    )
+    .await
+    .result
+    .expect_err("not mounted");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("no longer a mount point"),
+        "{refused:?}"
+    );
+
+    // Restore progress comes from restic's JSON: percent, files and bytes while it runs.
+    let src = csi_volume(&s.kubelet(), "uid-full", "pv-full");
+    for i in 0..8 {
+        fstree::write_random(&src.join(format!("f{i}")), 24 * MB, 40 + i);
+    }
+    backup(
+        &mut client,
+        volume_backup(repo.clone(), "uid-full", "pv-full", "shop", "full"),
+    )
+    .await
+    .result
+    .expect("backup");
+    let dst = csi_volume(&s.kubelet(), "uid-dst", "pv-dst");
+    let mut req = restore_req(repo, "full", "uid-dst", "pv-dst", "");
+    if let Some(r) = req.repository.as_mut() {
+        r.limit_download_kib = 32 * 1024;
+    }
+    let out = restore(&mut client, req).await;
+    let result = out.result.expect("restore");
+    assert_eq!(result.bytes_restored, 8 * 24 * MB as u64);
+    assert_eq!(
+        std::fs::read(dst.join("f7")).expect("restored"),
+        std::fs::read(src.join("f7")).expect("source")
+    );
+    let running: Vec<_> = out
+        .progress
+        .iter()
+        .filter(|p| p.phase() == Phase::Running && p.total_bytes > 0)
+        .collect();
+    assert!(
+        !running.is_empty(),
+        "no restore progress: {:?}",
+        out.progress
+    );
+    let last = running.last().expect("progress");
+    assert_eq!(last.total_bytes, 8 * 24 * MB as u64);
+    assert!(last.percent_done > 0.0 && last.bytes_done > 0, "{last:?}");
+    assert!(
+        agent
+            .metric("stowage_agent_restore_bytes_total")
+            .await
+            .unwrap_or(0.0)
+            >= (8 * 24 * MB) as f64
+    );
+}

@@ -104,6 +104,9 @@ impl Env {
         extra: serde_json::Value,
     ) {
         let mut spec = serde_json::json!({ "backend": backend });
+        if backend.is_null() {
+            spec = serde_json::json!({});
+        }
         if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
             s.extend(e.clone());
         }
@@ -345,6 +348,52 @@ async fn a_schedule_firing_every_minute_backs_up_pods_on_two_nodes() {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }
     stowage_tests::promtool_check(&text);
+
+    // A typo in the location of a Schedule that has backed up before fails with a condition naming
+    // the field, and creates nothing there (initialize is unset: only a first run may create).
+    let typo = env.repo.with_extension("typo");
+    let schedules: Api<Schedule> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut wrong = local_backend(&typo);
+    wrong["initialize"] = serde_json::Value::Null;
+    schedules
+        .patch(
+            "every-minute",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"backend": wrong}})),
+        )
+        .await
+        .expect("patch the Schedule's backend");
+    env.create_backup(
+        "typo",
+        serde_json::Value::Null,
+        serde_json::json!({"scheduleRef": {"name": "every-minute"}}),
+    )
+    .await;
+    let failed = env.wait_run::<Backup>("typo").await;
+    assert_eq!(failed["status"]["phase"], "Failed", "{failed:#}");
+    let cond = condition(&failed, "Succeeded").expect("condition");
+    assert_eq!(cond["reason"], "RepositoryNotFound", "{cond}");
+    let msg = cond["message"].as_str().expect("message");
+    assert!(
+        msg.starts_with(
+            "Schedule every-minute: spec.backend.local.path: there is no repository at"
+        ),
+        "{msg}"
+    );
+    assert!(
+        !typo.exists(),
+        "a repository was created at the mistyped path"
+    );
+    schedules
+        .patch(
+            "every-minute",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                serde_json::json!({"spec": {"backend": local_backend(&env.repo)}}),
+            ),
+        )
+        .await
+        .expect("restore the Schedule's backend");
 
     // keepRuns: 2. Two more runs of the Schedule (owned by it, as fired runs are) finish; the oldest
     // is deleted.
@@ -1181,4 +1230,104 @@ async fn a_coordinator_with_only_the_documented_rbac_does_everything() {
     }
     let log = c.log_text();
     assert!(!log.to_lowercase().contains("forbidden"), "{log}");
+}
+
+#[tokio::test]
+async fn a_frozen_restic_fails_its_volume_after_the_stall_timeout_and_the_next_run_works() {
+    let env = setup("stall").await;
+    let stuck = env.mounted_volume("stuck", "node-1").await;
+    stowage_tests::fstree::write_random(&stuck.join("data/big"), 8 << 20, 11);
+    let private = PrivateAgents::start_with_args(
+        env.cluster,
+        &env.client,
+        &env.ns,
+        &[("node-1", "127.0.0.11")],
+        None,
+        &["--stall-timeout", "3s"],
+    )
+    .await;
+    let _c = Coordinator::start(env.cluster, private.coordinator_options(&env.ns)).await;
+    env.start_throttled_backup("frozen", serde_json::json!({}))
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let pid = loop {
+        if let Some(pid) = stowage_tests::procs::restic_pids_under(&stuck).first() {
+            break *pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "restic never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // restic hangs (as on a dead disk or a silent endpoint); the agent itself is fine.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP");
+    let run = env.wait_run::<Backup>("frozen").await;
+    assert_eq!(run["status"]["phase"], "Failed", "{run:#}");
+    let error = item(&run, "stuck")["error"].as_str().expect("error");
+    assert!(error.contains("made no progress for 3s"), "{error}");
+    // The run completed, so nothing waits on it: the next one runs and succeeds.
+    let next = env.backup("after-frozen", serde_json::json!({})).await;
+    assert_eq!(next["status"]["phase"], "Succeeded", "{next:#}");
+}
+
+#[tokio::test]
+async fn an_empty_volume_is_skipped_and_a_local_path_outside_the_roots_is_refused() {
+    let env = setup("empty").await;
+    env.mounted_volume("full", "node-1").await;
+    // A brand-new PVC: mounted, nothing in it.
+    let empty = env
+        .cluster
+        .volume(&env.ns, "fresh-0", "fresh", "node-2", &[]);
+    std::fs::write(empty.join("probe"), b"x").expect("write");
+    env.cluster
+        .wait_mounted(&env.client, &env.ns, "fresh-0", "fresh", "node-2", "probe")
+        .await;
+    std::fs::remove_file(empty.join("probe")).expect("rm");
+    let _c = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    let run = env.backup("with-empty", serde_json::json!({})).await;
+    assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
+    let skipped = item(&run, "fresh");
+    assert_eq!(skipped["phase"], "Skipped", "{skipped}");
+    assert_eq!(skipped["reason"], "EmptyVolume", "{skipped}");
+    assert!(skipped["snapshotId"].is_null());
+    assert_eq!(item(&run, "full")["phase"], "Succeeded");
+    let cond = condition(&run, "Succeeded").expect("condition");
+    assert!(
+        cond["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("1 empty volume(s) skipped")),
+        "{cond}"
+    );
+    wait_event(
+        &env.client,
+        &env.ns,
+        "with-empty",
+        "VolumeSkipped",
+        "/fresh on node-2 was not backed up: the volume is empty",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(snapshots_of(&env.snapshots(), &env.ns, "fresh").is_empty());
+
+    // A local repository outside the agents' --local-repository-root: refused, naming the field.
+    let outside = std::env::temp_dir().join(format!("stowage-not-a-root-{}", env.ns));
+    env.create_backup("outside", local_backend(&outside), serde_json::json!({}))
+        .await;
+    let refused = env.wait_run::<Backup>("outside").await;
+    assert_eq!(refused["status"]["phase"], "Failed", "{refused:#}");
+    let cond = condition(&refused, "Succeeded").expect("condition");
+    assert_eq!(cond["reason"], "LocalPathNotAllowed", "{cond}");
+    assert!(
+        cond["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("spec.backend.local.path: ")
+                && m.contains("outside the directories allowed")),
+        "{cond}"
+    );
+    assert!(
+        !outside.exists(),
+        "a repository was created outside the roots"
+    );
 }

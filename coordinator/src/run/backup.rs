@@ -284,10 +284,11 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
             }
             Err(e) if e.try_elsewhere() => continue,
             Err(e) => {
-                let f = Finding::new(
-                    "RepositoryUnavailable",
-                    format!("opening the repository: {e}"),
-                );
+                let at = match (&run.spec.backend, &schedule) {
+                    (None, Some(s)) => format!("Schedule {}: spec.backend", s.name_any()),
+                    _ => "spec.backend".to_string(),
+                };
+                let f = repository_finding(&e, &repository, &at);
                 return super::fail(&ctx, run.as_ref(), &writer, &f).await;
             }
         }
@@ -296,7 +297,7 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
         .snapshot()
         .items
         .iter()
-        .filter(|i| i.phase == RunPhase::Succeeded)
+        .filter(|i| i.phase.is_fine())
         .map(|i| (i.namespace.clone(), i.pvc.clone()))
         .collect();
     // Items of an earlier attempt that are no longer selected (PVC deleted or excluded since) must
@@ -306,11 +307,7 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
         .map(|w| (w.namespace.clone(), w.pvc.clone()))
         .collect();
     writer.update(|s| {
-        for i in s
-            .items
-            .iter_mut()
-            .filter(|i| i.phase != RunPhase::Succeeded)
-        {
+        for i in s.items.iter_mut().filter(|i| !i.phase.is_fine()) {
             if !selected.contains(&(i.namespace.clone(), i.pvc.clone())) {
                 i.phase = RunPhase::Failed;
                 i.percent_done = None;
@@ -347,9 +344,13 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
 
     let items = writer.snapshot().items;
     let phase = phase_of(&items);
+    let skipped = items
+        .iter()
+        .filter(|i| i.phase == RunPhase::Skipped)
+        .count();
     let failed: Vec<String> = items
         .iter()
-        .filter(|i| i.phase != RunPhase::Succeeded)
+        .filter(|i| !i.phase.is_fine())
         .map(|i| {
             format!(
                 "{}/{}{}: {}",
@@ -363,16 +364,22 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
             )
         })
         .collect();
-    let ok = items.len() - failed.len();
+    let ok = items.len() - failed.len() - skipped;
+    let skipped_note = if skipped > 0 {
+        format!(" ({skipped} empty volume(s) skipped)")
+    } else {
+        String::new()
+    };
     let finding = match phase {
-        RunPhase::Succeeded => {
-            Finding::new("BackedUp", format!("all {ok} volumes have a new snapshot"))
-        }
+        RunPhase::Succeeded => Finding::new(
+            "BackedUp",
+            format!("all {ok} volumes with data have a new snapshot{skipped_note}"),
+        ),
         RunPhase::PartiallyFailed => Finding::new(
             "SomeVolumesFailed",
             format!(
-                "{ok} of {} volumes backed up; {}",
-                items.len(),
+                "{ok} of {} volumes backed up{skipped_note}; {}",
+                items.len() - skipped,
                 failed.join("; ")
             ),
         ),
@@ -495,7 +502,19 @@ async fn back_up_one(
         mount_holder::release(&ctx.client, &namespace, h).await;
     }
     match result {
-        Ok(r) => with_item(&writer, &namespace, &pvc, |i| record(i, &r)),
+        Ok(r) => {
+            with_item(&writer, &namespace, &pvc, |i| record(i, &r));
+            if r.outcome == Outcome::Skipped as i32 {
+                let finding = Finding::new(
+                    "VolumeSkipped",
+                    format!(
+                        "{namespace}/{pvc} on {node} was not backed up: {} (not a failure)",
+                        skipped_reason_text(&r.skipped_reason)
+                    ),
+                );
+                ctx.notifier.normal(run.as_ref(), "Backup", &finding).await;
+            }
+        }
         Err(e) => {
             tracing::warn!(run = %id, namespace = %namespace, pvc = %pvc, node = %node, error = %e, "volume backup failed");
             fail(e.to_string());
@@ -547,7 +566,63 @@ async fn already_done(
     }
 }
 
+/// Why the repository could not be opened, naming the spec field (under `at`) where it can.
+fn repository_finding(e: &DispatchError, repository: &pb::Repository, at: &str) -> Finding {
+    let DispatchError::Agent { code, message, .. } = e else {
+        return Finding::new(
+            "RepositoryUnavailable",
+            format!("opening the repository: {e}"),
+        );
+    };
+    if *code == Code::InvalidArgument
+        && let Some(reason) = message.strip_prefix("repository.local.path: ")
+    {
+        return Finding::new("LocalPathNotAllowed", format!("{at}.local.path: {reason}"));
+    }
+    // The agent's wording of restic's exit 10 (restic_wrap::Error::RepositoryNotFound).
+    if *code == Code::FailedPrecondition && message.starts_with("no restic repository at") {
+        use pb::repository::Backend as B;
+        let field = match &repository.backend {
+            Some(B::Local(_)) => "local.path",
+            Some(B::S3(_)) => "s3.bucket and s3.prefix",
+            Some(B::Rest(_)) => "rest.url",
+            None => "",
+        };
+        return Finding::new(
+            "RepositoryNotFound",
+            format!(
+                "{at}.{field}: there is no repository at {}. Stowage creates a repository only on a \
+                 Schedule's first runs or with {at}.initialize: true, so that a mistyped location \
+                 never starts a new, empty history. Correct the location, or set initialize to \
+                 create a repository there.",
+                crate::backend::location(repository)
+            ),
+        );
+    }
+    Finding::new(
+        "RepositoryUnavailable",
+        format!("opening the repository: {e}"),
+    )
+}
+
+/// A sentence for an agent's skip reason.
+fn skipped_reason_text(reason: &str) -> String {
+    match reason {
+        "EmptyVolume" => "the volume is empty, and restic stores no empty snapshots".into(),
+        other => format!("skipped ({other})"),
+    }
+}
+
 fn record(i: &mut ItemStatus, r: &BackupResult) {
+    if r.outcome == Outcome::Skipped as i32 {
+        i.phase = RunPhase::Skipped;
+        i.reason = Some(r.skipped_reason.clone());
+        i.error = None;
+        i.percent_done = None;
+        i.duration_seconds = Some((r.duration_seconds * 1000.0).round() / 1000.0);
+        return;
+    }
+    i.reason = None;
     i.snapshot_id = Some(r.snapshot_id.clone());
     i.files_new = Some(r.files_new);
     i.files_changed = Some(r.files_changed);
@@ -614,6 +689,35 @@ mod tests {
         assert_eq!(i.phase, RunPhase::Succeeded);
         assert_eq!(i.files_new, Some(3));
         assert_eq!(i.error, None);
+        let mut empty = ItemStatus::default();
+        record(
+            &mut empty,
+            &BackupResult {
+                outcome: Outcome::Skipped as i32,
+                skipped_reason: "EmptyVolume".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(empty.phase, RunPhase::Skipped);
+        assert_eq!(empty.reason.as_deref(), Some("EmptyVolume"));
+        assert_eq!(empty.snapshot_id, None);
+        let ok = ItemStatus {
+            phase: RunPhase::Succeeded,
+            ..Default::default()
+        };
+        assert_eq!(
+            crate::runs::phase_of(&[ok.clone(), empty.clone()]),
+            RunPhase::Succeeded
+        );
+        let failed = ItemStatus {
+            phase: RunPhase::Failed,
+            ..Default::default()
+        };
+        assert_eq!(
+            crate::runs::phase_of(&[failed, empty]),
+            RunPhase::Failed,
+            "a skipped volume does not make a failed run partial"
+        );
     }
 
     #[test]

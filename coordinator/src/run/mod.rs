@@ -54,7 +54,15 @@ pub async fn resolve_backend(
         ));
     };
     let at = format!("Schedule {}: spec.backend", r.name);
-    let repo = backend::resolve(&ctx.client, namespace, &schedule.spec.backend, &at).await?;
+    let mut repo = backend::resolve(&ctx.client, namespace, &schedule.spec.backend, &at).await?;
+    // A Schedule that never backed up successfully may create its repository; once it has a
+    // history, a missing repository is a mistake in the location, never a reason to start anew.
+    repo.auto_init = schedule.spec.backend.initialize.unwrap_or_else(|| {
+        schedule
+            .status
+            .as_ref()
+            .is_none_or(|s| s.last_success_time.is_none())
+    });
     Ok((repo, Some(schedule)))
 }
 

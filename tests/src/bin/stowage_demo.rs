@@ -81,7 +81,8 @@ where
 async fn main() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
     let client = cluster.client().await;
-    let repo_dir = cluster.dir.join("repository");
+    // Below the agents' --local-repository-root (tests/cluster/stowage-up).
+    let repo_dir = cluster.dir.join("repos").join("demo");
     let repo = v1::Repository {
         backend: Some(v1::repository::Backend::Local(v1::LocalBackend {
             path: repo_dir.display().to_string(),
