@@ -91,6 +91,8 @@ pub enum RestoreMessage {
     VerboseStatus(serde_json::Value),
 }
 
+/// The figures of a restore: its status lines and its summary carry the same ones (the summary has no
+/// `percent_done`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct RestoreStatus {
@@ -105,18 +107,7 @@ pub struct RestoreStatus {
     pub bytes_skipped: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct RestoreSummary {
-    pub seconds_elapsed: u64,
-    pub total_files: u64,
-    pub files_restored: u64,
-    pub files_skipped: u64,
-    pub files_deleted: u64,
-    pub total_bytes: u64,
-    pub bytes_restored: u64,
-    pub bytes_skipped: u64,
-}
+pub type RestoreSummary = RestoreStatus;
 
 /// What restic 0.17+ prints on stderr as its last line with `--json` when it fails.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

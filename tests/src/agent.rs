@@ -392,3 +392,65 @@ pub async fn reflected_services(channel: Channel) -> Vec<String> {
         other => panic!("unexpected reflection answer: {other:?}"),
     }
 }
+
+/// A test's working directory: a PKI, a kubelet directory, room for repositories. Volumes mounted
+/// below it are unmounted when it is dropped.
+pub struct Setup {
+    pub tmp: tempfile::TempDir,
+    pub pki: Pki,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        crate::unmount_below(self.tmp.path());
+    }
+}
+
+impl Setup {
+    pub fn new() -> Self {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let pki = Pki::create(&tmp.path().join("pki"));
+        std::fs::create_dir_all(tmp.path().join("kubelet/pods")).expect("kubelet");
+        Setup { tmp, pki }
+    }
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+    pub fn kubelet(&self) -> PathBuf {
+        self.path("kubelet")
+    }
+    pub fn repo(&self) -> PathBuf {
+        self.path("repo")
+    }
+    pub async fn agent(&self) -> Agent {
+        Agent::start(AgentOptions::new(&self.kubelet()), &self.pki).await
+    }
+    pub async fn agent_with(&self, f: impl FnOnce(&mut AgentOptions)) -> Agent {
+        let mut o = AgentOptions::new(&self.kubelet());
+        f(&mut o);
+        Agent::start(o, &self.pki).await
+    }
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// An S3 repository in `bucket` of a moto endpoint (moto accepts any credentials).
+pub fn s3_repo(endpoint: &str, bucket: &str, password: &str) -> v1::Repository {
+    v1::Repository {
+        backend: Some(v1::repository::Backend::S3(v1::S3Backend {
+            endpoint: endpoint.into(),
+            bucket: bucket.into(),
+            prefix: "shop".into(),
+            region: "us-east-1".into(),
+            access_key_id: "AKIATESTKEY".into(),
+            secret_access_key: "test-secret-key-value".into(),
+        })),
+        password: password.into(),
+        auto_init: true,
+        ..Default::default()
+    }
+}

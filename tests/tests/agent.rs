@@ -8,48 +8,13 @@ use stowage_proto::v1::{
     self, Outcome as POutcome, Phase, RestoreMode, RestoreRequest, VolumeIdentity, VolumeRef,
 };
 use stowage_tests::agent::{
-    Agent, AgentOptions, backup, csi_volume, local_repo, restore, volume_backup,
+    Agent, Setup, backup, csi_volume, local_repo, restore, s3_repo, volume_backup,
 };
-use stowage_tests::tls::Pki;
 use stowage_tests::{fstree, procs, restic, wait_until};
 use tonic::Code;
 
 const PW: &str = "correct horse battery staple";
 const MB: usize = 1024 * 1024;
-
-struct Setup {
-    tmp: tempfile::TempDir,
-    pki: Pki,
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        stowage_tests::unmount_below(self.tmp.path());
-    }
-}
-
-impl Setup {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let pki = Pki::create(&tmp.path().join("pki"));
-        std::fs::create_dir_all(tmp.path().join("kubelet/pods")).expect("kubelet");
-        Setup { tmp, pki }
-    }
-    fn kubelet(&self) -> PathBuf {
-        self.tmp.path().join("kubelet")
-    }
-    fn repo(&self) -> PathBuf {
-        self.tmp.path().join("repo")
-    }
-    async fn agent(&self) -> Agent {
-        Agent::start(AgentOptions::new(&self.kubelet()), &self.pki).await
-    }
-    async fn agent_with(&self, f: impl FnOnce(&mut AgentOptions)) -> Agent {
-        let mut o = AgentOptions::new(&self.kubelet());
-        f(&mut o);
-        Agent::start(o, &self.pki).await
-    }
-}
 
 fn restore_req(
     repo: v1::Repository,
@@ -207,20 +172,7 @@ async fn round_trip_against_s3() {
     let moto = stowage_tests::moto::Moto::start();
     let s = Setup::new();
     let agent = s.agent().await;
-    let repo = v1::Repository {
-        backend: Some(v1::repository::Backend::S3(v1::S3Backend {
-            endpoint: moto.endpoint.clone(),
-            bucket: "stowage-test".into(),
-            prefix: "shop".into(),
-            region: "us-east-1".into(),
-            access_key_id: "AKIATESTKEY".into(),
-            secret_access_key: "test-secret-key-value".into(),
-        })),
-        password: PW.into(),
-        auto_init: true,
-        ..Default::default()
-    };
-    round_trip(&s, &agent, repo).await;
+    round_trip(&s, &agent, s3_repo(&moto.endpoint, "stowage-test", PW)).await;
     let log = agent.log_text();
     assert!(
         !log.contains("test-secret-key-value") && !log.contains(PW),
@@ -1090,19 +1042,7 @@ async fn an_s3_endpoint_that_stops_answering_fails_the_backup_within_the_stall_t
     let agent = s
         .agent_with(|o| o.extra_args = vec!["--stall-timeout".into(), "3s".into()])
         .await;
-    let repo = v1::Repository {
-        backend: Some(v1::repository::Backend::S3(v1::S3Backend {
-            endpoint: moto.endpoint.clone(),
-            bucket: "stowage-stall".into(),
-            prefix: "shop".into(),
-            region: "us-east-1".into(),
-            access_key_id: "AKIATESTKEY".into(),
-            secret_access_key: "test-secret-key-value".into(),
-        })),
-        password: PW.into(),
-        auto_init: true,
-        ..Default::default()
-    };
+    let repo = s3_repo(&moto.endpoint, "stowage-stall", PW);
     let vol = csi_volume(&s.kubelet(), "uid-s3", "pv-s3");
     fstree::write_random(&vol.join("big"), 48 * MB, 6);
     let (call, pid) = throttled_backup_running(

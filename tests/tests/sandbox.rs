@@ -8,52 +8,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use stowage_proto::v1::{self, VolumeIdentity, VolumeRef};
-use stowage_tests::agent::{
-    Agent, AgentOptions, backup, csi_volume, local_repo, restore, volume_backup,
-};
-use stowage_tests::tls::Pki;
+use stowage_tests::agent::{Setup, backup, csi_volume, local_repo, restore, volume_backup};
 use stowage_tests::{fstree, restic};
 
 const PW: &str = "sandbox test password";
 const CANARY: &str = "CANARY-outside-the-volume";
 const FILES: usize = 3000;
 
-struct Setup {
-    tmp: tempfile::TempDir,
-    pki: Pki,
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        stowage_tests::unmount_below(self.tmp.path());
+/// A directory outside every volume, full of files that must never reach a snapshot. Its names are
+/// the volume's own (`f0000` ...), as an attacker who knows a tree's layout would choose.
+fn canary_dir(s: &Setup) -> PathBuf {
+    let dir = s.path("outside");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for i in 0..FILES {
+        std::fs::write(dir.join(format!("f{i:04}")), format!("{CANARY} {i}\n")).expect("w");
     }
-}
-
-impl Setup {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let pki = Pki::create(&tmp.path().join("pki"));
-        std::fs::create_dir_all(tmp.path().join("kubelet/pods")).expect("kubelet");
-        Setup { tmp, pki }
-    }
-    fn path(&self, p: &str) -> PathBuf {
-        self.tmp.path().join(p)
-    }
-    async fn agent(&self, f: impl FnOnce(&mut AgentOptions)) -> Agent {
-        let mut o = AgentOptions::new(&self.path("kubelet"));
-        f(&mut o);
-        Agent::start(o, &self.pki).await
-    }
-    /// A directory outside every volume, full of files that must never reach a snapshot. Its names
-    /// are the volume's own (`f0000` ...), as an attacker who knows a tree's layout would choose.
-    fn canary_dir(&self) -> PathBuf {
-        let dir = self.path("outside");
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        for i in 0..FILES {
-            std::fs::write(dir.join(format!("f{i:04}")), format!("{CANARY} {i}\n")).expect("w");
-        }
-        dir
-    }
+    dir
 }
 
 /// A thread that runs `step` in a loop until stopped (at most `limit`), counting iterations.
@@ -145,7 +115,7 @@ fn count_canaries(dir: &Path) -> usize {
 #[tokio::test]
 async fn a_symlink_race_during_backups_stores_nothing_from_outside_the_volume() {
     let s = Setup::new();
-    let outside = s.canary_dir();
+    let outside = canary_dir(&s);
     let vol = csi_volume(&s.path("kubelet"), "uid-race", "pv-race");
     std::fs::create_dir_all(vol.join("d")).expect("mkdir");
     for i in 0..FILES {
@@ -185,7 +155,7 @@ async fn a_symlink_race_during_backups_stores_nothing_from_outside_the_volume() 
     );
 
     // Through the agent: restic in the sandbox, same race, several backups.
-    let agent = s.agent(|_| {}).await;
+    let agent = s.agent().await;
     let mut client = agent.client(&s.pki).await;
     let repo = s.path("repo");
     restic::init(&repo, PW);
@@ -221,7 +191,7 @@ async fn a_symlink_race_during_backups_stores_nothing_from_outside_the_volume() 
 #[tokio::test]
 async fn symlinks_planted_during_a_restore_write_nothing_outside_the_volume() {
     let s = Setup::new();
-    let outside = s.canary_dir();
+    let outside = canary_dir(&s);
     let before = fstree::snapshot(&outside);
     let src = csi_volume(&s.path("kubelet"), "uid-src", "pv-src");
     for i in 0..100 {
@@ -234,7 +204,7 @@ async fn symlinks_planted_during_a_restore_write_nothing_outside_the_volume() {
             .expect("w");
         }
     }
-    let agent = s.agent(|_| {}).await;
+    let agent = s.agent().await;
     let mut client = agent.client(&s.pki).await;
     let repo = s.path("repo");
     let out = backup(
@@ -351,7 +321,7 @@ async fn inside_the_backup_sandbox_nothing_but_the_volume_exists() {
         s.pki.dir.join("ca.pem"),
     ];
     let wrapper = probing_bwrap(s.tmp.path(), &probes);
-    let agent = s.agent(|o| o.bwrap = Some(wrapper)).await;
+    let agent = s.agent_with(|o| o.bwrap = Some(wrapper)).await;
     let mut client = agent.client(&s.pki).await;
     let repo = s.path("repo");
     let out = backup(
