@@ -173,7 +173,10 @@ async fn main() -> anyhow::Result<()> {
             i.pvc,
             i.node.as_deref().unwrap_or("-"),
             i.pod.as_deref().unwrap_or("-"),
-            i.snapshot_id.as_deref().unwrap_or("-"),
+            // restic 0.17+ reports the full id; people read the short one.
+            i.snapshot_id
+                .as_deref()
+                .map_or("-", |id| id.get(..8).unwrap_or(id)),
             i.files_new.unwrap_or(0),
             i.bytes_added.unwrap_or(0),
             i.duration_seconds.unwrap_or(0.0)
