@@ -4,6 +4,7 @@
 //! - [`crd`]: the custom resource types; `crdgen` writes their YAML into the Helm chart;
 //! - [`cron`] and [`firing`]: schedule expressions (stable `-random` variants) and when one is due;
 //! - [`schedule`]: the Schedule reconciler (validation, firing, overlap, history);
+//! - [`restic_fields`]: checks of the spec fields that reach restic's command line;
 //! - [`plan`]: the pure planning of a backup run (which volume is read by which node's agent);
 //! - [`run`]: executing Backup, Check and Prune runs; [`dispatch`] calls the agents;
 //! - [`agents`]: finding agent pods and dialling them with mutual TLS;
@@ -24,6 +25,7 @@ pub mod leader;
 pub mod metrics;
 pub mod mount_holder;
 pub mod plan;
+pub mod restic_fields;
 pub mod run;
 pub mod runs;
 pub mod schedule;

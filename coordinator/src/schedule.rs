@@ -24,6 +24,7 @@ use crate::crd::{
 use crate::cron::CronSchedule;
 use crate::firing::due;
 use crate::plan::selector_matches;
+use crate::restic_fields;
 use crate::runs::{LABEL_ACTION, LABEL_SCHEDULE, RunObject, is_terminal};
 
 pub const ACTIONS: [&str; 3] = ["backup", "check", "prune"];
@@ -98,13 +99,26 @@ async fn validate(
             "spec: set at least one of backup, check, prune",
         ));
     }
-    if let Some(p) = &s.spec.prune
-        && p.retention == Retention::default()
-    {
-        problems.push(Finding::new(
-            "NoRetention",
-            "spec.prune.retention: set at least one keep rule",
+    if let Some(p) = &s.spec.prune {
+        if p.retention == Retention::default() {
+            problems.push(Finding::new(
+                "NoRetention",
+                "spec.prune.retention: set at least one keep rule",
+            ));
+        }
+        problems.extend(restic_fields::retention(
+            &p.retention,
+            "spec.prune.retention",
         ));
+    }
+    if let Some(subset) = s
+        .spec
+        .check
+        .as_ref()
+        .and_then(|c| c.read_data_subset.as_deref())
+        && let Some(f) = restic_fields::read_data_subset(subset, "spec.check.readDataSubset")
+    {
+        problems.push(f);
     }
     let backend_ok = match backend::resolve(&ctx.client, &ns, &s.spec.backend, "spec.backend").await
     {

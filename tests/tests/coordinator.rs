@@ -590,6 +590,85 @@ async fn bad_input_gets_a_condition_and_an_event_naming_the_field() {
         )
         .await;
     }
+    // Fields that reach restic's command line are checked up front, each named.
+    let restic_fields = [
+        (
+            "bad-retention",
+            serde_json::json!({"prune": {"schedule": "@weekly",
+                "retention": {"keepLast": 0, "keepWithinDuration": "banana"}}}),
+            "InvalidRetention",
+            [
+                "spec.prune.retention.keepLast: must be at least 1",
+                "spec.prune.retention.keepWithinDuration: \"banana\" is not a duration",
+            ],
+        ),
+        (
+            "bad-subset",
+            serde_json::json!({"check": {"schedule": "@weekly", "readDataSubset": "ten percent"}}),
+            "InvalidCheck",
+            [
+                "spec.check.readDataSubset: \"ten percent\" is not a subset",
+                "use a percentage (\"5%\")",
+            ],
+        ),
+    ];
+    for (name, actions, reason, needles) in &restic_fields {
+        let mut spec = actions.clone();
+        spec["backend"] = good.clone();
+        let obj: Schedule = serde_json::from_value(serde_json::json!({
+            "apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+            "metadata": {"name": name}, "spec": spec}))
+        .expect("schedule");
+        api.create(&Default::default(), &obj)
+            .await
+            .expect("create schedule");
+        let v = wait_json::<Schedule>(
+            &env.client,
+            &env.ns,
+            name,
+            Duration::from_secs(30),
+            "a Ready=False condition",
+            |v| condition(v, "Ready").is_some_and(|c| c["status"] == "False"),
+        )
+        .await;
+        let c = condition(&v, "Ready").expect("Ready");
+        assert_eq!(c["reason"], *reason, "{name}: {c}");
+        for needle in needles {
+            assert!(
+                c["message"].as_str().is_some_and(|m| m.contains(needle)),
+                "{name}: {needle:?} not in {c}"
+            );
+        }
+        wait_event(
+            &env.client,
+            &env.ns,
+            name,
+            reason,
+            needles[0],
+            Duration::from_secs(20),
+        )
+        .await;
+    }
+    // A hand-made Prune with a zero rule fails before restic runs, naming its own field.
+    let _: Prune = create(
+        &env.client,
+        &env.ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Prune",
+            "metadata": {"name": "zero-daily"},
+            "spec": {"backend": good.clone(), "retention": {"keepDaily": 0}}}),
+    )
+    .await;
+    let pruned = env.wait_run::<Prune>("zero-daily").await;
+    assert_eq!(pruned["status"]["phase"], "Failed", "{pruned:#}");
+    let c = condition(&pruned, "Succeeded").expect("condition");
+    assert_eq!(c["reason"], "InvalidRetention", "{c}");
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("spec.retention.keepDaily: must be at least 1")),
+        "{c}"
+    );
+
     // A selector matching nothing: the Backup fails naming spec.selector; a Schedule warns.
     let run = env
         .backup(
@@ -1243,17 +1322,27 @@ async fn a_frozen_restic_fails_its_volume_after_the_stall_timeout_and_the_next_r
         &env.ns,
         &[("node-1", "127.0.0.11")],
         None,
-        &["--stall-timeout", "3s"],
+        &["--stall-timeout", "6s"],
     )
     .await;
+    // Created beforehand: a silent `restic init` is bounded by the stall timeout too, and its key
+    // derivation alone can take seconds on a loaded 2-core machine.
+    restic::init(&env.repo, PASSWORD);
     let _c = Coordinator::start(env.cluster, private.coordinator_options(&env.ns)).await;
     env.start_throttled_backup("frozen", serde_json::json!({}))
         .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let backups: Api<Backup> = Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let pid = loop {
         if let Some(pid) = stowage_tests::procs::restic_pids_under(&stuck).first() {
             break *pid;
         }
+        let run = backups.get("frozen").await.expect("get");
+        assert!(
+            !finished(&serde_json::to_value(&run).expect("json")),
+            "the run ended before restic started: {:#?}",
+            run.status
+        );
         assert!(std::time::Instant::now() < deadline, "restic never started");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -1266,7 +1355,7 @@ async fn a_frozen_restic_fails_its_volume_after_the_stall_timeout_and_the_next_r
     let run = env.wait_run::<Backup>("frozen").await;
     assert_eq!(run["status"]["phase"], "Failed", "{run:#}");
     let error = item(&run, "stuck")["error"].as_str().expect("error");
-    assert!(error.contains("made no progress for 3s"), "{error}");
+    assert!(error.contains("made no progress for 6s"), "{error}");
     // The run completed, so nothing waits on it: the next one runs and succeeds.
     let next = env.backup("after-frozen", serde_json::json!({})).await;
     assert_eq!(next["status"]["phase"], "Succeeded", "{next:#}");

@@ -11,6 +11,7 @@ use crate::conditions::Finding;
 use crate::context::Ctx;
 use crate::crd::{Check, ItemStatus, Prune, Retention, RunPhase};
 use crate::dispatch::{self, DispatchError, Maintenance};
+use crate::restic_fields;
 use crate::runs::{RunObject, StatusWriter};
 
 pub const NO_AGENT: &str = "NoReadyAgent";
@@ -137,12 +138,23 @@ pub async fn execute_check(ctx: Arc<Ctx>, run: Arc<Check>) -> Result<(), kube::E
     else {
         return Ok(());
     };
-    let subset = run.spec.read_data_subset.clone().or_else(|| {
-        schedule
-            .as_ref()
-            .and_then(|s| s.spec.check.as_ref())
-            .and_then(|c| c.read_data_subset.clone())
-    });
+    let (subset, at) = match (&run.spec.read_data_subset, &schedule) {
+        (Some(own), _) => (Some(own.clone()), "spec.readDataSubset".to_string()),
+        (None, Some(s)) => (
+            s.spec
+                .check
+                .as_ref()
+                .and_then(|c| c.read_data_subset.clone()),
+            format!("Schedule {}: spec.check.readDataSubset", s.name_any()),
+        ),
+        (None, None) => (None, String::new()),
+    };
+    if let Some(f) = subset
+        .as_deref()
+        .and_then(|v| restic_fields::read_data_subset(v, &at))
+    {
+        return super::fail(ctx.as_ref(), run.as_ref(), &writer, &f).await;
+    }
     let task = Maintenance::Check(CheckRequest {
         run_id: run_id(run.as_ref()),
         repository: Some(repository),
@@ -162,12 +174,14 @@ pub async fn execute_prune(ctx: Arc<Ctx>, run: Arc<Prune>) -> Result<(), kube::E
     else {
         return Ok(());
     };
-    let retention = run.spec.retention.clone().or_else(|| {
-        schedule
-            .as_ref()
-            .and_then(|s| s.spec.prune.as_ref())
-            .map(|p| p.retention.clone())
-    });
+    let (retention, at) = match (&run.spec.retention, &schedule) {
+        (Some(own), _) => (Some(own.clone()), "spec.retention".to_string()),
+        (None, Some(s)) => (
+            s.spec.prune.as_ref().map(|p| p.retention.clone()),
+            format!("Schedule {}: spec.prune.retention", s.name_any()),
+        ),
+        (None, None) => (None, String::new()),
+    };
     let Some(retention) = retention.filter(|r| *r != Retention::default()) else {
         let f = Finding::new(
             NO_RETENTION,
@@ -175,6 +189,9 @@ pub async fn execute_prune(ctx: Arc<Ctx>, run: Arc<Prune>) -> Result<(), kube::E
         );
         return super::fail(ctx.as_ref(), run.as_ref(), &writer, &f).await;
     };
+    if let Some(f) = restic_fields::joined(restic_fields::retention(&retention, &at)) {
+        return super::fail(ctx.as_ref(), run.as_ref(), &writer, &f).await;
+    }
     let task = Maintenance::Prune(PruneRequest {
         run_id: run_id(run.as_ref()),
         repository: Some(repository),
