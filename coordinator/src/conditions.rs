@@ -26,6 +26,19 @@ impl Finding {
             message: message.into(),
         }
     }
+
+    /// All of `findings` as one: the first one's reason, every message. `None` when there are none.
+    pub fn joined(findings: &[Finding]) -> Option<Finding> {
+        let first = findings.first()?;
+        Some(Finding::new(
+            first.reason,
+            findings
+                .iter()
+                .map(|f| f.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ))
+    }
 }
 
 /// Sets condition `type_` in `conditions`; returns whether anything a user would notice changed

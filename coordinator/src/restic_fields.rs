@@ -91,19 +91,6 @@ pub fn read_data_subset(s: &str, at: &str) -> Option<Finding> {
     })
 }
 
-/// All `problems` as one finding (the first one's reason), or `None`.
-pub fn joined(problems: Vec<Finding>) -> Option<Finding> {
-    let first = problems.first()?;
-    Some(Finding::new(
-        first.reason,
-        problems
-            .iter()
-            .map(|p| p.message.as_str())
-            .collect::<Vec<_>>()
-            .join("; "),
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -250,17 +250,10 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<Ctx>) -> Result<Action, kube::
     status.next_runs = (!s.spec.paused).then_some(next);
 
     // Conditions, and an Event when something a user must fix appears or changes.
-    let ready = match problems.as_slice() {
-        [] if s.spec.paused => Finding::new("Paused", "spec.paused is true: nothing fires"),
-        [] => Finding::new("Scheduled", "the schedule is valid and armed"),
-        [first, ..] => Finding::new(
-            first.reason,
-            problems
-                .iter()
-                .map(|p| p.message.as_str())
-                .collect::<Vec<_>>()
-                .join("; "),
-        ),
+    let ready = match Finding::joined(&problems) {
+        Some(f) => f,
+        None if s.spec.paused => Finding::new("Paused", "spec.paused is true: nothing fires"),
+        None => Finding::new("Scheduled", "the schedule is valid and armed"),
     };
     if conditions::set(
         &mut status.conditions,

@@ -497,6 +497,37 @@ async fn an_unmounted_pvc_is_backed_up_through_a_mount_holder_pod() {
     assert!(gone, "mount holder {holder} still exists");
 }
 
+/// Waits for Schedule `name` to be Ready=False with `reason`, its message holding every needle, and
+/// for the Event that says so.
+async fn assert_not_ready(env: &Env, name: &str, reason: &str, needles: &[&str]) {
+    let v = wait_json::<Schedule>(
+        &env.client,
+        &env.ns,
+        name,
+        Duration::from_secs(30),
+        "a Ready=False condition",
+        |v| condition(v, "Ready").is_some_and(|c| c["status"] == "False"),
+    )
+    .await;
+    let c = condition(&v, "Ready").expect("Ready");
+    assert_eq!(c["reason"], reason, "{name}: {c}");
+    for needle in needles {
+        assert!(
+            c["message"].as_str().is_some_and(|m| m.contains(needle)),
+            "{name}: {needle:?} not in {c}"
+        );
+    }
+    wait_event(
+        &env.client,
+        &env.ns,
+        name,
+        reason,
+        needles[0],
+        Duration::from_secs(20),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn bad_input_gets_a_condition_and_an_event_naming_the_field() {
     let env = setup("bad").await;
@@ -565,30 +596,7 @@ async fn bad_input_gets_a_condition_and_an_event_naming_the_field() {
             .expect("create schedule");
     }
     for (name, _, _, reason, needle) in &cases {
-        let v = wait_json::<Schedule>(
-            &env.client,
-            &env.ns,
-            name,
-            Duration::from_secs(30),
-            "a Ready=False condition",
-            |v| condition(v, "Ready").is_some_and(|c| c["status"] == "False"),
-        )
-        .await;
-        let c = condition(&v, "Ready").expect("Ready");
-        assert_eq!(c["reason"], *reason, "{name}: {c}");
-        assert!(
-            c["message"].as_str().is_some_and(|m| m.contains(needle)),
-            "{name}: {c}"
-        );
-        wait_event(
-            &env.client,
-            &env.ns,
-            name,
-            reason,
-            needle,
-            Duration::from_secs(20),
-        )
-        .await;
+        assert_not_ready(&env, name, reason, &[needle]).await;
     }
     // Fields that reach restic's command line are checked up front, each named.
     let restic_fields = [
@@ -622,32 +630,7 @@ async fn bad_input_gets_a_condition_and_an_event_naming_the_field() {
         api.create(&Default::default(), &obj)
             .await
             .expect("create schedule");
-        let v = wait_json::<Schedule>(
-            &env.client,
-            &env.ns,
-            name,
-            Duration::from_secs(30),
-            "a Ready=False condition",
-            |v| condition(v, "Ready").is_some_and(|c| c["status"] == "False"),
-        )
-        .await;
-        let c = condition(&v, "Ready").expect("Ready");
-        assert_eq!(c["reason"], *reason, "{name}: {c}");
-        for needle in needles {
-            assert!(
-                c["message"].as_str().is_some_and(|m| m.contains(needle)),
-                "{name}: {needle:?} not in {c}"
-            );
-        }
-        wait_event(
-            &env.client,
-            &env.ns,
-            name,
-            reason,
-            needles[0],
-            Duration::from_secs(20),
-        )
-        .await;
+        assert_not_ready(&env, name, reason, needles).await;
     }
     // A hand-made Prune with a zero rule fails before restic runs, naming its own field.
     let _: Prune = create(

@@ -189,7 +189,7 @@ pub async fn execute_prune(ctx: Arc<Ctx>, run: Arc<Prune>) -> Result<(), kube::E
         );
         return super::fail(ctx.as_ref(), run.as_ref(), &writer, &f).await;
     };
-    if let Some(f) = restic_fields::joined(restic_fields::retention(&retention, &at)) {
+    if let Some(f) = Finding::joined(&restic_fields::retention(&retention, &at)) {
         return super::fail(ctx.as_ref(), run.as_ref(), &writer, &f).await;
     }
     let task = Maintenance::Prune(PruneRequest {
