@@ -19,7 +19,7 @@ use crate::error::AgentError;
 use crate::identity::{Identity, TAG_RUN, validate_extra_tag};
 use crate::inventory::VolumeEntry;
 use crate::inventory::scan::CSI_PLUGIN;
-use crate::{mountpoint, repository, safe_fs, sandbox};
+use crate::{follow, mountpoint, repository, safe_fs, sandbox};
 
 /// `skipped_reason` of a volume with nothing in it.
 pub const SKIPPED_EMPTY: &str = "EmptyVolume";
@@ -266,35 +266,24 @@ async fn attempt(
     tracing::debug!(pid = ?run.pid(), "restic backup spawned");
     progress.phase(Phase::Running, "restic started");
     let mut bytes_seen = 0u64;
-    loop {
-        tokio::select! {
-            status = run.next_status() => match status? {
-                Some(s) => {
-                    // Progress lines become metrics as well as messages.
-                    ctx.metrics.backup_bytes_processed.inc_by(s.bytes_done.saturating_sub(bytes_seen));
-                    bytes_seen = bytes_seen.max(s.bytes_done);
-                    progress.send(Progress {
-                        phase: Phase::Running.into(),
-                        percent_done: s.percent_done,
-                        total_files: s.total_files,
-                        files_done: s.files_done,
-                        total_bytes: s.total_bytes,
-                        bytes_done: s.bytes_done,
-                        seconds_elapsed: s.seconds_elapsed,
-                        seconds_remaining: s.seconds_remaining,
-                        message: String::new(),
-                    });
-                }
-                None => break,
-            },
-            _ = cancel.cancelled() => {
-                run.cancel().await;
-                return Err(ResticError::Cancelled { subcommand: "backup".into() });
-            }
-        }
-    }
-    tokio::select! {
-        out = run.finish() => out,
-        _ = cancel.cancelled() => Err(ResticError::Cancelled { subcommand: "backup".into() }),
-    }
+    follow::follow(&mut run, cancel, "backup", |s| {
+        // Progress lines become metrics as well as messages.
+        ctx.metrics
+            .backup_bytes_processed
+            .inc_by(s.bytes_done.saturating_sub(bytes_seen));
+        bytes_seen = bytes_seen.max(s.bytes_done);
+        progress.send(Progress {
+            phase: Phase::Running.into(),
+            percent_done: s.percent_done,
+            total_files: s.total_files,
+            files_done: s.files_done,
+            total_bytes: s.total_bytes,
+            bytes_done: s.bytes_done,
+            seconds_elapsed: s.seconds_elapsed,
+            seconds_remaining: s.seconds_remaining,
+            message: String::new(),
+        });
+    })
+    .await?;
+    follow::finish(run.finish(), cancel, "backup").await
 }

@@ -19,6 +19,7 @@ pub mod backup;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod follow;
 pub mod identity;
 pub mod inventory;
 pub mod limiter;

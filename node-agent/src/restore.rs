@@ -27,7 +27,7 @@ use crate::error::AgentError;
 use crate::identity::Identity;
 use crate::inventory::VolumeEntry;
 use crate::safe_fs::{self, MergeStats, SafeFsError};
-use crate::{repository, sandbox};
+use crate::{follow, repository, sandbox};
 
 pub fn progress_event(p: Progress) -> RestoreEvent {
     RestoreEvent {
@@ -201,37 +201,24 @@ async fn run_restore(
     let mut run = restic.restore(opts)?;
     tracing::debug!(pid = ?run.pid(), "restic restore spawned");
     let mut bytes_seen = 0u64;
-    loop {
-        tokio::select! {
-            status = run.next_status() => match status? {
-                Some(s) => {
-                    ctx.metrics.restore_bytes.inc_by(s.bytes_restored.saturating_sub(bytes_seen));
-                    bytes_seen = bytes_seen.max(s.bytes_restored);
-                    progress.send(Progress {
-                        phase: Phase::Running.into(),
-                        percent_done: s.percent_done,
-                        total_files: s.total_files,
-                        files_done: s.files_restored + s.files_skipped,
-                        total_bytes: s.total_bytes,
-                        bytes_done: s.bytes_restored + s.bytes_skipped,
-                        seconds_elapsed: s.seconds_elapsed,
-                        ..Default::default()
-                    });
-                }
-                None => break,
-            },
-            _ = cancel.cancelled() => {
-                run.cancel().await;
-                return Err(restic_wrap::Error::Cancelled { subcommand: "restore".into() });
-            }
-        }
-    }
-    let out = tokio::select! {
-        out = run.finish() => out?,
-        _ = cancel.cancelled() => {
-            return Err(restic_wrap::Error::Cancelled { subcommand: "restore".into() });
-        }
-    };
+    follow::follow(&mut run, cancel, "restore", |s| {
+        ctx.metrics
+            .restore_bytes
+            .inc_by(s.bytes_restored.saturating_sub(bytes_seen));
+        bytes_seen = bytes_seen.max(s.bytes_restored);
+        progress.send(Progress {
+            phase: Phase::Running.into(),
+            percent_done: s.percent_done,
+            total_files: s.total_files,
+            files_done: s.files_restored + s.files_skipped,
+            total_bytes: s.total_bytes,
+            bytes_done: s.bytes_restored + s.bytes_skipped,
+            seconds_elapsed: s.seconds_elapsed,
+            ..Default::default()
+        });
+    })
+    .await?;
+    let out = follow::finish(run.finish(), cancel, "restore").await?;
     ctx.metrics
         .restore_bytes
         .inc_by(out.summary.bytes_restored.saturating_sub(bytes_seen));

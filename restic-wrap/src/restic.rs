@@ -293,8 +293,8 @@ impl<K: StreamKind> StreamRun<K> {
     }
 
     /// Stops restic now and waits until its process group is gone.
-    pub async fn cancel(self) {
-        self.process.terminate().await;
+    pub async fn stop(&mut self) {
+        self.process.stop().await;
     }
 }
 

@@ -1,0 +1,40 @@
+//! Following a streamed restic run (backup or restore) until its output ends, turning each status
+//! line into progress, and stopping restic when the operation is cancelled.
+
+use restic_wrap::Error as ResticError;
+use restic_wrap::restic::{StreamKind, StreamRun};
+use tokio_util::sync::CancellationToken;
+
+/// Feeds every status line of `run` to `on_status` until restic's output ends (then the caller
+/// calls `finish`), or stops restic and fails with `Cancelled` when `cancel` fires.
+pub async fn follow<K: StreamKind>(
+    run: &mut StreamRun<K>,
+    cancel: &CancellationToken,
+    subcommand: &str,
+    mut on_status: impl FnMut(K::Status),
+) -> restic_wrap::Result<()> {
+    loop {
+        tokio::select! {
+            status = run.next_status() => match status? {
+                Some(s) => on_status(s),
+                None => return Ok(()),
+            },
+            _ = cancel.cancelled() => {
+                run.stop().await;
+                return Err(ResticError::Cancelled { subcommand: subcommand.into() });
+            }
+        }
+    }
+}
+
+/// `finish` of a run whose output ended, unless `cancel` fires first.
+pub async fn finish<T>(
+    finish: impl Future<Output = restic_wrap::Result<T>>,
+    cancel: &CancellationToken,
+    subcommand: &str,
+) -> restic_wrap::Result<T> {
+    tokio::select! {
+        out = finish => out,
+        _ = cancel.cancelled() => Err(ResticError::Cancelled { subcommand: subcommand.into() }),
+    }
+}
