@@ -14,6 +14,8 @@ use kube::{Api, Client, ResourceExt};
 use stowage_proto::v1::agent_client::AgentClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use stowage_common::runtime::read_pem;
+
 use crate::config::Config;
 use crate::metrics::Metrics;
 
@@ -31,15 +33,8 @@ pub enum AgentUnavailable {
     BadAddress { address: String, reason: String },
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
+/// A TLS file that cannot be read (the shared runtime's error says which and why).
+pub type TlsError = stowage_common::runtime::RuntimeError;
 
 /// A ready agent: which pod serves a node, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,18 +218,20 @@ fn tls_config(config: &Config) -> Result<Option<ClientTlsConfig>, TlsError> {
     if config.insecure_plaintext {
         return Ok(None);
     }
-    let read = |p: &Option<std::path::PathBuf>| -> Result<Vec<u8>, TlsError> {
-        let path = p.clone().unwrap_or_default();
-        std::fs::read(&path).map_err(|source| TlsError::Read {
-            path: path.display().to_string(),
-            source,
-        })
-    };
     let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&config.tls_ca)?))
+        .ca_certificate(Certificate::from_pem(read_pem(
+            "the CA certificate (--tls-ca)",
+            config.tls_ca.as_deref(),
+        )?))
         .identity(Identity::from_pem(
-            read(&config.tls_cert)?,
-            read(&config.tls_key)?,
+            read_pem(
+                "the coordinator's certificate (--tls-cert)",
+                config.tls_cert.as_deref(),
+            )?,
+            read_pem(
+                "the coordinator's key (--tls-key)",
+                config.tls_key.as_deref(),
+            )?,
         ));
     if let Some(name) = &config.agent_tls_server_name {
         tls = tls.domain_name(name.clone());

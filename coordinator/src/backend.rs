@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 use stowage_proto::v1::{self as pb, repository::Backend as PbBackend};
 
@@ -15,7 +16,7 @@ pub const INVALID_BACKEND: &str = "InvalidBackend";
 pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
 pub const SECRET_KEY_NOT_FOUND: &str = "SecretKeyNotFound";
 
-/// Exactly one known backend type, with its required fields. `at` is the field path of the block.
+/// Exactly one known backend type, and its Secret references. `at` is the field path of the block.
 pub fn validate(spec: &BackendSpec, at: &str) -> Result<(), Finding> {
     if let Some(key) = spec.unknown.keys().next() {
         return Err(Finding::new(
@@ -49,32 +50,8 @@ pub fn validate(spec: &BackendSpec, at: &str) -> Result<(), Finding> {
             ));
         }
     }
-    let empty = |field: &str, v: &str| -> Result<(), Finding> {
-        if v.trim().is_empty() {
-            Err(Finding::new(
-                INVALID_BACKEND,
-                format!("{at}.{field}: must not be empty"),
-            ))
-        } else {
-            Ok(())
-        }
-    };
-    if let Some(l) = &spec.local {
-        empty("local.path", &l.path)?;
-        if !l.path.starts_with('/') {
-            return Err(Finding::new(
-                INVALID_BACKEND,
-                format!("{at}.local.path: must be an absolute path on the nodes"),
-            ));
-        }
-    }
-    if let Some(s) = &spec.s3 {
-        empty("s3.endpoint", &s.endpoint)?;
-        empty("s3.bucket", &s.bucket)?;
-    }
-    if let Some(r) = &spec.rest {
-        empty("rest.url", &r.url)?;
-    }
+    // Required fields and path rules are the shared contract's (`stowage_common::contract`),
+    // checked by `resolve` once the block is a `Repository` message.
     ref_ok(
         &spec.repo_password_secret_ref,
         &format!("{at}.repoPasswordSecretRef"),
@@ -102,9 +79,18 @@ fn ref_ok(r: &SecretKeyRef, at: &str) -> Result<(), Finding> {
     Ok(())
 }
 
+/// Where Secrets are read from: the API (to run: the values are needed), or the coordinator's
+/// watch cache, which holds key names and whether each value is empty, never the values (to
+/// validate, on every reconcile, without a request).
+#[derive(Clone)]
+pub enum Secrets {
+    Api(Client),
+    Cache(Store<Secret>),
+}
+
 /// Reads Secrets of one namespace, each at most once per resolution.
 struct SecretReader {
-    api: Api<Secret>,
+    source: Secrets,
     namespace: String,
     cache: BTreeMap<String, Option<Secret>>,
 }
@@ -112,12 +98,25 @@ struct SecretReader {
 impl SecretReader {
     async fn value(&mut self, r: &SecretKeyRef, at: &str) -> Result<String, Finding> {
         if !self.cache.contains_key(&r.name) {
-            let got = self.api.get_opt(&r.name).await.map_err(|e| {
-                Finding::new(
-                    SECRET_NOT_FOUND,
-                    format!("{at}: reading Secret {}/{}: {e}", self.namespace, r.name),
-                )
-            })?;
+            let got = match &self.source {
+                Secrets::Api(client) => Api::<Secret>::namespaced(client.clone(), &self.namespace)
+                    .get_opt(&r.name)
+                    .await
+                    .map_err(|e| {
+                        Finding::new(
+                            SECRET_NOT_FOUND,
+                            format!(
+                                "{at}: reading Secret {}/{}: {}",
+                                self.namespace,
+                                r.name,
+                                crate::errors::sentence(&e)
+                            ),
+                        )
+                    })?,
+                Secrets::Cache(store) => store
+                    .get(&ObjectRef::new(&r.name).within(&self.namespace))
+                    .map(|s| s.as_ref().clone()),
+            };
             self.cache.insert(r.name.clone(), got);
         }
         let Some(Some(secret)) = self.cache.get(&r.name) else {
@@ -164,26 +163,33 @@ impl SecretReader {
     }
 }
 
-/// Where a repository is, without secrets (for caches and messages).
+/// Where a repository is, as restic names it, without secrets (for caches and messages).
 pub fn location(r: &pb::Repository) -> String {
-    match &r.backend {
-        Some(PbBackend::Local(l)) => format!("local:{}", l.path),
-        Some(PbBackend::S3(s)) => format!("s3:{}/{}/{}", s.endpoint, s.bucket, s.prefix),
-        Some(PbBackend::Rest(r)) => format!("rest:{}", r.url),
-        None => String::new(),
+    stowage_common::contract::location(r).unwrap_or_default()
+}
+
+/// The spec field (below the backend block) a field of the `Repository` message comes from.
+fn spec_field(proto_field: &str) -> &str {
+    match proto_field {
+        "password" => "repoPasswordSecretRef",
+        "s3.access_key_id" => "s3.accessKeyIDSecretRef",
+        "s3.secret_access_key" => "s3.secretAccessKeySecretRef",
+        other => other,
     }
 }
 
 /// Validates `spec` and reads its Secrets from `namespace`.
+///
+/// With [`Secrets::Cache`] the secret values in the result are placeholders: use it to validate.
 pub async fn resolve(
-    client: &Client,
+    source: &Secrets,
     namespace: &str,
     spec: &BackendSpec,
     at: &str,
 ) -> Result<pb::Repository, Finding> {
     validate(spec, at)?;
     let mut secrets = SecretReader {
-        api: Api::namespaced(client.clone(), namespace),
+        source: source.clone(),
         namespace: namespace.to_string(),
         cache: BTreeMap::new(),
     };
@@ -234,7 +240,7 @@ pub async fn resolve(
             format!("{at}: set exactly one of local, s3, rest"),
         ));
     };
-    Ok(pb::Repository {
+    let repository = pb::Repository {
         backend: Some(backend),
         password,
         // Only when asked; a Schedule's first runs are allowed by the caller (see `initialize`).
@@ -242,7 +248,15 @@ pub async fn resolve(
         auto_init: spec.initialize == Some(true),
         limit_upload_kib: spec.limit_upload_kib.unwrap_or(0),
         limit_download_kib: spec.limit_download_kib.unwrap_or(0),
-    })
+    };
+    // The agents check the same contract; checking it here names the spec field up front.
+    stowage_common::contract::repository(Some(&repository)).map_err(|e| {
+        Finding::new(
+            INVALID_BACKEND,
+            format!("{at}.{}: {}", spec_field(e.field), e.reason),
+        )
+    })?;
+    Ok(repository)
 }
 
 #[cfg(test)]
@@ -261,6 +275,40 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// Field rules of the shared contract (`stowage_common::contract`) are named as spec fields; the
+    /// Secrets come from the watch cache, which holds no values.
+    #[tokio::test]
+    async fn the_shared_contract_is_checked_and_names_spec_fields() {
+        use k8s_openapi::ByteString;
+        use kube::runtime::{reflector, watcher};
+        let (store, mut writer) = reflector::store::<Secret>();
+        let mut secret = Secret {
+            data: Some([("password".to_string(), ByteString(vec![1]))].into()),
+            ..Default::default()
+        };
+        secret.metadata.name = Some("repo".into());
+        secret.metadata.namespace = Some("shop".into());
+        writer.apply_watcher_event(&watcher::Event::Apply(secret));
+        let cache = Secrets::Cache(store);
+        assert!(
+            resolve(&cache, "shop", &local(), "spec.backend")
+                .await
+                .is_ok()
+        );
+        let mut relative = local();
+        relative.local = Some(LocalBackend {
+            path: "repo".into(),
+        });
+        let e = resolve(&cache, "shop", &relative, "spec.backend")
+            .await
+            .unwrap_err();
+        assert_eq!(e.message, "spec.backend.local.path: must be absolute");
+        let missing = resolve(&cache, "other", &local(), "spec.backend")
+            .await
+            .unwrap_err();
+        assert_eq!(missing.reason, SECRET_NOT_FOUND);
     }
 
     #[test]
@@ -297,16 +345,6 @@ mod tests {
                 .starts_with("spec.backend.gcs: unknown backend type"),
             "{}",
             e.message
-        );
-        let mut relative = local();
-        relative.local = Some(LocalBackend {
-            path: "repo".into(),
-        });
-        assert!(
-            validate(&relative, "spec.backend")
-                .unwrap_err()
-                .message
-                .contains("local.path")
         );
         let mut s3 = local();
         s3.local = None;

@@ -6,14 +6,28 @@ use chrono::{DateTime, Utc};
 use std::sync::{Arc, Mutex};
 
 use kube::Client;
+use kube::runtime::reflector::Store;
 
 use crate::agents::AgentDirectory;
 use crate::conditions::Notifier;
 use crate::config::Config;
+use crate::crd::{Backup, Check, Prune};
 use crate::metrics::Metrics;
+use crate::state::Stores;
+
+/// The runs the coordinator watches (one shared watch per kind feeds these and the controllers).
+#[derive(Clone)]
+pub struct RunStores {
+    pub backups: Store<Backup>,
+    pub checks: Store<Check>,
+    pub prunes: Store<Prune>,
+}
 
 pub struct Ctx {
     pub client: Client,
+    /// PVCs, Pods and Secrets (key names only), from watches.
+    pub stores: Stores,
+    pub runs: RunStores,
     pub config: Config,
     pub agents: Arc<AgentDirectory>,
     pub notifier: Notifier,
@@ -30,8 +44,11 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
+        stores: Stores,
+        runs: RunStores,
         config: Config,
         agents: Arc<AgentDirectory>,
         notifier: Notifier,
@@ -39,6 +56,8 @@ impl Ctx {
     ) -> Self {
         Self {
             client,
+            stores,
+            runs,
             config,
             agents,
             notifier,
@@ -47,6 +66,20 @@ impl Ctx {
             known_repositories: Mutex::new(HashSet::new()),
             handled: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Waits until every watch cache has had its first full list (bounded). Reconcilers call this
+    /// first: the controllers run from the start, so the shared watches never wait for a consumer.
+    pub async fn synced(&self) -> Result<(), crate::state::SyncTimeout> {
+        let runs = async {
+            let _ = self.runs.backups.wait_until_ready().await;
+            let _ = self.runs.checks.wait_until_ready().await;
+            let _ = self.runs.prunes.wait_until_ready().await;
+        };
+        tokio::time::timeout(crate::state::SYNC_TIMEOUT, runs)
+            .await
+            .map_err(|_| crate::state::SyncTimeout::after(crate::state::SYNC_TIMEOUT))?;
+        self.stores.synced().await
     }
 
     /// The newest of `from_status` and what this process last handled for the action.

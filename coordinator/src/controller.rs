@@ -1,26 +1,34 @@
-//! Wiring: metrics endpoint, leader election, the agent directory and one controller per kind.
+//! Wiring: the metrics endpoint, leader election, the watch caches and one controller per kind.
 //! Only the leader runs controllers; a standby serves metrics and waits for the Lease.
+//!
+//! Every kind is watched once. A run kind's watch feeds its store, its own controller and the
+//! Schedule controller; the Schedule controller hears of a run only when its phase changes, not on
+//! every progress write. Secrets (key names only) wake the Schedules that reference them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, Stream, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use tokio::net::TcpListener;
+use stowage_common::runtime::{RuntimeError, serve_http, shutdown_signal};
 
-use crate::agents::{AgentDirectory, TlsError};
+use crate::agents::AgentDirectory;
 use crate::conditions::Notifier;
 use crate::config::Config;
-use crate::context::Ctx;
-use crate::crd::{Backup, Check, Prune, Schedule};
-use crate::leader::{LeaderElector, LeaderError};
+use crate::context::{Ctx, RunStores};
+use crate::crd::{Backup, Check, Prune, RunPhase, Schedule};
+use crate::leader::{self, Elector, LeaderError};
 use crate::metrics::Metrics;
 use crate::run;
 use crate::runs::{RunObject, is_terminal};
 use crate::schedule;
+use crate::state::{self, SyncTimeout};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -28,20 +36,18 @@ pub enum CoordinatorError {
     Client(#[source] kube::Error),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("binding {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(transparent)]
-    Tls(#[from] TlsError),
+    Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Leader(#[from] LeaderError),
+    #[error(transparent)]
+    Sync(#[from] SyncTimeout),
 }
 
 /// A run that is not finished is re-examined this often, so none stays Running without a task.
 const RUN_RECHECK: Duration = Duration::from_secs(30);
+/// Events buffered per subscriber of a shared watch.
+const SHARED_BUFFER: usize = 1024;
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
@@ -52,6 +58,14 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// A reconcile that waits for the caches first; a cache that does not fill in time is an error
+/// (retried), never a decision made on a partial view.
+async fn when_synced(ctx: &Ctx) -> Result<(), kube::Error> {
+    ctx.synced()
+        .await
+        .map_err(|e| kube::Error::Service(Box::new(e)))
 }
 
 /// Starts executing a run unless it is finished or already executing here.
@@ -72,7 +86,7 @@ where
             let _claim = claim;
             if let Err(e) = work.await {
                 // The run stays unfinished; the periodic re-check resumes it.
-                tracing::warn!(kind = K::ACTION, run = %name, error = %e, "run interrupted");
+                tracing::warn!(kind = K::ACTION, run = %name, error = %crate::errors::sentence(&e), "run interrupted");
             }
         });
     }
@@ -80,7 +94,7 @@ where
 }
 
 fn error_policy<K>(_obj: Arc<K>, err: &kube::Error, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(error = %err, "reconcile failed; retrying");
+    tracing::warn!(error = %crate::errors::sentence(err), "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
 
@@ -98,108 +112,112 @@ where
         .await;
 }
 
+/// One shared watch of a run kind: its store, a subscriber for its controller and one for the
+/// Schedule controller, and the future that drives the watch.
+struct SharedRuns<K: RunObject> {
+    store: Store<K>,
+    for_runs: reflector::ReflectHandle<K>,
+    for_schedules: reflector::ReflectHandle<K>,
+    drive: futures::future::BoxFuture<'static, ()>,
+}
+
+fn shared_runs<K>(client: &Client, ns: Option<&str>) -> Option<SharedRuns<K>>
+where
+    K: RunObject,
+{
+    let (store, writer) = reflector::store_shared(SHARED_BUFFER);
+    let for_runs = writer.subscribe()?;
+    let for_schedules = writer.subscribe()?;
+    let drive = watcher(api::<K>(client, ns), watcher::Config::default())
+        .default_backoff()
+        .reflect_shared(writer)
+        .for_each(|_| futures::future::ready(()))
+        .boxed();
+    Some(SharedRuns {
+        store,
+        for_runs,
+        for_schedules,
+        drive,
+    })
+}
+
+/// Only the events where a run's phase changed (or it appeared): progress writes do not wake the
+/// Schedule.
+fn phase_changes<K: RunObject>(
+    runs: impl Stream<Item = Arc<K>> + Send + 'static,
+) -> impl Stream<Item = Arc<K>> + Send + 'static {
+    let mut seen: HashMap<String, Option<RunPhase>> = HashMap::new();
+    runs.filter(move |r| {
+        let phase = r.run_status().and_then(|s| s.phase);
+        let changed = seen.insert(r.uid().unwrap_or_default(), phase) != Some(phase);
+        futures::future::ready(changed)
+    })
+}
+
+/// The Schedules of the Secret's namespace whose backend names it.
+fn schedules_using(schedules: &Store<Schedule>, secret: &Secret) -> Vec<ObjectRef<Schedule>> {
+    let (ns, name) = (secret.namespace(), secret.name_any());
+    schedules
+        .state()
+        .iter()
+        .filter(|s| s.namespace() == ns)
+        .filter(|s| {
+            let b = &s.spec.backend;
+            let mut refs = vec![&b.repo_password_secret_ref];
+            if let Some(s3) = &b.s3 {
+                refs.push(&s3.access_key_id_secret_ref);
+                refs.push(&s3.secret_access_key_secret_ref);
+            }
+            if let Some(r) = &b.rest {
+                refs.extend(r.username_secret_ref.iter());
+                refs.extend(r.password_secret_ref.iter());
+            }
+            refs.iter().any(|r| r.name == name)
+        })
+        .map(|s| ObjectRef::from_obj(s.as_ref()))
+        .collect()
+}
+
 pub async fn run(config: Config) -> Result<(), CoordinatorError> {
     let metrics = Metrics::new()?;
-    let listener = TcpListener::bind(config.metrics_listen)
+    serve_http(
+        config.metrics_listen,
+        metrics.router(),
+        std::future::pending::<()>(),
+    )
+    .await?;
+    let kube_config = kube::Config::infer()
         .await
-        .map_err(|source| CoordinatorError::Bind {
-            addr: config.metrics_listen,
-            source,
-        })?;
-    let router = metrics.router();
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "metrics server stopped");
-        }
-    });
-    let client = Client::try_default()
-        .await
-        .map_err(CoordinatorError::Client)?;
+        .map_err(|e| CoordinatorError::Client(kube::Error::InferConfig(e)))?;
+    let client = Client::try_from(kube_config.clone()).map_err(CoordinatorError::Client)?;
     metrics.set_ready();
 
     let identity = config.identity();
-    let elector = LeaderElector::new(
-        client.clone(),
+    let lease_client = leader::client_for(&kube_config, config.lease_duration)
+        .map_err(CoordinatorError::Client)?;
+    let elector = Elector::new(
+        lease_client,
         &config.lease_namespace,
         &config.lease_name,
         &identity,
         config.lease_duration,
-    );
+    )
+    .await?;
     tracing::info!(identity = %identity, lease = %config.lease_name, "waiting to lead");
     tokio::select! {
         () = elector.acquire() => {}
         () = shutdown_signal() => return Ok(()),
     }
     metrics.leader.set(1);
-    let (leading_tx, _leading_rx) = tokio::sync::watch::channel(true);
-
-    let (agents, agent_watch) = AgentDirectory::start(client.clone(), &config, metrics.clone())?;
-    tokio::spawn(agent_watch);
-    agents.wait_synced().await;
-
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "stowage-coordinator".into(),
-            instance: Some(identity.clone()),
-        },
-    );
-    let ns = config.namespace.clone();
-    let ctx = Arc::new(Ctx::new(
-        client.clone(),
-        config,
-        agents,
-        Notifier::new(recorder),
-        metrics.clone(),
-    ));
-    let ns = ns.as_deref();
-    let wc = watcher::Config::default;
-
-    tokio::spawn(sweep_schedule_metrics(
-        api::<Schedule>(&client, ns),
-        metrics.clone(),
-    ));
-    let schedules = Controller::new(api::<Schedule>(&client, ns), wc())
-        .owns(api::<Backup>(&client, ns), wc())
-        .owns(api::<Check>(&client, ns), wc())
-        .owns(api::<Prune>(&client, ns), wc())
-        .run(schedule::reconcile, error_policy, Arc::clone(&ctx));
-    let backups = Controller::new(api::<Backup>(&client, ns), wc()).run(
-        |o, c| async move { Ok::<_, kube::Error>(reconcile_run(o, c, run::backup::execute)) },
-        error_policy,
-        Arc::clone(&ctx),
-    );
-    let checks =
-        Controller::new(api::<Check>(&client, ns), wc()).run(
-            |o, c| async move {
-                Ok::<_, kube::Error>(reconcile_run(o, c, run::maintenance::execute_check))
-            },
-            error_policy,
-            Arc::clone(&ctx),
-        );
-    let prunes =
-        Controller::new(api::<Prune>(&client, ns), wc()).run(
-            |o, c| async move {
-                Ok::<_, kube::Error>(reconcile_run(o, c, run::maintenance::execute_prune))
-            },
-            error_policy,
-            Arc::clone(&ctx),
-        );
-    tracing::info!(namespace = ns.unwrap_or("(all)"), "controllers running");
-    let controllers = async {
-        tokio::join!(
-            drain(schedules, "schedule"),
-            drain(backups, "backup"),
-            drain(checks, "check"),
-            drain(prunes, "prune"),
-        );
+    // From here on the Lease is renewed in the background, also while the caches fill.
+    let leading = async {
+        let lost = elector.keep().await;
+        metrics.leader.set(0);
+        lost
     };
     tokio::select! {
-        () = controllers => Ok(()),
-        lost = elector.keep(leading_tx) => {
-            metrics.leader.set(0);
-            Err(lost.into())
-        }
+        r = lead(client, config, identity, metrics.clone()) => r,
+        lost = leading => Err(lost.into()),
         () = shutdown_signal() => {
             tracing::info!("shutting down: releasing the Lease; unfinished runs resume on the next leader");
             elector.release().await;
@@ -209,36 +227,129 @@ pub async fn run(config: Config) -> Result<(), CoordinatorError> {
     }
 }
 
-/// Deleted Schedules get no reconcile (there is nothing left to reconcile), so their metric series
-/// are swept against a fresh list of the Schedules that exist.
-async fn sweep_schedule_metrics(api: Api<Schedule>, metrics: Metrics) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(15)).await;
-        match api.list(&kube::api::ListParams::default()).await {
-            Ok(list) => {
-                let live = list
-                    .items
-                    .iter()
-                    .map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
-                    .collect();
-                metrics.forget_schedules_except(&live);
-            }
-            Err(e) => tracing::debug!(error = %e, "listing Schedules for the metrics sweep"),
-        }
-    }
+/// What the leader does: fill the caches, then run the controllers.
+async fn lead(
+    client: Client,
+    config: Config,
+    identity: String,
+    metrics: Metrics,
+) -> Result<(), CoordinatorError> {
+    let ns = config.namespace.clone();
+    let ns = ns.as_deref();
+    let (agents, agent_watch) = AgentDirectory::start(client.clone(), &config, metrics.clone())?;
+    tokio::spawn(agent_watch);
+
+    let (_, secret_writer) = reflector::store_shared(SHARED_BUFFER);
+    let secret_events = secret_writer.subscribe();
+    let (stores, watches) = state::start(&client, ns, secret_writer);
+    tokio::spawn(watches);
+    let (Some(backups), Some(checks), Some(prunes), Some(secret_events)) = (
+        shared_runs::<Backup>(&client, ns),
+        shared_runs::<Check>(&client, ns),
+        shared_runs::<Prune>(&client, ns),
+        secret_events,
+    ) else {
+        // Subscribing only fails on a store made without a buffer, which this code never does.
+        tracing::error!("cannot subscribe to the shared watches");
+        return Ok(());
+    };
+    tokio::spawn(backups.drive);
+    tokio::spawn(checks.drive);
+    tokio::spawn(prunes.drive);
+    tokio::time::timeout(state::SYNC_TIMEOUT, agents.wait_synced())
+        .await
+        .map_err(|_| SyncTimeout::after(state::SYNC_TIMEOUT))?;
+    // The other caches fill while the controllers run: a shared watch waits for its subscribers to
+    // take events, so they must be polled from the start. Reconcilers wait for `Ctx::synced`.
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "stowage-coordinator".into(),
+            instance: Some(identity.clone()),
+        },
+    );
+    let runs = RunStores {
+        backups: backups.store.clone(),
+        checks: checks.store.clone(),
+        prunes: prunes.store.clone(),
+    };
+    let ctx = Arc::new(Ctx::new(
+        client.clone(),
+        stores,
+        runs,
+        config,
+        agents,
+        Notifier::new(recorder),
+        metrics.clone(),
+    ));
+    let wc = watcher::Config::default;
+
+    let schedules = Controller::new(api::<Schedule>(&client, ns), wc());
+    let schedule_store = schedules.store();
+    tokio::spawn(sweep_schedule_metrics(
+        schedule_store.clone(),
+        metrics.clone(),
+    ));
+    let schedules = schedules
+        .owns_shared_stream(phase_changes(backups.for_schedules))
+        .owns_shared_stream(phase_changes(checks.for_schedules))
+        .owns_shared_stream(phase_changes(prunes.for_schedules))
+        .watches_shared_stream(secret_events, move |secret: Arc<Secret>| {
+            schedules_using(&schedule_store, &secret)
+        })
+        .run(
+            |s, c| async move {
+                when_synced(&c).await?;
+                schedule::reconcile(s, c).await
+            },
+            error_policy,
+            Arc::clone(&ctx),
+        );
+    let backup_runs = Controller::for_shared_stream(backups.for_runs, backups.store).run(
+        |o, c| async move {
+            when_synced(&c).await?;
+            Ok::<_, kube::Error>(reconcile_run(o, c, run::backup::execute))
+        },
+        error_policy,
+        Arc::clone(&ctx),
+    );
+    let check_runs = Controller::for_shared_stream(checks.for_runs, checks.store).run(
+        |o, c| async move {
+            when_synced(&c).await?;
+            Ok::<_, kube::Error>(reconcile_run(o, c, run::maintenance::execute_check))
+        },
+        error_policy,
+        Arc::clone(&ctx),
+    );
+    let prune_runs = Controller::for_shared_stream(prunes.for_runs, prunes.store).run(
+        |o, c| async move {
+            when_synced(&c).await?;
+            Ok::<_, kube::Error>(reconcile_run(o, c, run::maintenance::execute_prune))
+        },
+        error_policy,
+        Arc::clone(&ctx),
+    );
+    tracing::info!(namespace = ns.unwrap_or("(all)"), "controllers running");
+    tokio::join!(
+        drain(schedules, "schedule"),
+        drain(backup_runs, "backup"),
+        drain(check_runs, "check"),
+        drain(prune_runs, "prune"),
+    );
+    Ok(())
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => futures::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
+/// Deleted Schedules get no reconcile (there is nothing left to reconcile), so their metric series
+/// are swept against the Schedules the cache holds.
+async fn sweep_schedule_metrics(schedules: Store<Schedule>, metrics: Metrics) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        let live = schedules
+            .state()
+            .iter()
+            .map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
+            .collect();
+        metrics.forget_schedules_except(&live);
     }
 }

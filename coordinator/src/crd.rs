@@ -238,7 +238,8 @@ pub struct ScheduleRef {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct BackupSpec {
-    /// The repository; or `scheduleRef` to inherit it.
+    /// The repository; or `scheduleRef` to inherit it (and the selector and concurrency, unless
+    /// set here). A Schedule fills every field of the runs it fires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<BackendSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -357,11 +358,35 @@ pub struct ItemStatus {
     pub reason: Option<String>,
 }
 
+/// What a run works with, complete. A Schedule writes it into the spec of the runs it fires; a
+/// hand-made run that names a Schedule (`spec.scheduleRef`) resolves it once, when it starts, into
+/// `status.resolved`. Either way, editing the Schedule later changes no run that already exists.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedSpec {
+    /// The Schedule the values came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// With `initialize` decided (true or false), as it was when the run fired or started.
+    pub backend: BackendSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_data_subset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+}
+
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<RunPhase>,
+    /// For a run with `spec.scheduleRef` and no `spec.backend`: what it resolved when it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<ResolvedSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

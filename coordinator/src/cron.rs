@@ -26,9 +26,7 @@ pub struct CronSchedule {
 
 /// FNV-1a: a hash that is the same in every process and release (std's is randomized per process).
 fn stable_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    stowage_common::hash::fnv1a(s.as_bytes())
 }
 
 /// cron's day-of-week numbers are 1-7 from Sunday; standard cron's are 0-6 (and 7) from Sunday.

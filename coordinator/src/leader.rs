@@ -1,207 +1,237 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so two replicas never both dispatch.
 //!
-//! A replica dispatches only while it holds the Lease. Updates carry the Lease's resourceVersion,
-//! so of two replicas racing for an expired Lease exactly one wins. A leader that cannot renew
-//! before its Lease would expire stops (the process exits and is restarted), because another replica
-//! may already have taken over.
+//! The Lease is taken, renewed and released by `kube-lease-manager` (server-side apply, conflict
+//! detection, transitions). Two rules are added around it, because that crate judges expiry by
+//! comparing the holder's `renewTime` with the local clock:
+//!
+//! - **Expiry by observed time.** A standby tries to take the Lease only when it is free, or when it
+//!   has watched it stay unchanged for a whole lease duration on its own monotonic clock (as
+//!   client-go does). A standby whose clock runs ahead of the holder's never sees a live Lease as
+//!   expired.
+//! - **A leader steps down in time.** Every call has a timeout (the client's, a fraction of the
+//!   lease duration). The leader confirms its renewals with reads; if it cannot confirm one in time
+//!   it stops before any standby could have observed the Lease unchanged for a lease duration.
+//!
+//! The arithmetic: a renewal confirmed by a read happened after the previous read started (at `S`).
+//! A standby can take the Lease no earlier than `S + duration`; the leader stops at
+//! `S + duration - duration/8`. It renews every `duration/2` and reads every `duration/8`, so a
+//! healthy leader confirms each renewal well before that.
 
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::PostParams;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
-use tokio::sync::watch;
+use kube_lease_manager::{LeaseCreateMode, LeaseManager, LeaseParams};
+use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
-    #[error("lost the leader Lease {namespace}/{name}: not renewed within {secs}s")]
-    Lost {
+    #[error(
+        "lost the leader Lease {namespace}/{name}: could not confirm a renewal in time, or another replica holds it"
+    )]
+    Lost { namespace: String, name: String },
+    #[error("--lease-duration must be at least 2 seconds (it is {secs}s)")]
+    Duration { secs: u64 },
+    #[error("setting up the leader Lease {namespace}/{name}: {message}")]
+    Setup {
         namespace: String,
         name: String,
-        secs: u64,
+        message: String,
     },
 }
 
-pub struct LeaderElector {
+/// What a read of the Lease showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    holder: Option<String>,
+    renew_time: Option<String>,
+}
+
+pub struct Elector {
+    manager: LeaseManager,
     api: Api<Lease>,
     namespace: String,
     name: String,
     identity: String,
     duration: Duration,
+    /// When the attempt that took the Lease began: the acquisition was written after it.
+    attempt_started: std::sync::Mutex<Option<Instant>>,
 }
 
-/// Whether a Lease held by `holder`, renewed at `renewed` for `secs`, may be taken by `me` at `now`.
-pub fn may_take(
-    holder: Option<&str>,
-    renewed: Option<Timestamp>,
-    secs: i32,
-    me: &str,
-    now: Timestamp,
-) -> bool {
-    match holder {
-        None | Some("") => true,
-        Some(h) if h == me => true,
-        Some(_) => renewed.is_none_or(|r| {
-            r.checked_add(SignedDuration::from_secs(i64::from(secs.max(1))))
-                .is_ok_and(|expiry| expiry < now)
-        }),
-    }
+/// A client for leader election only: no call may outlast a quarter of the lease duration.
+pub fn client_for(config: &kube::Config, duration: Duration) -> Result<Client, kube::Error> {
+    let mut config = config.clone();
+    let limit = (duration / 4).max(Duration::from_millis(250));
+    config.connect_timeout = Some(limit);
+    config.read_timeout = Some(limit);
+    config.write_timeout = Some(limit);
+    Client::try_from(config)
 }
 
-impl LeaderElector {
-    pub fn new(
+impl Elector {
+    pub async fn new(
         client: Client,
         namespace: &str,
         name: &str,
         identity: &str,
         duration: Duration,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, LeaderError> {
+        let secs = duration.as_secs();
+        if secs < 2 {
+            return Err(LeaderError::Duration { secs });
+        }
+        // Renew every half duration: grace = ceil(d/2), always in 1..d.
+        let params = LeaseParams::new(identity, secs, secs.div_ceil(2))
+            .with_field_manager("stowage-coordinator-lease");
+        let manager = LeaseManager::new(
+            client.clone(),
+            name,
+            namespace,
+            params,
+            LeaseCreateMode::AutoCreate,
+        )
+        .await
+        .map_err(|e| LeaderError::Setup {
+            namespace: namespace.into(),
+            name: name.into(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            manager,
             api: Api::namespaced(client, namespace),
             namespace: namespace.into(),
             name: name.into(),
             identity: identity.into(),
-            duration,
-        }
+            duration: Duration::from_secs(secs),
+            attempt_started: std::sync::Mutex::new(None),
+        })
     }
 
-    fn secs(&self) -> i32 {
-        i32::try_from(self.duration.as_secs().max(1)).unwrap_or(i32::MAX)
+    fn poll(&self) -> Duration {
+        self.duration / 8
     }
 
-    /// One attempt to take or renew the Lease; `Ok(true)` while we hold it.
-    pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
-        let now = Timestamp::now();
-        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(self.name.clone()),
-                    ..Default::default()
-                },
-                spec: Some(LeaseSpec {
-                    holder_identity: Some(self.identity.clone()),
-                    lease_duration_seconds: Some(self.secs()),
-                    acquire_time: Some(MicroTime(now)),
-                    renew_time: Some(MicroTime(now)),
-                    lease_transitions: Some(0),
-                    ..Default::default()
-                }),
-            };
-            return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-                Err(e) => Err(e),
-            };
-        };
-        let spec = lease.spec.get_or_insert_with(Default::default);
-        let holder = spec.holder_identity.clone();
-        if !may_take(
-            holder.as_deref(),
-            spec.renew_time.as_ref().map(|t| t.0),
-            spec.lease_duration_seconds.unwrap_or(self.secs()),
-            &self.identity,
-            now,
-        ) {
-            return Ok(false);
-        }
-        if holder.as_deref() != Some(self.identity.as_str()) {
-            spec.acquire_time = Some(MicroTime(now));
-            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-            spec.holder_identity = Some(self.identity.clone());
-        }
-        spec.renew_time = Some(MicroTime(now));
-        spec.lease_duration_seconds = Some(self.secs());
-        // replace() sends our resourceVersion: a concurrent writer makes this a 409, not a tie.
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
+    async fn read(&self) -> Option<Seen> {
+        let lease = tokio::time::timeout(self.duration / 4, self.api.get_opt(&self.name))
             .await
-        {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-            Err(e) => Err(e),
+            .ok()?
+            .ok()?;
+        let spec = lease.and_then(|l| l.spec).unwrap_or_default();
+        Some(Seen {
+            holder: spec.holder_identity.filter(|h| !h.is_empty()),
+            renew_time: spec.renew_time.map(|t| t.0.to_string()),
+        })
+    }
+
+    /// Waits until the Lease is free or ours, or has stayed unchanged for a whole lease duration by
+    /// this replica's monotonic clock.
+    async fn wait_takeable(&self) {
+        let mut last: Option<(Seen, Instant)> = None;
+        loop {
+            if let Some(seen) = self.read().await {
+                let mine = seen.holder.as_deref() == Some(self.identity.as_str());
+                if seen.holder.is_none() || mine {
+                    return;
+                }
+                match &last {
+                    Some((prev, since)) if *prev == seen => {
+                        if since.elapsed() >= self.duration {
+                            tracing::info!(lease = %self.name, holder = ?seen.holder, "the Lease has not been renewed for a lease duration; taking it");
+                            return;
+                        }
+                    }
+                    _ => last = Some((seen, Instant::now())),
+                }
+            }
+            tokio::time::sleep(self.poll()).await;
         }
     }
 
     /// Waits until this replica holds the Lease.
     pub async fn acquire(&self) {
-        let retry = self.duration / 3;
         loop {
-            match self.try_acquire().await {
-                Ok(true) => {
+            self.wait_takeable().await;
+            if let Ok(mut t) = self.attempt_started.lock() {
+                *t = Some(Instant::now());
+            }
+            match tokio::time::timeout(self.duration, self.manager.changed()).await {
+                Ok(Ok(true)) => {
                     tracing::info!(lease = %self.name, identity = %self.identity, "became leader");
                     return;
                 }
-                Ok(false) => {
+                Ok(Ok(false)) | Err(_) => {
                     tracing::debug!(lease = %self.name, "standing by: another replica leads")
                 }
-                Err(e) => tracing::warn!(lease = %self.name, error = %e, "leader election"),
+                Ok(Err(e)) => tracing::warn!(lease = %self.name, error = %e, "leader election"),
             }
-            tokio::time::sleep(retry).await;
         }
     }
 
-    /// Renews the Lease until it cannot be renewed in time; then reports the loss.
-    pub async fn keep(&self, leading: watch::Sender<bool>) -> LeaderError {
-        let retry = self.duration / 3;
-        let mut last_renewed = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(retry).await;
-            match self.try_acquire().await {
-                Ok(true) => last_renewed = tokio::time::Instant::now(),
-                Ok(false) => break,
-                Err(e) => tracing::warn!(lease = %self.name, error = %e, "renewing the Lease"),
+    /// Keeps the Lease renewed; returns when leadership must end (lost, or not confirmed in time).
+    pub async fn keep(&self) -> LeaderError {
+        let renew = async {
+            loop {
+                match self.manager.changed().await {
+                    Ok(false) => return,
+                    Ok(true) => {}
+                    Err(e) => {
+                        tracing::warn!(lease = %self.name, error = %e, "renewing the Lease");
+                        tokio::time::sleep(self.poll()).await;
+                    }
+                }
             }
-            // Stop before the Lease can expire in another replica's eyes.
-            if last_renewed.elapsed() + retry >= self.duration {
-                break;
-            }
+        };
+        tokio::select! {
+            () = renew => {}
+            () = self.watchdog() => {}
         }
-        let _ = leading.send(false);
         LeaderError::Lost {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
-            secs: self.duration.as_secs(),
+        }
+    }
+
+    /// Returns when this replica can no longer be sure no one else leads.
+    async fn watchdog(&self) {
+        let margin = self.duration / 8;
+        let mut previous_start = self
+            .attempt_started
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .unwrap_or_else(Instant::now);
+        let mut previous: Option<Seen> = None;
+        let mut safe_until = previous_start + self.duration - margin;
+        loop {
+            let start = Instant::now();
+            match self.read().await {
+                Some(seen) if seen.holder.as_deref() != Some(self.identity.as_str()) => {
+                    tracing::warn!(lease = %self.name, holder = ?seen.holder, "another replica holds the Lease");
+                    return;
+                }
+                // A renewal landed after the previous read started.
+                Some(seen) if previous.as_ref() != Some(&seen) => {
+                    safe_until = previous_start + self.duration - margin;
+                    previous = Some(seen);
+                }
+                Some(_) | None => {}
+            }
+            if Instant::now() >= safe_until {
+                tracing::warn!(lease = %self.name, "no renewal of the Lease confirmed in time; stepping down");
+                return;
+            }
+            previous_start = start;
+            let next = (start + self.poll()).min(safe_until);
+            tokio::time::sleep_until(next).await;
         }
     }
 
     /// Gives the Lease up (on shutdown) so a standby takes over without waiting for expiry.
     pub async fn release(&self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
-            return;
-        };
-        let Some(spec) = lease.spec.as_mut() else {
-            return;
-        };
-        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
-            return;
+        match tokio::time::timeout(self.duration, self.manager.release()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(lease = %self.name, error = %e, "releasing the Lease"),
+            Err(_) => tracing::warn!(lease = %self.name, "releasing the Lease timed out"),
         }
-        spec.holder_identity = None;
-        spec.renew_time = None;
-        if let Err(e) = self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
-            tracing::warn!(lease = %self.name, error = %e, "releasing the Lease");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_lease_is_taken_only_when_free_ours_or_expired() {
-        let now = Timestamp::now();
-        let ago = |s: i64| now.checked_sub(SignedDuration::from_secs(s)).unwrap();
-        assert!(may_take(None, None, 15, "a", now));
-        assert!(may_take(Some("a"), Some(ago(1)), 15, "a", now));
-        assert!(!may_take(Some("b"), Some(ago(5)), 15, "a", now));
-        assert!(may_take(Some("b"), Some(ago(16)), 15, "a", now));
-        assert!(may_take(Some("b"), None, 15, "a", now));
     }
 }

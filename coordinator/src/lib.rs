@@ -1,17 +1,24 @@
 //! The Stowage coordinator: turns `Schedule`, `Backup`, `Check` and `Prune` objects into work for the
 //! node agents.
 //!
+//! Data flows top to bottom: Schedule → run (self-contained) → plan (from the watch caches) →
+//! volume tasks → agent → one status writer per run.
+//!
 //! - [`crd`]: the custom resource types; `crdgen` writes their YAML into the Helm chart;
 //! - [`cron`] and [`firing`]: schedule expressions (stable `-random` variants) and when one is due;
-//! - [`schedule`]: the Schedule reconciler (validation, firing, overlap, history);
-//! - [`restic_fields`]: checks of the spec fields that reach restic's command line;
+//! - [`schedule`]: the Schedule reconciler (validate, fire, next times and conditions, history);
+//! - [`backend`] and [`restic_fields`]: checks of the spec fields that reach restic;
+//! - [`state`]: the watch caches (PVCs, Pods, Secrets by key name);
 //! - [`plan`]: the pure planning of a backup run (which volume is read by which node's agent);
-//! - [`run`]: executing Backup, Check and Prune runs; [`dispatch`] calls the agents;
+//! - [`run`]: executing Backup, Check and Prune runs (`run::volume` is one volume's task,
+//!   `run::status` the run's one status writer); [`dispatch`] calls the agents;
 //! - [`agents`]: finding agent pods and dialling them with mutual TLS;
 //! - [`mount_holder`]: pods that mount otherwise unmounted PVCs so they can be read;
-//! - [`leader`]: Lease-based leader election; [`controller`]: the wiring.
+//! - [`errors`]: errors as bounded sentences;
+//! - [`leader`]: leader election; [`controller`]: the wiring.
 
 pub mod agents;
+pub mod apply;
 pub mod backend;
 pub mod conditions;
 pub mod config;
@@ -20,6 +27,7 @@ pub mod controller;
 pub mod crd;
 pub mod cron;
 pub mod dispatch;
+pub mod errors;
 pub mod firing;
 pub mod leader;
 pub mod metrics;
@@ -29,4 +37,4 @@ pub mod restic_fields;
 pub mod run;
 pub mod runs;
 pub mod schedule;
-pub mod telemetry;
+pub mod state;

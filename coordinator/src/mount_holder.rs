@@ -12,11 +12,15 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, PostParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
+
+use stowage_common::contract::{ANNOTATION_FULL_SUFFIX, LABEL_RUN};
+use stowage_common::{hash, names};
 
 use crate::crd::Backup;
 
-pub const LABEL_MOUNT_HOLDER: &str = "stowage.dev/mount-holder";
+pub use stowage_common::contract::LABEL_MOUNT_HOLDER;
 
 /// A running holder: where the volume can now be read.
 #[derive(Debug, Clone)]
@@ -26,21 +30,13 @@ pub struct Held {
     pub node: String,
 }
 
-/// FNV-1a, for short stable name suffixes.
-fn short_hash(s: &str) -> String {
-    let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("{:08x}", h & 0xffff_ffff)
-}
-
 /// `<pvc>-hold-<hash>`, at most 63 characters (a valid hostname label), unique per run and PVC.
 pub fn pod_name(run_uid: &str, pvc: &str) -> String {
-    let mut base: String = pvc.chars().take(63 - 14).collect();
-    while base.ends_with(['-', '.']) {
-        base.pop();
-    }
-    format!("{base}-hold-{}", short_hash(&format!("{run_uid}/{pvc}")))
+    names::with_suffix(
+        pvc,
+        &format!("hold-{}", hash::short(&format!("{run_uid}/{pvc}"))),
+        names::DNS_LABEL_MAX,
+    )
 }
 
 pub fn pod_for(run: &Backup, pvc: &str, image: &str) -> Pod {
@@ -59,8 +55,15 @@ pub fn pod_for(run: &Backup, pvc: &str, image: &str) -> Pod {
             labels: Some(
                 [
                     (LABEL_MOUNT_HOLDER.to_string(), "true".to_string()),
-                    ("stowage.dev/run".to_string(), run.name_any()),
+                    (LABEL_RUN.to_string(), names::label_value(&run.name_any())),
                 ]
+                .into(),
+            ),
+            annotations: Some(
+                [(
+                    format!("{LABEL_RUN}{ANNOTATION_FULL_SUFFIX}"),
+                    run.name_any(),
+                )]
                 .into(),
             ),
             owner_references: Some(vec![owner]),
@@ -139,6 +142,7 @@ fn pending_reason(pod: &Pod) -> String {
 /// waits until it runs on a node.
 pub async fn hold(
     client: &Client,
+    pods: &Store<Pod>,
     run: &Backup,
     pvc: &str,
     image: &str,
@@ -153,15 +157,18 @@ pub async fn hold(
         Err(kube::Error::Api(s)) if s.code == 409 => {}
         Err(e) => {
             return Err(format!(
-                "creating mount holder pod {ns}/{name} for PVC {pvc}: {e}"
+                "creating mount holder pod {ns}/{name} for PVC {pvc}: {}",
+                crate::errors::sentence(&e)
             ));
         }
     }
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::from("Pending");
+    // Watched, not polled: the pod store sees the scheduler and the kubelet move it along.
+    let key = ObjectRef::new(&name).within(&ns);
     while tokio::time::Instant::now() < deadline {
-        match api.get_opt(&name).await {
-            Ok(Some(p)) => {
+        match pods.get(&key) {
+            Some(p) => {
                 let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
                 let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
                 if let (true, Some(node), Some(uid)) = (running, node, p.uid()) {
@@ -173,8 +180,7 @@ pub async fn hold(
                 }
                 last = pending_reason(&p);
             }
-            Ok(None) => last = "deleted while starting".into(),
-            Err(e) => last = e.to_string(),
+            None => last = "not seen yet".into(),
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -196,7 +202,7 @@ pub async fn release(client: &Client, namespace: &str, pod: &str) {
         Ok(_) => tracing::info!(namespace, pod, "deleted mount holder"),
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(e) => {
-            tracing::warn!(namespace, pod, error = %e, "deleting mount holder (its run owns it, so GC will)")
+            tracing::warn!(namespace, pod, error = %crate::errors::sentence(&e), "deleting mount holder (its run owns it, so GC will)")
         }
     }
 }

@@ -1,19 +1,19 @@
 //! What Backup, Check and Prune runs have in common: their status, the labels tying them to a
-//! Schedule, and a status writer that keeps the API object current while a run executes.
-
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+//! Schedule, and how each kind completes its spec from a Schedule.
 
 use chrono::Utc;
-use kube::api::{Patch, PatchParams};
-use kube::{Api, Resource, ResourceExt};
+use kube::Resource;
+use kube::runtime::reflector::Store;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::crd::{BackendSpec, Backup, Check, ItemStatus, Prune, RunPhase, RunStatus, ScheduleRef};
+use crate::context::RunStores;
+use crate::crd::{
+    BackendSpec, Backup, Check, ItemStatus, Prune, ResolvedSpec, RunPhase, RunStatus, Schedule,
+    ScheduleRef,
+};
 
-pub const LABEL_SCHEDULE: &str = "stowage.dev/schedule";
-pub const LABEL_ACTION: &str = "stowage.dev/action";
+pub use stowage_common::contract::{LABEL_ACTION, LABEL_SCHEDULE};
 
 /// A run kind.
 pub trait RunObject:
@@ -33,9 +33,59 @@ pub trait RunObject:
     fn backend(&self) -> Option<&BackendSpec>;
     /// The Schedule whose repository (and defaults) the run uses otherwise.
     fn schedule_ref(&self) -> Option<&ScheduleRef>;
+    /// The run's complete spec: its own fields, the rest from `schedule`.
+    fn resolve_with(&self, schedule: Option<&Schedule>) -> ResolvedSpec;
+    /// The watch cache of this kind.
+    fn store(runs: &RunStores) -> &Store<Self>;
+}
+
+/// The repository of a run: its own, or its Schedule's with `initialize` decided. A Schedule that
+/// never backed up successfully may create its repository; once it has a history, a missing
+/// repository is a mistake in the location, never a reason to start anew.
+fn backend_of(own: Option<&BackendSpec>, schedule: Option<&Schedule>) -> ResolvedSpec {
+    let backend = match (own, schedule) {
+        (Some(b), _) => b.clone(),
+        (None, Some(s)) => {
+            let mut b = s.spec.backend.clone();
+            b.initialize = Some(b.initialize.unwrap_or_else(|| never_succeeded(s)));
+            b
+        }
+        (None, None) => BackendSpec::default(),
+    };
+    ResolvedSpec {
+        schedule: schedule.map(kube::ResourceExt::name_any),
+        backend,
+        ..Default::default()
+    }
+}
+
+/// Whether a Schedule has never had a successful backup (its first runs may create the repository).
+pub fn never_succeeded(s: &Schedule) -> bool {
+    s.status
+        .as_ref()
+        .is_none_or(|st| st.last_success_time.is_none())
 }
 
 impl RunObject for Backup {
+    fn store(runs: &RunStores) -> &Store<Self> {
+        &runs.backups
+    }
+    fn resolve_with(&self, schedule: Option<&Schedule>) -> ResolvedSpec {
+        let from = schedule.and_then(|s| s.spec.backup.as_ref());
+        ResolvedSpec {
+            selector: self
+                .spec
+                .selector
+                .clone()
+                .or_else(|| from.and_then(|b| b.selector.clone())),
+            concurrency: self
+                .spec
+                .concurrency
+                .clone()
+                .or_else(|| from.and_then(|b| b.concurrency.clone())),
+            ..backend_of(self.spec.backend.as_ref(), schedule)
+        }
+    }
     fn backend(&self) -> Option<&BackendSpec> {
         self.spec.backend.as_ref()
     }
@@ -49,6 +99,19 @@ impl RunObject for Backup {
 }
 
 impl RunObject for Check {
+    fn store(runs: &RunStores) -> &Store<Self> {
+        &runs.checks
+    }
+    fn resolve_with(&self, schedule: Option<&Schedule>) -> ResolvedSpec {
+        ResolvedSpec {
+            read_data_subset: self.spec.read_data_subset.clone().or_else(|| {
+                schedule
+                    .and_then(|s| s.spec.check.as_ref())
+                    .and_then(|c| c.read_data_subset.clone())
+            }),
+            ..backend_of(self.spec.backend.as_ref(), schedule)
+        }
+    }
     fn backend(&self) -> Option<&BackendSpec> {
         self.spec.backend.as_ref()
     }
@@ -62,6 +125,19 @@ impl RunObject for Check {
 }
 
 impl RunObject for Prune {
+    fn store(runs: &RunStores) -> &Store<Self> {
+        &runs.prunes
+    }
+    fn resolve_with(&self, schedule: Option<&Schedule>) -> ResolvedSpec {
+        ResolvedSpec {
+            retention: self.spec.retention.clone().or_else(|| {
+                schedule
+                    .and_then(|s| s.spec.prune.as_ref())
+                    .map(|p| p.retention.clone())
+            }),
+            ..backend_of(self.spec.backend.as_ref(), schedule)
+        }
+    }
     fn backend(&self) -> Option<&BackendSpec> {
         self.spec.backend.as_ref()
     }
@@ -112,91 +188,6 @@ pub fn now_rfc3339() -> String {
     Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-/// Holds a run's status and writes it to the API: at once for what matters (an item finished,
-/// the phase changed), and at most every `PROGRESS_INTERVAL` for progress.
-pub struct StatusWriter<K: RunObject> {
-    api: Api<K>,
-    name: String,
-    status: Mutex<RunStatus>,
-    /// Serialises writes so an older snapshot can never land after a newer one.
-    write: tokio::sync::Mutex<()>,
-    dirty: std::sync::atomic::AtomicBool,
-}
-
-pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
-
-impl<K: RunObject> StatusWriter<K> {
-    pub fn new(client: kube::Client, run: &K) -> Arc<Self> {
-        let ns = run.namespace().unwrap_or_default();
-        Arc::new(Self {
-            api: Api::namespaced(client, &ns),
-            name: run.name_any(),
-            status: Mutex::new(run.run_status().cloned().unwrap_or_default()),
-            write: tokio::sync::Mutex::new(()),
-            dirty: std::sync::atomic::AtomicBool::new(false),
-        })
-    }
-
-    pub fn snapshot(&self) -> RunStatus {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    /// Changes the status in memory; `flush` or the progress ticker writes it.
-    pub fn update(&self, f: impl FnOnce(&mut RunStatus)) {
-        if let Ok(mut s) = self.status.lock() {
-            f(&mut s);
-            s.summary = Some(summary(&s.items));
-        }
-        self.dirty.store(true, std::sync::atomic::Ordering::Release);
-    }
-
-    /// Writes the current status now.
-    pub async fn flush(&self) -> Result<(), kube::Error> {
-        let _guard = self.write.lock().await;
-        self.dirty
-            .store(false, std::sync::atomic::Ordering::Release);
-        let status = self.snapshot();
-        let patch = serde_json::json!({ "status": status });
-        self.api
-            .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map(drop)
-    }
-
-    /// Writes progress changes every `PROGRESS_INTERVAL` until dropped (abort the task).
-    pub fn progress_ticker(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let me = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(PROGRESS_INTERVAL).await;
-                if me.dirty.load(std::sync::atomic::Ordering::Acquire)
-                    && let Err(e) = me.flush().await
-                {
-                    tracing::debug!(run = %me.name, error = %e, "writing progress");
-                }
-            }
-        })
-    }
-}
-
-/// "3/4 succeeded", "1 running" for the printer column.
-fn summary(items: &[ItemStatus]) -> String {
-    let total = items.len();
-    let ok = items
-        .iter()
-        .filter(|i| i.phase == RunPhase::Succeeded)
-        .count();
-    let running = items
-        .iter()
-        .filter(|i| i.phase == RunPhase::Running)
-        .count();
-    if running > 0 {
-        format!("{ok}/{total} succeeded, {running} running")
-    } else {
-        format!("{ok}/{total} succeeded")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,9 +217,5 @@ mod tests {
             "a partial snapshot is something, but not a success"
         );
         assert_eq!(phase_of(&[item(RunPhase::Failed)]), RunPhase::Failed);
-        assert_eq!(
-            summary(&[item(RunPhase::Succeeded), item(RunPhase::Running)]),
-            "1/2 succeeded, 1 running"
-        );
     }
 }

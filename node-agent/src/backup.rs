@@ -20,6 +20,8 @@ use crate::identity::{Identity, TAG_RUN, validate_extra_tag};
 use crate::inventory::VolumeEntry;
 use crate::inventory::scan::CSI_PLUGIN;
 use crate::{follow, mountpoint, repository, safe_fs, sandbox};
+use restic_wrap::options::TagOptions;
+use stowage_common::contract::TAG_PARTIAL;
 
 /// `skipped_reason` of a volume with nothing in it.
 pub const SKIPPED_EMPTY: &str = "EmptyVolume";
@@ -180,6 +182,24 @@ pub async fn execute(
         Err(ResticError::Cancelled { .. }) => return Err(AgentError::Cancelled),
         Err(e) => return Err(e.into()),
     };
+    let mut summary = summary;
+    if outcome_kind == Outcome::Partial {
+        // Mark the snapshot incomplete in the repository itself, so that a coordinator resuming
+        // this run after a restart never counts it as a good backup. restic rewrites it under a
+        // new id. If marking fails, the result still says Partial; only a crash before the
+        // coordinator records it would lose that.
+        let mark = TagOptions {
+            add: vec![TAG_PARTIAL.to_string()],
+            snapshot: summary.snapshot_id.clone(),
+        };
+        match restic.tag(&mark).await {
+            Ok(id) => summary.snapshot_id = id,
+            Err(e) => tracing::warn!(
+                run = %req.run_id, snapshot = %summary.snapshot_id, error = %e,
+                "could not tag the incomplete snapshot as partial"
+            ),
+        }
+    }
     ctx.parents.remember(cache_key, summary.snapshot_id.clone());
     ctx.metrics.backup_bytes_added.inc_by(summary.data_added);
     if outcome_kind == Outcome::Succeeded {

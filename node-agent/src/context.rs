@@ -103,8 +103,10 @@ impl AgentContext {
     /// restic's cache for one repository. Each repository has its own directory, so a sandbox that
     /// binds the cache exposes no other tenant's cached metadata.
     pub fn cache_for(&self, repo: &Repository) -> PathBuf {
-        self.cache_dir
-            .join(format!("{:016x}", fnv1a(repo.location().as_bytes())))
+        self.cache_dir.join(format!(
+            "{:016x}",
+            stowage_common::hash::fnv1a(repo.location().as_bytes())
+        ))
     }
 
     /// A fresh sandbox (own hostname) with bubblewrap from the flags. The caller adds the binds.
@@ -148,14 +150,6 @@ impl AgentContext {
             })
             .with_lock_policy(self.lock_policy.clone(), observer)
     }
-}
-
-/// FNV-1a (the `fnv` crate): stable across releases, so a repository keeps its cache directory.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    use std::hash::Hasher;
-    let mut h = fnv::FnvHasher::default();
-    h.write(bytes);
-    h.finish()
 }
 
 /// Sends progress messages of one operation; the message wrapper differs per RPC.

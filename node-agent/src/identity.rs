@@ -3,13 +3,7 @@
 
 use stowage_proto::v1::VolumeIdentity;
 
-pub const TAG_NAMESPACE: &str = "stowage.dev/namespace";
-pub const TAG_PVC: &str = "stowage.dev/pvc";
-pub const TAG_POD: &str = "stowage.dev/pod";
-/// The run (`<namespace>/<name>`) that made a snapshot.
-pub const TAG_RUN: &str = "stowage.dev/run";
-/// What kind of item a snapshot holds (volume now; command dumps later).
-pub const TAG_SOURCE_VOLUME: &str = "stowage.dev/source=volume";
+pub use stowage_common::contract::{TAG_NAMESPACE, TAG_POD, TAG_PVC, TAG_RUN, TAG_SOURCE_VOLUME};
 
 /// A validated identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +96,7 @@ pub fn validate_extra_tag(tag: &str) -> Result<(), String> {
             "extra tag {tag:?} must be non-empty without commas or control characters"
         ));
     }
-    if tag.starts_with("stowage.dev/") {
+    if tag.starts_with(stowage_common::contract::PREFIX) {
         return Err(format!(
             "extra tag {tag:?} uses the reserved stowage.dev/ prefix"
         ));

@@ -32,4 +32,3 @@ pub mod safe_fs;
 pub mod sandbox;
 pub mod server;
 pub mod service;
-pub mod telemetry;

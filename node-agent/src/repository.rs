@@ -1,10 +1,11 @@
 //! Turning the repository description of a request into a restic-wrap repository.
 
-use stowage_proto::v1::{self, repository::Backend as PBackend};
-
 use std::path::{Component, Path, PathBuf};
 
 use restic_wrap::{Backend, Repository};
+pub use stowage_common::contract::InvalidRepository;
+use stowage_common::contract::{self, invalid};
+use stowage_proto::v1;
 
 /// `path` must be absolute, plain (no `..`), strictly below one of `roots`, and stay below it once
 /// the symlinks of its existing part are resolved.
@@ -73,65 +74,18 @@ fn check_local_path(path: &Path, roots: &[PathBuf]) -> Result<(), InvalidReposit
     Ok(())
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("repository.{field}: {reason}")]
-pub struct InvalidRepository {
-    pub field: &'static str,
-    pub reason: String,
-}
-
-fn invalid(field: &'static str, reason: impl Into<String>) -> InvalidRepository {
-    InvalidRepository {
-        field,
-        reason: reason.into(),
-    }
-}
-
-fn required(field: &'static str, v: &str) -> Result<String, InvalidRepository> {
-    if v.is_empty() {
-        Err(invalid(field, "is required"))
-    } else {
-        Ok(v.to_string())
-    }
-}
-
-/// The repository of a request. A local repository must lie below one of `local_roots`, the
-/// directories an administrator allowed: a tenant must not choose where on the node we write.
+/// The repository of a request: the shared contract's checks, then this node's policy. A local
+/// repository must lie below one of `local_roots`, the directories an administrator allowed: a
+/// tenant must not choose where on the node we write.
 pub fn from_proto(
     p: Option<&v1::Repository>,
     local_roots: &[PathBuf],
 ) -> Result<Repository, InvalidRepository> {
-    let p = p.ok_or_else(|| invalid("repository", "is required"))?;
-    let backend = match &p.backend {
-        None => {
-            return Err(invalid(
-                "backend",
-                "exactly one of local, s3, rest is required",
-            ));
-        }
-        Some(PBackend::Local(l)) => {
-            let path = required("local.path", &l.path)?;
-            check_local_path(Path::new(&path), local_roots)?;
-            Backend::Local { path }
-        }
-        Some(PBackend::S3(s)) => Backend::S3 {
-            endpoint: required("s3.endpoint", &s.endpoint)?,
-            bucket: required("s3.bucket", &s.bucket)?,
-            prefix: s.prefix.clone(),
-            region: s.region.clone(),
-            access_key_id: required("s3.access_key_id", &s.access_key_id)?,
-            secret_access_key: required("s3.secret_access_key", &s.secret_access_key)?,
-        },
-        Some(PBackend::Rest(r)) => Backend::Rest {
-            url: required("rest.url", &r.url)?,
-            username: r.username.clone(),
-            password: r.password.clone(),
-        },
-    };
-    Ok(Repository {
-        backend,
-        password: required("password", &p.password)?,
-    })
+    let repo = contract::repository(p)?;
+    if let Backend::Local { path } = &repo.backend {
+        check_local_path(Path::new(path), local_roots)?;
+    }
+    Ok(repo)
 }
 
 #[cfg(test)]
@@ -140,6 +94,7 @@ mod tests {
 
     #[test]
     fn validates_each_backend() {
+        use v1::repository::Backend as PBackend;
         let t = tempfile::tempdir().unwrap();
         let roots = vec![t.path().to_path_buf()];
         let inside = t.path().join("r").display().to_string();

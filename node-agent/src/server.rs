@@ -18,6 +18,8 @@ use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use stowage_common::runtime::{RuntimeError, read_pem, serve_http, shutdown_signal};
+
 use crate::authz::ClientIdentity;
 use crate::config::Config;
 use crate::context::AgentContext;
@@ -40,14 +42,10 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("reading {path}: {source}")]
-    ReadTls {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("--tls-cert, --tls-key and --tls-client-ca are required unless --insecure-plaintext")]
-    MissingTls,
+    #[error(
+        "{0} (--tls-cert, --tls-key and --tls-client-ca are required unless --insecure-plaintext)"
+    )]
+    Runtime(#[from] RuntimeError),
     #[error("restic is not usable: {0}")]
     Restic(#[from] restic_wrap::Error),
     #[error("{what} {name:?} is not an executable on PATH")]
@@ -78,18 +76,10 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-fn read(path: &Option<std::path::PathBuf>) -> Result<Vec<u8>, ServerError> {
-    let path = path.as_ref().ok_or(ServerError::MissingTls)?;
-    std::fs::read(path).map_err(|source| ServerError::ReadTls {
-        path: path.display().to_string(),
-        source,
-    })
-}
-
 fn tls_config(config: &Config) -> Result<ServerTlsConfig, ServerError> {
-    let cert = read(&config.tls_cert)?;
-    let key = read(&config.tls_key)?;
-    let ca = read(&config.tls_client_ca)?;
+    let cert = read_pem("the agent's certificate", config.tls_cert.as_deref())?;
+    let key = read_pem("the agent's key", config.tls_key.as_deref())?;
+    let ca = read_pem("the client CA", config.tls_client_ca.as_deref())?;
     // client_auth_optional defaults to false: a client without a certificate from this CA is refused.
     Ok(ServerTlsConfig::new()
         .identity(Identity::from_pem(cert, key))
@@ -172,13 +162,6 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         })?;
     }
     let metrics = Metrics::new(&config.node_name, &version)?;
-    let metrics_listener = TcpListener::bind(config.metrics_listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            what: "metrics",
-            addr: config.metrics_listen,
-            source,
-        })?;
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -186,15 +169,11 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
             addr: config.grpc_listen,
             source,
         })?;
-    let router = metrics.router();
     let metrics_stop = shutdown.clone();
-    let metrics_task = tokio::spawn(async move {
-        let serve = axum::serve(metrics_listener, router)
-            .with_graceful_shutdown(async move { metrics_stop.cancelled().await });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "metrics server failed");
-        }
-    });
+    let metrics_task = serve_http(config.metrics_listen, metrics.router(), async move {
+        metrics_stop.cancelled().await
+    })
+    .await?;
 
     let tls = if config.insecure_plaintext {
         tracing::warn!(
@@ -323,18 +302,7 @@ impl tonic::service::Interceptor for AllowAll {
 
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("cannot install signal handlers");
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
+        shutdown_signal().await;
         shutdown.cancel();
     });
 }

@@ -301,6 +301,23 @@ impl Subcommand for CheckOptions {
     }
 }
 
+/// `restic tag --add <tags> <snapshot>`: restic rewrites the snapshot under a new id (keeping the
+/// old one as its `original`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TagOptions {
+    pub add: Vec<String>,
+    pub snapshot: String,
+}
+
+impl Subcommand for TagOptions {
+    fn args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["tag".into(), "--json".into()];
+        push_each(&mut a, "--add", &self.add);
+        a.push(self.snapshot.clone().into());
+        a
+    }
+}
+
 /// `restic unlock`. Plain unlock only removes locks restic itself considers stale, which (0.14)
 /// excludes locks created under another hostname; `remove_all` removes every lock.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use crate::lock::{LockInfo, LockObserver, LockPolicy, NoopObserver};
 use crate::options::{
     BackupOptions, CatConfigOptions, CheckOptions, ForgetOptions, GlobalOptions, InitOptions,
     ListLocksOptions, PruneOptions, RestoreOptions, SnapshotsOptions, StatsOptions, Subcommand,
-    UnlockOptions,
+    TagOptions, UnlockOptions,
 };
 use crate::process::{ResticProcess, StderrCapture};
 use crate::repository::Repository;
@@ -684,6 +684,25 @@ impl Restic {
     pub async fn check(&self, opts: &CheckOptions) -> Result<String> {
         self.with_lock_retry(|| self.run_within(opts, self.limits.max, false))
             .await
+    }
+
+    /// Adds tags to a snapshot; returns the id of the rewritten snapshot.
+    pub async fn tag(&self, opts: &TagOptions) -> Result<String> {
+        #[derive(serde::Deserialize)]
+        struct Changed {
+            message_type: String,
+            #[serde(default)]
+            new_snapshot_id: String,
+        }
+        let out = self.with_lock_retry(|| self.run(opts)).await?;
+        out.lines()
+            .filter_map(|l| serde_json::from_str::<Changed>(l).ok())
+            .find(|c| c.message_type == "changed" && !c.new_snapshot_id.is_empty())
+            .map(|c| c.new_snapshot_id)
+            .ok_or_else(|| Error::Json {
+                subcommand: "tag".into(),
+                source: serde::de::Error::custom("restic reported no changed snapshot"),
+            })
     }
 
     pub async fn unlock(&self, opts: &UnlockOptions) -> Result<()> {

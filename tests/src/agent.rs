@@ -454,3 +454,17 @@ pub fn s3_repo(endpoint: &str, bucket: &str, password: &str) -> v1::Repository {
         ..Default::default()
     }
 }
+
+/// bubblewrap that leaves CAP_DAC_READ_SEARCH out of the sandbox, so a 0000 file is unreadable even
+/// to root (as an EIO or a root-squashed NFS file would be in production). Still the real restic.
+pub fn bwrap_without_dac(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let wrapper = dir.join("bwrap-no-dac");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/bash\nargs=()\nwhile [ $# -gt 0 ]; do\n  if [ \"$1\" = --cap-add ] && [ \"$2\" = CAP_DAC_READ_SEARCH ]; then shift 2; continue; fi\n  args+=(\"$1\"); shift\ndone\nexec bwrap \"${args[@]}\"\n",
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    wrapper
+}

@@ -271,6 +271,15 @@ pub fn finished(v: &serde_json::Value) -> bool {
     )
 }
 
+/// Whether a run's JSON shows at least one volume done while the run still goes: the moment to
+/// interrupt a coordinator mid-run.
+pub fn partly_done(v: &serde_json::Value) -> bool {
+    v["status"]["items"]
+        .as_array()
+        .is_some_and(|items| items.iter().any(|i| i["phase"] == "Succeeded"))
+        && !finished(v)
+}
+
 /// The condition `type_` of an object's JSON.
 pub fn condition<'a>(v: &'a serde_json::Value, type_: &str) -> Option<&'a serde_json::Value> {
     v["status"]["conditions"]

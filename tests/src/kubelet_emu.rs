@@ -9,8 +9,10 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use kube::api::{Api, ListParams};
+use kube::api::{Api, Patch, PatchParams};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -34,49 +36,76 @@ impl MountSpec {
     }
 }
 
-/// The mounts the pods in the API call for.
-pub async fn desired(client: &kube::Client, cluster: &Path) -> kube::Result<BTreeSet<MountSpec>> {
-    let pods: Api<Pod> = Api::all(client.clone());
-    let pvcs: Api<PersistentVolumeClaim> = Api::all(client.clone());
+/// The annotation the emulator puts on a pod once its volumes are mounted. kwok's pod-ready stage
+/// (tests/cluster/kwok-stages.yaml) waits for it, so a pod is never Running before its volumes are
+/// there, as with a real kubelet (whose containers start only after the volume manager is done).
+pub const VOLUMES_MOUNTED: &str = "kubelet-emu.stowage.dev/volumes-mounted";
+
+/// What the pods ask for: the mounts, and the pods whose every PVC volume can be mounted (their
+/// claims are bound) and that should be marked once the mounts are in place.
+pub struct Desired {
+    pub mounts: BTreeSet<MountSpec>,
+    /// (namespace, name, uid, node) of pods whose volumes are all satisfiable.
+    pub ready_pods: Vec<(String, String, String, String)>,
+}
+
+/// The mounts the pods in the caches call for.
+pub fn desired(pods: &[Arc<Pod>], pvcs: &[Arc<PersistentVolumeClaim>], cluster: &Path) -> Desired {
     let claims: BTreeMap<(String, String), String> = pvcs
-        .list(&ListParams::default())
-        .await?
-        .into_iter()
+        .iter()
         .filter_map(|c| {
-            let ns = c.metadata.namespace?;
-            let name = c.metadata.name?;
+            let ns = c.metadata.namespace.clone()?;
+            let name = c.metadata.name.clone()?;
             let bound = c.status.as_ref()?.phase.as_deref() == Some("Bound");
-            let pv = c.spec?.volume_name?;
+            let pv = c.spec.as_ref()?.volume_name.clone()?;
             bound.then_some(((ns, name), pv))
         })
         .collect();
-    let mut out = BTreeSet::new();
-    for pod in pods.list(&ListParams::default()).await? {
-        let (Some(ns), Some(uid)) = (pod.metadata.namespace.clone(), pod.metadata.uid.clone())
-        else {
+    let mut out = Desired {
+        mounts: BTreeSet::new(),
+        ready_pods: Vec::new(),
+    };
+    for pod in pods {
+        let (Some(ns), Some(name), Some(uid)) = (
+            pod.metadata.namespace.clone(),
+            pod.metadata.name.clone(),
+            pod.metadata.uid.clone(),
+        ) else {
             continue;
         };
-        let Some(spec) = pod.spec else { continue };
-        let Some(node) = spec.node_name else { continue };
+        let Some(spec) = pod.spec.as_ref() else {
+            continue;
+        };
+        let Some(node) = spec.node_name.clone() else {
+            continue;
+        };
         if pod.metadata.deletion_timestamp.is_some() || !cluster.join("nodes").join(&node).is_dir()
         {
             continue;
         }
-        for v in spec.volumes.unwrap_or_default() {
-            let Some(pvc) = v.persistent_volume_claim else {
+        let mut all = true;
+        for v in spec.volumes.iter().flatten() {
+            let Some(pvc) = &v.persistent_volume_claim else {
                 continue;
             };
-            if let Some(pv) = claims.get(&(ns.clone(), pvc.claim_name.clone())) {
-                out.insert(MountSpec {
-                    node: node.clone(),
-                    pod_uid: uid.clone(),
-                    pv: pv.clone(),
-                    read_only: pvc.read_only.unwrap_or(false),
-                });
+            match claims.get(&(ns.clone(), pvc.claim_name.clone())) {
+                Some(pv) => {
+                    out.mounts.insert(MountSpec {
+                        node: node.clone(),
+                        pod_uid: uid.clone(),
+                        pv: pv.clone(),
+                        read_only: pvc.read_only.unwrap_or(false),
+                    });
+                }
+                // Not bound yet: the kubelet waits, and so does the pod.
+                None => all = false,
             }
         }
+        if all {
+            out.ready_pods.push((ns, name, uid, node));
+        }
     }
-    Ok(out)
+    out
 }
 
 fn mounted_targets(cluster: &Path) -> HashSet<PathBuf> {
@@ -154,20 +183,63 @@ pub fn reconcile(cluster: &Path, want: &BTreeSet<MountSpec>) -> std::io::Result<
     Ok(())
 }
 
-/// Runs until SIGTERM/SIGINT, then unmounts everything it mounted.
+fn marked(pod: &Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.get(VOLUMES_MOUNTED).map(String::as_str) == Some("true"))
+}
+
+/// Runs until SIGTERM/SIGINT, then unmounts everything it mounted. Pods and PVCs come from watches.
 pub async fn run(client: kube::Client, cluster: PathBuf) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let pod_api: Api<Pod> = Api::all(client.clone());
+    let (pods, pod_writer) = reflector::store();
+    let (pvcs, pvc_writer) = reflector::store();
+    let pod_watch = watcher(pod_api.clone(), watcher::Config::default())
+        .default_backoff()
+        .reflect(pod_writer)
+        .for_each(|_| futures::future::ready(()));
+    let pvc_watch = watcher(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(pvc_writer)
+    .for_each(|_| futures::future::ready(()));
+    tokio::spawn(pod_watch);
+    tokio::spawn(pvc_watch);
+    let _ = pods.wait_until_ready().await;
+    let _ = pvcs.wait_until_ready().await;
     loop {
-        match desired(&client, &cluster).await {
-            Ok(want) => {
-                if let Err(e) = reconcile(&cluster, &want) {
-                    eprintln!("reconcile: {e}");
+        let all_pods = pods.state();
+        let want = desired(&all_pods, &pvcs.state(), &cluster);
+        match reconcile(&cluster, &want.mounts) {
+            Ok(()) => {
+                for (ns, name, uid, node) in &want.ready_pods {
+                    let current = all_pods
+                        .iter()
+                        .find(|p| p.metadata.uid.as_deref() == Some(uid.as_str()));
+                    if current.is_some_and(|p| marked(p)) {
+                        continue;
+                    }
+                    let patch =
+                        serde_json::json!({"metadata": {"annotations": {VOLUMES_MOUNTED: "true"}}});
+                    match Api::<Pod>::namespaced(client.clone(), ns)
+                        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                    {
+                        Ok(_) => eprintln!("volumes of {ns}/{name} ({uid}) on {node} are mounted"),
+                        Err(e) => eprintln!("marking {ns}/{name}: {e}"),
+                    }
                 }
             }
-            Err(e) => eprintln!("listing pods/PVCs: {e}"),
+            Err(e) => eprintln!("reconcile: {e}"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }

@@ -9,6 +9,7 @@ pub mod fstree;
 pub mod kubelet_emu;
 pub mod moto;
 pub mod procs;
+pub mod proxy;
 pub mod restic;
 pub mod tls;
 

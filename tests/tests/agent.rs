@@ -8,7 +8,8 @@ use stowage_proto::v1::{
     self, Outcome as POutcome, Phase, RestoreMode, RestoreRequest, VolumeIdentity, VolumeRef,
 };
 use stowage_tests::agent::{
-    Agent, Setup, backup, csi_volume, local_repo, restore, s3_repo, volume_backup,
+    Agent, Setup, backup, bwrap_without_dac, csi_volume, local_repo, restore, s3_repo,
+    volume_backup,
 };
 use stowage_tests::{fstree, procs, restic, wait_until};
 use tonic::Code;
@@ -252,19 +253,6 @@ async fn backup_after_pod_recreation_is_incremental() {
     );
 }
 
-/// bubblewrap that leaves CAP_DAC_READ_SEARCH out of the sandbox, so a 0000 file is unreadable even
-/// to root (as an EIO or a root-squashed NFS file would be in production). Still the real restic.
-fn bwrap_without_dac(dir: &Path) -> PathBuf {
-    let wrapper = dir.join("bwrap-no-dac");
-    std::fs::write(
-        &wrapper,
-        "#!/bin/bash\nargs=()\nwhile [ $# -gt 0 ]; do\n  if [ \"$1\" = --cap-add ] && [ \"$2\" = CAP_DAC_READ_SEARCH ]; then shift 2; continue; fi\n  args+=(\"$1\"); shift\ndone\nexec bwrap \"${args[@]}\"\n",
-    )
-    .expect("wrapper");
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    wrapper
-}
-
 fn which(bin: &Path) -> PathBuf {
     if bin.is_absolute() {
         return bin.to_path_buf();
@@ -328,6 +316,17 @@ async fn unreadable_file_is_a_partial_backup_not_a_success() {
     assert!(
         !metrics.contains("pvc=\"p\""),
         "a partial backup is not a last success:\n{metrics}"
+    );
+    // The repository itself says the snapshot is incomplete: a coordinator resuming the run after a
+    // restart counts it as partial, never as a good backup. The result names the marked snapshot.
+    let snaps = restic::snapshots(&s.repo().display().to_string(), PW);
+    assert_eq!(snaps.len(), 1, "{snaps:#?}");
+    assert_eq!(snaps[0]["id"], r.snapshot_id, "{snaps:#?}");
+    assert!(
+        snaps[0]["tags"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t == "stowage.dev/partial=true")),
+        "{snaps:#?}"
     );
 }
 

@@ -11,7 +11,7 @@ use stowage_coordinator::crd::{Backup, Check, Prune, Schedule};
 use stowage_tests::cluster::{Cluster, fresh_namespace, wait_for};
 use stowage_tests::coordinator::{
     Coordinator, CoordinatorOptions, Object, PrivateAgents, condition, create, finished,
-    local_backend, secret, wait_event, wait_json,
+    local_backend, partly_done, secret, wait_event, wait_json,
 };
 use stowage_tests::restic;
 
@@ -383,6 +383,13 @@ async fn a_schedule_firing_every_minute_backs_up_pods_on_two_nodes() {
     assert!(
         !typo.exists(),
         "a repository was created at the mistyped path"
+    );
+    // A hand-made run resolves its scheduleRef once and records what it used.
+    let resolved = &failed["status"]["resolved"];
+    assert_eq!(resolved["schedule"], "every-minute", "{failed:#}");
+    assert_eq!(
+        resolved["backend"]["initialize"], false,
+        "decided from the Schedule's history when the run started: {resolved}"
     );
     schedules
         .patch(
@@ -1035,9 +1042,10 @@ async fn a_hung_agent_fails_its_volume_after_the_agent_timeout() {
 #[tokio::test]
 async fn a_coordinator_killed_mid_run_resumes_without_duplicate_snapshots() {
     let env = setup("restart").await;
-    for pvc in ["one", "two", "three"] {
+    // Distinct data per volume (no deduplication between them): seconds each at 1 MiB/s.
+    for (seed, pvc) in ["one", "two", "three"].into_iter().enumerate() {
         let dir = env.mounted_volume(pvc, "node-1").await;
-        stowage_tests::fstree::write_random(&dir.join("data/big"), 3 << 20, pvc.len() as u64);
+        stowage_tests::fstree::write_random(&dir.join("data/big"), 3 << 20, 200 + seed as u64);
     }
     let mut first = start_coordinator(env.env_coordinator("first")).await;
     env.start_throttled_backup(
@@ -1052,12 +1060,7 @@ async fn a_coordinator_killed_mid_run_resumes_without_duplicate_snapshots() {
         "interrupted",
         Duration::from_secs(90),
         "one volume done",
-        |v| {
-            v["status"]["items"]
-                .as_array()
-                .is_some_and(|items| items.iter().any(|i| i["phase"] == "Succeeded"))
-                && !finished(v)
-        },
+        partly_done,
     )
     .await;
     first.kill();

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use kube::ResourceExt;
 use stowage_proto::v1::{self as pb, CheckRequest, MaintenanceResult, PruneRequest};
 
-use super::{Begun, begin, finish, run_id};
+use super::{Begun, begin, run_id};
 use crate::conditions::Finding;
 use crate::context::Ctx;
 use crate::crd::{Check, ItemStatus, Prune, Retention, RunPhase};
 use crate::dispatch::{self, DispatchError, Maintenance};
 use crate::restic_fields;
-use crate::runs::{RunObject, StatusWriter};
+use crate::runs::RunObject;
 
 pub const NO_AGENT: &str = "NoReadyAgent";
 pub const NO_RETENTION: &str = "NoRetention";
@@ -52,12 +52,7 @@ async fn on_some_agent(
     }))
 }
 
-async fn run_task<K: RunObject>(
-    ctx: Arc<Ctx>,
-    run: Arc<K>,
-    writer: Arc<StatusWriter<K>>,
-    task: Maintenance,
-) -> Result<(), kube::Error> {
+async fn run_task<K: RunObject>(ctx: Arc<Ctx>, run: Arc<K>, begun: Begun, task: Maintenance) {
     if ctx.agents.ready_nodes().is_empty() {
         let f = Finding::new(
             NO_AGENT,
@@ -66,7 +61,9 @@ async fn run_task<K: RunObject>(
                 ctx.config.agent_namespace, ctx.config.agent_selector
             ),
         );
-        return super::fail(ctx.as_ref(), run.as_ref(), &writer, &f).await;
+        return begun
+            .finish(ctx.as_ref(), run.as_ref(), RunPhase::Failed, &f)
+            .await;
     }
     match on_some_agent(&ctx, &task).await {
         Ok((node, r)) => {
@@ -93,29 +90,23 @@ async fn run_task<K: RunObject>(
                     )
                 }
             };
-            writer.update(|s| {
-                s.items = r
-                    .identities
-                    .iter()
-                    .map(|i| ItemStatus {
-                        namespace: i.namespace.clone(),
-                        pvc: i.pvc.clone(),
-                        node: Some(node.clone()),
-                        phase: RunPhase::Succeeded,
-                        kept: Some(i.kept),
-                        removed: Some(i.removed),
-                        ..Default::default()
-                    })
-                    .collect();
-            });
-            finish(
-                ctx.as_ref(),
-                run.as_ref(),
-                &writer,
-                RunPhase::Succeeded,
-                &finding,
-            )
-            .await
+            let items: Vec<ItemStatus> = r
+                .identities
+                .iter()
+                .map(|i| ItemStatus {
+                    namespace: i.namespace.clone(),
+                    pvc: i.pvc.clone(),
+                    node: Some(node.clone()),
+                    phase: RunPhase::Succeeded,
+                    kept: Some(i.kept),
+                    removed: Some(i.removed),
+                    ..Default::default()
+                })
+                .collect();
+            begun.status.run(move |s| s.items = items);
+            begun
+                .finish(ctx.as_ref(), run.as_ref(), RunPhase::Succeeded, &finding)
+                .await;
         }
         Err(e) => {
             let reason = match &task {
@@ -123,81 +114,73 @@ async fn run_task<K: RunObject>(
                 Maintenance::Prune(_) => "PruneFailed",
             };
             let f = Finding::new(reason, e.to_string());
-            super::fail(ctx.as_ref(), run.as_ref(), &writer, &f).await
+            begun
+                .finish(ctx.as_ref(), run.as_ref(), RunPhase::Failed, &f)
+                .await;
         }
     }
 }
 
 pub async fn execute_check(ctx: Arc<Ctx>, run: Arc<Check>) -> Result<(), kube::Error> {
-    let Some(Begun {
-        writer,
-        repository,
-        schedule,
-        ..
-    }) = begin(ctx.as_ref(), run.as_ref()).await?
-    else {
+    let Some(begun) = begin(ctx.as_ref(), run.as_ref()).await? else {
         return Ok(());
     };
-    let (subset, at) = match (&run.spec.read_data_subset, &schedule) {
-        (Some(own), _) => (Some(own.clone()), "spec.readDataSubset".to_string()),
-        (None, Some(s)) => (
-            s.spec
-                .check
-                .as_ref()
-                .and_then(|c| c.read_data_subset.clone()),
-            format!("Schedule {}: spec.check.readDataSubset", s.name_any()),
-        ),
-        (None, None) => (None, String::new()),
-    };
+    let subset = begun.spec.read_data_subset.clone();
+    let at = begun.origin.field("readDataSubset");
     if let Some(f) = subset
         .as_deref()
         .and_then(|v| restic_fields::read_data_subset(v, &at))
     {
-        return super::fail(ctx.as_ref(), run.as_ref(), &writer, &f).await;
+        begun
+            .finish(ctx.as_ref(), run.as_ref(), RunPhase::Failed, &f)
+            .await;
+        return Ok(());
     }
     let task = Maintenance::Check(CheckRequest {
         run_id: run_id(run.as_ref()),
-        repository: Some(repository),
+        repository: Some(begun.repository.clone()),
         read_data_subset: subset.unwrap_or_default(),
     });
-    run_task(ctx, run, writer, task).await
+    run_task(ctx, run, begun, task).await;
+    Ok(())
 }
 
 pub async fn execute_prune(ctx: Arc<Ctx>, run: Arc<Prune>) -> Result<(), kube::Error> {
     let namespace = run.namespace().unwrap_or_default();
-    let Some(Begun {
-        writer,
-        repository,
-        schedule,
-        ..
-    }) = begin(ctx.as_ref(), run.as_ref()).await?
-    else {
+    let Some(begun) = begin(ctx.as_ref(), run.as_ref()).await? else {
         return Ok(());
     };
-    let (retention, at) = match (&run.spec.retention, &schedule) {
-        (Some(own), _) => (Some(own.clone()), "spec.retention".to_string()),
-        (None, Some(s)) => (
-            s.spec.prune.as_ref().map(|p| p.retention.clone()),
-            format!("Schedule {}: spec.prune.retention", s.name_any()),
-        ),
-        (None, None) => (None, String::new()),
-    };
-    let Some(retention) = retention.filter(|r| *r != Retention::default()) else {
+    let at = begun.origin.field("retention");
+    let Some(retention) = begun
+        .spec
+        .retention
+        .clone()
+        .filter(|r| *r != Retention::default())
+    else {
         let f = Finding::new(
             NO_RETENTION,
-            "spec.retention: set at least one keep rule (or spec.scheduleRef to a Schedule with prune.retention)",
+            format!(
+                "{at}: set at least one keep rule (or spec.scheduleRef to a Schedule with prune.retention)"
+            ),
         );
-        return super::fail(ctx.as_ref(), run.as_ref(), &writer, &f).await;
+        begun
+            .finish(ctx.as_ref(), run.as_ref(), RunPhase::Failed, &f)
+            .await;
+        return Ok(());
     };
     if let Some(f) = Finding::joined(&restic_fields::retention(&retention, &at)) {
-        return super::fail(ctx.as_ref(), run.as_ref(), &writer, &f).await;
+        begun
+            .finish(ctx.as_ref(), run.as_ref(), RunPhase::Failed, &f)
+            .await;
+        return Ok(());
     }
     let task = Maintenance::Prune(PruneRequest {
         run_id: run_id(run.as_ref()),
-        repository: Some(repository),
+        repository: Some(begun.repository.clone()),
         retention: Some(retention_proto(&retention)),
         namespace,
         dry_run: false,
     });
-    run_task(ctx, run, writer, task).await
+    run_task(ctx, run, begun, task).await;
+    Ok(())
 }

@@ -1,141 +1,239 @@
-//! Executing runs. A run executes in a task owned by the leader; its status object is the record a
-//! restarted coordinator resumes from.
+//! Executing runs. A run executes in a task owned by the leader, from what the run object says (its
+//! spec, or what it resolved into its status when it started), never from its Schedule's current
+//! state. Its status is written by one task ([`status`]); a run found finished by a fresh read is
+//! never executed again, whatever a cache says.
 
 pub mod backup;
 pub mod maintenance;
-
-use std::sync::Arc;
+pub mod status;
+pub mod volume;
 
 use kube::{Api, ResourceExt};
 use stowage_proto::v1 as pb;
 
-use crate::backend;
+use crate::backend::{self, Secrets};
 use crate::conditions::{self, Finding};
 use crate::context::Ctx;
-use crate::crd::{BackendSpec, RunPhase, Schedule, ScheduleRef};
-use crate::runs::{RunObject, StatusWriter, now_rfc3339, phase_label};
+use crate::crd::{ResolvedSpec, RunPhase, RunStatus, Schedule};
+use crate::errors;
+use crate::runs::{RunObject, is_terminal, now_rfc3339, phase_label};
+use status::{StatusHandle, StatusWriter, apply_status};
 
 pub const SCHEDULE_NOT_FOUND: &str = "ScheduleNotFound";
 
-/// The repository of a run: its own `backend`, or the one of the Schedule it references.
-pub async fn resolve_backend(
-    ctx: &Ctx,
-    namespace: &str,
-    own: Option<&BackendSpec>,
-    schedule_ref: Option<&ScheduleRef>,
-) -> Result<(pb::Repository, Option<Schedule>), Finding> {
-    if let Some(spec) = own {
-        let repo = backend::resolve(&ctx.client, namespace, spec, "spec.backend").await?;
-        return Ok((repo, None));
+/// Where the values of a run came from, to name fields in messages.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    /// The run's own spec (a fired run carries everything).
+    Own,
+    /// Resolved from this Schedule when the run started.
+    Schedule(String),
+}
+
+impl Origin {
+    /// The field path of `field` (`backend`, `selector`, `concurrency`, `retention`,
+    /// `readDataSubset`) in the object it came from.
+    pub fn field(&self, field: &str) -> String {
+        match self {
+            Origin::Own => format!("spec.{field}"),
+            Origin::Schedule(name) => {
+                let within = match field {
+                    "selector" | "concurrency" => format!("spec.backup.{field}"),
+                    "retention" => "spec.prune.retention".into(),
+                    "readDataSubset" => "spec.check.readDataSubset".into(),
+                    other => format!("spec.{other}"),
+                };
+                format!("Schedule {name}: {within}")
+            }
+        }
     }
-    let Some(r) = schedule_ref else {
+}
+
+/// The run's complete spec: its own, or resolved once from its Schedule (recorded in the status).
+async fn resolve<K: RunObject>(
+    ctx: &Ctx,
+    run: &K,
+    recorded: Option<&ResolvedSpec>,
+) -> Result<(ResolvedSpec, Origin), Finding> {
+    if run.backend().is_some() {
+        // A fired run carries copies of its Schedule's fields: messages name them there.
+        let fired = run.labels().contains_key(crate::runs::LABEL_SCHEDULE);
+        let origin = match run.schedule_ref() {
+            Some(r) if fired => Origin::Schedule(r.name.clone()),
+            _ => Origin::Own,
+        };
+        return Ok((run.resolve_with(None), origin));
+    }
+    if let Some(r) = recorded {
+        return Ok((
+            r.clone(),
+            Origin::Schedule(r.schedule.clone().unwrap_or_default()),
+        ));
+    }
+    let Some(r) = run.schedule_ref() else {
         return Err(Finding::new(
             backend::INVALID_BACKEND,
             "spec.backend: set a backend, or spec.scheduleRef to use a Schedule's",
         ));
     };
-    let api: Api<Schedule> = Api::namespaced(ctx.client.clone(), namespace);
-    let schedule = api.get_opt(&r.name).await.map_err(|e| {
-        Finding::new(
-            SCHEDULE_NOT_FOUND,
-            format!(
-                "spec.scheduleRef.name: reading Schedule {namespace}/{}: {e}",
-                r.name
-            ),
-        )
-    })?;
-    let Some(schedule) = schedule else {
-        return Err(Finding::new(
-            SCHEDULE_NOT_FOUND,
-            format!(
-                "spec.scheduleRef.name: Schedule {namespace}/{} not found",
-                r.name
-            ),
-        ));
-    };
-    let at = format!("Schedule {}: spec.backend", r.name);
-    let mut repo = backend::resolve(&ctx.client, namespace, &schedule.spec.backend, &at).await?;
-    // A Schedule that never backed up successfully may create its repository; once it has a
-    // history, a missing repository is a mistake in the location, never a reason to start anew.
-    repo.auto_init = schedule.spec.backend.initialize.unwrap_or_else(|| {
-        schedule
-            .status
-            .as_ref()
-            .is_none_or(|s| s.last_success_time.is_none())
-    });
-    Ok((repo, Some(schedule)))
+    let namespace = run.namespace().unwrap_or_default();
+    let schedule = Api::<Schedule>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(&r.name)
+        .await
+        .map_err(|e| {
+            Finding::new(
+                SCHEDULE_NOT_FOUND,
+                format!(
+                    "spec.scheduleRef.name: reading Schedule {namespace}/{}: {}",
+                    r.name,
+                    errors::sentence(&e)
+                ),
+            )
+        })?
+        .ok_or_else(|| {
+            Finding::new(
+                SCHEDULE_NOT_FOUND,
+                format!(
+                    "spec.scheduleRef.name: Schedule {namespace}/{} not found",
+                    r.name
+                ),
+            )
+        })?;
+    Ok((
+        run.resolve_with(Some(&schedule)),
+        Origin::Schedule(r.name.clone()),
+    ))
 }
 
-/// Marks a run Running (keeping the start time of an earlier attempt); whether it was already.
-async fn start<K: RunObject>(writer: &StatusWriter<K>) -> Result<bool, kube::Error> {
-    let resumed = writer.snapshot().phase == Some(RunPhase::Running);
-    writer.update(|s| {
-        s.phase = Some(RunPhase::Running);
-        if s.start_time.is_none() {
-            s.start_time = Some(now_rfc3339());
-        }
-    });
-    writer.flush().await?;
-    Ok(resumed)
-}
-
-/// A started run with its repository resolved.
-pub struct Begun<K: RunObject> {
-    pub writer: Arc<StatusWriter<K>>,
+/// A started run.
+pub struct Begun {
+    pub status: StatusHandle,
+    writer: tokio::task::JoinHandle<RunStatus>,
     /// The run was already Running: a coordinator restarted in the middle of it.
     pub resumed: bool,
+    /// The status as it was when this attempt began (an earlier attempt's items included).
+    pub before: RunStatus,
+    pub spec: ResolvedSpec,
+    pub origin: Origin,
     pub repository: pb::Repository,
-    /// The Schedule of `spec.scheduleRef`, when the run has one.
-    pub schedule: Option<Schedule>,
 }
 
-/// Marks the run Running and resolves its repository. `Ok(None)` when the input was bad: the run
-/// has then been failed, with a condition and an Event naming the field.
-pub async fn begin<K: RunObject>(ctx: &Ctx, run: &K) -> Result<Option<Begun<K>>, kube::Error> {
+/// Claims and starts a run: reads it fresh from the API server (a finished run is never executed
+/// again, whatever the cache says), resolves its spec, and marks it Running with a write that only
+/// succeeds on the version it read. `Ok(None)` when there is nothing to do: finished, gone, taken,
+/// or failed for bad input (then with a condition and an Event naming the field).
+pub async fn begin<K: RunObject>(ctx: &Ctx, run: &K) -> Result<Option<Begun>, kube::Error> {
     let namespace = run.namespace().unwrap_or_default();
-    let writer = StatusWriter::new(ctx.client.clone(), run);
-    let resumed = start(&writer).await?;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(fresh) = api.get_opt(&run.name_any()).await? else {
+        return Ok(None);
+    };
+    if fresh.uid() != run.uid() || is_terminal(fresh.run_status().and_then(|s| s.phase)) {
+        return Ok(None);
+    }
+    let mut status = fresh.run_status().cloned().unwrap_or_default();
+    let resumed = status.phase == Some(RunPhase::Running);
     if resumed {
         tracing::info!(kind = K::ACTION, namespace = %namespace, run = %run.name_any(), "resuming a run interrupted by a coordinator restart");
     }
-    match resolve_backend(ctx, &namespace, run.backend(), run.schedule_ref()).await {
-        Ok((repository, schedule)) => Ok(Some(Begun {
+    let resolved = resolve(ctx, &fresh, status.resolved.as_ref()).await;
+    status.phase = Some(RunPhase::Running);
+    if status.start_time.is_none() {
+        status.start_time = Some(now_rfc3339());
+    }
+    // Only what was resolved from a Schedule is recorded; a fired run's spec already says it all.
+    if let Ok((spec, Origin::Schedule(_))) = &resolved
+        && fresh.backend().is_none()
+    {
+        status.resolved = Some(spec.clone());
+    }
+    let rv = fresh.resource_version();
+    match apply_status(&api, &fresh.name_any(), &status, rv.as_deref()).await {
+        Ok(()) => {}
+        // Someone else changed the run since our read (another attempt finished it): leave it.
+        Err(kube::Error::Api(e)) if e.code == 409 => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let before = status.clone();
+    let (handle, writer) = StatusWriter::spawn(ctx.client.clone(), &fresh, status);
+    let (spec, origin) = match resolved {
+        Ok(r) => r,
+        Err(f) => {
+            finish(ctx, &fresh, handle, writer, RunPhase::Failed, &f).await;
+            return Ok(None);
+        }
+    };
+    let at = origin.field("backend");
+    match backend::resolve(
+        &Secrets::Api(ctx.client.clone()),
+        &namespace,
+        &spec.backend,
+        &at,
+    )
+    .await
+    {
+        Ok(repository) => Ok(Some(Begun {
+            status: handle,
             writer,
             resumed,
+            before,
+            spec,
+            origin,
             repository,
-            schedule,
         })),
         Err(f) => {
-            fail(ctx, run, &writer, &f).await?;
+            finish(ctx, &fresh, handle, writer, RunPhase::Failed, &f).await;
             Ok(None)
         }
     }
 }
 
-/// Ends a run: phase, completion time, the `Succeeded` condition, an Event and the metrics.
-pub async fn finish<K: RunObject>(
+impl Begun {
+    /// Ends the run; see [`finish`].
+    pub async fn finish<K: RunObject>(
+        self,
+        ctx: &Ctx,
+        run: &K,
+        phase: RunPhase,
+        finding: &Finding,
+    ) {
+        finish(ctx, run, self.status, self.writer, phase, finding).await;
+    }
+}
+
+/// Ends a run: phase, completion time and the `Succeeded` condition, written by the run's writer as
+/// its last write; then an Event and the metrics. `status` must be the last handle to the writer.
+async fn finish<K: RunObject>(
     ctx: &Ctx,
     run: &K,
-    writer: &StatusWriter<K>,
+    status: StatusHandle,
+    writer: tokio::task::JoinHandle<RunStatus>,
     phase: RunPhase,
     finding: &Finding,
-) -> Result<(), kube::Error> {
+) {
     let generation = run.meta().generation;
-    writer.update(|s| {
+    let (reason, message) = (
+        finding.reason,
+        errors::bounded(&finding.message, errors::CONDITION_MESSAGE_MAX),
+    );
+    status.run(move |s| {
         s.phase = Some(phase);
         s.completion_time = Some(now_rfc3339());
+        for i in &mut s.items {
+            i.percent_done = None;
+        }
         conditions::set(
             &mut s.conditions,
             conditions::SUCCEEDED,
             phase == RunPhase::Succeeded,
-            finding.reason,
-            &finding.message,
+            reason,
+            &message,
             generation,
         );
     });
-    writer.flush().await?;
-    let status = writer.snapshot();
-    let seconds = status
+    drop(status);
+    let final_status = writer.await.unwrap_or_default();
+    let seconds = final_status
         .start_time
         .as_deref()
         .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
@@ -162,22 +260,9 @@ pub async fn finish<K: RunObject>(
         seconds,
         "run finished"
     );
-    Ok(())
-}
-
-/// Fails a run before any work (bad input): the condition and Event name the field.
-pub async fn fail<K: RunObject>(
-    ctx: &Ctx,
-    run: &K,
-    writer: &StatusWriter<K>,
-    finding: &Finding,
-) -> Result<(), kube::Error> {
-    finish(ctx, run, writer, RunPhase::Failed, finding).await
 }
 
 /// The id the agents log and tag snapshots with.
 pub fn run_id<K: RunObject>(run: &K) -> String {
     format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any())
 }
-
-pub type Shared<K> = Arc<StatusWriter<K>>;

@@ -1,0 +1,153 @@
+//! The contract between the coordinator, the agents and the snapshots they leave behind: label,
+//! annotation and tag keys, and what a `Repository` message means. Changing a key here changes
+//! it for every binary at once; snapshots already written keep their tags, so keys are forever.
+
+use std::path::{Component, Path};
+
+use restic_wrap::{Backend, Repository};
+use stowage_proto::v1::{self, repository::Backend as PBackend};
+
+/// The key prefix Stowage reserves (users' extra tags must not use it).
+pub const PREFIX: &str = "stowage.dev/";
+
+// --- labels (on runs and pods; values bounded with `names::label_value`) ---------------------------
+/// On runs: the Schedule that fired them.
+pub const LABEL_SCHEDULE: &str = "stowage.dev/schedule";
+/// On runs: `backup`, `check` or `prune`.
+pub const LABEL_ACTION: &str = "stowage.dev/action";
+/// On mount-holder pods: the run they serve.
+pub const LABEL_RUN: &str = "stowage.dev/run";
+/// On mount-holder pods: marks them (they are never backed up as workloads).
+pub const LABEL_MOUNT_HOLDER: &str = "stowage.dev/mount-holder";
+
+// --- annotations -----------------------------------------------------------------------------------
+/// On PVCs and pods: `"false"` leaves the volume out of backups.
+pub const ANNOTATION_BACKUP: &str = "stowage.dev/backup";
+/// The full value of a label that had to be shortened (`<label key>` + this suffix).
+pub const ANNOTATION_FULL_SUFFIX: &str = "-full";
+
+// --- snapshot tags (restic) ------------------------------------------------------------------------
+pub const TAG_NAMESPACE: &str = "stowage.dev/namespace";
+pub const TAG_PVC: &str = "stowage.dev/pvc";
+pub const TAG_POD: &str = "stowage.dev/pod";
+/// The run (`<namespace>/<name>`) that made a snapshot.
+pub const TAG_RUN: &str = "stowage.dev/run";
+/// What kind of item a snapshot holds (volume now; command dumps later).
+pub const TAG_SOURCE_VOLUME: &str = "stowage.dev/source=volume";
+/// On a snapshot restic finished with unreadable files (exit 3): it exists but is incomplete.
+pub const TAG_PARTIAL: &str = "stowage.dev/partial=true";
+
+/// Where a repository is, as restic's `-r` names it (no secrets): the key of caches and the text of
+/// messages. `None` for a message that does not describe a usable repository.
+pub fn location(p: &v1::Repository) -> Option<String> {
+    repository(Some(p)).ok().map(|r| r.location())
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("repository.{field}: {reason}")]
+pub struct InvalidRepository {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+pub fn invalid(field: &'static str, reason: impl Into<String>) -> InvalidRepository {
+    InvalidRepository {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn required(field: &'static str, v: &str) -> Result<String, InvalidRepository> {
+    if v.is_empty() {
+        Err(invalid(field, "is required"))
+    } else {
+        Ok(v.to_string())
+    }
+}
+
+/// The restic repository a `Repository` message describes, with every required field checked (each
+/// error names its field). What the agent adds on top is node policy: where local paths may lie.
+pub fn repository(p: Option<&v1::Repository>) -> Result<Repository, InvalidRepository> {
+    let p = p.ok_or_else(|| invalid("repository", "is required"))?;
+    let backend = match &p.backend {
+        None => {
+            return Err(invalid(
+                "backend",
+                "exactly one of local, s3, rest is required",
+            ));
+        }
+        Some(PBackend::Local(l)) => {
+            let path = required("local.path", &l.path)?;
+            let p = Path::new(&path);
+            if !p.is_absolute() {
+                return Err(invalid("local.path", "must be absolute"));
+            }
+            if p.components()
+                .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+            {
+                return Err(invalid("local.path", "must not contain '.' or '..'"));
+            }
+            Backend::Local { path }
+        }
+        Some(PBackend::S3(s)) => Backend::S3 {
+            endpoint: required("s3.endpoint", &s.endpoint)?,
+            bucket: required("s3.bucket", &s.bucket)?,
+            prefix: s.prefix.clone(),
+            region: s.region.clone(),
+            access_key_id: required("s3.access_key_id", &s.access_key_id)?,
+            secret_access_key: required("s3.secret_access_key", &s.secret_access_key)?,
+        },
+        Some(PBackend::Rest(r)) => Backend::Rest {
+            url: required("rest.url", &r.url)?,
+            username: r.username.clone(),
+            password: r.password.clone(),
+        },
+    };
+    Ok(Repository {
+        backend,
+        password: required("password", &p.password)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_each_backend_and_names_the_field() {
+        let mut p = v1::Repository {
+            password: "pw".into(),
+            ..Default::default()
+        };
+        assert_eq!(repository(Some(&p)).unwrap_err().field, "backend");
+        p.backend = Some(PBackend::Local(v1::LocalBackend { path: "rel".into() }));
+        assert_eq!(repository(Some(&p)).unwrap_err().field, "local.path");
+        p.backend = Some(PBackend::Local(v1::LocalBackend {
+            path: "/srv/../etc".into(),
+        }));
+        assert_eq!(repository(Some(&p)).unwrap_err().field, "local.path");
+        p.backend = Some(PBackend::Local(v1::LocalBackend {
+            path: "/srv/repo".into(),
+        }));
+        assert_eq!(location(&p).as_deref(), Some("/srv/repo"));
+        p.backend = Some(PBackend::S3(v1::S3Backend {
+            endpoint: "http://e/".into(),
+            bucket: "b".into(),
+            prefix: "/team/".into(),
+            ..Default::default()
+        }));
+        assert_eq!(repository(Some(&p)).unwrap_err().field, "s3.access_key_id");
+        if let Some(PBackend::S3(s)) = &mut p.backend {
+            s.access_key_id = "id".into();
+            s.secret_access_key = "key".into();
+        }
+        assert_eq!(location(&p).as_deref(), Some("s3:http://e/b/team"));
+        p.password.clear();
+        p.backend = Some(PBackend::Rest(v1::RestBackend {
+            url: "http://r".into(),
+            ..Default::default()
+        }));
+        assert_eq!(repository(Some(&p)).unwrap_err().field, "password");
+        assert!(repository(None).is_err());
+    }
+}

@@ -1,0 +1,10 @@
+//! What both Stowage binaries share, so that each contract has one definition:
+//!
+//! - [`contract`]: the label, annotation and snapshot-tag keys, and a repository's location;
+//! - [`names`]: object names and label values bounded to Kubernetes' limits, with [`hash`];
+//! - [`runtime`]: TLS files, shutdown signals, the metrics endpoint and logging.
+
+pub mod contract;
+pub mod hash;
+pub mod names;
+pub mod runtime;

@@ -1,0 +1,106 @@
+//! What is wrong with a Schedule's spec, each finding naming its field.
+
+use std::collections::BTreeMap;
+
+use kube::ResourceExt;
+
+use super::{ACTIONS, expression};
+use crate::backend::{self, Secrets};
+use crate::conditions::Finding;
+use crate::context::Ctx;
+use crate::crd::{Retention, Schedule};
+use crate::cron::CronSchedule;
+use crate::plan::selector_matches;
+use crate::restic_fields;
+
+/// Everything wrong with the spec, each naming its field.
+pub(super) async fn validate(
+    ctx: &Ctx,
+    s: &Schedule,
+    crons: &mut Vec<(&'static str, CronSchedule)>,
+) -> (Vec<Finding>, bool, Option<Finding>) {
+    let ns = s.namespace().unwrap_or_default();
+    let name = s.name_any();
+    let mut problems = Vec::new();
+    for action in ACTIONS {
+        if let Some(expr) = expression(s, action) {
+            match CronSchedule::parse(expr, &ns, &name, action) {
+                Ok(c) => crons.push((action, c)),
+                Err(e) => problems.push(Finding::new(
+                    "InvalidSchedule",
+                    format!("spec.{action}.schedule: {e}"),
+                )),
+            }
+        }
+    }
+    if s.spec.backup.is_none() && s.spec.check.is_none() && s.spec.prune.is_none() {
+        problems.push(Finding::new(
+            "NothingScheduled",
+            "spec: set at least one of backup, check, prune",
+        ));
+    }
+    if let Some(p) = &s.spec.prune {
+        if p.retention == Retention::default() {
+            problems.push(Finding::new(
+                "NoRetention",
+                "spec.prune.retention: set at least one keep rule",
+            ));
+        }
+        problems.extend(restic_fields::retention(
+            &p.retention,
+            "spec.prune.retention",
+        ));
+    }
+    if let Some(subset) = s
+        .spec
+        .check
+        .as_ref()
+        .and_then(|c| c.read_data_subset.as_deref())
+        && let Some(f) = restic_fields::read_data_subset(subset, "spec.check.readDataSubset")
+    {
+        problems.push(f);
+    }
+    let secrets = Secrets::Cache(ctx.stores.secrets.clone());
+    let backend_ok = match backend::resolve(&secrets, &ns, &s.spec.backend, "spec.backend").await {
+        Ok(_) => true,
+        Err(f) => {
+            problems.push(f);
+            false
+        }
+    };
+    let mut selection = None;
+    if let Some(b) = &s.spec.backup {
+        let sel = b.selector.as_ref();
+        match selector_matches(sel, &BTreeMap::new()) {
+            Err(e) => problems.push(Finding::new(
+                "InvalidSelector",
+                format!("spec.backup.{}: {}", e.field, e.reason),
+            )),
+            Ok(_) => {
+                let any = ctx.stores.pvcs.state().iter().any(|p| {
+                    p.namespace().as_deref() == Some(ns.as_str())
+                        && selector_matches(sel, p.labels()).unwrap_or(false)
+                });
+                selection = Some(if any {
+                    Finding::new(
+                        "Matched",
+                        "the backup selector matches PersistentVolumeClaims",
+                    )
+                } else if sel.is_some() {
+                    Finding::new(
+                        "NothingSelected",
+                        format!(
+                            "spec.backup.selector matches no PersistentVolumeClaim in namespace {ns}"
+                        ),
+                    )
+                } else {
+                    Finding::new(
+                        "NothingSelected",
+                        format!("namespace {ns} has no PersistentVolumeClaim to back up"),
+                    )
+                });
+            }
+        }
+    }
+    (problems, backend_ok, selection)
+}

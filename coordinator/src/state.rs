@@ -1,0 +1,148 @@
+//! What the coordinator knows of the cluster, from watches: PVCs, Pods and Secrets, each a
+//! reflector store fed by one watch. The planner and the reconcilers read these stores; nothing
+//! LISTs per run or per reconcile. Secrets are cached as key names only: the values are replaced
+//! by a marker of whether each is empty, and a run reads the values it needs when it starts.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+
+/// How long start-up waits for the first full list of every store.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+#[error("the watch caches did not fill within {secs}s: the API server is unreachable or too slow")]
+pub struct SyncTimeout {
+    secs: u64,
+}
+
+impl SyncTimeout {
+    pub fn after(d: Duration) -> Self {
+        Self { secs: d.as_secs() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Stores {
+    pub pvcs: Store<PersistentVolumeClaim>,
+    pub pods: Store<Pod>,
+    pub secrets: Store<Secret>,
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Drops what the coordinator never reads, so the caches stay small.
+fn slim<K: Resource>(obj: &mut K) {
+    obj.meta_mut().managed_fields = None;
+    if let Some(a) = obj.meta_mut().annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// Secret values never enter the cache: a non-empty value becomes one byte, an empty one stays empty.
+fn keys_only(s: &mut Secret) {
+    slim(s);
+    for v in s.data.iter_mut().flat_map(|d| d.values_mut()) {
+        *v = ByteString(if v.0.is_empty() { Vec::new() } else { vec![1] });
+    }
+    for v in s.string_data.iter_mut().flat_map(|d| d.values_mut()) {
+        *v = if v.is_empty() {
+            String::new()
+        } else {
+            "1".into()
+        };
+    }
+}
+
+/// Starts one reflector per kind; the returned future drives them (spawn it).
+pub fn start(
+    client: &Client,
+    namespace: Option<&str>,
+    secret_events: reflector::store::Writer<Secret>,
+) -> (Stores, impl Future<Output = ()> + Send + 'static) {
+    let (pvcs, pvc_writer) = reflector::store();
+    let (pods, pod_writer) = reflector::store();
+    let secrets = secret_events.as_reader();
+    let pvc_watch = watcher(
+        api::<PersistentVolumeClaim>(client, namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(slim)
+    .reflect(pvc_writer)
+    .for_each(|_| futures::future::ready(()));
+    let pod_watch = watcher(api::<Pod>(client, namespace), watcher::Config::default())
+        .default_backoff()
+        .modify(slim)
+        .reflect(pod_writer)
+        .for_each(|_| futures::future::ready(()));
+    let secret_watch = watcher(api::<Secret>(client, namespace), watcher::Config::default())
+        .default_backoff()
+        .modify(keys_only)
+        .reflect_shared(secret_events)
+        .for_each(|_| futures::future::ready(()));
+    let drive = async move {
+        tokio::join!(pvc_watch, pod_watch, secret_watch);
+    };
+    (
+        Stores {
+            pvcs,
+            pods,
+            secrets,
+        },
+        drive,
+    )
+}
+
+impl Stores {
+    /// Waits until every store has had its first full list (bounded by [`SYNC_TIMEOUT`]).
+    pub async fn synced(&self) -> Result<(), SyncTimeout> {
+        let all = async {
+            let _ = self.pvcs.wait_until_ready().await;
+            let _ = self.pods.wait_until_ready().await;
+            let _ = self.secrets.wait_until_ready().await;
+        };
+        tokio::time::timeout(SYNC_TIMEOUT, all)
+            .await
+            .map_err(|_| SyncTimeout {
+                secs: SYNC_TIMEOUT.as_secs(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_values_never_reach_the_cache() {
+        let mut s = Secret {
+            data: Some(
+                [
+                    ("password".to_string(), ByteString(b"hunter2".to_vec())),
+                    ("empty".to_string(), ByteString(Vec::new())),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        keys_only(&mut s);
+        let d = s.data.unwrap();
+        assert_eq!(d["password"].0, vec![1]);
+        assert!(d["empty"].0.is_empty());
+    }
+}
