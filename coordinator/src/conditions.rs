@@ -10,6 +10,7 @@ use kube::{Resource, ResourceExt};
 pub const READY: &str = "Ready";
 pub const SUCCEEDED: &str = "Succeeded";
 pub const VOLUMES_SELECTED: &str = "VolumesSelected";
+pub const REPOSITORY_HEALTHY: &str = "RepositoryHealthy";
 
 /// What a controller found wrong (or right) with an object, in words a user can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]

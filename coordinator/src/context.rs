@@ -73,8 +73,11 @@ impl Ctx {
     pub async fn synced(&self) -> Result<(), crate::state::SyncTimeout> {
         let runs = async {
             let _ = self.runs.backups.wait_until_ready().await;
+            tracing::trace!("backups cache ready");
             let _ = self.runs.checks.wait_until_ready().await;
+            tracing::trace!("checks cache ready");
             let _ = self.runs.prunes.wait_until_ready().await;
+            tracing::trace!("prunes cache ready");
         };
         tokio::time::timeout(crate::state::SYNC_TIMEOUT, runs)
             .await

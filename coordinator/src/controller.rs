@@ -63,9 +63,19 @@ where
 /// A reconcile that waits for the caches first; a cache that does not fill in time is an error
 /// (retried), never a decision made on a partial view.
 async fn when_synced(ctx: &Ctx) -> Result<(), kube::Error> {
-    ctx.synced()
+    let started = std::time::Instant::now();
+    let r = ctx
+        .synced()
         .await
-        .map_err(|e| kube::Error::Service(Box::new(e)))
+        .map_err(|e| kube::Error::Service(Box::new(e)));
+    let waited = started.elapsed();
+    if waited > Duration::from_millis(100) {
+        tracing::debug!(
+            waited_ms = waited.as_millis() as u64,
+            "reconcile waited for the caches"
+        );
+    }
+    r
 }
 
 /// Starts executing a run unless it is finished or already executing here.
@@ -78,6 +88,7 @@ where
     if is_terminal(obj.run_status().and_then(|s| s.phase)) {
         return Action::await_change();
     }
+    tracing::debug!(kind = K::ACTION, run = %obj.name_any(), "reconciling run");
     let uid = obj.uid().unwrap_or_default();
     if let Some(claim) = ctx.claim(&uid) {
         let name = obj.name_any();
@@ -131,13 +142,22 @@ where
     let drive = watcher(api::<K>(client, ns), watcher::Config::default())
         .default_backoff()
         .reflect_shared(writer)
-        .for_each(|_| futures::future::ready(()))
+        .for_each(|r| state::log_watch_error(K::ACTION, r))
         .boxed();
     Some(SharedRuns {
         store,
         for_runs,
         for_schedules,
         drive,
+    })
+}
+
+/// Fires every `period`: each run controller re-examines every run it knows this often, so a run
+/// is never left unexamined because an event was missed.
+fn every(period: Duration) -> impl Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold((), move |()| async move {
+        tokio::time::sleep(period).await;
+        Some(((), ()))
     })
 }
 
@@ -306,30 +326,36 @@ async fn lead(
             error_policy,
             Arc::clone(&ctx),
         );
-    let backup_runs = Controller::for_shared_stream(backups.for_runs, backups.store).run(
-        |o, c| async move {
-            when_synced(&c).await?;
-            Ok::<_, kube::Error>(reconcile_run(o, c, run::backup::execute))
-        },
-        error_policy,
-        Arc::clone(&ctx),
-    );
-    let check_runs = Controller::for_shared_stream(checks.for_runs, checks.store).run(
-        |o, c| async move {
-            when_synced(&c).await?;
-            Ok::<_, kube::Error>(reconcile_run(o, c, run::maintenance::execute_check))
-        },
-        error_policy,
-        Arc::clone(&ctx),
-    );
-    let prune_runs = Controller::for_shared_stream(prunes.for_runs, prunes.store).run(
-        |o, c| async move {
-            when_synced(&c).await?;
-            Ok::<_, kube::Error>(reconcile_run(o, c, run::maintenance::execute_prune))
-        },
-        error_policy,
-        Arc::clone(&ctx),
-    );
+    let backup_runs = Controller::for_shared_stream(backups.for_runs, backups.store)
+        .reconcile_all_on(every(RUN_RECHECK))
+        .run(
+            |o, c| async move {
+                when_synced(&c).await?;
+                Ok::<_, kube::Error>(reconcile_run(o, c, run::backup::execute))
+            },
+            error_policy,
+            Arc::clone(&ctx),
+        );
+    let check_runs = Controller::for_shared_stream(checks.for_runs, checks.store)
+        .reconcile_all_on(every(RUN_RECHECK))
+        .run(
+            |o, c| async move {
+                when_synced(&c).await?;
+                Ok::<_, kube::Error>(reconcile_run(o, c, run::maintenance::execute_check))
+            },
+            error_policy,
+            Arc::clone(&ctx),
+        );
+    let prune_runs = Controller::for_shared_stream(prunes.for_runs, prunes.store)
+        .reconcile_all_on(every(RUN_RECHECK))
+        .run(
+            |o, c| async move {
+                when_synced(&c).await?;
+                Ok::<_, kube::Error>(reconcile_run(o, c, run::maintenance::execute_prune))
+            },
+            error_policy,
+            Arc::clone(&ctx),
+        );
     tracing::info!(namespace = ns.unwrap_or("(all)"), "controllers running");
     tokio::join!(
         drain(schedules, "schedule"),

@@ -212,6 +212,9 @@ pub struct ScheduleStatus {
     pub last_success_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The repository's figures from the newest Check or Prune.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<RepositoryFigures>,
 }
 
 /// A Schedule to inherit the backend from.
@@ -297,6 +300,9 @@ pub struct PruneSpec {
     /// Defaults to the Schedule's retention when `scheduleRef` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
+    /// Report per volume identity what would be kept and removed; delete nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -348,6 +354,15 @@ pub struct ItemStatus {
     pub kept: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removed: Option<u32>,
+    /// Prune: short ids of the snapshots kept, and removed (dry run: that would be removed); at
+    /// most 50 each, the counts above are exact.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept_snapshots: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_snapshots: Vec<String>,
+    /// While it waits: why ("waiting for the repository lock held by ...").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     /// While running: restic's percent done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent_done: Option<f64>,
@@ -398,6 +413,26 @@ pub struct RunStatus {
     pub items: Vec<ItemStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Check and Prune, while waiting: why ("waiting for the repository lock held by ...").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Prune: what restic freed (0 in a dry run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freed_bytes: Option<u64>,
+    /// Check and Prune: the repository afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<RepositoryFigures>,
+}
+
+/// A repository's size, as restic reports it (`restic stats --mode raw-data`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RepositoryFigures {
+    pub snapshots: u64,
+    pub size_bytes: u64,
+    /// When they were read (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
 }
 
 /// Where the chart keeps the CRDs.

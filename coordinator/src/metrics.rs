@@ -29,6 +29,11 @@ pub struct Metrics {
     pub run_duration: HistogramVec,
     pub next_run: GaugeVec,
     pub last_success: GaugeVec,
+    pub check_success: GaugeVec,
+    pub last_check: GaugeVec,
+    pub repository_snapshots: GaugeVec,
+    pub repository_size: GaugeVec,
+    pub lock_removals: IntCounterVec,
     pub missed_runs: IntCounter,
     pub skipped_runs: IntCounter,
     pub agents: IntGaugeVec,
@@ -71,6 +76,41 @@ impl Metrics {
             ),
             &["namespace", "schedule"],
         )?;
+        let check_success = GaugeVec::new(
+            Opts::new(
+                "stowage_repository_check_success",
+                "1 if the newest Check of each Schedule's repository passed, 0 if it found damage.",
+            ),
+            &["namespace", "schedule"],
+        )?;
+        let last_check = GaugeVec::new(
+            Opts::new(
+                "stowage_repository_last_check_timestamp_seconds",
+                "Completion time of each Schedule's newest passing Check (Unix time).",
+            ),
+            &["namespace", "schedule"],
+        )?;
+        let repository_snapshots = GaugeVec::new(
+            Opts::new(
+                "stowage_repository_snapshots",
+                "Snapshots in each Schedule's repository, after its newest Check or Prune.",
+            ),
+            &["namespace", "schedule"],
+        )?;
+        let repository_size = GaugeVec::new(
+            Opts::new(
+                "stowage_repository_size_bytes",
+                "Size of each Schedule's repository (restic stats --mode raw-data), after its newest Check or Prune.",
+            ),
+            &["namespace", "schedule"],
+        )?;
+        let lock_removals = IntCounterVec::new(
+            Opts::new(
+                "stowage_repository_lock_removals_total",
+                "Stale repository locks removed with restic unlock during runs, per Schedule (\"\" for runs without one).",
+            ),
+            &["namespace", "schedule"],
+        )?;
         let missed_runs = IntCounter::new(
             "stowage_coordinator_missed_runs_total",
             "Fire times not run because they were missed by more than --missed-run-deadline.",
@@ -106,6 +146,11 @@ impl Metrics {
         registry.register(Box::new(run_duration.clone()))?;
         registry.register(Box::new(next_run.clone()))?;
         registry.register(Box::new(last_success.clone()))?;
+        registry.register(Box::new(check_success.clone()))?;
+        registry.register(Box::new(last_check.clone()))?;
+        registry.register(Box::new(repository_snapshots.clone()))?;
+        registry.register(Box::new(repository_size.clone()))?;
+        registry.register(Box::new(lock_removals.clone()))?;
         registry.register(Box::new(missed_runs.clone()))?;
         registry.register(Box::new(skipped_runs.clone()))?;
         registry.register(Box::new(agents.clone()))?;
@@ -117,6 +162,11 @@ impl Metrics {
             run_duration,
             next_run,
             last_success,
+            check_success,
+            last_check,
+            repository_snapshots,
+            repository_size,
+            lock_removals,
             missed_runs,
             skipped_runs,
             agents,
@@ -146,6 +196,10 @@ impl Metrics {
                 let _ = self.next_run.remove_label_values(&[&ns, &name, action]);
             }
             let _ = self.last_success.remove_label_values(&[&ns, &name]);
+            let _ = self.check_success.remove_label_values(&[&ns, &name]);
+            let _ = self.last_check.remove_label_values(&[&ns, &name]);
+            let _ = self.repository_snapshots.remove_label_values(&[&ns, &name]);
+            let _ = self.repository_size.remove_label_values(&[&ns, &name]);
             seen.remove(&(ns, name));
         }
     }

@@ -68,6 +68,18 @@ fn keys_only(s: &mut Secret) {
     }
 }
 
+/// A watch that fails is retried with backoff by the watcher; say so, or a cache that never fills
+/// (RBAC, a missing CRD) would go unexplained.
+pub fn log_watch_error<T>(
+    kind: &'static str,
+    r: Result<T, watcher::Error>,
+) -> futures::future::Ready<()> {
+    if let Err(e) = r {
+        tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
+    }
+    futures::future::ready(())
+}
+
 /// Starts one reflector per kind; the returned future drives them (spawn it).
 pub fn start(
     client: &Client,
@@ -89,12 +101,12 @@ pub fn start(
         .default_backoff()
         .modify(slim)
         .reflect(pod_writer)
-        .for_each(|_| futures::future::ready(()));
+        .for_each(|r| log_watch_error("pods", r));
     let secret_watch = watcher(api::<Secret>(client, namespace), watcher::Config::default())
         .default_backoff()
         .modify(keys_only)
         .reflect_shared(secret_events)
-        .for_each(|_| futures::future::ready(()));
+        .for_each(|r| log_watch_error("secrets", r));
     let drive = async move {
         tokio::join!(pvc_watch, pod_watch, secret_watch);
     };

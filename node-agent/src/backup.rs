@@ -301,7 +301,7 @@ async fn attempt(
             bytes_done: s.bytes_done,
             seconds_elapsed: s.seconds_elapsed,
             seconds_remaining: s.seconds_remaining,
-            message: String::new(),
+            ..Default::default()
         });
     })
     .await?;

@@ -105,13 +105,14 @@ pub struct Config {
     )]
     pub cache_dir: PathBuf,
 
-    /// A repository lock older than this has no live holder and is removed (logged and counted).
-    /// restic refreshes live locks every 5 minutes, so keep this well above that.
+    /// A repository lock older than this gets one plain `restic unlock`, which removes it if restic
+    /// too judges it stale (not refreshed for 30 minutes; live holders refresh every 5).
     #[arg(long, env = "STOWAGE_STALE_LOCK_AGE", default_value = "30m", value_parser = parse_duration)]
     pub stale_lock_age: Duration,
 
-    /// How long an operation waits for a lock held by a live holder before failing.
-    #[arg(long, env = "STOWAGE_LOCK_WAIT", default_value = "10m", value_parser = parse_duration)]
+    /// How long an operation waits for a lock held by someone else before failing: a backup that
+    /// fires during a prune waits for it, and a prune waits for running backups.
+    #[arg(long, env = "STOWAGE_LOCK_WAIT", default_value = "1h", value_parser = parse_duration)]
     pub lock_wait: Duration,
 
     /// Full rescan of the kubelet directory as a safety net behind inotify (mounts raise no events).

@@ -191,12 +191,25 @@ impl LockObserver for LockMetrics {
     fn waiting(&self, lock: &LockInfo) {
         self.metrics.lock_waits.inc();
         if let Some(p) = &self.progress {
-            p.phase(Phase::WaitingForLock, format!("repository locked: {lock}"));
+            p.phase(
+                Phase::WaitingForLock,
+                format!("waiting for the repository lock held by {}", lock.holder()),
+            );
         }
     }
 
-    fn removed(&self, lock: &LockInfo, remove_all: bool) {
+    fn removed(&self, lock: &LockInfo) {
         self.metrics.lock_removals.inc();
-        tracing::warn!(lock = %lock, remove_all, "removed stale repository lock");
+        tracing::warn!(lock = %lock, "removed a stale repository lock");
+        if let Some(p) = &self.progress {
+            p.send(Progress {
+                phase: Phase::Running.into(),
+                removed_lock: format!(
+                    "removed the stale repository lock of {} with restic unlock (not refreshed for over 30 minutes: its holder is gone)",
+                    lock.holder()
+                ),
+                ..Default::default()
+            });
+        }
     }
 }

@@ -3,10 +3,12 @@
 
 use std::time::Instant;
 
-use restic_wrap::options::{CheckOptions, ForgetOptions, PruneOptions, Retention};
+use restic_wrap::options::{
+    CheckOptions, ForgetOptions, PruneOptions, Retention, StatsMode, StatsOptions,
+};
 use stowage_proto::v1::{
     CheckRequest, IdentityRetention, MaintenanceEvent, MaintenanceResult, Phase, Progress,
-    PruneRequest, RetentionPolicy, maintenance_event::Event,
+    PruneRequest, RepositoryFigures, RetentionPolicy, maintenance_event::Event,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -143,6 +145,49 @@ fn tail(s: &str) -> String {
     s[start..].trim().to_string()
 }
 
+/// The repository's figures after the operation; `None` (and a warning) if restic cannot say.
+async fn figures(restic: &restic_wrap::Restic) -> Option<RepositoryFigures> {
+    let opts = StatsOptions {
+        mode: StatsMode::RawData,
+        ..Default::default()
+    };
+    match restic.stats(&opts).await {
+        Ok(s) => Some(RepositoryFigures {
+            snapshots: s.snapshots_count,
+            size_bytes: s.total_size,
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the repository's figures (restic stats)");
+            None
+        }
+    }
+}
+
+/// "total prune:  4 blobs / 1.181 KiB" in restic's prune report, in bytes (0 if absent).
+fn freed_bytes(report: &str) -> u64 {
+    report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("total prune:"))
+        .and_then(|rest| rest.split_once('/'))
+        .and_then(|(_, size)| parse_size(size.trim()))
+        .unwrap_or(0)
+}
+
+/// restic's human sizes: "0 B", "1.181 KiB", "3.075 MiB", "2.000 GiB", "1.5 TiB".
+fn parse_size(s: &str) -> Option<u64> {
+    let (num, unit) = s.split_once(' ')?;
+    let n: f64 = num.parse().ok()?;
+    let scale = match unit.trim() {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some((n * scale).round() as u64)
+}
+
 pub async fn execute(
     ctx: &AgentContext,
     plan: MaintenancePlan,
@@ -160,6 +205,7 @@ pub async fn execute(
                 let report = restic.check(&opts).await?;
                 Ok::<_, AgentError>(MaintenanceResult {
                     report: tail(&report),
+                    figures: figures(&restic).await,
                     ..Default::default()
                 })
             }
@@ -190,12 +236,14 @@ pub async fn execute(
                                     .to_string(),
                             ),
                         };
+                        let removed = g.remove.as_deref().unwrap_or_default();
                         IdentityRetention {
                             namespace,
                             pvc,
                             kept: u32::try_from(g.keep.len()).unwrap_or(u32::MAX),
-                            removed: u32::try_from(g.remove.as_ref().map_or(0, Vec::len))
-                                .unwrap_or(u32::MAX),
+                            removed: u32::try_from(removed.len()).unwrap_or(u32::MAX),
+                            kept_ids: g.keep.iter().map(|s| s.short_id.clone()).collect(),
+                            removed_ids: removed.iter().map(|s| s.short_id.clone()).collect(),
                         }
                     })
                     .collect();
@@ -203,7 +251,13 @@ pub async fn execute(
                 let report = restic.prune(&prune).await?;
                 Ok(MaintenanceResult {
                     identities,
+                    freed_bytes: if prune.dry_run {
+                        0
+                    } else {
+                        freed_bytes(&report)
+                    },
                     report: tail(&report),
+                    figures: figures(&restic).await,
                     ..Default::default()
                 })
             }
@@ -220,6 +274,15 @@ pub async fn execute(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn freed_bytes_come_from_restics_report() {
+        let report = "to repack:             0 blobs / 0 B\nthis removes:          0 blobs / 0 B\nto delete:             4 blobs / 1.181 KiB\ntotal prune:           4 blobs / 1.181 KiB\nremaining:             8 blobs / 880.267 KiB\n";
+        assert_eq!(freed_bytes(report), 1209);
+        assert_eq!(freed_bytes("nothing to do"), 0);
+        assert_eq!(parse_size("3.075 MiB"), Some(3_224_371));
+        assert_eq!(parse_size("12 parsecs"), None);
+    }
     use stowage_proto::v1::{LocalBackend, Repository, repository::Backend};
 
     fn repo() -> Option<Repository> {

@@ -39,6 +39,21 @@ impl fmt::Display for LockInfo {
 }
 
 impl LockInfo {
+    /// Who holds it, for people: "node-2.sbx-41-3 (pid 1234, exclusive, 31m5s old)".
+    pub fn holder(&self) -> String {
+        let pid = self.pid.map_or("?".into(), |p| p.to_string());
+        let kind = if self.exclusive {
+            "exclusive"
+        } else {
+            "non-exclusive"
+        };
+        let age = self.age.map_or(String::new(), |a| {
+            let s = a.as_secs();
+            format!(", {}m{}s old", s / 60, s % 60)
+        });
+        format!("{} (pid {pid}, {kind}{age})", self.host)
+    }
+
     /// Parses restic 0.14's report:
     /// ```text
     /// unable to create lock in backend: repository is already locked [exclusively ]by PID 13288 on vm by root (UID 0, GID 0)
@@ -120,9 +135,8 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
 pub trait LockObserver: Send + Sync {
     /// We are waiting for `lock` to go away.
     fn waiting(&self, _lock: &LockInfo) {}
-    /// We removed locks because `lock` was older than the policy allows. `remove_all` says whether
-    /// plain `restic unlock` was not enough.
-    fn removed(&self, _lock: &LockInfo, _remove_all: bool) {}
+    /// `restic unlock` removed `lock`, which was older than the staleness threshold.
+    fn removed(&self, _lock: &LockInfo) {}
 }
 
 /// An observer that ignores everything.
@@ -191,6 +205,10 @@ mod tests {
         );
         assert!(!info.exclusive);
         assert!(info.to_string().contains("PID 18083 on agent-pod-old"));
+        assert_eq!(
+            info.holder(),
+            "agent-pod-old (pid 18083, non-exclusive, 0m3s old)"
+        );
     }
 
     #[test]

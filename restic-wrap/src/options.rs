@@ -318,20 +318,15 @@ impl Subcommand for TagOptions {
     }
 }
 
-/// `restic unlock`. Plain unlock only removes locks restic itself considers stale, which (0.14)
-/// excludes locks created under another hostname; `remove_all` removes every lock.
+/// `restic unlock`: removes only the locks restic itself considers stale (not refreshed for 30
+/// minutes, from any host; restic refreshes live locks every 5). Never `--remove-all`, which also
+/// deletes live locks, and so is not offered here.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UnlockOptions {
-    pub remove_all: bool,
-}
+pub struct UnlockOptions;
 
 impl Subcommand for UnlockOptions {
     fn args(&self) -> Vec<OsString> {
-        let mut a: Vec<OsString> = vec!["unlock".into()];
-        if self.remove_all {
-            a.push("--remove-all".into());
-        }
-        a
+        vec!["unlock".into()]
     }
 }
 
@@ -537,10 +532,7 @@ mod tests {
             ),
             ["check", "--read-data-subset", "5%"]
         );
-        assert_eq!(
-            strs(UnlockOptions { remove_all: true }.args()),
-            ["unlock", "--remove-all"]
-        );
+        assert_eq!(strs(UnlockOptions.args()), ["unlock"]);
         assert_eq!(strs(PruneOptions::default().args()), ["prune"]);
         assert_eq!(strs(InitOptions.args()), ["init"]);
         assert_eq!(

@@ -560,18 +560,19 @@ impl Restic {
     {
         let started = Instant::now();
         let mut retries = 0u32;
-        let mut last_removed: Option<String> = None;
+        let mut unlocked: Option<String> = None;
         loop {
             let lock = match attempt().await {
                 Err(Error::Locked { lock }) => lock,
                 other => return other,
             };
-            if self.lock_policy.is_stale(&lock) {
-                // Plain unlock removes what restic itself deems stale; a lock from another hostname
-                // survives it (restic 0.14), so escalate when the same lock is still in the way.
-                let remove_all = last_removed.as_deref() == Some(lock.storage_id.as_str());
-                self.remove_stale_lock(&lock, remove_all).await?;
-                last_removed = Some(lock.storage_id.clone());
+            // A lock past the staleness threshold gets one plain `restic unlock`. If restic keeps it
+            // (it judges staleness itself), it is waited for like any other lock.
+            if self.lock_policy.is_stale(&lock)
+                && unlocked.as_deref() != Some(lock.storage_id.as_str())
+            {
+                self.remove_stale_lock(&lock).await?;
+                unlocked = Some(lock.storage_id.clone());
                 continue;
             }
             if started.elapsed() >= self.lock_policy.max_wait {
@@ -585,15 +586,21 @@ impl Restic {
         }
     }
 
-    async fn remove_stale_lock(&self, lock: &LockInfo, remove_all: bool) -> Result<()> {
+    async fn remove_stale_lock(&self, lock: &LockInfo) -> Result<()> {
         tracing::warn!(
             lock = %lock,
             stale_after_secs = self.lock_policy.stale_after.as_secs(),
-            remove_all,
-            "removing stale repository lock"
+            "removing a stale repository lock with restic unlock"
         );
-        self.run(&UnlockOptions { remove_all }).await?;
-        self.observer.removed(lock, remove_all);
+        let before = self.list_locks().await.unwrap_or_default();
+        self.run(&UnlockOptions).await?;
+        let after = self.list_locks().await.unwrap_or_default();
+        // Only what restic really removed counts as a removal.
+        if before.iter().any(|id| id.starts_with(&lock.storage_id))
+            && !after.iter().any(|id| id.starts_with(&lock.storage_id))
+        {
+            self.observer.removed(lock);
+        }
         Ok(())
     }
 

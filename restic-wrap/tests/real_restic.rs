@@ -176,7 +176,7 @@ async fn every_wrapped_subcommand_works_against_real_restic() {
     );
 
     assert!(r.list_locks().await.unwrap().is_empty());
-    r.unlock(&UnlockOptions::default()).await.unwrap();
+    r.unlock(&UnlockOptions).await.unwrap();
 }
 
 #[tokio::test]

@@ -44,3 +44,31 @@ pub fn lock_files(repo: &Path) -> Vec<PathBuf> {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default()
 }
+
+/// Writes a lock into local repository `repo` as a process `pid` on `host` would have, `age`
+/// old (restic cannot backdate its own locks; `tests/tools/restic_lock.py` writes one in restic's
+/// format). Returns the lock's id.
+pub fn forge_lock(
+    repo: &Path,
+    password: &str,
+    host: &str,
+    pid: u32,
+    age: std::time::Duration,
+    exclusive: bool,
+) -> String {
+    let mut cmd = Command::new(crate::workspace_root().join("tests/tools/restic_lock.py"));
+    cmd.arg(repo)
+        .args(["--host", host, "--pid", &pid.to_string()])
+        .args(["--age-minutes", &format!("{}", age.as_secs_f64() / 60.0)])
+        .env("RESTIC_PASSWORD", password);
+    if exclusive {
+        cmd.arg("--exclusive");
+    }
+    let out = cmd.output().expect("run restic_lock.py");
+    assert!(
+        out.status.success(),
+        "restic_lock.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

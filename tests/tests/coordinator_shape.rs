@@ -591,3 +591,45 @@ async fn a_resumed_run_counts_a_partial_snapshot_as_partial() {
         "backed up again on resume"
     );
 }
+
+/// A fire time whose generated run name is already taken by an object the Schedule did not fire is
+/// not lost: the run is created under a second name unique to the Schedule.
+#[tokio::test]
+async fn a_taken_run_name_gets_a_second_name_and_the_run_still_happens() {
+    let env = setup("taken").await;
+    let dir = env.cluster.volume(&env.ns, "data-0", "data", "node-1", &[]);
+    std::fs::write(dir.join("f"), b"data").expect("write");
+    let repo = env.repo("r");
+    // Squat the names of the next two fire times (a per-minute cron) with hand-made runs that
+    // have no backend (they fail at once, and are not the Schedule's).
+    let now = chrono::Utc::now();
+    for minutes in 1..=2 {
+        let at = now + chrono::Duration::minutes(minutes);
+        let name = format!("squatted-backup-{}", at.format("%Y%m%d%H%M"));
+        let _: Backup = create(
+            &env.client,
+            &env.ns,
+            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+                "metadata": {"name": name}, "spec": {}}),
+        )
+        .await;
+    }
+    let _: Schedule = create(
+        &env.client,
+        &env.ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+            "metadata": {"name": "squatted"},
+            "spec": {"backend": local_backend(&repo), "backup": {"schedule": "* * * * *"}}}),
+    )
+    .await;
+    let _c = Coordinator::start(env.cluster, env.coordinator("c")).await;
+    let run = fired_run(&env, "squatted").await;
+    let name = run.metadata.name.clone().expect("name");
+    assert!(
+        name.starts_with("squatted-backup-") && name.matches('-').count() == 3,
+        "expected the second name <schedule>-backup-<time>-<hash>, got {name}"
+    );
+    let done = env.finished(&name, 60).await;
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
+    assert_eq!(snapshots_of(&repo, "data").len(), 1);
+}

@@ -6,15 +6,34 @@ use std::sync::Arc;
 use kube::ResourceExt;
 use stowage_proto::v1::{self as pb, CheckRequest, MaintenanceResult, PruneRequest};
 
+use super::status::StatusHandle;
 use super::{Begun, begin, run_id};
 use crate::conditions::Finding;
 use crate::context::Ctx;
-use crate::crd::{Check, ItemStatus, Prune, Retention, RunPhase};
+use crate::crd::{Check, ItemStatus, Prune, RepositoryFigures, Retention, RunPhase};
 use crate::dispatch::{self, DispatchError, Maintenance};
 use crate::restic_fields;
-use crate::runs::RunObject;
+use crate::runs::{RunObject, now_rfc3339};
 
 pub const NO_AGENT: &str = "NoReadyAgent";
+/// Snapshot ids listed per identity and kind in a Prune's status (the counts are exact).
+const LISTED_IDS: usize = 50;
+
+/// "1.5 MiB" for messages.
+fn human_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < units.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[unit])
+    }
+}
 pub const NO_RETENTION: &str = "NoRetention";
 
 fn retention_proto(r: &Retention) -> pb::RetentionPolicy {
@@ -30,15 +49,26 @@ fn retention_proto(r: &Retention) -> pb::RetentionPolicy {
     }
 }
 
-/// Tries the ready agents in turn until one takes the task.
-async fn on_some_agent(
-    ctx: &Ctx,
+/// Tries the ready agents in turn until one takes the task. While it waits for a repository lock,
+/// the run's status says whose.
+async fn on_some_agent<K: RunObject>(
+    ctx: &Arc<Ctx>,
+    run: &Arc<K>,
+    status: &StatusHandle,
     task: &Maintenance,
 ) -> Result<(String, MaintenanceResult), DispatchError> {
     let nodes = ctx.agents.ready_nodes();
     let mut last = None;
+    let mut waiting = false;
     for node in nodes {
-        match dispatch::maintain(&ctx.agents, &node, task, |_| {}).await {
+        let progress = |p: &pb::Progress| {
+            let message = super::lock_news(ctx, run, p);
+            if message.is_some() || waiting {
+                waiting = message.is_some();
+                status.run(move |s| s.message = message);
+            }
+        };
+        match dispatch::maintain(&ctx.agents, &node, task, progress).await {
             Ok(r) => return Ok((node, r)),
             Err(e) if e.try_elsewhere() => {
                 tracing::warn!(node = %node, error = %e, "agent unavailable for maintenance; trying the next");
@@ -65,9 +95,10 @@ async fn run_task<K: RunObject>(ctx: Arc<Ctx>, run: Arc<K>, begun: Begun, task: 
             .finish(ctx.as_ref(), run.as_ref(), RunPhase::Failed, &f)
             .await;
     }
-    match on_some_agent(&ctx, &task).await {
+    match on_some_agent(&ctx, &run, &begun.status, &task).await {
         Ok((node, r)) => {
             let verdict = r.report.lines().last().unwrap_or_default().to_string();
+            let dry_run = matches!(&task, Maintenance::Prune(p) if p.dry_run);
             let finding = match &task {
                 Maintenance::Check(_) => Finding::new(
                     "CheckPassed",
@@ -81,13 +112,24 @@ async fn run_task<K: RunObject>(ctx: Arc<Ctx>, run: Arc<K>, begun: Begun, task: 
                         .identities
                         .iter()
                         .fold((0, 0), |(k, d), i| (k + i.kept, d + i.removed));
-                    Finding::new(
-                        "Pruned",
-                        format!(
-                            "on {node}: {} volume(s), {kept} snapshot(s) kept, {removed} removed; {verdict}",
-                            r.identities.len()
-                        ),
-                    )
+                    if dry_run {
+                        Finding::new(
+                            "DryRun",
+                            format!(
+                                "dry run on {node}, nothing deleted: {} volume(s), {kept} snapshot(s) would be kept, {removed} removed",
+                                r.identities.len()
+                            ),
+                        )
+                    } else {
+                        Finding::new(
+                            "Pruned",
+                            format!(
+                                "on {node}: {} volume(s), {kept} snapshot(s) kept, {removed} removed, {} freed; {verdict}",
+                                r.identities.len(),
+                                human_bytes(r.freed_bytes)
+                            ),
+                        )
+                    }
                 }
             };
             let items: Vec<ItemStatus> = r
@@ -100,10 +142,23 @@ async fn run_task<K: RunObject>(ctx: Arc<Ctx>, run: Arc<K>, begun: Begun, task: 
                     phase: RunPhase::Succeeded,
                     kept: Some(i.kept),
                     removed: Some(i.removed),
+                    kept_snapshots: i.kept_ids.iter().take(LISTED_IDS).cloned().collect(),
+                    removed_snapshots: i.removed_ids.iter().take(LISTED_IDS).cloned().collect(),
                     ..Default::default()
                 })
                 .collect();
-            begun.status.run(move |s| s.items = items);
+            let freed = matches!(&task, Maintenance::Prune(_)).then_some(r.freed_bytes);
+            let figures = r.figures.map(|f| RepositoryFigures {
+                snapshots: f.snapshots,
+                size_bytes: f.size_bytes,
+                time: Some(now_rfc3339()),
+            });
+            begun.status.run(move |s| {
+                s.items = items;
+                s.message = None;
+                s.freed_bytes = freed;
+                s.repository = figures;
+            });
             begun
                 .finish(ctx.as_ref(), run.as_ref(), RunPhase::Succeeded, &finding)
                 .await;
@@ -179,7 +234,7 @@ pub async fn execute_prune(ctx: Arc<Ctx>, run: Arc<Prune>) -> Result<(), kube::E
         repository: Some(begun.repository.clone()),
         retention: Some(retention_proto(&retention)),
         namespace,
-        dry_run: false,
+        dry_run: run.spec.dry_run,
     });
     run_task(ctx, run, begun, task).await;
     Ok(())

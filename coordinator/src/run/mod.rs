@@ -8,6 +8,8 @@ pub mod maintenance;
 pub mod status;
 pub mod volume;
 
+use std::sync::Arc;
+
 use kube::{Api, ResourceExt};
 use stowage_proto::v1 as pb;
 
@@ -260,6 +262,29 @@ async fn finish<K: RunObject>(
         seconds,
         "run finished"
     );
+}
+
+/// What an agent's progress says about repository locks: a removed stale lock becomes an Event on
+/// the run and counts in `stowage_repository_lock_removals_total`; the return value is the waiting
+/// message while the operation waits for a lock (`None` otherwise).
+pub fn lock_news<K: RunObject>(ctx: &Arc<Ctx>, run: &Arc<K>, p: &pb::Progress) -> Option<String> {
+    if !p.removed_lock.is_empty() {
+        let ns = run.namespace().unwrap_or_default();
+        let schedule = run
+            .schedule_ref()
+            .map(|r| r.name.clone())
+            .unwrap_or_default();
+        ctx.metrics
+            .lock_removals
+            .with_label_values(&[ns.as_str(), schedule.as_str()])
+            .inc();
+        let (ctx, run) = (Arc::clone(ctx), Arc::clone(run));
+        let finding = Finding::new("StaleLockRemoved", p.removed_lock.clone());
+        tokio::spawn(async move {
+            ctx.notifier.warn(run.as_ref(), "Unlock", &finding).await;
+        });
+    }
+    (p.phase == pb::Phase::WaitingForLock as i32).then(|| p.message.clone())
 }
 
 /// The id the agents log and tag snapshots with.

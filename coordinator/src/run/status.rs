@@ -28,6 +28,11 @@ pub enum Update {
     Item(Box<ItemStatus>),
     /// restic's progress of an item, in percent.
     Progress { key: ItemKey, percent: f64 },
+    /// Why an item waits (`None`: it no longer does).
+    Waiting {
+        key: ItemKey,
+        message: Option<String>,
+    },
     /// Anything else about the run (phase, conditions, resolved spec).
     Run(Box<dyn FnOnce(&mut RunStatus) + Send>),
     /// Write now, and say whether it worked.
@@ -47,6 +52,10 @@ impl StatusHandle {
 
     pub fn progress(&self, key: ItemKey, percent: f64) {
         let _ = self.tx.send(Update::Progress { key, percent });
+    }
+
+    pub fn waiting(&self, key: ItemKey, message: Option<String>) {
+        let _ = self.tx.send(Update::Waiting { key, message });
     }
 
     pub fn run(&self, f: impl FnOnce(&mut RunStatus) + Send + 'static) {
@@ -153,6 +162,11 @@ impl<K: RunObject> StatusWriter<K> {
             Update::Progress { key: k, percent } => {
                 if let Some(i) = self.status.items.iter_mut().find(|i| is(i, &k.0, &k.1)) {
                     i.percent_done = Some((percent * 1000.0).round() / 10.0);
+                }
+            }
+            Update::Waiting { key: k, message } => {
+                if let Some(i) = self.status.items.iter_mut().find(|i| is(i, &k.0, &k.1)) {
+                    i.message = message;
                 }
             }
             Update::Run(f) => f(&mut self.status),

@@ -93,6 +93,7 @@ pub(super) async fn fire(
                 backend: Some(backend),
                 schedule_ref,
                 retention: Some(p.retention),
+                dry_run: false,
             };
             create_run(ctx, s, at, Prune::new("", spec)).await
         }

@@ -7,7 +7,7 @@ use kube::{Api, ResourceExt};
 
 use super::fire::runs_of;
 use crate::context::Ctx;
-use crate::crd::{RunPhase, Schedule};
+use crate::crd::{Check, Prune, RepositoryFigures, RunPhase, Schedule};
 use crate::runs::{RunObject, is_terminal};
 
 /// Deletes finished runs beyond `keep` (newest kept); returns the newest Succeeded completion time.
@@ -47,4 +47,48 @@ pub(super) async fn prune_history<K: RunObject>(
         }
     }
     Ok(last_success)
+}
+
+/// What the newest Check that judged the repository found: a passing Check, or one that failed
+/// with `CheckFailed` (restic found damage or could not read the repository). Checks that never
+/// reached restic (no agent, bad input) say nothing about the repository and are passed over.
+pub(super) struct CheckVerdict {
+    pub healthy: bool,
+    pub message: String,
+    pub completed: String,
+}
+
+pub(super) fn last_check_verdict(ctx: &Ctx, s: &Schedule) -> Option<CheckVerdict> {
+    runs_of::<Check>(ctx, s)
+        .iter()
+        .filter_map(|r| {
+            let st = r.status.as_ref()?;
+            let cond = st
+                .conditions
+                .iter()
+                .find(|c| c.type_ == crate::conditions::SUCCEEDED)?;
+            let healthy = match st.phase? {
+                RunPhase::Succeeded => true,
+                RunPhase::Failed if cond.reason == "CheckFailed" => false,
+                _ => return None,
+            };
+            Some(CheckVerdict {
+                healthy,
+                message: format!("Check {}: {}", r.name_any(), cond.message),
+                completed: st.completion_time.clone()?,
+            })
+        })
+        .max_by(|a, b| a.completed.cmp(&b.completed))
+}
+
+/// The repository's figures from the newest Check or Prune that reported them.
+pub(super) fn last_figures(ctx: &Ctx, s: &Schedule) -> Option<RepositoryFigures> {
+    let checks = runs_of::<Check>(ctx, s);
+    let prunes = runs_of::<Prune>(ctx, s);
+    let figures = |st: Option<&crate::crd::RunStatus>| st.and_then(|st| st.repository.clone());
+    checks
+        .iter()
+        .filter_map(|r| figures(r.status.as_ref()))
+        .chain(prunes.iter().filter_map(|r| figures(r.status.as_ref())))
+        .max_by(|a, b| a.time.cmp(&b.time))
 }

@@ -176,6 +176,52 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<Ctx>) -> Result<Action, kube::
     }
     history::prune_history::<Check>(&ctx, &s, keep).await?;
     history::prune_history::<Prune>(&ctx, &s, keep).await?;
+    // The repository's size, from the newest Check or Prune.
+    if let Some(f) = history::last_figures(&ctx, &s) {
+        let labels = [ns.as_str(), name.as_str()];
+        ctx.metrics
+            .repository_snapshots
+            .with_label_values(&labels)
+            .set(f.snapshots as f64);
+        ctx.metrics
+            .repository_size
+            .with_label_values(&labels)
+            .set(f.size_bytes as f64);
+        status.repository = Some(f);
+    }
+    // Repository health, from the newest Check that judged it: loud when it fails.
+    if let Some(v) = history::last_check_verdict(&ctx, &s) {
+        let labels = [ns.as_str(), name.as_str()];
+        let reason = if v.healthy {
+            "CheckPassed"
+        } else {
+            "CheckFailed"
+        };
+        let finding = Finding::new(reason, v.message.clone());
+        if conditions::set(
+            &mut status.conditions,
+            conditions::REPOSITORY_HEALTHY,
+            v.healthy,
+            reason,
+            &finding.message,
+            generation,
+        ) && !v.healthy
+        {
+            ctx.notifier.warn(s.as_ref(), "Check", &finding).await;
+        }
+        ctx.metrics
+            .check_success
+            .with_label_values(&labels)
+            .set(if v.healthy { 1.0 } else { 0.0 });
+        if v.healthy
+            && let Ok(t) = DateTime::parse_from_rfc3339(&v.completed)
+        {
+            ctx.metrics
+                .last_check
+                .with_label_values(&labels)
+                .set(t.timestamp() as f64);
+        }
+    }
     if let Some(t) = status
         .last_success_time
         .as_deref()

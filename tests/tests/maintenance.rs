@@ -1,0 +1,499 @@
+//! Repository maintenance users can see (real restic, local control plane, the cluster's agents):
+//! check outcomes on the Schedule, retention by calendar per volume identity, dry runs, Prunes that
+//! wait for running backups, and stale locks removed with plain `restic unlock`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, Utc};
+use kube::api::Api;
+use stowage_coordinator::crd::{Backup, Check, Prune, Schedule};
+use stowage_tests::cluster::{Cluster, fresh_namespace};
+use stowage_tests::coordinator::{
+    Coordinator, CoordinatorOptions, condition, create, finished, local_backend, secret,
+    wait_event, wait_json,
+};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+/// The largest pack file of a local repository.
+fn largest_pack(repo: &Path) -> PathBuf {
+    let mut packs: Vec<(u64, PathBuf)> = std::fs::read_dir(repo.join("data"))
+        .expect("data dir")
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .map(|f| (f.metadata().map(|m| m.len()).unwrap_or(0), f.path()))
+        .collect();
+    packs.sort();
+    packs.pop().expect("a pack").1
+}
+
+/// Creates a Check owned by Schedule `schedule` (as a fired run is) and waits for it.
+async fn owned_check(
+    client: &kube::Client,
+    ns: &str,
+    schedule: &str,
+    name: &str,
+) -> serde_json::Value {
+    let uid = Api::<Schedule>::namespaced(client.clone(), ns)
+        .get(schedule)
+        .await
+        .expect("schedule")
+        .metadata
+        .uid
+        .expect("uid");
+    let _: Check = create(
+        client,
+        ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Check",
+            "metadata": {"name": name,
+                "labels": {"stowage.dev/schedule": schedule, "stowage.dev/action": "check"},
+                "ownerReferences": [{"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+                    "name": schedule, "uid": uid, "controller": true}]},
+            "spec": {"scheduleRef": {"name": schedule}, "readDataSubset": "100%"}}),
+    )
+    .await;
+    wait_json::<Check>(
+        client,
+        ns,
+        name,
+        Duration::from_secs(90),
+        "finished",
+        finished,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_failing_check_is_loud_and_a_passing_one_clears_it() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, "health").await;
+    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
+    let dir = cluster.volume(&ns, "data-0", "data", "node-1", &[]);
+    stowage_tests::fstree::write_random(&dir.join("blob"), 2 << 20, 7);
+    let repo = cluster.dir.join("repos").join(&ns);
+    let coordinator = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let _: Schedule = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+            "metadata": {"name": "nightly"},
+            "spec": {"backend": local_backend(&repo),
+                     "check": {"schedule": "@weekly", "readDataSubset": "100%"}}}),
+    )
+    .await;
+    let _: Backup = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+            "metadata": {"name": "first"}, "spec": {"backend": local_backend(&repo)}}),
+    )
+    .await;
+    let b = wait_json::<Backup>(
+        &client,
+        &ns,
+        "first",
+        Duration::from_secs(60),
+        "finished",
+        finished,
+    )
+    .await;
+    assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
+
+    // Damage one pack (as a failing disk would); keep the original to repair it afterwards.
+    let pack = largest_pack(&repo);
+    let original = std::fs::read(&pack).expect("read pack");
+    let mut damaged = original.clone();
+    let mid = damaged.len() / 2;
+    for b in &mut damaged[mid..mid + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&pack, &damaged).expect("damage pack");
+
+    let failed = owned_check(&client, &ns, "nightly", "check-damaged").await;
+    assert_eq!(failed["status"]["phase"], "Failed", "{failed:#}");
+    assert_eq!(
+        condition(&failed, "Succeeded").expect("condition")["reason"],
+        "CheckFailed"
+    );
+    let sched = wait_json::<Schedule>(
+        &client,
+        &ns,
+        "nightly",
+        Duration::from_secs(30),
+        "RepositoryHealthy=False",
+        |v| condition(v, "RepositoryHealthy").is_some_and(|c| c["status"] == "False"),
+    )
+    .await;
+    let c = condition(&sched, "RepositoryHealthy").expect("condition");
+    assert_eq!(c["reason"], "CheckFailed", "{c}");
+    let message = c["message"].as_str().expect("message");
+    assert!(message.starts_with("Check check-damaged: "), "{message}");
+    assert!(message.len() <= 4000, "{}", message.len());
+    wait_event(
+        &client,
+        &ns,
+        "nightly",
+        "CheckFailed",
+        "Check check-damaged",
+        Duration::from_secs(20),
+    )
+    .await;
+    let series =
+        format!("stowage_repository_check_success{{namespace=\"{ns}\",schedule=\"nightly\"}}");
+    assert_eq!(coordinator.metric(&series).await, Some(0.0));
+
+    // Repaired, the next Check passes and everything clears.
+    std::fs::write(&pack, &original).expect("repair pack");
+    let passed = owned_check(&client, &ns, "nightly", "check-repaired").await;
+    assert_eq!(passed["status"]["phase"], "Succeeded", "{passed:#}");
+    wait_json::<Schedule>(
+        &client,
+        &ns,
+        "nightly",
+        Duration::from_secs(30),
+        "RepositoryHealthy=True",
+        |v| condition(v, "RepositoryHealthy").is_some_and(|c| c["status"] == "True"),
+    )
+    .await;
+    assert_eq!(coordinator.metric(&series).await, Some(1.0));
+    // The repository's figures reach the Schedule (status and metrics).
+    let sched = wait_json::<Schedule>(
+        &client,
+        &ns,
+        "nightly",
+        Duration::from_secs(30),
+        "status.repository",
+        |v| v["status"]["repository"]["snapshots"].as_u64() == Some(1),
+    )
+    .await;
+    assert!(
+        sched["status"]["repository"]["sizeBytes"]
+            .as_u64()
+            .is_some_and(|b| b > 0)
+    );
+    let snapshots =
+        format!("stowage_repository_snapshots{{namespace=\"{ns}\",schedule=\"nightly\"}}");
+    assert_eq!(coordinator.metric(&snapshots).await, Some(1.0));
+    let last = format!(
+        "stowage_repository_last_check_timestamp_seconds{{namespace=\"{ns}\",schedule=\"nightly\"}}"
+    );
+    assert!(coordinator.metric(&last).await.is_some_and(|t| t > 1.7e9));
+    stowage_tests::promtool_check(&coordinator.metrics_text().await);
+}
+
+/// Snapshots of `pvc` in `ns` (by the agent's identity tags), as (short id, time).
+fn identity_snapshots(repo: &Path, ns: &str, pvc: &str) -> Vec<(String, DateTime<Utc>)> {
+    stowage_tests::restic::snapshots(&repo.display().to_string(), PASSWORD)
+        .into_iter()
+        .filter(|s| s["hostname"] == format!("{ns}/{pvc}"))
+        .map(|s| {
+            let t = DateTime::parse_from_rfc3339(s["time"].as_str().expect("time"))
+                .expect("rfc3339")
+                .to_utc();
+            (s["short_id"].as_str().expect("id").to_string(), t)
+        })
+        .collect()
+}
+
+/// restic's keep-daily/keep-weekly, computed here independently: newest first, the newest
+/// snapshot of each of the `daily` most recent days and of each of the `weekly` most recent ISO
+/// weeks is kept.
+fn expected_kept(
+    snaps: &[(String, DateTime<Utc>)],
+    daily: usize,
+    weekly: usize,
+) -> BTreeSet<String> {
+    let mut sorted = snaps.to_vec();
+    sorted.sort_by_key(|s| std::cmp::Reverse(s.1));
+    let mut keep = BTreeSet::new();
+    let mut bucket = |key: &dyn Fn(&DateTime<Utc>) -> (i32, u32), n: usize| {
+        let mut seen = Vec::new();
+        for (id, t) in &sorted {
+            let k = key(t);
+            if seen.contains(&k) {
+                continue;
+            }
+            if seen.len() == n {
+                break;
+            }
+            seen.push(k);
+            keep.insert(id.clone());
+        }
+    };
+    bucket(&|t| (t.year(), t.ordinal()), daily);
+    bucket(&|t| (t.iso_week().year(), t.iso_week().week()), weekly);
+    keep
+}
+
+/// Creates a Prune and waits for it.
+async fn prune(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    repo: &Path,
+    dry_run: bool,
+) -> serde_json::Value {
+    let _: Prune = create(
+        client,
+        ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Prune",
+            "metadata": {"name": name},
+            "spec": {"backend": local_backend(repo), "dryRun": dry_run,
+                     "retention": {"keepDaily": 3, "keepWeekly": 2}}}),
+    )
+    .await;
+    wait_json::<Prune>(
+        client,
+        ns,
+        name,
+        Duration::from_secs(120),
+        "finished",
+        finished,
+    )
+    .await
+}
+
+/// Retention by calendar, per volume identity: ten snapshots of one PVC spread over five weeks
+/// (backdated with `restic backup --time`), two of another. A dry run reports the plan and deletes
+/// nothing; the real Prune leaves exactly the snapshots computed here, and the other PVC's are
+/// untouched. The status lists the snapshots per identity, the bytes freed and the repository's
+/// figures.
+#[tokio::test]
+async fn retention_by_calendar_per_identity_with_a_dry_run_first() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, "calendar").await;
+    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
+    let repo = cluster.dir.join("repos").join(&ns);
+    stowage_tests::restic::init(&repo, PASSWORD);
+    let src = tempfile::tempdir().expect("tmp");
+    let now = Utc::now();
+    let hours = [1, 3, 26, 50, 74, 8 * 24, 9 * 24, 15 * 24, 22 * 24, 30 * 24];
+    // Times are written and bucketed in UTC (restic reads --time in the local zone).
+    let backup_at = |pvc: &str, t: DateTime<Utc>, n: usize| {
+        std::fs::write(src.path().join("f"), format!("{pvc} {n}")).expect("write");
+        let out = stowage_tests::restic::run(
+            &repo.display().to_string(),
+            PASSWORD,
+            &[("TZ", "UTC")],
+            &[
+                "backup",
+                &src.path().display().to_string(),
+                "--host",
+                &format!("{ns}/{pvc}"),
+                "--tag",
+                &format!("stowage.dev/namespace={ns}"),
+                "--tag",
+                &format!("stowage.dev/pvc={pvc}"),
+                "--time",
+                &t.format("%Y-%m-%d %H:%M:%S").to_string(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for (n, h) in hours.iter().enumerate() {
+        backup_at("a", now - chrono::Duration::hours(*h), n);
+    }
+    for n in 0..2 {
+        backup_at("b", now - chrono::Duration::hours(40 * 24 + n as i64), n);
+    }
+    let a_before = identity_snapshots(&repo, &ns, "a");
+    assert_eq!(a_before.len(), 10);
+    let want = expected_kept(&a_before, 3, 2);
+    let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+
+    let dry = prune(&client, &ns, "dry", &repo, true).await;
+    assert_eq!(dry["status"]["phase"], "Succeeded", "{dry:#}");
+    assert_eq!(
+        condition(&dry, "Succeeded").expect("condition")["reason"],
+        "DryRun"
+    );
+    assert_eq!(
+        identity_snapshots(&repo, &ns, "a").len(),
+        10,
+        "a dry run deleted snapshots"
+    );
+    let items = dry["status"]["items"].as_array().expect("items");
+    let a = items.iter().find(|i| i["pvc"] == "a").expect("item a");
+    let planned: BTreeSet<String> = a["keptSnapshots"]
+        .as_array()
+        .expect("kept")
+        .iter()
+        .map(|v| v.as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(planned, want, "the dry run's plan");
+    assert_eq!(a["removed"], 10 - want.len(), "{a}");
+
+    let real = prune(&client, &ns, "real", &repo, false).await;
+    assert_eq!(real["status"]["phase"], "Succeeded", "{real:#}");
+    let kept: BTreeSet<String> = identity_snapshots(&repo, &ns, "a")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(kept, want, "exactly the expected snapshots of a remain");
+    assert_eq!(
+        identity_snapshots(&repo, &ns, "b").len(),
+        2,
+        "b's snapshots are its own"
+    );
+    assert!(real["status"]["freedBytes"].as_u64().is_some(), "{real:#}");
+    assert_eq!(
+        real["status"]["repository"]["snapshots"].as_u64(),
+        Some(want.len() as u64 + 2),
+        "{real:#}"
+    );
+    assert!(
+        real["status"]["repository"]["sizeBytes"]
+            .as_u64()
+            .is_some_and(|b| b > 0)
+    );
+}
+
+/// A Prune that starts while two (throttled) backups write to the repository waits for their
+/// locks, says so in its status, and then succeeds; nothing fails.
+#[tokio::test]
+async fn a_prune_waits_for_running_backups_then_succeeds() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, "waits").await;
+    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
+    let repo = cluster.dir.join("repos").join(&ns);
+    // The volumes are on node-2; the Prune goes to the first ready agent (node-1), whose slots
+    // are free, so what it waits for is the repository lock.
+    for (seed, pvc) in ["one", "two"].into_iter().enumerate() {
+        let dir = cluster.volume(&ns, &format!("{pvc}-0"), pvc, "node-2", &[]);
+        stowage_tests::fstree::write_random(&dir.join("big"), 6 << 20, 300 + seed as u64);
+    }
+    stowage_tests::restic::init(&repo, PASSWORD);
+    let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let mut backend = local_backend(&repo);
+    backend["limitUploadKiB"] = serde_json::json!(1024);
+    let _: Backup = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+            "metadata": {"name": "slow"}, "spec": {"backend": backend}}),
+    )
+    .await;
+    wait_json::<Backup>(
+        &client,
+        &ns,
+        "slow",
+        Duration::from_secs(30),
+        "both volumes running",
+        |v| {
+            v["status"]["items"]
+                .as_array()
+                .is_some_and(|i| i.len() == 2 && i.iter().all(|i| i["phase"] == "Running"))
+        },
+    )
+    .await;
+    let _: Prune = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Prune",
+            "metadata": {"name": "during"},
+            "spec": {"backend": local_backend(&repo), "retention": {"keepLast": 5}}}),
+    )
+    .await;
+    let waiting = wait_json::<Prune>(
+        &client,
+        &ns,
+        "during",
+        Duration::from_secs(30),
+        "waiting for the lock",
+        |v| {
+            v["status"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("waiting for the repository lock held by"))
+                || finished(v)
+        },
+    )
+    .await;
+    assert!(
+        !finished(&waiting),
+        "the Prune finished while backups held the repository: {waiting:#}"
+    );
+    let b = wait_json::<Backup>(
+        &client,
+        &ns,
+        "slow",
+        Duration::from_secs(90),
+        "finished",
+        finished,
+    )
+    .await;
+    assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
+    let p = wait_json::<Prune>(
+        &client,
+        &ns,
+        "during",
+        Duration::from_secs(90),
+        "finished",
+        finished,
+    )
+    .await;
+    assert_eq!(p["status"]["phase"], "Succeeded", "{p:#}");
+    assert!(p["status"]["message"].is_null(), "{p:#}");
+}
+
+/// A lock left by a holder on another host that died long ago (older than restic's 30 minutes) is
+/// removed with plain `restic unlock` by the next run: an Event on the run, the counter, and the
+/// run succeeds.
+#[tokio::test]
+async fn a_stale_lock_is_removed_by_the_next_run_with_an_event() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, "stale").await;
+    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
+    let repo = cluster.dir.join("repos").join(&ns);
+    let dir = cluster.volume(&ns, "data-0", "data", "node-2", &[]);
+    std::fs::write(dir.join("f"), b"data").expect("write");
+    stowage_tests::restic::init(&repo, PASSWORD);
+    stowage_tests::restic::forge_lock(
+        &repo,
+        PASSWORD,
+        "node-9.sbx-4242-1",
+        4242,
+        Duration::from_secs(45 * 60),
+        true,
+    );
+    let c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let _: Backup = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+            "metadata": {"name": "after-crash"}, "spec": {"backend": local_backend(&repo)}}),
+    )
+    .await;
+    let b = wait_json::<Backup>(
+        &client,
+        &ns,
+        "after-crash",
+        Duration::from_secs(60),
+        "finished",
+        finished,
+    )
+    .await;
+    assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
+    wait_event(
+        &client,
+        &ns,
+        "after-crash",
+        "StaleLockRemoved",
+        "removed the stale repository lock of node-9.sbx-4242-1 (pid 4242, exclusive",
+        Duration::from_secs(20),
+    )
+    .await;
+    let series =
+        format!("stowage_repository_lock_removals_total{{namespace=\"{ns}\",schedule=\"\"}}");
+    assert_eq!(c.metric(&series).await, Some(1.0));
+    assert!(stowage_tests::restic::lock_files(&repo).is_empty());
+}
