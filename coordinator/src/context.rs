@@ -21,6 +21,8 @@ pub struct RunStores {
     pub backups: Store<Backup>,
     pub checks: Store<Check>,
     pub prunes: Store<Prune>,
+    /// Set when each run watch has delivered its first full list.
+    pub ready: Vec<crate::state::Ready>,
 }
 
 pub struct Ctx {
@@ -71,17 +73,7 @@ impl Ctx {
     /// Waits until every watch cache has had its first full list (bounded). Reconcilers call this
     /// first: the controllers run from the start, so the shared watches never wait for a consumer.
     pub async fn synced(&self) -> Result<(), crate::state::SyncTimeout> {
-        let runs = async {
-            let _ = self.runs.backups.wait_until_ready().await;
-            tracing::trace!("backups cache ready");
-            let _ = self.runs.checks.wait_until_ready().await;
-            tracing::trace!("checks cache ready");
-            let _ = self.runs.prunes.wait_until_ready().await;
-            tracing::trace!("prunes cache ready");
-        };
-        tokio::time::timeout(crate::state::SYNC_TIMEOUT, runs)
-            .await
-            .map_err(|_| crate::state::SyncTimeout::after(crate::state::SYNC_TIMEOUT))?;
+        crate::state::wait_all(&self.runs.ready).await?;
         self.stores.synced().await
     }
 

@@ -127,6 +127,7 @@ where
 /// Schedule controller, and the future that drives the watch.
 struct SharedRuns<K: RunObject> {
     store: Store<K>,
+    ready: state::Ready,
     for_runs: reflector::ReflectHandle<K>,
     for_schedules: reflector::ReflectHandle<K>,
     drive: futures::future::BoxFuture<'static, ()>,
@@ -139,13 +140,15 @@ where
     let (store, writer) = reflector::store_shared(SHARED_BUFFER);
     let for_runs = writer.subscribe()?;
     let for_schedules = writer.subscribe()?;
+    let (ready_tx, ready) = state::readiness();
     let drive = watcher(api::<K>(client, ns), watcher::Config::default())
         .default_backoff()
         .reflect_shared(writer)
-        .for_each(|r| state::log_watch_error(K::ACTION, r))
+        .for_each(move |r| state::observe(K::ACTION, &ready_tx, r))
         .boxed();
     Some(SharedRuns {
         store,
+        ready,
         for_runs,
         for_schedules,
         drive,
@@ -293,6 +296,7 @@ async fn lead(
         backups: backups.store.clone(),
         checks: checks.store.clone(),
         prunes: prunes.store.clone(),
+        ready: vec![backups.ready, checks.ready, prunes.ready],
     };
     let ctx = Arc::new(Ctx::new(
         client.clone(),

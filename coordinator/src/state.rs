@@ -32,6 +32,44 @@ pub struct Stores {
     pub pvcs: Store<PersistentVolumeClaim>,
     pub pods: Store<Pod>,
     pub secrets: Store<Secret>,
+    ready: Vec<Ready>,
+}
+
+/// Whether a watch has delivered its first full list. kube's `Store::wait_until_ready` keeps one
+/// waker, so of several tasks waiting on one store only the last is woken; reconcilers wait here
+/// instead, on a signal set by the watch's own stream.
+#[derive(Clone)]
+pub struct Ready(tokio::sync::watch::Receiver<bool>);
+
+/// A readiness signal: the sender goes to the watch's driver ([`observe`]), the `Ready` to waiters.
+pub fn readiness() -> (tokio::sync::watch::Sender<bool>, Ready) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    (tx, Ready(rx))
+}
+
+impl Ready {
+    pub async fn wait(&self) {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|ready| *ready).await;
+    }
+}
+
+/// What a watch's driver does with each item of its stream: a first full list marks it ready; a
+/// failure is logged (the watcher retries with backoff), or a cache that never fills (RBAC, a
+/// missing CRD) would go unexplained.
+pub fn observe<K>(
+    kind: &'static str,
+    ready: &tokio::sync::watch::Sender<bool>,
+    r: Result<watcher::Event<K>, watcher::Error>,
+) -> futures::future::Ready<()> {
+    match r {
+        Ok(watcher::Event::InitDone) => {
+            ready.send_replace(true);
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(kind, error = %e, "watch failed; retrying with backoff"),
+    }
+    futures::future::ready(())
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -68,18 +106,6 @@ fn keys_only(s: &mut Secret) {
     }
 }
 
-/// A watch that fails is retried with backoff by the watcher; say so, or a cache that never fills
-/// (RBAC, a missing CRD) would go unexplained.
-pub fn log_watch_error<T>(
-    kind: &'static str,
-    r: Result<T, watcher::Error>,
-) -> futures::future::Ready<()> {
-    if let Err(e) = r {
-        tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
-    }
-    futures::future::ready(())
-}
-
 /// Starts one reflector per kind; the returned future drives them (spawn it).
 pub fn start(
     client: &Client,
@@ -89,6 +115,9 @@ pub fn start(
     let (pvcs, pvc_writer) = reflector::store();
     let (pods, pod_writer) = reflector::store();
     let secrets = secret_events.as_reader();
+    let (pvcs_ready, pvcs_ready_rx) = readiness();
+    let (pods_ready, pods_ready_rx) = readiness();
+    let (secrets_ready, secrets_ready_rx) = readiness();
     let pvc_watch = watcher(
         api::<PersistentVolumeClaim>(client, namespace),
         watcher::Config::default(),
@@ -96,17 +125,17 @@ pub fn start(
     .default_backoff()
     .modify(slim)
     .reflect(pvc_writer)
-    .for_each(|_| futures::future::ready(()));
+    .for_each(move |r| observe("persistentvolumeclaims", &pvcs_ready, r));
     let pod_watch = watcher(api::<Pod>(client, namespace), watcher::Config::default())
         .default_backoff()
         .modify(slim)
         .reflect(pod_writer)
-        .for_each(|r| log_watch_error("pods", r));
+        .for_each(move |r| observe("pods", &pods_ready, r));
     let secret_watch = watcher(api::<Secret>(client, namespace), watcher::Config::default())
         .default_backoff()
         .modify(keys_only)
         .reflect_shared(secret_events)
-        .for_each(|r| log_watch_error("secrets", r));
+        .for_each(move |r| observe("secrets", &secrets_ready, r));
     let drive = async move {
         tokio::join!(pvc_watch, pod_watch, secret_watch);
     };
@@ -115,6 +144,7 @@ pub fn start(
             pvcs,
             pods,
             secrets,
+            ready: vec![pvcs_ready_rx, pods_ready_rx, secrets_ready_rx],
         },
         drive,
     )
@@ -123,17 +153,20 @@ pub fn start(
 impl Stores {
     /// Waits until every store has had its first full list (bounded by [`SYNC_TIMEOUT`]).
     pub async fn synced(&self) -> Result<(), SyncTimeout> {
-        let all = async {
-            let _ = self.pvcs.wait_until_ready().await;
-            let _ = self.pods.wait_until_ready().await;
-            let _ = self.secrets.wait_until_ready().await;
-        };
-        tokio::time::timeout(SYNC_TIMEOUT, all)
-            .await
-            .map_err(|_| SyncTimeout {
-                secs: SYNC_TIMEOUT.as_secs(),
-            })
+        wait_all(&self.ready).await
     }
+}
+
+/// Waits until each of `ready` is set, at most [`SYNC_TIMEOUT`] in all.
+pub async fn wait_all(ready: &[Ready]) -> Result<(), SyncTimeout> {
+    let all = async {
+        for r in ready {
+            r.wait().await;
+        }
+    };
+    tokio::time::timeout(SYNC_TIMEOUT, all)
+        .await
+        .map_err(|_| SyncTimeout::after(SYNC_TIMEOUT))
 }
 
 #[cfg(test)]

@@ -497,3 +497,64 @@ async fn a_stale_lock_is_removed_by_the_next_run_with_an_event() {
     assert_eq!(c.metric(&series).await, Some(1.0));
     assert!(stowage_tests::restic::lock_files(&repo).is_empty());
 }
+
+/// A backup that finds the repository locked exclusively (as by a running Prune) waits, and its
+/// item says whose lock it waits for; once the lock is gone it goes on and succeeds.
+#[tokio::test]
+async fn a_backup_waits_for_an_exclusive_lock_and_says_whose() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, "exclusive").await;
+    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
+    let repo = cluster.dir.join("repos").join(&ns);
+    let dir = cluster.volume(&ns, "data-0", "data", "node-3", &[]);
+    std::fs::write(dir.join("f"), b"data").expect("write");
+    stowage_tests::restic::init(&repo, PASSWORD);
+    // A live holder's lock: seconds old, far from restic's 30-minute staleness.
+    let lock = stowage_tests::restic::forge_lock(
+        &repo,
+        PASSWORD,
+        "pruning-agent",
+        77,
+        Duration::from_secs(5),
+        true,
+    );
+    let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let _: Backup = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+            "metadata": {"name": "during-prune"}, "spec": {"backend": local_backend(&repo)}}),
+    )
+    .await;
+    let waiting = wait_json::<Backup>(
+        &client,
+        &ns,
+        "during-prune",
+        Duration::from_secs(60),
+        "the item waiting for the lock",
+        |v| {
+            v["status"]["items"][0]["message"]
+                .as_str()
+                .is_some_and(|m| {
+                    m.starts_with(
+                        "waiting for the repository lock held by pruning-agent (pid 77, exclusive",
+                    )
+                })
+        },
+    )
+    .await;
+    assert!(!finished(&waiting), "{waiting:#}");
+    std::fs::remove_file(repo.join("locks").join(&lock)).expect("the holder finishes");
+    let done = wait_json::<Backup>(
+        &client,
+        &ns,
+        "during-prune",
+        Duration::from_secs(60),
+        "finished",
+        finished,
+    )
+    .await;
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
+    assert!(done["status"]["items"][0]["message"].is_null(), "{done:#}");
+}
