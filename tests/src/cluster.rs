@@ -59,6 +59,11 @@ impl Cluster {
         client_from(&self.kubeconfig()).await.expect("kube client")
     }
 
+    /// The admin client's configuration (to build clients with other timeouts or addresses).
+    pub async fn kube_config(&self) -> kube::Config {
+        config_from(&self.kubeconfig()).await.expect("kube config")
+    }
+
     /// `tests/cluster/volume`: PV + bound PVC (+ a pod on `node` mounting it). Returns the backing dir.
     pub fn volume(&self, ns: &str, pod: &str, pvc: &str, node: &str, extra: &[&str]) -> PathBuf {
         let out = Command::new(crate::workspace_root().join("tests/cluster/volume"))
@@ -196,14 +201,16 @@ fn parse_env(text: &str) -> HashMap<String, String> {
         .collect()
 }
 
-pub async fn client_from(kubeconfig: &Path) -> Result<kube::Client, kube::Error> {
+pub async fn config_from(kubeconfig: &Path) -> Result<kube::Config, kube::Error> {
     let kc =
         kube::config::Kubeconfig::read_from(kubeconfig).map_err(kube::Error::InferKubeconfig)?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
-            .map_err(kube::Error::InferKubeconfig)?;
-    kube::Client::try_from(config)
+    kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .map_err(kube::Error::InferKubeconfig)
+}
+
+pub async fn client_from(kubeconfig: &Path) -> Result<kube::Client, kube::Error> {
+    kube::Client::try_from(config_from(kubeconfig).await?)
 }
 
 /// A new namespace `<prefix>-<random>` whose default service account exists (pods can be created).

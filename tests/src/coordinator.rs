@@ -226,6 +226,28 @@ impl<K> Object for K where
 {
 }
 
+/// The `metadata` of a run named `name` that belongs to Schedule `schedule` (its labels and
+/// controller owner), as a fired run's would be.
+pub async fn fired_metadata(
+    client: &kube::Client,
+    ns: &str,
+    schedule: &str,
+    action: &str,
+    name: &str,
+) -> serde_json::Value {
+    let uid = Api::<stowage_coordinator::crd::Schedule>::namespaced(client.clone(), ns)
+        .get(schedule)
+        .await
+        .expect("schedule")
+        .metadata
+        .uid
+        .expect("uid");
+    serde_json::json!({"name": name,
+        "labels": {"stowage.dev/schedule": schedule, "stowage.dev/action": action},
+        "ownerReferences": [{"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+            "name": schedule, "uid": uid, "controller": true}]})
+}
+
 /// Creates any namespaced object from JSON.
 pub async fn create<K: Object>(client: &kube::Client, ns: &str, obj: serde_json::Value) -> K {
     let o: K = serde_json::from_value(obj).expect("object json");

@@ -11,7 +11,7 @@ use stowage_coordinator::crd::{Backup, Check, Prune, Schedule};
 use stowage_tests::cluster::{Cluster, fresh_namespace, wait_for};
 use stowage_tests::coordinator::{
     Coordinator, CoordinatorOptions, Object, PrivateAgents, condition, create, finished,
-    local_backend, partly_done, secret, wait_event, wait_json,
+    fired_metadata, local_backend, partly_done, secret, wait_event, wait_json,
 };
 use stowage_tests::restic;
 
@@ -133,22 +133,12 @@ impl Env {
 
     /// A Backup that belongs to Schedule `schedule` (labels and owner), as a fired run would.
     async fn owned_backup(&self, schedule: &str, name: &str) -> serde_json::Value {
-        let uid = Api::<Schedule>::namespaced(self.client.clone(), &self.ns)
-            .get(schedule)
-            .await
-            .expect("schedule")
-            .metadata
-            .uid
-            .expect("uid");
+        let metadata = fired_metadata(&self.client, &self.ns, schedule, "backup", name).await;
         let _: Backup = create(
             &self.client,
             &self.ns,
             serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
-                "metadata": {"name": name,
-                    "labels": {"stowage.dev/schedule": schedule, "stowage.dev/action": "backup"},
-                    "ownerReferences": [{"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
-                        "name": schedule, "uid": uid, "controller": true}]},
-                "spec": {"scheduleRef": {"name": schedule}}}),
+                "metadata": metadata, "spec": {"scheduleRef": {"name": schedule}}}),
         )
         .await;
         let run = self.wait_run::<Backup>(name).await;

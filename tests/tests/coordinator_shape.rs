@@ -408,12 +408,7 @@ async fn a_standby_with_a_skewed_clock_does_not_steal_the_lease() {
         })
     };
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let kc = kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::read_from(env.cluster.kubeconfig()).expect("kubeconfig"),
-        &Default::default(),
-    )
-    .await
-    .expect("config");
+    let kc = env.cluster.kube_config().await;
     let duration = Duration::from_secs(3);
     let client = leader::client_for(&kc, duration).expect("client");
     let standby = Elector::new(client, &env.ns, "skewed", "standby", duration)
@@ -455,12 +450,7 @@ async fn a_standby_with_a_skewed_clock_does_not_steal_the_lease() {
 #[tokio::test]
 async fn a_leader_whose_api_calls_hang_steps_down_before_its_lease_can_be_taken() {
     let env = setup("hang").await;
-    let kc = kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::read_from(env.cluster.kubeconfig()).expect("kubeconfig"),
-        &Default::default(),
-    )
-    .await
-    .expect("config");
+    let kc = env.cluster.kube_config().await;
     let proxy = stowage_tests::proxy::Blackhole::start(&kc.cluster_url).await;
     let mut through = kc.clone();
     through.cluster_url = proxy.url().parse().expect("url");

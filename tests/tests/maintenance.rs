@@ -7,15 +7,24 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Utc};
-use kube::api::Api;
 use stowage_coordinator::crd::{Backup, Check, Prune, Schedule};
 use stowage_tests::cluster::{Cluster, fresh_namespace};
 use stowage_tests::coordinator::{
-    Coordinator, CoordinatorOptions, condition, create, finished, local_backend, secret,
-    wait_event, wait_json,
+    Coordinator, CoordinatorOptions, condition, create, finished, fired_metadata, local_backend,
+    secret, wait_event, wait_json,
 };
 
 const PASSWORD: &str = "correct horse battery staple";
+
+/// A fresh namespace with the repository password Secret, and the path of its local repository.
+async fn setup(prefix: &str) -> (&'static Cluster, kube::Client, String, PathBuf) {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, prefix).await;
+    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
+    let repo = cluster.dir.join("repos").join(&ns);
+    (cluster, client, ns, repo)
+}
 
 /// The largest pack file of a local repository.
 fn largest_pack(repo: &Path) -> PathBuf {
@@ -36,21 +45,12 @@ async fn owned_check(
     schedule: &str,
     name: &str,
 ) -> serde_json::Value {
-    let uid = Api::<Schedule>::namespaced(client.clone(), ns)
-        .get(schedule)
-        .await
-        .expect("schedule")
-        .metadata
-        .uid
-        .expect("uid");
+    let metadata = fired_metadata(client, ns, schedule, "check", name).await;
     let _: Check = create(
         client,
         ns,
         serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Check",
-            "metadata": {"name": name,
-                "labels": {"stowage.dev/schedule": schedule, "stowage.dev/action": "check"},
-                "ownerReferences": [{"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
-                    "name": schedule, "uid": uid, "controller": true}]},
+            "metadata": metadata,
             "spec": {"scheduleRef": {"name": schedule}, "readDataSubset": "100%"}}),
     )
     .await;
@@ -67,13 +67,9 @@ async fn owned_check(
 
 #[tokio::test]
 async fn a_failing_check_is_loud_and_a_passing_one_clears_it() {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, "health").await;
-    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
+    let (cluster, client, ns, repo) = setup("health").await;
     let dir = cluster.volume(&ns, "data-0", "data", "node-1", &[]);
     stowage_tests::fstree::write_random(&dir.join("blob"), 2 << 20, 7);
-    let repo = cluster.dir.join("repos").join(&ns);
     let coordinator = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
     let _: Schedule = create(
         &client,
@@ -263,11 +259,7 @@ async fn prune(
 /// figures.
 #[tokio::test]
 async fn retention_by_calendar_per_identity_with_a_dry_run_first() {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, "calendar").await;
-    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
-    let repo = cluster.dir.join("repos").join(&ns);
+    let (cluster, client, ns, repo) = setup("calendar").await;
     stowage_tests::restic::init(&repo, PASSWORD);
     let src = tempfile::tempdir().expect("tmp");
     let now = Utc::now();
@@ -360,11 +352,7 @@ async fn retention_by_calendar_per_identity_with_a_dry_run_first() {
 /// locks, says so in its status, and then succeeds; nothing fails.
 #[tokio::test]
 async fn a_prune_waits_for_running_backups_then_succeeds() {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, "waits").await;
-    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
-    let repo = cluster.dir.join("repos").join(&ns);
+    let (cluster, client, ns, repo) = setup("waits").await;
     // The volumes are on node-2; the Prune goes to the first ready agent (node-1), whose slots
     // are free, so what it waits for is the repository lock.
     for (seed, pvc) in ["one", "two"].into_iter().enumerate() {
@@ -449,11 +437,7 @@ async fn a_prune_waits_for_running_backups_then_succeeds() {
 /// run succeeds.
 #[tokio::test]
 async fn a_stale_lock_is_removed_by_the_next_run_with_an_event() {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, "stale").await;
-    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
-    let repo = cluster.dir.join("repos").join(&ns);
+    let (cluster, client, ns, repo) = setup("stale").await;
     let dir = cluster.volume(&ns, "data-0", "data", "node-2", &[]);
     std::fs::write(dir.join("f"), b"data").expect("write");
     stowage_tests::restic::init(&repo, PASSWORD);
@@ -502,11 +486,7 @@ async fn a_stale_lock_is_removed_by_the_next_run_with_an_event() {
 /// item says whose lock it waits for; once the lock is gone it goes on and succeeds.
 #[tokio::test]
 async fn a_backup_waits_for_an_exclusive_lock_and_says_whose() {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, "exclusive").await;
-    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
-    let repo = cluster.dir.join("repos").join(&ns);
+    let (cluster, client, ns, repo) = setup("exclusive").await;
     let dir = cluster.volume(&ns, "data-0", "data", "node-3", &[]);
     std::fs::write(dir.join("f"), b"data").expect("write");
     stowage_tests::restic::init(&repo, PASSWORD);
