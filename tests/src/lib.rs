@@ -59,6 +59,7 @@ pub fn binary(name: &str) -> PathBuf {
             "RUSTUP_TOOLCHAIN",
             "TMPDIR",
             "CARGO_TARGET_DIR",
+            "CARGO_INCREMENTAL",
         ];
         let status = std::process::Command::new(cargo)
             .args(["build", "--quiet", "--bins"])
