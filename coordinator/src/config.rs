@@ -120,6 +120,16 @@ pub struct Config {
     #[arg(long, env = "STOWAGE_MOUNT_HOLDER_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
     pub mount_holder_timeout: Duration,
 
+    /// While a run waits for a repository lock, its Schedule's lock gauges are refreshed this often
+    /// (they are also refreshed when every run ends).
+    #[arg(long, env = "STOWAGE_LOCK_REFRESH_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub lock_refresh_interval: Duration,
+
+    /// A Schedule's repository figures (snapshots, bytes) are read at most this often when no Check
+    /// or Prune has refreshed them meanwhile.
+    #[arg(long, env = "STOWAGE_FIGURES_INTERVAL", default_value = "1h", value_parser = parse_duration)]
+    pub figures_interval: Duration,
+
     /// Log as JSON lines.
     #[arg(long, env = "STOWAGE_LOG_JSON")]
     pub log_json: bool,

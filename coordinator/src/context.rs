@@ -12,6 +12,7 @@ use crate::agents::AgentDirectory;
 use crate::conditions::Notifier;
 use crate::config::Config;
 use crate::crd::{Backup, Check, Prune};
+use crate::inspect::Inspector;
 use crate::metrics::Metrics;
 use crate::state::Stores;
 
@@ -34,6 +35,8 @@ pub struct Ctx {
     pub agents: Arc<AgentDirectory>,
     pub notifier: Notifier,
     pub metrics: Metrics,
+    /// Repository locks and figures between runs.
+    pub inspector: Inspector,
     /// UIDs of runs this process is executing, so a reconcile never starts one twice.
     active: Mutex<HashSet<String>>,
     /// Repositories known to exist. Opening one costs a restic run (and its key derivation), so a
@@ -64,6 +67,7 @@ impl Ctx {
             agents,
             notifier,
             metrics,
+            inspector: Inspector::default(),
             active: Mutex::new(HashSet::new()),
             known_repositories: Mutex::new(HashSet::new()),
             handled: Mutex::new(HashMap::new()),

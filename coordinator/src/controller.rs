@@ -23,6 +23,7 @@ use crate::conditions::Notifier;
 use crate::config::Config;
 use crate::context::{Ctx, RunStores};
 use crate::crd::{Backup, Check, Prune, RunPhase, Schedule};
+use crate::inspect;
 use crate::leader::{self, Elector, LeaderError};
 use crate::metrics::Metrics;
 use crate::run;
@@ -315,7 +316,16 @@ async fn lead(
         schedule_store.clone(),
         metrics.clone(),
     ));
+    // The inspector reads repository figures between runs and asks for the Schedule's reconcile
+    // to write them, so the Schedule's status keeps one writer.
+    let (nudge, nudged) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(inspect::run(
+        Arc::clone(&ctx),
+        schedule_store.clone(),
+        nudge,
+    ));
     let schedules = schedules
+        .reconcile_on(tokio_stream::wrappers::ReceiverStream::new(nudged))
         .owns_shared_stream(phase_changes(backups.for_schedules))
         .owns_shared_stream(phase_changes(checks.for_schedules))
         .owns_shared_stream(phase_changes(prunes.for_schedules))

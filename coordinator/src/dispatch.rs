@@ -3,9 +3,10 @@
 
 use futures::StreamExt;
 use stowage_proto::v1::{
-    BackupRequest, BackupResult, CheckRequest, EnsureRepositoryRequest, MaintenanceResult,
-    Progress, PruneRequest, Repository, Snapshot, SnapshotsRequest, VolumeIdentity, VolumeRef,
-    VolumeSource, backup_event, backup_request, maintenance_event,
+    BackupRequest, BackupResult, CheckRequest, EnsureRepositoryRequest, InspectRequest,
+    InspectResponse, MaintenanceResult, Progress, PruneRequest, Repository, Snapshot,
+    SnapshotsRequest, VolumeIdentity, VolumeRef, VolumeSource, backup_event, backup_request,
+    maintenance_event,
 };
 use tonic::Code;
 
@@ -39,6 +40,8 @@ pub enum DispatchError {
     },
     #[error("agent on node {node} ended the stream without a result (it may have restarted)")]
     NoResult { node: String },
+    #[error("agent on node {node} did not answer within {seconds} s")]
+    TimedOut { node: String, seconds: u64 },
 }
 
 impl DispatchError {
@@ -46,7 +49,9 @@ impl DispatchError {
     pub fn try_elsewhere(&self) -> bool {
         matches!(
             self,
-            DispatchError::Unavailable(_) | DispatchError::Unreachable { .. }
+            DispatchError::Unavailable(_)
+                | DispatchError::Unreachable { .. }
+                | DispatchError::TimedOut { .. }
         )
     }
 
@@ -185,6 +190,32 @@ pub async fn snapshots_of_run(
         .into_iter()
         .filter(|s| s.tags.contains(&tag))
         .collect())
+}
+
+/// The repository's locks, and its figures when `figures` is set, read by the agent of `node`
+/// within `within`.
+pub async fn inspect(
+    agents: &AgentDirectory,
+    node: &str,
+    repository: &Repository,
+    figures: bool,
+    within: std::time::Duration,
+) -> Result<InspectResponse, DispatchError> {
+    let ep = agents.endpoint(node)?;
+    let mut client = agents.client(&ep)?;
+    let call = client.inspect(InspectRequest {
+        repository: Some(repository.clone()),
+        figures,
+    });
+    match tokio::time::timeout(within, call).await {
+        Ok(r) => Ok(r
+            .map_err(|s| DispatchError::from_status(&ep, s))?
+            .into_inner()),
+        Err(_) => Err(DispatchError::TimedOut {
+            node: ep.node,
+            seconds: within.as_secs(),
+        }),
+    }
 }
 
 pub enum Maintenance {

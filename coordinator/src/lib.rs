@@ -12,6 +12,7 @@
 //! - [`plan`]: the pure planning of a backup run (which volume is read by which node's agent);
 //! - [`run`]: executing Backup, Check and Prune runs (`run::volume` is one volume's task,
 //!   `run::status` the run's one status writer); [`dispatch`] calls the agents;
+//! - [`inspect`]: repository locks and figures between runs (gauges, Schedule status);
 //! - [`agents`]: finding agent pods and dialling them with mutual TLS;
 //! - [`mount_holder`]: pods that mount otherwise unmounted PVCs so they can be read;
 //! - [`errors`]: errors as bounded sentences;
@@ -29,6 +30,7 @@ pub mod cron;
 pub mod dispatch;
 pub mod errors;
 pub mod firing;
+pub mod inspect;
 pub mod leader;
 pub mod metrics;
 pub mod mount_holder;

@@ -15,6 +15,8 @@ use prometheus::{
 
 pub const RUN_KINDS: [&str; 3] = ["backup", "check", "prune"];
 pub const RUN_RESULTS: [&str; 3] = ["succeeded", "partially_failed", "failed"];
+/// The `exclusive` label of `stowage_repository_locks`.
+pub const LOCK_KINDS: [&str; 3] = ["true", "false", "unknown"];
 pub const AGENT_STATES: [&str; 2] = ["ready", "not_ready"];
 
 /// Run durations: seconds (a check of a small repository) to hours (a first full backup).
@@ -34,6 +36,8 @@ pub struct Metrics {
     pub repository_snapshots: GaugeVec,
     pub repository_size: GaugeVec,
     pub lock_removals: IntCounterVec,
+    pub repository_locks: IntGaugeVec,
+    pub oldest_lock_age: GaugeVec,
     pub missed_runs: IntCounter,
     pub skipped_runs: IntCounter,
     pub agents: IntGaugeVec,
@@ -111,6 +115,20 @@ impl Metrics {
             ),
             &["namespace", "schedule"],
         )?;
+        let repository_locks = IntGaugeVec::new(
+            Opts::new(
+                "stowage_repository_locks",
+                "Lock files in each Schedule's repository, by kind (exclusive \"unknown\": listed but not read), at the newest look: every run's end, and every --lock-refresh-interval while a run waits.",
+            ),
+            &["namespace", "schedule", "exclusive"],
+        )?;
+        let oldest_lock_age = GaugeVec::new(
+            Opts::new(
+                "stowage_repository_oldest_lock_age_seconds",
+                "Age of the oldest lock in each Schedule's repository since its holder created or refreshed it (0: none). restic refreshes live locks every 5 minutes and treats those older than 30 as stale.",
+            ),
+            &["namespace", "schedule"],
+        )?;
         let missed_runs = IntCounter::new(
             "stowage_coordinator_missed_runs_total",
             "Fire times not run because they were missed by more than --missed-run-deadline.",
@@ -151,6 +169,8 @@ impl Metrics {
         registry.register(Box::new(repository_snapshots.clone()))?;
         registry.register(Box::new(repository_size.clone()))?;
         registry.register(Box::new(lock_removals.clone()))?;
+        registry.register(Box::new(repository_locks.clone()))?;
+        registry.register(Box::new(oldest_lock_age.clone()))?;
         registry.register(Box::new(missed_runs.clone()))?;
         registry.register(Box::new(skipped_runs.clone()))?;
         registry.register(Box::new(agents.clone()))?;
@@ -167,6 +187,8 @@ impl Metrics {
             repository_snapshots,
             repository_size,
             lock_removals,
+            repository_locks,
+            oldest_lock_age,
             missed_runs,
             skipped_runs,
             agents,
@@ -200,6 +222,12 @@ impl Metrics {
             let _ = self.last_check.remove_label_values(&[&ns, &name]);
             let _ = self.repository_snapshots.remove_label_values(&[&ns, &name]);
             let _ = self.repository_size.remove_label_values(&[&ns, &name]);
+            for kind in LOCK_KINDS {
+                let _ = self
+                    .repository_locks
+                    .remove_label_values(&[&ns, &name, kind]);
+            }
+            let _ = self.oldest_lock_age.remove_label_values(&[&ns, &name]);
             seen.remove(&(ns, name));
         }
     }

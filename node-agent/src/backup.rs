@@ -19,6 +19,7 @@ use crate::error::AgentError;
 use crate::identity::{Identity, TAG_RUN, validate_extra_tag};
 use crate::inventory::VolumeEntry;
 use crate::inventory::scan::CSI_PLUGIN;
+use crate::memory::Operation;
 use crate::{follow, mountpoint, repository, safe_fs, sandbox};
 use restic_wrap::options::TagOptions;
 use stowage_common::contract::TAG_PARTIAL;
@@ -82,7 +83,9 @@ pub async fn execute(
         volume,
     } = plan;
     let repo_spec = req.repository.as_ref();
-    let _slot = ctx.slot(&progress, &cancel).await?;
+    let _slot = ctx
+        .slot(Operation::Backup, &repo, &progress, &cancel)
+        .await?;
     let started = Instant::now();
 
     // From here on the volume is addressed through this descriptor, never by its name again.

@@ -70,6 +70,13 @@ pub struct Config {
     #[arg(long, env = "STOWAGE_MAX_CONCURRENT", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub max_concurrent: u32,
 
+    /// Memory for restic processes on this node, in MiB (0: no bound). Each operation reserves
+    /// restic's estimated peak for its repository (a fixed part plus a multiple of the index size;
+    /// see docs/operations.md) before it starts; what does not fit queues, FIFO. An operation
+    /// estimated above the whole budget runs alone.
+    #[arg(long, env = "STOWAGE_MEMORY_BUDGET", default_value_t = 0)]
+    pub memory_budget: u32,
+
     /// The restic binary.
     #[arg(long, env = "STOWAGE_RESTIC", default_value = "restic")]
     pub restic: PathBuf,

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::AgentError;
 use crate::inventory::{Inventory, VolumeEntry};
 use crate::limiter::{Limiter, Slot};
+use crate::memory::{self, Operation};
 use crate::metrics::Metrics;
 
 pub struct AgentContext {
@@ -85,17 +86,27 @@ impl AgentContext {
             })
     }
 
-    /// Waits for a slot under the node's limit, telling the client when it has to queue.
+    /// restic's estimated peak memory for `op` on `repo`, in MiB, from what this node knows of the
+    /// repository's index.
+    pub fn memory_estimate(&self, op: Operation, repo: &Repository) -> u64 {
+        memory::estimate_mib(op, memory::index_bytes(repo, &self.cache_for(repo)))
+    }
+
+    /// Waits for a slot under the node's limits (count and memory budget), telling the client
+    /// when and why it has to queue.
     pub async fn slot(
         &self,
+        op: Operation,
+        repo: &Repository,
         progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<Slot, AgentError> {
-        if self.limiter.would_wait() {
-            progress.phase(Phase::Queued, "waiting for a free slot on this node");
+        let need = self.memory_estimate(op, repo);
+        if let Some(why) = self.limiter.would_wait(need) {
+            progress.phase(Phase::Queued, why);
         }
         tokio::select! {
-            slot = self.limiter.acquire() => slot.ok_or(AgentError::ShuttingDown),
+            slot = self.limiter.acquire(need) => slot.ok_or(AgentError::ShuttingDown),
             _ = cancel.cancelled() => Err(AgentError::Cancelled),
         }
     }

@@ -7,8 +7,10 @@
 //! Modules, one concern each:
 //! - [`config`]: flags and environment;
 //! - [`inventory`]: which volumes this node has, kept current with inotify and mountinfo;
-//! - [`limiter`]: the per-node bound on concurrent volume operations;
+//! - [`limiter`]: the per-node bounds on restic processes (count and memory budget);
+//! - [`memory`]: restic's estimated peak memory per operation, from the repository's index size;
 //! - [`backup`] / [`restore`]: the operations, driving restic-wrap;
+//! - [`maintenance`] / [`inspect`]: check and prune; reading locks and figures;
 //! - [`safe_fs`]: symlink-safe path resolution and the staging merge used by restores;
 //! - [`service`]: the gRPC service and its error codes;
 //! - [`metrics`]: the Prometheus registry and HTTP endpoint;
@@ -21,9 +23,11 @@ pub mod context;
 pub mod error;
 pub mod follow;
 pub mod identity;
+pub mod inspect;
 pub mod inventory;
 pub mod limiter;
 pub mod maintenance;
+pub mod memory;
 pub mod metrics;
 pub mod mountpoint;
 pub mod repository;

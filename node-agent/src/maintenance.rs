@@ -3,9 +3,7 @@
 
 use std::time::Instant;
 
-use restic_wrap::options::{
-    CheckOptions, ForgetOptions, PruneOptions, Retention, StatsMode, StatsOptions,
-};
+use restic_wrap::options::{CheckOptions, ForgetOptions, PruneOptions, Retention};
 use stowage_proto::v1::{
     CheckRequest, IdentityRetention, MaintenanceEvent, MaintenanceResult, Phase, Progress,
     PruneRequest, RepositoryFigures, RetentionPolicy, maintenance_event::Event,
@@ -15,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::context::{AgentContext, ProgressSink};
 use crate::error::AgentError;
 use crate::identity::{TAG_NAMESPACE, TAG_PVC, is_k8s_name};
-use crate::repository;
+use crate::memory::Operation;
+use crate::{inspect, repository};
 
 /// restic's reports can be long; the result carries the end, where the verdict is.
 const REPORT_TAIL: usize = 4096;
@@ -147,20 +146,12 @@ fn tail(s: &str) -> String {
 
 /// The repository's figures after the operation; `None` (and a warning) if restic cannot say.
 async fn figures(restic: &restic_wrap::Restic) -> Option<RepositoryFigures> {
-    let opts = StatsOptions {
-        mode: StatsMode::RawData,
-        ..Default::default()
-    };
-    match restic.stats(&opts).await {
-        Ok(s) => Some(RepositoryFigures {
-            snapshots: s.snapshots_count,
-            size_bytes: s.total_size,
-        }),
-        Err(e) => {
-            tracing::warn!(error = %e, "reading the repository's figures (restic stats)");
-            None
-        }
-    }
+    inspect::figures(restic)
+        .await
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "reading the repository's figures (restic stats)"),
+        )
+        .ok()
 }
 
 /// "total prune:  4 blobs / 1.181 KiB" in restic's prune report, in bytes (0 if absent).
@@ -194,7 +185,11 @@ pub async fn execute(
     progress: ProgressSink,
     cancel: CancellationToken,
 ) -> Result<MaintenanceResult, AgentError> {
-    let _slot = ctx.slot(&progress, &cancel).await?;
+    let (op, repo) = match &plan {
+        MaintenancePlan::Check { repo, .. } => (Operation::Check, repo),
+        MaintenancePlan::Prune { repo, .. } => (Operation::Prune, repo),
+    };
+    let _slot = ctx.slot(op, repo, &progress, &cancel).await?;
     let started = Instant::now();
     let work = async {
         match plan {

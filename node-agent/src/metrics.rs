@@ -28,6 +28,8 @@ pub struct Metrics {
     pub last_success: GaugeVec,
     pub running: IntGauge,
     pub queued: IntGauge,
+    pub memory_budget: IntGauge,
+    pub memory_reserved: IntGauge,
     pub lock_removals: IntCounter,
     pub lock_waits: IntCounter,
     pub restores: IntCounterVec,
@@ -88,7 +90,15 @@ impl Metrics {
         )?;
         let queued = IntGauge::new(
             "stowage_agent_queued_operations",
-            "Volume operations waiting for a slot under --max-concurrent.",
+            "Operations waiting for a slot under --max-concurrent or for room in --memory-budget.",
+        )?;
+        let memory_budget = IntGauge::new(
+            "stowage_agent_memory_budget_bytes",
+            "The --memory-budget for restic processes on this node (0: none).",
+        )?;
+        let memory_reserved = IntGauge::new(
+            "stowage_agent_memory_reserved_bytes",
+            "Memory reserved by running restic processes under --memory-budget (their estimates).",
         )?;
         let lock_removals = IntCounter::new(
             "stowage_agent_restic_lock_removals_total",
@@ -150,6 +160,8 @@ impl Metrics {
         registry.register(Box::new(last_success.clone()))?;
         registry.register(Box::new(running.clone()))?;
         registry.register(Box::new(queued.clone()))?;
+        registry.register(Box::new(memory_budget.clone()))?;
+        registry.register(Box::new(memory_reserved.clone()))?;
         registry.register(Box::new(lock_removals.clone()))?;
         registry.register(Box::new(lock_waits.clone()))?;
         registry.register(Box::new(restores.clone()))?;
@@ -167,6 +179,8 @@ impl Metrics {
             last_success,
             running,
             queued,
+            memory_budget,
+            memory_reserved,
             lock_removals,
             lock_waits,
             restores,
@@ -203,18 +217,23 @@ impl Metrics {
 }
 
 /// A gauge that goes up now and down when dropped, so early returns cannot leak a count.
-pub struct GaugeGuard(IntGauge);
+pub struct GaugeGuard(IntGauge, i64);
 
 impl GaugeGuard {
     pub fn new(g: &IntGauge) -> Self {
-        g.inc();
-        Self(g.clone())
+        Self::add(g, 1)
+    }
+
+    /// Adds `n` now and subtracts it when dropped.
+    pub fn add(g: &IntGauge, n: i64) -> Self {
+        g.add(n);
+        Self(g.clone(), n)
     }
 }
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.sub(self.1);
     }
 }
 

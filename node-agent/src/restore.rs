@@ -26,6 +26,7 @@ use crate::context::{AgentContext, ProgressSink};
 use crate::error::AgentError;
 use crate::identity::Identity;
 use crate::inventory::VolumeEntry;
+use crate::memory::Operation;
 use crate::safe_fs::{self, MergeStats, SafeFsError};
 use crate::{follow, repository, sandbox};
 
@@ -94,7 +95,9 @@ pub async fn execute(
         volume,
     } = plan;
     let repo_spec = req.repository.as_ref();
-    let _slot = ctx.slot(&progress, &cancel).await?;
+    let _slot = ctx
+        .slot(Operation::Restore, &repo, &progress, &cancel)
+        .await?;
     let started = Instant::now();
     let restic = ctx.restic(repo, repo_spec, Some(progress.clone()));
 

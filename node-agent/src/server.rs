@@ -206,7 +206,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         grpc = %config.grpc_listen, metrics = %config.metrics_listen, "agent ready"
     );
 
-    let limiter = Limiter::new(config.max_concurrent, metrics.clone());
+    let limiter = Limiter::new(config.max_concurrent, config.memory_budget, metrics.clone());
     let ctx = Arc::new(AgentContext {
         node_name: config.node_name.clone(),
         inventory,

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use stowage_proto::v1::agent_server::Agent;
 use stowage_proto::v1::{
     BackupEvent, BackupRequest, CheckRequest, EnsureRepositoryRequest, EnsureRepositoryResponse,
-    ListVolumesRequest, ListVolumesResponse, MaintenanceEvent, Progress, PruneRequest,
-    RestoreEvent, RestoreRequest, Snapshot, SnapshotsRequest, SnapshotsResponse, Volume, VolumeRef,
-    backup_event, restore_event,
+    InspectRequest, InspectResponse, ListVolumesRequest, ListVolumesResponse, MaintenanceEvent,
+    Progress, PruneRequest, RestoreEvent, RestoreRequest, Snapshot, SnapshotsRequest,
+    SnapshotsResponse, Volume, VolumeRef, backup_event, restore_event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,7 +21,8 @@ use crate::context::{AgentContext, ProgressSink};
 use crate::error::AgentError;
 use crate::identity::{Identity, TAG_NAMESPACE, TAG_POD, TAG_PVC};
 use crate::maintenance::{self, MaintenancePlan};
-use crate::{backup, repository, restore};
+use crate::memory::Operation;
+use crate::{backup, inspect, repository, restore};
 
 pub struct AgentService {
     ctx: Arc<AgentContext>,
@@ -72,10 +73,15 @@ impl AgentService {
 }
 
 impl AgentService {
-    /// A slot under the node's limit for a unary call, bounded by the stall timeout: a unary
+    /// A slot under the node's limits for a unary call, bounded by the stall timeout: a unary
     /// caller has no progress stream to see that it queues.
-    async fn slot(&self) -> Result<crate::limiter::Slot, Status> {
-        match tokio::time::timeout(self.ctx.limits.stall, self.ctx.limiter.acquire()).await {
+    async fn slot(
+        &self,
+        op: Operation,
+        repo: &restic_wrap::Repository,
+    ) -> Result<crate::limiter::Slot, Status> {
+        let need = self.ctx.memory_estimate(op, repo);
+        match tokio::time::timeout(self.ctx.limits.stall, self.ctx.limiter.acquire(need)).await {
             Ok(Some(slot)) => Ok(slot),
             Ok(None) => Err(AgentError::ShuttingDown.into()),
             Err(_) => Err(Status::resource_exhausted(format!(
@@ -239,13 +245,13 @@ impl Agent for AgentService {
                 .selector_tags(),
             None => Vec::new(),
         };
+        // Through the node's limiter like every restic: a resumed 500-volume run asks for many.
+        let _slot = self.slot(Operation::Read, &repo).await?;
         let restic = self.ctx.restic(repo, req.repository.as_ref(), None);
         let opts = restic_wrap::options::SnapshotsOptions {
             tags,
             ..Default::default()
         };
-        // Through the node's limiter like every restic: a resumed 500-volume run asks for many.
-        let _slot = self.slot().await?;
         let snaps = restic.snapshots(&opts).await.map_err(AgentError::from)?;
         let snapshots = snaps
             .into_iter()
@@ -294,12 +300,36 @@ impl Agent for AgentService {
         let repo = repository::from_proto(req.repository.as_ref(), &self.ctx.local_roots)
             .map_err(AgentError::from)?;
         let auto_init = req.repository.as_ref().is_some_and(|r| r.auto_init);
-        let _slot = self.slot().await?;
+        let _slot = self.slot(Operation::Read, &repo).await?;
         self.ctx
             .restic(repo, req.repository.as_ref(), None)
             .ensure_repository(auto_init)
             .await
             .map_err(AgentError::from)?;
         Ok(Response::new(EnsureRepositoryResponse {}))
+    }
+
+    async fn inspect(
+        &self,
+        req: Request<InspectRequest>,
+    ) -> Result<Response<InspectResponse>, Status> {
+        let req = req.into_inner();
+        let repo = repository::from_proto(req.repository.as_ref(), &self.ctx.local_roots)
+            .map_err(AgentError::from)?;
+        // Locks are read without a slot: listing them is cheap and takes no lock, and they matter
+        // most exactly when the node is busy waiting for them.
+        let restic = self.ctx.restic(repo.clone(), req.repository.as_ref(), None);
+        let (locks, unread_locks) = inspect::locks(&restic).await?;
+        let figures = if req.figures {
+            let _slot = self.slot(Operation::Read, &repo).await?;
+            Some(inspect::figures(&restic.with_lock_wait(inspect::FIGURES_LOCK_WAIT)).await?)
+        } else {
+            None
+        };
+        Ok(Response::new(InspectResponse {
+            locks,
+            unread_locks,
+            figures,
+        }))
     }
 }

@@ -172,6 +172,18 @@ pub struct KeepReason {
     pub matches: Vec<String>,
 }
 
+/// A lock file's content (`restic cat lock ID`), as its holder wrote it.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct LockFile {
+    /// RFC 3339, the holder's clock: when it created or last refreshed the lock.
+    pub time: String,
+    pub exclusive: bool,
+    pub hostname: String,
+    pub username: String,
+    pub pid: u32,
+}
+
 /// `restic stats --json` (restore-size, files-by-contents, raw-data and blobs-per-file modes).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]

@@ -340,6 +340,25 @@ impl Subcommand for ListLocksOptions {
     }
 }
 
+/// `restic cat lock ID --json`: one lock file's content, read without taking a lock.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CatLockOptions {
+    pub id: String,
+}
+
+impl Subcommand for CatLockOptions {
+    fn args(&self) -> Vec<OsString> {
+        vec![
+            "cat".into(),
+            "lock".into(),
+            "--no-lock".into(),
+            "--json".into(),
+            "--".into(),
+            self.id.clone().into(),
+        ]
+    }
+}
+
 /// `restic stats --json`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum StatsMode {
@@ -538,6 +557,15 @@ mod tests {
         assert_eq!(
             strs(CatConfigOptions.args()),
             ["cat", "config", "--no-lock"]
+        );
+        assert_eq!(
+            strs(
+                CatLockOptions {
+                    id: "32f48212".into()
+                }
+                .args()
+            ),
+            ["cat", "lock", "--no-lock", "--json", "--", "32f48212"]
         );
         let s = StatsOptions {
             mode: StatsMode::RawData,

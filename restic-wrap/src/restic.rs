@@ -9,14 +9,14 @@ use serde::de::DeserializeOwned;
 use crate::command::CommandSpec;
 use crate::error::{Error, Result};
 use crate::json::{
-    BackupMessage, BackupStatus, BackupSummary, ForgetGroup, RestoreMessage, RestoreStatus,
-    RestoreSummary, Snapshot, Stats,
+    BackupMessage, BackupStatus, BackupSummary, ForgetGroup, LockFile, RestoreMessage,
+    RestoreStatus, RestoreSummary, Snapshot, Stats,
 };
 use crate::lock::{LockInfo, LockObserver, LockPolicy, NoopObserver};
 use crate::options::{
-    BackupOptions, CatConfigOptions, CheckOptions, ForgetOptions, GlobalOptions, InitOptions,
-    ListLocksOptions, PruneOptions, RestoreOptions, SnapshotsOptions, StatsOptions, Subcommand,
-    TagOptions, UnlockOptions,
+    BackupOptions, CatConfigOptions, CatLockOptions, CheckOptions, ForgetOptions, GlobalOptions,
+    InitOptions, ListLocksOptions, PruneOptions, RestoreOptions, SnapshotsOptions, StatsOptions,
+    Subcommand, TagOptions, UnlockOptions,
 };
 use crate::process::{ResticProcess, StderrCapture};
 use crate::repository::Repository;
@@ -440,6 +440,13 @@ impl Restic {
         self
     }
 
+    /// The same lock policy, but giving up on a held lock after `max_wait` (for work that can
+    /// simply be done later, such as reading figures).
+    pub fn with_lock_wait(mut self, max_wait: Duration) -> Self {
+        self.lock_policy.max_wait = max_wait;
+        self
+    }
+
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
@@ -725,6 +732,19 @@ impl Restic {
             .filter(|l| !l.is_empty())
             .map(String::from)
             .collect())
+    }
+
+    /// One lock file's content, read without taking a lock. A lock removed since it was listed is an
+    /// error like any other.
+    pub async fn read_lock(&self, id: &str) -> Result<LockFile> {
+        let opts = CatLockOptions { id: id.to_string() };
+        // `cat` prints the lock indented over several lines, unlike the one-line messages of
+        // other commands: the whole output is the document.
+        let out = self.run(&opts).await?;
+        serde_json::from_str(out.trim()).map_err(|source| Error::Json {
+            subcommand: "cat lock".into(),
+            source,
+        })
     }
 
     pub async fn stats(&self, opts: &StatsOptions) -> Result<Stats> {

@@ -316,6 +316,16 @@ async fn lock_retry_waits_for_a_live_lock_and_reports_it() {
         std::thread::sleep(Duration::from_millis(2));
     }
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // The lock can be read without taking one: whose it is, and that it is exclusive.
+    let ids = r.list_locks().await.unwrap();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let lock = r.read_lock(&ids[0]).await.unwrap();
+    assert!(lock.exclusive, "{lock:?}");
+    assert_eq!(lock.pid, pid.as_raw() as u32);
+    assert!(
+        !lock.hostname.is_empty() && !lock.time.is_empty(),
+        "{lock:?}"
+    );
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(1)).await;
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();

@@ -683,6 +683,82 @@ async fn clients_without_the_right_certificate_are_refused() {
     );
 }
 
+/// With a memory budget that fits one restic (each reserves at least its fixed ~100 MiB), three
+/// backups run one after another although --max-concurrent allows four; the others are told why
+/// they queue, and every one succeeds.
+#[tokio::test]
+async fn a_memory_budget_that_fits_one_restic_runs_backups_one_at_a_time() {
+    let s = Setup::new();
+    let agent = s
+        .agent_with(|o| {
+            o.max_concurrent = 4;
+            o.extra_args = vec!["--memory-budget".into(), "150".into()];
+        })
+        .await;
+    restic::init(&s.repo(), PW);
+    for i in 0..3 {
+        let vol = csi_volume(&s.kubelet(), &format!("uid-m{i}"), &format!("pv-m{i}"));
+        fstree::write_random(&vol.join("data"), 32 * MB, i + 200);
+    }
+    assert_eq!(
+        agent.metric("stowage_agent_memory_budget_bytes").await,
+        Some((150u64 << 20) as f64)
+    );
+    let client = agent.client(&s.pki).await;
+    let pods = s.kubelet().join("pods");
+    let sampler = tokio::spawn(async move {
+        let (mut max, mut samples) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            let n = procs::restic_pids_under(&pods).len();
+            max = max.max(n);
+            samples += 1;
+            if samples > 20 && n == 0 && max > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        max
+    });
+    let mut calls = Vec::new();
+    for i in 0..3 {
+        let mut c = client.clone();
+        let req = volume_backup(
+            local_repo(&s.repo(), PW, false),
+            &format!("uid-m{i}"),
+            &format!("pv-m{i}"),
+            "shop",
+            &format!("pvc-m{i}"),
+        );
+        calls.push(tokio::spawn(async move { backup(&mut c, req).await }));
+    }
+    let mut why = Vec::new();
+    for c in calls {
+        let out = c.await.expect("join");
+        why.extend(
+            out.progress
+                .iter()
+                .filter(|p| p.phase() == Phase::Queued)
+                .map(|p| p.message.clone()),
+        );
+        assert_eq!(
+            out.result.expect("every backup succeeds").outcome(),
+            POutcome::Succeeded
+        );
+    }
+    assert_eq!(sampler.await.expect("sampler"), 1, "one restic at a time");
+    assert!(
+        why.iter()
+            .any(|m| m.starts_with("waiting for memory on this node")
+                && m.contains("of the 150 MiB budget")),
+        "{why:?}"
+    );
+    assert_eq!(
+        agent.metric("stowage_agent_memory_reserved_bytes").await,
+        Some(0.0)
+    );
+}
+
 #[tokio::test]
 async fn six_backups_with_max_concurrent_two_never_run_more_than_two_restics() {
     let s = Setup::new();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Utc};
+use kube::Api;
 use stowage_coordinator::crd::{Backup, Check, Prune, Schedule};
 use stowage_tests::cluster::{Cluster, fresh_namespace};
 use stowage_tests::coordinator::{
@@ -537,4 +538,174 @@ async fn a_backup_waits_for_an_exclusive_lock_and_says_whose() {
     .await;
     assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
     assert!(done["status"]["items"][0]["message"].is_null(), "{done:#}");
+}
+
+/// A metric series and what its value must satisfy.
+type Want = (String, fn(f64) -> bool);
+
+/// Polls the coordinator's metrics until every `(series, check)` holds, at most `timeout`.
+async fn wait_metrics(c: &Coordinator, what: &str, timeout: Duration, want: &[Want]) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let mut all = true;
+        for (series, ok) in want {
+            all &= c.metric(series).await.is_some_and(ok);
+        }
+        if all {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {timeout:?}; metrics:\n{}",
+            c.metrics_text()
+                .await
+                .lines()
+                .filter(|l| l.starts_with("stowage_repository"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The lock gauges follow a run that waits for a lock (refreshed on the timer while it waits) and
+/// show what is left when it ends; the figures reach the Schedule's status and gauges between runs,
+/// with no Check or Prune.
+#[tokio::test]
+async fn lock_gauges_follow_a_waiting_run_and_figures_arrive_between_runs() {
+    let (cluster, client, ns, repo) = setup("lockfig").await;
+    let dir = cluster.volume(&ns, "data-0", "data", "node-1", &[]);
+    std::fs::write(dir.join("f"), b"data").expect("write");
+    stowage_tests::restic::init(&repo, PASSWORD);
+    // A live prune's exclusive lock, and a live backup's shared lock from another node, two
+    // minutes since its last refresh: neither is stale.
+    let exclusive = stowage_tests::restic::forge_lock(
+        &repo,
+        PASSWORD,
+        "pruner",
+        77,
+        Duration::from_secs(5),
+        true,
+    );
+    stowage_tests::restic::forge_lock(
+        &repo,
+        PASSWORD,
+        "reader",
+        78,
+        Duration::from_secs(120),
+        false,
+    );
+    let mut opts = CoordinatorOptions::new(&ns);
+    opts.extra_args = ["--lock-refresh-interval", "1s", "--figures-interval", "3s"]
+        .map(String::from)
+        .to_vec();
+    let c = Coordinator::start(cluster, opts).await;
+    let _: Schedule = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+            "metadata": {"name": "nightly"},
+            "spec": {"backend": local_backend(&repo), "backup": {"schedule": "0 3 1 1 *"}}}),
+    )
+    .await;
+    let metadata = fired_metadata(&client, &ns, "nightly", "backup", "b1").await;
+    let _: Backup = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+            "metadata": metadata,
+            "spec": {"backend": local_backend(&repo), "scheduleRef": {"name": "nightly"}}}),
+    )
+    .await;
+    let series = |kind: &str| {
+        format!(
+            "stowage_repository_locks{{exclusive=\"{kind}\",namespace=\"{ns}\",schedule=\"nightly\"}}"
+        )
+    };
+    let oldest = format!(
+        "stowage_repository_oldest_lock_age_seconds{{namespace=\"{ns}\",schedule=\"nightly\"}}"
+    );
+    // While the backup waits: the exclusive lock it waits for and the shared one, the oldest being
+    // the shared one's two minutes.
+    wait_metrics(
+        &c,
+        "the lock gauges while the backup waits",
+        Duration::from_secs(60),
+        &[
+            (series("true"), |v| v == 1.0),
+            (series("false"), |v| v == 1.0),
+            (oldest.clone(), |v| (120.0..600.0).contains(&v)),
+        ],
+    )
+    .await;
+    let b = Api::<Backup>::namespaced(client.clone(), &ns)
+        .get("b1")
+        .await
+        .expect("b1");
+    assert!(
+        b.status
+            .as_ref()
+            .is_some_and(|s| s.phase == Some(stowage_coordinator::crd::RunPhase::Running)),
+        "{b:?}"
+    );
+    std::fs::remove_file(repo.join("locks").join(&exclusive)).expect("the prune finishes");
+    let done = wait_json::<Backup>(
+        &client,
+        &ns,
+        "b1",
+        Duration::from_secs(60),
+        "finished",
+        finished,
+    )
+    .await;
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
+    // At the run's end: the exclusive lock is gone, the backup removed its own, the shared one
+    // stays.
+    wait_metrics(
+        &c,
+        "the lock gauges after the run",
+        Duration::from_secs(20),
+        &[
+            (series("true"), |v| v == 0.0),
+            (series("false"), |v| v == 1.0),
+        ],
+    )
+    .await;
+    // Figures between runs: one snapshot, in the Schedule's status and its gauges.
+    let s = wait_json::<Schedule>(
+        &client,
+        &ns,
+        "nightly",
+        Duration::from_secs(60),
+        "figures in the Schedule's status",
+        |v| v["status"]["repository"]["snapshots"] == 1,
+    )
+    .await;
+    assert!(
+        s["status"]["repository"]["sizeBytes"].as_u64().unwrap_or(0) > 0,
+        "{s:#}"
+    );
+    assert!(s["status"]["repository"]["time"].is_string(), "{s:#}");
+    let snapshots =
+        format!("stowage_repository_snapshots{{namespace=\"{ns}\",schedule=\"nightly\"}}");
+    wait_metrics(
+        &c,
+        "the snapshots gauge",
+        Duration::from_secs(20),
+        &[(snapshots, |v| v == 1.0)],
+    )
+    .await;
+    let checks: Vec<Check> = Api::<Check>::namespaced(client.clone(), &ns)
+        .list(&Default::default())
+        .await
+        .expect("checks")
+        .items;
+    assert!(checks.is_empty(), "no Check ran: {checks:?}");
+    // The exposition, with the lock and figure families, passes Prometheus's own linter.
+    let text = c.metrics_text().await;
+    assert!(
+        text.contains("# TYPE stowage_repository_locks gauge"),
+        "{text}"
+    );
+    stowage_tests::promtool_check(&text);
 }

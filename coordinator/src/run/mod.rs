@@ -249,6 +249,11 @@ async fn finish<K: RunObject>(
         .run_duration
         .with_label_values(&[K::ACTION])
         .observe(seconds.max(0.0));
+    // The run held or waited for repository locks: the lock gauges say what it left behind.
+    if let Some(s) = run.schedule_ref() {
+        ctx.inspector
+            .run_ended(&run.namespace().unwrap_or_default(), &s.name);
+    }
     if phase == RunPhase::Succeeded {
         ctx.notifier.normal(run, "Run", finding).await;
     } else {

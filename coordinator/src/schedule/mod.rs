@@ -176,8 +176,13 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<Ctx>) -> Result<Action, kube::
     }
     history::prune_history::<Check>(&ctx, &s, keep).await?;
     history::prune_history::<Prune>(&ctx, &s, keep).await?;
-    // The repository's size, from the newest Check or Prune.
-    if let Some(f) = history::last_figures(&ctx, &s) {
+    // The repository's size, from the newest Check, Prune or look between runs.
+    let between_runs = ctx.inspector.figures(&ns, &name);
+    let newest = history::last_figures(&ctx, &s)
+        .into_iter()
+        .chain(between_runs)
+        .max_by(|a, b| a.time.cmp(&b.time));
+    if let Some(f) = newest {
         let labels = [ns.as_str(), name.as_str()];
         ctx.metrics
             .repository_snapshots

@@ -1,0 +1,344 @@
+//! Keeps each Schedule's repository gauges current without a run of its own:
+//! - its **locks** (`stowage_repository_locks`, `stowage_repository_oldest_lock_age_seconds`) at
+//!   the end of every run of the Schedule, and every `--lock-refresh-interval` while one of its runs
+//!   waits for a lock;
+//! - its **figures** (snapshots, bytes) when no Check, Prune or earlier look refreshed them for
+//!   `--figures-interval`. They go into the Schedule's status through its own reconcile, which this
+//!   module nudges, so the Schedule's status keeps a single writer.
+//!
+//! One task does this for the whole coordinator, one repository at a time, each look bounded; any
+//! ready agent reads the repository (they all can).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::ResourceExt;
+use kube::runtime::reflector::{ObjectRef, Store};
+use stowage_proto::v1::InspectResponse;
+use tokio::sync::{Notify, mpsc};
+
+use crate::backend::{self, Secrets};
+use crate::context::Ctx;
+use crate::crd::{RepositoryFigures, RunPhase, RunStatus, Schedule};
+use crate::dispatch::{self, DispatchError};
+use crate::errors;
+use crate::metrics::Metrics;
+use crate::runs::{RunObject, now_rfc3339};
+
+/// A Schedule: `(namespace, name)`.
+pub type Key = (String, String);
+
+/// How long one look may take: listing and reading locks is a few restic runs; figures load the
+/// index (and may wait up to a minute for a prune's exclusive lock).
+const LOCKS_WITHIN: Duration = Duration::from_secs(120);
+const FIGURES_WITHIN: Duration = Duration::from_secs(600);
+
+/// What runs and the Schedule reconcile share with the task.
+#[derive(Default)]
+pub struct Inspector {
+    /// Schedules whose locks to read at the next turn (a run of theirs just ended).
+    pending: Mutex<BTreeSet<Key>>,
+    wake: Notify,
+    /// The newest figures this task read, per Schedule.
+    figures: Mutex<HashMap<Key, RepositoryFigures>>,
+}
+
+impl Inspector {
+    /// A run of `schedule` ended: read its repository's locks soon.
+    pub fn run_ended(&self, namespace: &str, schedule: &str) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert((namespace.to_string(), schedule.to_string()));
+        }
+        self.wake.notify_one();
+    }
+
+    /// The newest figures this task read for the Schedule.
+    pub fn figures(&self, namespace: &str, schedule: &str) -> Option<RepositoryFigures> {
+        let key = (namespace.to_string(), schedule.to_string());
+        self.figures.lock().ok()?.get(&key).cloned()
+    }
+
+    fn take_pending(&self) -> BTreeSet<Key> {
+        self.pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default()
+    }
+}
+
+/// Whether the run waits for a repository lock now: the agents' "waiting for the repository lock
+/// held by ..." is the only message a running run or item carries.
+fn waits_for_lock(st: &RunStatus) -> bool {
+    st.phase == Some(RunPhase::Running)
+        && (st.message.is_some()
+            || st
+                .items
+                .iter()
+                .any(|i| i.phase == RunPhase::Running && i.message.is_some()))
+}
+
+/// Schedules with a run waiting for a lock now, from the run caches.
+fn waiting(ctx: &Ctx) -> BTreeSet<Key> {
+    fn of<K: RunObject>(ctx: &Ctx, out: &mut BTreeSet<Key>) {
+        for r in K::store(&ctx.runs).state() {
+            if let (Some(st), Some(s)) = (r.run_status(), r.schedule_ref())
+                && waits_for_lock(st)
+            {
+                out.insert((r.namespace().unwrap_or_default(), s.name.clone()));
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    of::<crate::crd::Backup>(ctx, &mut out);
+    of::<crate::crd::Check>(ctx, &mut out);
+    of::<crate::crd::Prune>(ctx, &mut out);
+    out
+}
+
+/// Sets the lock gauges from one look.
+pub fn publish_locks(metrics: &Metrics, namespace: &str, schedule: &str, r: &InspectResponse) {
+    let exclusive = r.locks.iter().filter(|l| l.exclusive).count();
+    let shared = r.locks.len() - exclusive;
+    for (kind, n) in [
+        ("true", exclusive as i64),
+        ("false", shared as i64),
+        ("unknown", i64::from(r.unread_locks)),
+    ] {
+        metrics
+            .repository_locks
+            .with_label_values(&[namespace, schedule, kind])
+            .set(n);
+    }
+    let oldest = r.locks.iter().map(|l| l.age_seconds).fold(0.0, f64::max);
+    metrics
+        .oldest_lock_age
+        .with_label_values(&[namespace, schedule])
+        .set(oldest);
+    metrics.schedule_seen(namespace, schedule);
+}
+
+/// When the Schedule's figures were last read, by any means (RFC 3339).
+fn figures_time(ctx: &Ctx, s: &Schedule, key: &Key) -> Option<String> {
+    let status = s
+        .status
+        .as_ref()
+        .and_then(|st| st.repository.as_ref())
+        .and_then(|f| f.time.clone());
+    let mine = ctx.inspector.figures(&key.0, &key.1).and_then(|f| f.time);
+    status.max(mine)
+}
+
+fn older_than(time: Option<&str>, age: Duration) -> bool {
+    let Some(t) = time.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) else {
+        return true;
+    };
+    chrono::Utc::now() - t.to_utc() > chrono::Duration::from_std(age).unwrap_or_default()
+}
+
+/// The tasks: one for locks (woken when a run ends, and every `--lock-refresh-interval`), one for
+/// figures (whose looks may wait for a prune's lock, so they never delay a lock look). Schedules
+/// whose figures changed go to `nudge`, the Schedule controller's extra trigger.
+pub async fn run(
+    ctx: Arc<Ctx>,
+    schedules: Store<Schedule>,
+    nudge: mpsc::Sender<ObjectRef<Schedule>>,
+) {
+    tokio::join!(
+        lock_looks(Arc::clone(&ctx), schedules.clone()),
+        figure_looks(ctx, schedules, nudge)
+    );
+}
+
+async fn lock_looks(ctx: Arc<Ctx>, schedules: Store<Schedule>) {
+    let every = ctx.config.lock_refresh_interval.max(Duration::from_secs(1));
+    // When each Schedule was last looked at while waiting, so a waiting run costs one look per
+    // interval however often runs end.
+    let mut looked: HashMap<Key, Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            () = ctx.inspector.wake.notified() => {}
+            () = tokio::time::sleep(every) => {}
+        }
+        if ctx.synced().await.is_err() {
+            continue;
+        }
+        let mut due = ctx.inspector.take_pending();
+        for key in waiting(&ctx) {
+            if looked.get(&key).is_none_or(|t| t.elapsed() >= every) {
+                due.insert(key);
+            }
+        }
+        for key in due {
+            let Some(s) = schedules.get(&ObjectRef::new(&key.1).within(&key.0)) else {
+                continue;
+            };
+            looked.insert(key.clone(), Instant::now());
+            match look(&ctx, &s, false).await {
+                Ok(r) => publish_locks(&ctx.metrics, &key.0, &key.1, &r),
+                Err(e) => {
+                    tracing::info!(namespace = %key.0, schedule = %key.1, error = %e, "could not read the repository's locks; trying again later");
+                }
+            }
+        }
+    }
+}
+
+async fn figure_looks(
+    ctx: Arc<Ctx>,
+    schedules: Store<Schedule>,
+    nudge: mpsc::Sender<ObjectRef<Schedule>>,
+) {
+    let every = ctx.config.figures_interval.max(Duration::from_secs(1));
+    // A failed look (no repository yet, a prune holding the lock) is retried an interval later.
+    let mut tried: HashMap<Key, Instant> = HashMap::new();
+    loop {
+        tokio::time::sleep(every.min(Duration::from_secs(60))).await;
+        if ctx.synced().await.is_err() {
+            continue;
+        }
+        for s in schedules.state() {
+            let key = (s.namespace().unwrap_or_default(), s.name_any());
+            if s.spec.paused
+                || tried.get(&key).is_some_and(|t| t.elapsed() < every)
+                || !older_than(figures_time(&ctx, &s, &key).as_deref(), every)
+            {
+                continue;
+            }
+            tried.insert(key.clone(), Instant::now());
+            match look(&ctx, &s, true).await {
+                Ok(r) => {
+                    publish_locks(&ctx.metrics, &key.0, &key.1, &r);
+                    if let Some(f) = r.figures {
+                        if let Ok(mut m) = ctx.inspector.figures.lock() {
+                            m.insert(
+                                key.clone(),
+                                RepositoryFigures {
+                                    snapshots: f.snapshots,
+                                    size_bytes: f.size_bytes,
+                                    time: Some(now_rfc3339()),
+                                },
+                            );
+                        }
+                        let _ = nudge.try_send(ObjectRef::from_obj(s.as_ref()));
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(namespace = %key.0, schedule = %key.1, error = %e, "could not read the repository's figures; trying again later");
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LookError {
+    #[error("{0}")]
+    Backend(String),
+    #[error("no ready agent")]
+    NoAgent,
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError),
+}
+
+/// One look at the Schedule's repository, by the first ready agent that answers.
+async fn look(ctx: &Ctx, s: &Schedule, figures: bool) -> Result<InspectResponse, LookError> {
+    let namespace = s.namespace().unwrap_or_default();
+    let repository = backend::resolve(
+        &Secrets::Api(ctx.client.clone()),
+        &namespace,
+        &s.spec.backend,
+        "spec.backend",
+    )
+    .await
+    .map_err(|f| LookError::Backend(errors::bounded(&f.message, 512)))?;
+    let within = if figures {
+        FIGURES_WITHIN
+    } else {
+        LOCKS_WITHIN
+    };
+    let mut last = LookError::NoAgent;
+    for node in ctx.agents.ready_nodes() {
+        match dispatch::inspect(&ctx.agents, &node, &repository, figures, within).await {
+            Ok(r) => return Ok(r),
+            Err(e) if e.try_elsewhere() => last = e.into(),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::ItemStatus;
+    use stowage_proto::v1::RepositoryLock;
+
+    #[test]
+    fn a_run_waits_for_a_lock_only_while_running_with_a_message() {
+        let mut st = RunStatus {
+            phase: Some(RunPhase::Running),
+            ..Default::default()
+        };
+        assert!(!waits_for_lock(&st));
+        st.items.push(ItemStatus {
+            phase: RunPhase::Running,
+            message: Some("waiting for the repository lock held by x".into()),
+            ..Default::default()
+        });
+        assert!(waits_for_lock(&st));
+        st.phase = Some(RunPhase::Succeeded);
+        assert!(!waits_for_lock(&st));
+        let check = RunStatus {
+            phase: Some(RunPhase::Running),
+            message: Some("waiting for the repository lock held by y".into()),
+            ..Default::default()
+        };
+        assert!(waits_for_lock(&check));
+    }
+
+    #[test]
+    fn lock_gauges_count_by_kind_and_take_the_oldest() {
+        let m = Metrics::new().unwrap();
+        let lock = |exclusive, age_seconds| RepositoryLock {
+            exclusive,
+            age_seconds,
+            ..Default::default()
+        };
+        let r = InspectResponse {
+            locks: vec![lock(true, 40.0), lock(false, 2000.0), lock(false, 1.0)],
+            unread_locks: 1,
+            figures: None,
+        };
+        publish_locks(&m, "shop", "nightly", &r);
+        let get = |k: &str| {
+            m.repository_locks
+                .with_label_values(&["shop", "nightly", k])
+                .get()
+        };
+        assert_eq!((get("true"), get("false"), get("unknown")), (1, 2, 1));
+        assert_eq!(
+            m.oldest_lock_age
+                .with_label_values(&["shop", "nightly"])
+                .get(),
+            2000.0
+        );
+        publish_locks(&m, "shop", "nightly", &InspectResponse::default());
+        assert_eq!((get("true"), get("false"), get("unknown")), (0, 0, 0));
+        assert_eq!(
+            m.oldest_lock_age
+                .with_label_values(&["shop", "nightly"])
+                .get(),
+            0.0
+        );
+    }
+
+    #[test]
+    fn figures_are_due_when_missing_or_older_than_the_interval() {
+        let hour = Duration::from_secs(3600);
+        assert!(older_than(None, hour));
+        assert!(older_than(Some("2020-01-01T00:00:00Z"), hour));
+        assert!(!older_than(Some(&now_rfc3339()), hour));
+        assert!(older_than(Some("not a time"), hour));
+    }
+}
