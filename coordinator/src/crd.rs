@@ -371,6 +371,60 @@ pub struct ItemStatus {
     /// Why a Skipped item was skipped (`EmptyVolume`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A backup command's item (then `pvc` is empty): what ran, and how it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandItem>,
+    /// The pre- and post-backup hooks of the pod whose volume this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<HookOutcomes>,
+}
+
+impl ItemStatus {
+    /// What the item is, unique within a run: the PVC, or `command <owner>/<container>`.
+    pub fn name(&self) -> String {
+        match &self.command {
+            Some(c) => format!("command {}/{}", c.owner, c.container),
+            None => self.pvc.clone(),
+        }
+    }
+}
+
+/// A backup command's item.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandItem {
+    /// `<Kind>/<name>` of the pod's owner (the command's identity), e.g. `StatefulSet/pg`.
+    pub owner: String,
+    pub container: String,
+    /// The command line, as annotated.
+    pub command: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Bytes the command wrote to stdout (the snapshot's one file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_bytes: Option<u64>,
+}
+
+/// How a pod's hooks ended.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HookOutcomes {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre: Option<HookOutcome>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post: Option<HookOutcome>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HookOutcome {
+    /// -1 when there is none (timed out, stream broken, could not start).
+    pub exit_code: i32,
+    pub duration_seconds: f64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// What a run works with, complete. A Schedule writes it into the spec of the runs it fires; a

@@ -3,10 +3,10 @@
 
 use futures::StreamExt;
 use stowage_proto::v1::{
-    BackupRequest, BackupResult, CheckRequest, EnsureRepositoryRequest, InspectRequest,
-    InspectResponse, MaintenanceResult, Progress, PruneRequest, Repository, Snapshot,
-    SnapshotsRequest, VolumeIdentity, VolumeRef, VolumeSource, backup_event, backup_request,
-    maintenance_event,
+    BackupRequest, BackupResult, CheckRequest, CommandSource, EnsureRepositoryRequest, HookRequest,
+    HookResult, InspectRequest, InspectResponse, MaintenanceResult, Progress, PruneRequest,
+    Repository, Snapshot, SnapshotsRequest, VolumeIdentity, VolumeRef, VolumeSource, backup_event,
+    backup_request, maintenance_event,
 };
 use tonic::Code;
 
@@ -102,6 +102,100 @@ pub struct VolumeJob {
     pub pod_uid: String,
     pub volume_name: String,
     pub node: String,
+    /// restic `--exclude` patterns, relative to the volume root.
+    pub excludes: Vec<String>,
+}
+
+/// One backup command, where it runs. No `Debug`: the repository carries secrets.
+#[derive(Clone)]
+pub struct CommandJob {
+    pub run_id: String,
+    pub repository: Repository,
+    pub namespace: String,
+    pub pod: String,
+    pub node: String,
+    /// Empty: the pod's first container.
+    pub container: String,
+    pub command: String,
+    pub file_name: String,
+    pub timeout_seconds: u32,
+    pub owner_kind: String,
+    pub owner_name: String,
+}
+
+/// The exit status a failed command's error carries (gRPC metadata `stowage-exit-code`).
+pub fn exit_code_of(s: &tonic::Status) -> Option<i32> {
+    s.metadata()
+        .get("stowage-exit-code")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Streams a command's stdout into a snapshot through the agent of the pod's node.
+pub async fn backup_command(
+    agents: &AgentDirectory,
+    job: &CommandJob,
+    mut on_progress: impl FnMut(&Progress),
+) -> Result<BackupResult, (DispatchError, Option<i32>)> {
+    let ep = agents.endpoint(&job.node).map_err(|e| (e.into(), None))?;
+    let mut client = agents.client(&ep).map_err(|e| (e.into(), None))?;
+    let req = BackupRequest {
+        run_id: job.run_id.clone(),
+        repository: Some(job.repository.clone()),
+        identity: Some(VolumeIdentity {
+            namespace: job.namespace.clone(),
+            pvc: String::new(),
+            pod_name: job.pod.clone(),
+        }),
+        source: Some(backup_request::Source::Command(CommandSource {
+            pod: job.pod.clone(),
+            container: job.container.clone(),
+            command: job.command.clone(),
+            file_name: job.file_name.clone(),
+            timeout_seconds: job.timeout_seconds,
+            owner_kind: job.owner_kind.clone(),
+            owner_name: job.owner_name.clone(),
+        })),
+        extra_tags: Vec::new(),
+        excludes: Vec::new(),
+    };
+    let mut stream = client
+        .backup(req)
+        .await
+        .map_err(|s| (DispatchError::from_status(&ep, s), None))?
+        .into_inner();
+    while let Some(ev) = stream.next().await {
+        let ev = ev.map_err(|s| {
+            let code = exit_code_of(&s);
+            (DispatchError::mid_stream(&ep, s), code)
+        })?;
+        match ev.event {
+            Some(backup_event::Event::Progress(p)) => on_progress(&p),
+            Some(backup_event::Event::Result(r)) => return Ok(r),
+            None => {}
+        }
+    }
+    Err((DispatchError::NoResult { node: ep.node }, None))
+}
+
+/// Runs a hook through the agent of `node`, within `within`.
+pub async fn run_hook(
+    agents: &AgentDirectory,
+    node: &str,
+    req: HookRequest,
+    within: std::time::Duration,
+) -> Result<HookResult, DispatchError> {
+    let ep = agents.endpoint(node)?;
+    let mut client = agents.client(&ep)?;
+    match tokio::time::timeout(within, client.run_hook(req)).await {
+        Ok(r) => Ok(r
+            .map_err(|s| DispatchError::from_status(&ep, s))?
+            .into_inner()),
+        Err(_) => Err(DispatchError::TimedOut {
+            node: ep.node,
+            seconds: within.as_secs(),
+        }),
+    }
 }
 
 pub async fn backup_volume(
@@ -127,7 +221,7 @@ pub async fn backup_volume(
         })),
         // The agent tags the snapshot with the run id (TAG_RUN).
         extra_tags: Vec::new(),
-        excludes: Vec::new(),
+        excludes: job.excludes.clone(),
     };
     let mut stream = client
         .backup(req)

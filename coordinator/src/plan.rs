@@ -36,6 +36,105 @@ pub struct PodInfo {
     pub annotations: BTreeMap<String, String>,
     /// Names of the PVCs its volumes claim.
     pub claims: Vec<String>,
+    /// Running with every container ready (the Ready condition).
+    pub ready: bool,
+    /// Its creation time (RFC 3339), to choose among replicas.
+    pub created: String,
+    /// Its controller (`kind`, `name`) from its owner references.
+    pub controller: Option<(String, String)>,
+    pub labels: BTreeMap<String, String>,
+    /// Its containers' names, in order.
+    pub containers: Vec<String>,
+}
+
+/// The label the Deployment controller puts on its ReplicaSets' pods (and into their names).
+const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+
+impl PodInfo {
+    /// Whose history a backup command of this pod is: the Deployment of a ReplicaSet's pod (the
+    /// ReplicaSet's name less its pod-template-hash, which changes with every rollout), else the
+    /// controller, else the pod itself.
+    pub fn owner(&self) -> (String, String) {
+        match &self.controller {
+            Some((kind, name)) if kind == "ReplicaSet" => {
+                match self
+                    .labels
+                    .get(POD_TEMPLATE_HASH)
+                    .and_then(|h| name.strip_suffix(&format!("-{h}")))
+                {
+                    Some(deployment) => ("Deployment".into(), deployment.into()),
+                    None => (kind.clone(), name.clone()),
+                }
+            }
+            Some((kind, name)) => (kind.clone(), name.clone()),
+            None => ("Pod".into(), self.name.clone()),
+        }
+    }
+}
+
+/// One backup command to run: in `pod`, for its owner.
+#[derive(Debug, Clone)]
+pub struct CommandAssignment<'a> {
+    pub pod: &'a PodInfo,
+    pub owner_kind: String,
+    pub owner_name: String,
+    /// Pods of the owner that carry the command (the command runs in one of them).
+    pub replicas: usize,
+}
+
+/// The backup commands of `pods` (annotated with `stowage.dev/backup-command`): one per owner,
+/// run in the ready replica created first (ties by name), so that replicas of one Deployment or
+/// StatefulSet dump once, and from the same, longest-running pod each time. Owners with no ready
+/// replica come back apart, to be reported.
+pub fn plan_commands<'a>(
+    pods: &'a [PodInfo],
+    annotation: &str,
+) -> (Vec<CommandAssignment<'a>>, Vec<CommandAssignment<'a>>) {
+    let mut by_owner: BTreeMap<(String, String), Vec<&'a PodInfo>> = BTreeMap::new();
+    for p in pods.iter().filter(|p| {
+        p.annotations
+            .get(annotation)
+            .is_some_and(|c| !c.trim().is_empty())
+            && !excluded(&p.annotations)
+    }) {
+        by_owner.entry(p.owner()).or_default().push(p);
+    }
+    let (mut ready, mut unready) = (Vec::new(), Vec::new());
+    for ((owner_kind, owner_name), replicas) in by_owner {
+        let chosen = replicas
+            .iter()
+            .filter(|p| p.running && p.ready && p.node.is_some())
+            .min_by(|a, b| (&a.created, &a.name).cmp(&(&b.created, &b.name)));
+        let assignment = |pod| CommandAssignment {
+            pod,
+            owner_kind: owner_kind.clone(),
+            owner_name: owner_name.clone(),
+            replicas: replicas.len(),
+        };
+        match chosen {
+            Some(p) => ready.push(assignment(p)),
+            None => unready.push(assignment(replicas[0])),
+        }
+    }
+    (ready, unready)
+}
+
+/// restic `--exclude` patterns for a volume: the PVC's `stowage.dev/exclude`, then its pod's,
+/// comma-separated, blanks dropped.
+pub fn excludes(
+    key: &str,
+    pvc: &BTreeMap<String, String>,
+    pod: Option<&BTreeMap<String, String>>,
+) -> Vec<String> {
+    [Some(pvc), pod]
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.get(key))
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 /// Where one volume will be read.
@@ -269,6 +368,95 @@ mod tests {
             claims: claims.iter().map(|c| c.to_string()).collect(),
             ..Default::default()
         }
+    }
+
+    fn replica(name: &str, owner: (&str, &str), created: &str, ready: bool) -> PodInfo {
+        let mut p = pod(name, "node-1", &[]);
+        p.ready = ready;
+        p.created = created.into();
+        p.controller = Some((owner.0.into(), owner.1.into()));
+        p.annotations
+            .insert("stowage.dev/backup-command".into(), "pg_dump".into());
+        p
+    }
+
+    #[test]
+    fn one_command_per_owner_in_the_oldest_ready_replica() {
+        let mut web = vec![
+            replica(
+                "web-7d9f-b",
+                ("ReplicaSet", "web-7d9f"),
+                "2026-11-20T10:00:00Z",
+                true,
+            ),
+            replica(
+                "web-7d9f-a",
+                ("ReplicaSet", "web-7d9f"),
+                "2026-11-20T10:00:00Z",
+                true,
+            ),
+            replica(
+                "web-7d9f-c",
+                ("ReplicaSet", "web-7d9f"),
+                "2026-11-19T10:00:00Z",
+                false,
+            ),
+        ];
+        for p in &mut web {
+            p.labels.insert("pod-template-hash".into(), "7d9f".into());
+        }
+        let mut pods = web;
+        pods.push(replica(
+            "pg-0",
+            ("StatefulSet", "pg"),
+            "2026-11-21T00:00:00Z",
+            false,
+        ));
+        let mut plain = pod("lonely", "node-2", &[]);
+        plain.ready = true;
+        plain
+            .annotations
+            .insert("stowage.dev/backup-command".into(), "dump".into());
+        pods.push(plain);
+        pods.push(pod("no-command", "node-1", &[]));
+        let (ready, unready) = plan_commands(&pods, "stowage.dev/backup-command");
+        let got: Vec<(&str, &str, &str, usize)> = ready
+            .iter()
+            .map(|a| {
+                (
+                    a.owner_kind.as_str(),
+                    a.owner_name.as_str(),
+                    a.pod.name.as_str(),
+                    a.replicas,
+                )
+            })
+            .collect();
+        // The Deployment (not its ReplicaSet); the oldest ready replica, ties by name.
+        assert_eq!(
+            got,
+            [
+                ("Deployment", "web", "web-7d9f-a", 3),
+                ("Pod", "lonely", "lonely", 1)
+            ]
+        );
+        assert_eq!(unready.len(), 1);
+        assert_eq!(unready[0].owner_name, "pg");
+    }
+
+    #[test]
+    fn excludes_come_from_the_pvc_then_the_pod() {
+        let pvc: BTreeMap<String, String> = [(
+            "stowage.dev/exclude".to_string(),
+            "cache/, *.tmp,".to_string(),
+        )]
+        .into();
+        let pod: BTreeMap<String, String> =
+            [("stowage.dev/exclude".to_string(), "lost+found".to_string())].into();
+        assert_eq!(
+            excludes("stowage.dev/exclude", &pvc, Some(&pod)),
+            ["cache/", "*.tmp", "lost+found"]
+        );
+        assert!(excludes("stowage.dev/exclude", &BTreeMap::new(), None).is_empty());
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub fn plan(ctx: &AgentContext, req: BackupRequest) -> Result<BackupPlan, AgentE
     }
     let vref = match &req.source {
         Some(Source::Volume(v)) => v.r#ref.clone(),
-        None => None,
+        Some(Source::Command(_)) | None => None,
     }
     .ok_or_else(|| AgentError::InvalidArgument("source.volume.ref is required".into()))?;
     let volume = ctx.volume(&vref)?;
@@ -238,6 +238,7 @@ pub async fn execute(
             })
             .collect(),
         skipped_reason: String::new(),
+        ..Default::default()
     })
 }
 

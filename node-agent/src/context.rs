@@ -36,6 +36,8 @@ pub struct AgentContext {
     /// Cancelled on SIGTERM: every operation stops its restic and returns.
     pub shutdown: CancellationToken,
     pub parents: ParentCache,
+    /// For exec into pods on this node (backup commands, hooks); `None` without API access.
+    pub kube: Option<kube::Client>,
 }
 
 /// A volume identity within one repository.

@@ -50,17 +50,47 @@ pub enum AgentError {
     },
     #[error("the agent is shutting down")]
     ShuttingDown,
+    #[error("pod {namespace}/{pod} is not on node {node}")]
+    PodNotFound {
+        namespace: String,
+        pod: String,
+        node: String,
+    },
+    #[error(
+        "this agent has no Kubernetes API access (no in-cluster service account or KUBECONFIG), so it cannot run commands in pods"
+    )]
+    NoKubernetes,
+    #[error("Kubernetes API: {0}")]
+    Kubernetes(String),
+    #[error("command {command} {how}; no snapshot was made{}", if stderr.is_empty() { String::new() } else { format!(". Its stderr: {stderr}") })]
+    CommandFailed {
+        command: String,
+        exit_code: i32,
+        how: String,
+        stderr: String,
+    },
+    #[error("command {command} did not finish within {}s; it was stopped (with the processes it started) and no snapshot was made", after.as_secs())]
+    CommandTimedOut {
+        command: String,
+        after: std::time::Duration,
+    },
     #[error("the request was cancelled")]
     Cancelled,
 }
+
+/// gRPC metadata of a failed command's error: its exit status.
+pub const EXIT_CODE_METADATA: &str = "stowage-exit-code";
 
 impl From<AgentError> for Status {
     fn from(e: AgentError) -> Status {
         use restic_wrap::Error as R;
         let code = match &e {
-            AgentError::VolumeNotFound { .. } | AgentError::SnapshotNotFound { .. } => {
-                Code::NotFound
-            }
+            AgentError::VolumeNotFound { .. }
+            | AgentError::SnapshotNotFound { .. }
+            | AgentError::PodNotFound { .. } => Code::NotFound,
+            AgentError::NoKubernetes | AgentError::CommandFailed { .. } => Code::FailedPrecondition,
+            AgentError::CommandTimedOut { .. } => Code::DeadlineExceeded,
+            AgentError::Kubernetes(_) => Code::Internal,
             AgentError::InvalidArgument(_)
             | AgentError::InvalidIdentity(_)
             | AgentError::InvalidRepository(_) => Code::InvalidArgument,
@@ -89,7 +119,13 @@ impl From<AgentError> for Status {
                 R::CommandFailed { .. } | R::Json { .. } | R::Io { .. } => Code::Internal,
             },
         };
-        Status::new(code, e.to_string())
+        let mut status = Status::new(code, e.to_string());
+        if let AgentError::CommandFailed { exit_code, .. } = &e
+            && let Ok(v) = exit_code.to_string().parse()
+        {
+            status.metadata_mut().insert(EXIT_CODE_METADATA, v);
+        }
+        status
     }
 }
 

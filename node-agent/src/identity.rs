@@ -3,7 +3,10 @@
 
 use stowage_proto::v1::VolumeIdentity;
 
-pub use stowage_common::contract::{TAG_NAMESPACE, TAG_POD, TAG_PVC, TAG_RUN, TAG_SOURCE_VOLUME};
+pub use stowage_common::contract::{
+    TAG_CONTAINER, TAG_NAMESPACE, TAG_OWNER, TAG_POD, TAG_PVC, TAG_RUN, TAG_SOURCE_COMMAND,
+    TAG_SOURCE_VOLUME,
+};
 
 /// A validated identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +92,86 @@ impl Identity {
     }
 }
 
+/// The identity of a backup command's history: the pod's owner and the container, never the pod,
+/// whose name changes with every replacement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandIdentity {
+    pub namespace: String,
+    pub owner_kind: String,
+    pub owner_name: String,
+    pub container: String,
+    pub pod: String,
+}
+
+/// A Kubernetes kind: CamelCase ASCII letters and digits.
+fn is_kind(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_alphanumeric())
+        && s.as_bytes().first().is_some_and(u8::is_ascii_uppercase)
+}
+
+impl CommandIdentity {
+    pub fn new(
+        namespace: &str,
+        owner_kind: &str,
+        owner_name: &str,
+        container: &str,
+        pod: &str,
+    ) -> Result<Self, InvalidIdentity> {
+        let bad = |field: &'static str, value: &str| InvalidIdentity {
+            field,
+            value: value.to_string(),
+        };
+        for (field, value) in [
+            ("namespace", namespace),
+            ("owner_name", owner_name),
+            ("container", container),
+            ("pod", pod),
+        ] {
+            if !is_k8s_name(value) {
+                return Err(bad(field, value));
+            }
+        }
+        if !is_kind(owner_kind) {
+            return Err(bad("owner_kind", owner_kind));
+        }
+        Ok(Self {
+            namespace: namespace.into(),
+            owner_kind: owner_kind.into(),
+            owner_name: owner_name.into(),
+            container: container.into(),
+            pod: pod.into(),
+        })
+    }
+
+    /// restic `--host`: three slashes, so it never equals a volume identity's `<namespace>/<pvc>`,
+    /// and retention (grouped by host) keeps each command's history apart.
+    pub fn host(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.namespace, self.owner_kind, self.owner_name, self.container
+        )
+    }
+
+    /// Tags that select exactly this identity's snapshots.
+    pub fn selector_tags(&self) -> Vec<String> {
+        vec![
+            format!("{TAG_NAMESPACE}={}", self.namespace),
+            format!("{TAG_OWNER}={}/{}", self.owner_kind, self.owner_name),
+            format!("{TAG_CONTAINER}={}", self.container),
+            TAG_SOURCE_COMMAND.to_string(),
+        ]
+    }
+
+    /// Tags written on a snapshot of this identity.
+    pub fn backup_tags(&self) -> Vec<String> {
+        let mut tags = self.selector_tags();
+        tags.push(format!("{TAG_POD}={}", self.pod));
+        tags
+    }
+}
+
 /// Extra user tags must not smuggle in separators or impersonate our own keys.
 pub fn validate_extra_tag(tag: &str) -> Result<(), String> {
     if tag.is_empty() || tag.contains(',') || tag.chars().any(char::is_control) {
@@ -145,6 +228,27 @@ mod tests {
         assert!(validate_extra_tag("team=a").is_ok());
         assert!(validate_extra_tag("a,b").is_err());
         assert!(validate_extra_tag("stowage.dev/pvc=x").is_err());
+    }
+
+    #[test]
+    fn command_identities_follow_the_owner_and_never_look_like_a_volume() {
+        let a = CommandIdentity::new("shop", "StatefulSet", "pg", "db", "pg-0").unwrap();
+        let b = CommandIdentity::new("shop", "StatefulSet", "pg", "db", "pg-1").unwrap();
+        assert_eq!(a.host(), "shop/StatefulSet/pg/db");
+        assert_eq!(a.selector_tags(), b.selector_tags());
+        assert!(
+            a.backup_tags()
+                .contains(&"stowage.dev/pod=pg-0".to_string())
+        );
+        assert!(
+            a.selector_tags()
+                .contains(&"stowage.dev/source=command".to_string())
+        );
+        assert_eq!(a.host().matches('/').count(), 3);
+        let e = CommandIdentity::new("shop", "statefulset", "pg", "db", "p").unwrap_err();
+        assert_eq!(e.field, "owner_kind");
+        let e = CommandIdentity::new("shop", "Pod", "pg", "d,b", "p").unwrap_err();
+        assert_eq!(e.field, "container");
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! - [`limiter`]: the per-node bounds on restic processes (count and memory budget);
 //! - [`memory`]: restic's estimated peak memory per operation, from the repository's index size;
 //! - [`backup`] / [`restore`]: the operations, driving restic-wrap;
+//! - [`exec`], [`command`], [`hook`]: commands in pods on this node (exec API): a command's stdout
+//!   streamed into restic, and pre/post-backup hooks;
 //! - [`maintenance`] / [`inspect`]: check and prune; reading locks and figures;
 //! - [`safe_fs`]: symlink-safe path resolution and the staging merge used by restores;
 //! - [`service`]: the gRPC service and its error codes;
@@ -18,10 +20,13 @@
 
 pub mod authz;
 pub mod backup;
+pub mod command;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod exec;
 pub mod follow;
+pub mod hook;
 pub mod identity;
 pub mod inspect;
 pub mod inventory;

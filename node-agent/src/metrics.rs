@@ -9,8 +9,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 /// Outcomes of a backup, each a `result` label value that exists from start-up.
@@ -36,12 +36,20 @@ pub struct Metrics {
     pub maintenance: IntCounterVec,
     pub restore_duration: Histogram,
     pub restore_bytes: IntCounter,
+    pub hook_runs: IntCounterVec,
+    pub hook_duration: HistogramVec,
+    pub stream_bytes: IntCounter,
     pub ready: Arc<AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("registering metric: {0}")]
 pub struct MetricsError(#[from] prometheus::Error);
+
+/// The `kind` label of command metrics.
+pub const HOOK_KINDS: [&str; 3] = ["pre", "post", "backup-command"];
+/// The `result` label of command metrics.
+pub const HOOK_RESULTS: [&str; 3] = ["succeeded", "failed", "timed_out"];
 
 /// Durations from sub-second to hours: the range of volume backups.
 const DURATION_BUCKETS: &[f64] = &[
@@ -168,6 +176,33 @@ impl Metrics {
         registry.register(Box::new(maintenance.clone()))?;
         registry.register(Box::new(restore_duration.clone()))?;
         registry.register(Box::new(restore_bytes.clone()))?;
+        let hook_runs = IntCounterVec::new(
+            Opts::new(
+                "stowage_agent_hook_runs_total",
+                "Commands run in pods: pre/post hooks and backup commands, by kind and result.",
+            ),
+            &["kind", "result"],
+        )?;
+        let hook_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "stowage_agent_hook_duration_seconds",
+                "Wall time of commands run in pods, by kind.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["kind"],
+        )?;
+        let stream_bytes = IntCounter::new(
+            "stowage_agent_stream_bytes_total",
+            "Bytes of backup commands' output streamed into restic.",
+        )?;
+        for kind in HOOK_KINDS {
+            for result in HOOK_RESULTS {
+                hook_runs.with_label_values(&[kind, result]);
+            }
+        }
+        registry.register(Box::new(hook_runs.clone()))?;
+        registry.register(Box::new(hook_duration.clone()))?;
+        registry.register(Box::new(stream_bytes.clone()))?;
         registry.register(Box::new(info))?;
         Ok(Self {
             registry,
@@ -187,6 +222,9 @@ impl Metrics {
             maintenance,
             restore_duration,
             restore_bytes,
+            hook_runs,
+            hook_duration,
+            stream_bytes,
             ready: Arc::new(AtomicBool::new(false)),
         })
     }

@@ -76,6 +76,27 @@ pub fn for_backup(
     Ok(sb)
 }
 
+/// The sandbox of a backup from restic's stdin (a command's output): no volume, no capabilities;
+/// only the cache, the repository (if local) and a temporary directory.
+pub fn for_stream(
+    ctx: &AgentContext,
+    repo: &Repository,
+    tmp: &OperationTmp,
+) -> Result<Sandbox, AgentError> {
+    let cache = ctx.cache_for(repo);
+    create_dir(&cache)?;
+    let mut sb = ctx
+        .sandbox()
+        .read_write(&cache, &cache)
+        .capabilities(&[])
+        .chdir("/")
+        .tmp(tmp.path());
+    if let Some(local) = AgentContext::local_repository(repo) {
+        sb = sb.read_write(&local, &local);
+    }
+    Ok(sb)
+}
+
 /// The sandbox of a restore into the staging directory open at `staging`.
 pub fn for_restore(ctx: &AgentContext, staging: &OwnedFd, repo: &Repository) -> Sandbox {
     let mut sb = ctx

@@ -207,6 +207,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
     );
 
     let limiter = Limiter::new(config.max_concurrent, config.memory_budget, metrics.clone());
+    let kube = kubernetes_client().await;
     let ctx = Arc::new(AgentContext {
         node_name: config.node_name.clone(),
         inventory,
@@ -228,6 +229,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         sandboxes: Default::default(),
         shutdown: shutdown.clone(),
         parents: Default::default(),
+        kube,
     });
     probe_sandbox(&ctx).await?;
     let tasks = TaskTracker::new();
@@ -305,4 +307,30 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
         shutdown_signal().await;
         shutdown.cancel();
     });
+}
+
+/// A client for exec into pods (backup commands, hooks): in-cluster, or from KUBECONFIG. Without
+/// one the agent still backs up volumes; commands fail with a clear error.
+async fn kubernetes_client() -> Option<kube::Client> {
+    let inferred =
+        tokio::time::timeout(std::time::Duration::from_secs(10), kube::Config::infer()).await;
+    match inferred {
+        Ok(Ok(config)) => match kube::Client::try_from(config) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "no Kubernetes client; backup commands and hooks are unavailable");
+                None
+            }
+        },
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "no Kubernetes configuration; backup commands and hooks are unavailable");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                "reading the Kubernetes configuration timed out; backup commands and hooks are unavailable"
+            );
+            None
+        }
+    }
 }

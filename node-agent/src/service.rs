@@ -7,9 +7,9 @@ use std::sync::Arc;
 use stowage_proto::v1::agent_server::Agent;
 use stowage_proto::v1::{
     BackupEvent, BackupRequest, CheckRequest, EnsureRepositoryRequest, EnsureRepositoryResponse,
-    InspectRequest, InspectResponse, ListVolumesRequest, ListVolumesResponse, MaintenanceEvent,
-    Progress, PruneRequest, RestoreEvent, RestoreRequest, Snapshot, SnapshotsRequest,
-    SnapshotsResponse, Volume, VolumeRef, backup_event, restore_event,
+    HookRequest, HookResult, InspectRequest, InspectResponse, ListVolumesRequest,
+    ListVolumesResponse, MaintenanceEvent, Progress, PruneRequest, RestoreEvent, RestoreRequest,
+    Snapshot, SnapshotsRequest, SnapshotsResponse, Volume, VolumeRef, backup_event, restore_event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,7 +22,7 @@ use crate::error::AgentError;
 use crate::identity::{Identity, TAG_NAMESPACE, TAG_POD, TAG_PVC};
 use crate::maintenance::{self, MaintenancePlan};
 use crate::memory::Operation;
-use crate::{backup, inspect, repository, restore};
+use crate::{backup, command, hook, inspect, repository, restore};
 
 pub struct AgentService {
     ctx: Arc<AgentContext>,
@@ -121,6 +121,51 @@ impl AgentService {
     }
 }
 
+impl AgentService {
+    /// A backup of a command's stdout: validated here, streamed like a volume backup.
+    fn command_backup(
+        &self,
+        req: BackupRequest,
+    ) -> Result<Response<ReceiverStream<Result<BackupEvent, Status>>>, Status> {
+        let plan = command::plan(&self.ctx, req).inspect_err(|_| {
+            self.ctx
+                .metrics
+                .backups
+                .with_label_values(&["failed"])
+                .inc();
+        })?;
+        let stream = self.stream(
+            backup::progress_event,
+            |r| BackupEvent {
+                event: Some(backup_event::Event::Result(r)),
+            },
+            move |ctx, progress, cancel| async move {
+                let started = std::time::Instant::now();
+                let r = command::execute(&ctx, plan, progress, cancel).await;
+                let command_result = match &r {
+                    Ok(_) => "succeeded",
+                    Err(AgentError::CommandTimedOut { .. }) => "timed_out",
+                    Err(_) => "failed",
+                };
+                ctx.metrics
+                    .hook_runs
+                    .with_label_values(&["backup-command", command_result])
+                    .inc();
+                ctx.metrics
+                    .hook_duration
+                    .with_label_values(&["backup-command"])
+                    .observe(started.elapsed().as_secs_f64());
+                ctx.metrics
+                    .backups
+                    .with_label_values(&[result_label(&r, false)])
+                    .inc();
+                r
+            },
+        );
+        Ok(Response::new(stream))
+    }
+}
+
 /// Metric label for how an operation ended.
 fn result_label(r: &Result<impl Sized, AgentError>, partial: bool) -> &'static str {
     result_label_of(r, if partial { "partial" } else { "succeeded" })
@@ -167,7 +212,14 @@ impl Agent for AgentService {
         &self,
         req: Request<BackupRequest>,
     ) -> Result<Response<Self::BackupStream>, Status> {
-        let plan = backup::plan(&self.ctx, req.into_inner()).inspect_err(|_| {
+        let req = req.into_inner();
+        if matches!(
+            req.source,
+            Some(stowage_proto::v1::backup_request::Source::Command(_))
+        ) {
+            return self.command_backup(req);
+        }
+        let plan = backup::plan(&self.ctx, req).inspect_err(|_| {
             self.ctx
                 .metrics
                 .backups
@@ -307,6 +359,16 @@ impl Agent for AgentService {
             .await
             .map_err(AgentError::from)?;
         Ok(Response::new(EnsureRepositoryResponse {}))
+    }
+
+    async fn run_hook(&self, req: Request<HookRequest>) -> Result<Response<HookResult>, Status> {
+        let req = req.into_inner();
+        // Bounded: the hook's own timeout plus the API calls around it.
+        let limit = std::time::Duration::from_secs(u64::from(req.timeout_seconds.max(30)) + 120);
+        match tokio::time::timeout(limit, hook::run(&self.ctx, req)).await {
+            Ok(r) => Ok(Response::new(r?)),
+            Err(_) => Err(Status::deadline_exceeded("the hook did not end in time")),
+        }
     }
 
     async fn inspect(

@@ -12,24 +12,63 @@ use kube::ResourceExt;
 use stowage_proto::v1 as pb;
 use tonic::Code;
 
+use super::command::CommandTask;
+use super::hooks::{HookSpec, PodHooks};
 use super::volume::{Limits, Source, VolumeTask};
 use super::{begin, run_id};
 use crate::conditions::Finding;
 use crate::context::Ctx;
 use crate::crd::{Backup, ItemStatus, RunPhase};
-use crate::dispatch::{self, DispatchError};
+use crate::dispatch::{self, CommandJob, DispatchError};
 use crate::errors;
 use crate::mount_holder;
 use crate::plan::{self, PodInfo, PvcInfo};
 use crate::runs::phase_of;
 
+use stowage_common::contract::{
+    ANNOTATION_BACKUP_COMMAND, ANNOTATION_BACKUP_CONTAINER, ANNOTATION_BACKUP_TIMEOUT,
+    ANNOTATION_EXCLUDE, ANNOTATION_FILE_EXTENSION,
+};
+
 pub const NOTHING_SELECTED: &str = "NothingSelected";
+/// A backup command's time limit unless annotated (1 h).
+const COMMAND_TIMEOUT_SECONDS: u32 = 3600;
 pub const INVALID_SELECTOR: &str = "InvalidSelector";
 
-struct Work {
-    namespace: String,
-    pvc: String,
-    source: Source,
+/// One item of work a run found.
+enum Work {
+    Volume {
+        namespace: String,
+        pvc: String,
+        source: Source,
+        excludes: Vec<String>,
+        hooks: Option<Arc<PodHooks>>,
+    },
+    /// A backup command; the run adds its id and repository.
+    Command(Box<CommandJob>),
+    /// A command that cannot run; the item says why.
+    Fail(Box<ItemStatus>),
+}
+
+impl Work {
+    /// The item as planned (Pending), or as failed.
+    fn item(&self) -> ItemStatus {
+        match self {
+            Work::Volume { namespace, pvc, .. } => ItemStatus {
+                namespace: namespace.clone(),
+                pvc: pvc.clone(),
+                phase: RunPhase::Pending,
+                ..Default::default()
+            },
+            Work::Command(job) => CommandTask::item(job),
+            Work::Fail(item) => (**item).clone(),
+        }
+    }
+
+    fn key(&self) -> (String, String) {
+        let i = self.item();
+        (i.namespace.clone(), i.name())
+    }
 }
 
 fn pvc_info(p: &PersistentVolumeClaim) -> PvcInfo {
@@ -56,6 +95,28 @@ fn pod_info(p: &Pod) -> PodInfo {
         node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
         running,
         annotations: p.annotations().clone(),
+        ready: running
+            && p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+        created: p
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
+        controller: p
+            .owner_references()
+            .iter()
+            .find(|o| o.controller == Some(true))
+            .map(|o| (o.kind.clone(), o.name.clone())),
+        labels: p.labels().clone(),
+        containers: p
+            .spec
+            .as_ref()
+            .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
+            .unwrap_or_default(),
         claims: p
             .spec
             .as_ref()
@@ -73,6 +134,7 @@ fn pod_info(p: &Pod) -> PodInfo {
 /// What to back up, or why nothing can be.
 fn select(
     ctx: &Ctx,
+    run_id: &str,
     namespace: &str,
     selector: Option<&LabelSelector>,
     selector_field: &str,
@@ -109,7 +171,9 @@ fn select(
             ),
         )
     })?;
+    let commands = command_work(&pods);
     if planned.volume_count() == 0
+        && commands.is_empty()
         && planned
             .skipped
             .iter()
@@ -131,46 +195,172 @@ fn select(
         };
         return Err(Finding::new(NOTHING_SELECTED, format!("{what}{more}")));
     }
+    let pvc_annotations: std::collections::HashMap<
+        &str,
+        &std::collections::BTreeMap<String, String>,
+    > = pvcs
+        .iter()
+        .map(|p| (p.name.as_str(), &p.annotations))
+        .collect();
+    let pod_by_name: std::collections::HashMap<&str, &PodInfo> =
+        pods.iter().map(|p| (p.name.as_str(), p)).collect();
+    // Hooks per pod, shared by the tasks of its volumes.
+    let mut volumes_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for a in planned.by_node.values().flatten() {
+        *volumes_of.entry(a.pod).or_default() += 1;
+    }
+    let mut hooks: std::collections::HashMap<&str, Result<Option<Arc<PodHooks>>, String>> =
+        std::collections::HashMap::new();
     let mut work = Vec::new();
     for (node, assigned) in &planned.by_node {
         let unavailable = ctx.agents.endpoint(node).err();
         for a in assigned {
-            let source = match &unavailable {
-                Some(e) => Source::Unreadable(e.to_string()),
-                None => Source::Mounted {
+            let pod = pod_by_name.get(a.pod).copied();
+            let pod_hooks = hooks
+                .entry(a.pod)
+                .or_insert_with(|| {
+                    let spec =
+                        pod.map_or(Ok(None), |p| HookSpec::from_annotations(&p.annotations))?;
+                    Ok(spec.map(|spec| {
+                        Arc::new(PodHooks::new(
+                            spec,
+                            run_id,
+                            a.namespace,
+                            a.pod,
+                            node,
+                            volumes_of.get(a.pod).copied().unwrap_or(1),
+                        ))
+                    }))
+                })
+                .clone();
+            let source = match (&unavailable, &pod_hooks) {
+                (Some(e), _) => Source::Unreadable(e.to_string()),
+                (None, Err(e)) => Source::Unreadable(format!("pod {}: {e}", a.pod)),
+                (None, Ok(_)) => Source::Mounted {
                     node: node.to_string(),
                     pod: a.pod.into(),
                     pod_uid: a.pod_uid.into(),
                     pv: a.pv.into(),
                 },
             };
-            work.push(Work {
+            work.push(Work::Volume {
                 namespace: a.namespace.into(),
                 pvc: a.pvc.into(),
                 source,
+                excludes: plan::excludes(
+                    ANNOTATION_EXCLUDE,
+                    pvc_annotations
+                        .get(a.pvc)
+                        .copied()
+                        .unwrap_or(&Default::default()),
+                    pod.map(|p| &p.annotations),
+                ),
+                hooks: pod_hooks.ok().flatten(),
             });
         }
     }
     for (ns, pvc, pv) in &planned.needs_mount_holder {
-        work.push(Work {
+        work.push(Work::Volume {
             namespace: ns.to_string(),
             pvc: pvc.to_string(),
             source: Source::Unmounted { pv: pv.to_string() },
+            excludes: plan::excludes(
+                ANNOTATION_EXCLUDE,
+                pvc_annotations
+                    .get(pvc)
+                    .copied()
+                    .unwrap_or(&Default::default()),
+                None,
+            ),
+            hooks: None,
         });
     }
     for (ns, pvc, reason) in &planned.skipped {
         if *reason == plan::SkipReason::NotBound {
-            work.push(Work {
+            work.push(Work::Volume {
                 namespace: ns.to_string(),
                 pvc: pvc.to_string(),
                 source: Source::Unreadable(
                     "the PVC is not bound to a PersistentVolume yet; there is no data to back up"
                         .into(),
                 ),
+                excludes: Vec::new(),
+                hooks: None,
             });
         }
     }
+    work.extend(commands);
     Ok(work)
+}
+
+/// The backup commands of the namespace's pods (one per owner), as work.
+fn command_work(pods: &[PodInfo]) -> Vec<Work> {
+    let (ready, unready) = plan::plan_commands(pods, ANNOTATION_BACKUP_COMMAND);
+    let job = |a: &plan::CommandAssignment| {
+        let p = a.pod;
+        let annotation = |k: &str| p.annotations.get(k).cloned().unwrap_or_default();
+        let container = annotation(ANNOTATION_BACKUP_CONTAINER);
+        // `<namespace>-<pod>-<container><ext>`; the container is the first when none is named.
+        let shown_container = if container.is_empty() {
+            p.containers.first().cloned().unwrap_or_default()
+        } else {
+            container.clone()
+        };
+        CommandJob {
+            run_id: String::new(),
+            repository: Default::default(),
+            namespace: p.namespace.clone(),
+            pod: p.name.clone(),
+            node: p.node.clone().unwrap_or_default(),
+            container: shown_container.clone(),
+            command: annotation(ANNOTATION_BACKUP_COMMAND).trim().to_string(),
+            file_name: format!(
+                "{}-{}-{}{}",
+                p.namespace,
+                p.name,
+                shown_container,
+                annotation(ANNOTATION_FILE_EXTENSION).trim()
+            ),
+            timeout_seconds: 0,
+            owner_kind: a.owner_kind.clone(),
+            owner_name: a.owner_name.clone(),
+        }
+    };
+    let mut work = Vec::new();
+    for a in &ready {
+        let mut j = job(a);
+        match a.pod.annotations.get(ANNOTATION_BACKUP_TIMEOUT) {
+            None => j.timeout_seconds = COMMAND_TIMEOUT_SECONDS,
+            Some(v) => match crate::config::parse_duration(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .and_then(|d| u32::try_from(d.as_secs()).ok())
+            {
+                Some(s) => j.timeout_seconds = s.max(1),
+                None => {
+                    let mut item = CommandTask::item(&j);
+                    item.phase = RunPhase::Failed;
+                    item.error = Some(format!(
+                        "pod {}: annotation {ANNOTATION_BACKUP_TIMEOUT}: {v:?} is not a duration (e.g. 30m, 2h)",
+                        a.pod.name
+                    ));
+                    work.push(Work::Fail(Box::new(item)));
+                    continue;
+                }
+            },
+        }
+        work.push(Work::Command(Box::new(j)));
+    }
+    for a in &unready {
+        let mut item = CommandTask::item(&job(a));
+        item.phase = RunPhase::Failed;
+        item.error = Some(format!(
+            "none of the {} pod(s) of {}/{} with a backup command is running and ready",
+            a.replicas, a.owner_kind, a.owner_name
+        ));
+        work.push(Work::Fail(Box::new(item)));
+    }
+    work
 }
 
 pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error> {
@@ -181,6 +371,7 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
     let selector_field = begun.origin.field("selector");
     let work = match select(
         &ctx,
+        &run_id(run.as_ref()),
         &namespace,
         begun.spec.selector.as_ref(),
         &selector_field,
@@ -216,13 +407,10 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
             }
         }
     }
-    let selected: Vec<(String, String)> = work
-        .iter()
-        .map(|w| (w.namespace.clone(), w.pvc.clone()))
-        .collect();
+    let selected: Vec<(String, String)> = work.iter().map(Work::key).collect();
     let mut items: Vec<ItemStatus> = Vec::new();
     for i in &begun.before.items {
-        let key = (i.namespace.clone(), i.pvc.clone());
+        let key = (i.namespace.clone(), i.name());
         if i.phase.is_fine() {
             items.push(i.clone());
         } else if !selected.contains(&key) {
@@ -231,28 +419,21 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
             let mut i = i.clone();
             i.phase = RunPhase::Failed;
             i.percent_done = None;
-            i.error =
-                Some("no longer selected when the run resumed (PVC deleted or excluded)".into());
+            i.error = Some(
+                "no longer selected when the run resumed (PVC or pod deleted, or excluded)".into(),
+            );
             items.push(i);
         }
     }
     let done: Vec<(String, String)> = items
         .iter()
-        .map(|i| (i.namespace.clone(), i.pvc.clone()))
+        .map(|i| (i.namespace.clone(), i.name()))
         .collect();
     let todo: Vec<Work> = work
         .into_iter()
-        .filter(|w| !done.contains(&(w.namespace.clone(), w.pvc.clone())))
+        .filter(|w| !done.contains(&w.key()))
         .collect();
-    let pending: Vec<ItemStatus> = todo
-        .iter()
-        .map(|w| ItemStatus {
-            namespace: w.namespace.clone(),
-            pvc: w.pvc.clone(),
-            phase: RunPhase::Pending,
-            ..Default::default()
-        })
-        .collect();
+    let pending: Vec<ItemStatus> = todo.iter().map(Work::item).collect();
     let mut listed = items.clone();
     listed.extend(pending);
     begun.status.run(move |s| s.items = listed);
@@ -263,23 +444,52 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
     let mut tasks = tokio::task::JoinSet::new();
     let mut spawned = std::collections::HashMap::new();
     for w in todo {
-        let key = (w.namespace.clone(), w.pvc.clone());
-        let task = VolumeTask {
-            run: Arc::clone(&run),
-            run_id: run_id(run.as_ref()),
-            namespace: w.namespace,
-            pvc: w.pvc,
-            source: w.source,
-            repository: begun.repository.clone(),
-            resumed: begun.resumed,
-        };
+        let planned = w.item();
         let (ctx, limits, status) = (Arc::clone(&ctx), Arc::clone(&limits), begun.status.clone());
-        let handle = tasks.spawn(async move {
-            let outcome = task.run(ctx, limits, status.clone()).await;
-            status.item(outcome.clone());
-            outcome
-        });
-        spawned.insert(handle.id(), key);
+        let handle = match w {
+            Work::Volume {
+                namespace,
+                pvc,
+                source,
+                excludes,
+                hooks,
+            } => {
+                let task = VolumeTask {
+                    run: Arc::clone(&run),
+                    run_id: run_id(run.as_ref()),
+                    namespace,
+                    pvc,
+                    source,
+                    repository: begun.repository.clone(),
+                    resumed: begun.resumed,
+                    excludes,
+                    hooks,
+                };
+                tasks.spawn(async move {
+                    let outcome = task.run(ctx, limits, status.clone()).await;
+                    status.item(outcome.clone());
+                    outcome
+                })
+            }
+            Work::Command(mut job) => {
+                job.run_id = run_id(run.as_ref());
+                job.repository = begun.repository.clone();
+                let task = CommandTask {
+                    run: Arc::clone(&run),
+                    job: *job,
+                };
+                tasks.spawn(async move {
+                    let outcome = task.run(ctx, limits, status.clone()).await;
+                    status.item(outcome.clone());
+                    outcome
+                })
+            }
+            Work::Fail(item) => tasks.spawn(async move {
+                status.item((*item).clone());
+                *item
+            }),
+        };
+        spawned.insert(handle.id(), planned);
     }
     // The run always completes: a task that ended abnormally still leaves a failed item.
     while let Some(r) = tasks.join_next_with_id().await {
@@ -287,16 +497,14 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
             Ok((_, outcome)) => items.push(outcome),
             Err(e) => {
                 tracing::error!(run = %run_id(run.as_ref()), error = %e, "a volume task ended abnormally");
-                if let Some((namespace, pvc)) = spawned.remove(&e.id()) {
+                if let Some(planned) = spawned.remove(&e.id()) {
                     let failed = ItemStatus {
-                        namespace,
-                        pvc,
                         phase: RunPhase::Failed,
                         error: Some(
-                            "the coordinator's task for this volume ended abnormally (see its log)"
+                            "the coordinator's task for this item ended abnormally (see its log)"
                                 .into(),
                         ),
-                        ..Default::default()
+                        ..planned
                     };
                     begun.status.item(failed.clone());
                     items.push(failed);
@@ -325,7 +533,7 @@ fn verdict(items: &[ItemStatus], phase: RunPhase) -> Finding {
             format!(
                 "{}/{}{}: {}",
                 i.namespace,
-                i.pvc,
+                i.name(),
                 i.node
                     .as_deref()
                     .map(|n| format!(" on {n}"))

@@ -4,6 +4,8 @@
 //! never executed again, whatever a cache says.
 
 pub mod backup;
+pub mod command;
+pub mod hooks;
 pub mod maintenance;
 pub mod status;
 pub mod volume;

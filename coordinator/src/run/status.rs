@@ -17,10 +17,11 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 const FINAL_ATTEMPTS: u32 = 5;
 
 /// The identity of an item within its run.
+/// An item's namespace and [`ItemStatus::name`] (the PVC, or the command's identity).
 pub type ItemKey = (String, String);
 
-fn is(i: &ItemStatus, namespace: &str, pvc: &str) -> bool {
-    i.namespace == namespace && i.pvc == pvc
+fn is(i: &ItemStatus, namespace: &str, name: &str) -> bool {
+    i.namespace == namespace && i.name() == name
 }
 
 pub enum Update {
@@ -153,7 +154,7 @@ impl<K: RunObject> StatusWriter<K> {
                     .status
                     .items
                     .iter_mut()
-                    .find(|i| is(i, &item.namespace, &item.pvc));
+                    .find(|i| is(i, &item.namespace, &item.name()));
                 match found {
                     Some(i) => *i = *item,
                     None => self.status.items.push(*item),

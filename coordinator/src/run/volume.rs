@@ -9,6 +9,7 @@ use stowage_proto::v1::{self as pb, BackupResult, Outcome};
 use tokio::sync::Semaphore;
 use tonic::Code;
 
+use super::hooks::PodHooks;
 use super::status::StatusHandle;
 use crate::conditions::Finding;
 use crate::context::Ctx;
@@ -33,7 +34,7 @@ pub enum Source {
 
 /// The run's concurrency limits: one cluster-wide semaphore and one per node.
 pub struct Limits {
-    cluster: Arc<Semaphore>,
+    pub(super) cluster: Arc<Semaphore>,
     per_node: usize,
     nodes: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
@@ -51,7 +52,7 @@ impl Limits {
         }
     }
 
-    fn node(&self, node: &str) -> Arc<Semaphore> {
+    pub(super) fn node(&self, node: &str) -> Arc<Semaphore> {
         let mut nodes = match self.nodes.lock() {
             Ok(n) => n,
             Err(p) => p.into_inner(),
@@ -73,6 +74,10 @@ pub struct VolumeTask {
     pub repository: pb::Repository,
     /// The run resumed after a restart: look for a snapshot this run already made.
     pub resumed: bool,
+    /// restic `--exclude` patterns from the PVC's and pod's annotations.
+    pub excludes: Vec<String>,
+    /// The hooks of the pod that mounts the volume, shared with its other volumes' tasks.
+    pub hooks: Option<Arc<PodHooks>>,
 }
 
 impl VolumeTask {
@@ -86,7 +91,30 @@ impl VolumeTask {
     }
 
     /// Runs the task to its outcome; intermediate states go to `status`, the outcome is returned.
+    /// The pod's post-backup hook runs after the last of its volumes, whatever happened to them.
     pub async fn run(self, ctx: Arc<Ctx>, limits: Arc<Limits>, status: StatusHandle) -> ItemStatus {
+        let hooks = self.hooks.clone();
+        let mut item = self.back_up(&ctx, limits, status).await;
+        if let Some(h) = hooks
+            && let Some(post) = h.done(&ctx).await
+        {
+            if let Some(e) = &post.error {
+                tracing::warn!(run = %self.run_id, namespace = %self.namespace, pvc = %self.pvc, error = %e, "post-backup hook failed");
+                let f = Finding::new("PostBackupHookFailed", e.clone());
+                ctx.notifier.warn(self.run.as_ref(), "Hook", &f).await;
+            }
+            item.hooks.get_or_insert_with(Default::default).post = Some(post);
+        }
+        item
+    }
+
+    async fn back_up(
+        &self,
+        ctx: &Arc<Ctx>,
+        limits: Arc<Limits>,
+        status: StatusHandle,
+    ) -> ItemStatus {
+        let ctx = Arc::clone(ctx);
         let mut item = self.item();
         let failed = |mut item: ItemStatus, msg: String| {
             item.phase = RunPhase::Failed;
@@ -132,6 +160,24 @@ impl VolumeTask {
         let result = {
             let node_limit = limits.node(&node);
             let _node = node_limit.acquire().await;
+            if let Some(h) = &self.hooks {
+                let pre = h.pre(&ctx).await;
+                if let Some(pre) = pre {
+                    let error = pre.error.clone();
+                    item.hooks.get_or_insert_with(Default::default).pre = Some(pre);
+                    if let Some(e) = error {
+                        if !h.spec.continue_on_error {
+                            return failed(
+                                item,
+                                format!(
+                                    "{e}; the pod's volumes were not backed up (stowage.dev/hook-on-error: Fail)"
+                                ),
+                            );
+                        }
+                        tracing::warn!(run = %self.run_id, pod = %pod, error = %e, "pre-backup hook failed; backing up anyway (hook-on-error: Continue)");
+                    }
+                }
+            }
             item.phase = RunPhase::Running;
             status.item(item.clone());
             ctx.metrics.volume_dispatches.inc();
@@ -144,6 +190,7 @@ impl VolumeTask {
                 pod_uid,
                 volume_name: pv,
                 node: node.clone(),
+                excludes: self.excludes.clone(),
             };
             let key = (self.namespace.clone(), self.pvc.clone());
             let mut attempts = 0;

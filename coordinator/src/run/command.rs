@@ -1,0 +1,88 @@
+//! One backup command of a Backup run: the agent of the pod's node execs it and streams its stdout
+//! into a snapshot. Like a volume, it waits for the run's slots and always ends in an item; a
+//! command that did not exit 0 is a failed item with its exit status and stderr, and no snapshot.
+
+use std::sync::Arc;
+
+use super::status::StatusHandle;
+use super::volume::Limits;
+use crate::conditions::Finding;
+use crate::context::Ctx;
+use crate::crd::{Backup, CommandItem, ItemStatus, RunPhase};
+use crate::dispatch::{self, CommandJob};
+
+pub struct CommandTask {
+    pub run: Arc<Backup>,
+    pub job: CommandJob,
+}
+
+impl CommandTask {
+    /// The item as planned: the command's identity and what it runs.
+    pub fn item(job: &CommandJob) -> ItemStatus {
+        ItemStatus {
+            namespace: job.namespace.clone(),
+            pvc: String::new(),
+            pod: Some(job.pod.clone()),
+            node: Some(job.node.clone()),
+            phase: RunPhase::Pending,
+            command: Some(CommandItem {
+                owner: format!("{}/{}", job.owner_kind, job.owner_name),
+                container: job.container.clone(),
+                command: job.command.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    pub async fn run(self, ctx: Arc<Ctx>, limits: Arc<Limits>, status: StatusHandle) -> ItemStatus {
+        let mut item = Self::item(&self.job);
+        let _cluster = limits.cluster.acquire().await;
+        let node_limit = limits.node(&self.job.node);
+        let _node = node_limit.acquire().await;
+        item.phase = RunPhase::Running;
+        status.item(item.clone());
+        let key = (item.namespace.clone(), item.name());
+        let mut waiting = false;
+        let r = dispatch::backup_command(&ctx.agents, &self.job, |p| {
+            match super::lock_news(&ctx, &self.run, p) {
+                Some(message) => {
+                    status.waiting(key.clone(), Some(message));
+                    waiting = true;
+                }
+                None if waiting => {
+                    status.waiting(key.clone(), None);
+                    waiting = false;
+                }
+                None => {}
+            }
+        })
+        .await;
+        let command = item.command.get_or_insert_with(Default::default);
+        match r {
+            Ok(r) => {
+                command.exit_code = Some(r.exit_code);
+                command.stream_bytes = Some(r.stream_bytes);
+                super::volume::record(&mut item, &r);
+                item
+            }
+            Err((e, exit_code)) => {
+                command.exit_code = exit_code;
+                let message = e.to_string();
+                tracing::warn!(run = %self.job.run_id, pod = %self.job.pod, error = %message, "backup command failed");
+                let f = Finding::new(
+                    "BackupCommandFailed",
+                    format!("{}/{}: {message}", self.job.namespace, self.job.pod),
+                );
+                ctx.notifier.warn(self.run.as_ref(), "Backup", &f).await;
+                item.phase = RunPhase::Failed;
+                item.percent_done = None;
+                item.error = Some(crate::errors::bounded(
+                    &message,
+                    crate::errors::ITEM_ERROR_MAX,
+                ));
+                item
+            }
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! Application-aware backups on the local control plane, with the cluster's agents and real restic:
+//! backup commands exec'd through kube-apiserver (kwok runs them as local processes) and streamed
+//! into restic, excluded paths, pre/post hooks, and one command per owner of several replicas.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use stowage_coordinator::crd::Backup;
+use stowage_tests::cluster::{Cluster, fresh_namespace};
+use stowage_tests::coordinator::{
+    Coordinator, CoordinatorOptions, create, finished, local_backend, secret, wait_json,
+};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+/// A fresh namespace with the repository password Secret and an initialised local repository.
+async fn setup(prefix: &str) -> (&'static Cluster, kube::Client, String, PathBuf) {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, prefix).await;
+    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
+    let repo = cluster.dir.join("repos").join(&ns);
+    stowage_tests::restic::init(&repo, PASSWORD);
+    (cluster, client, ns, repo)
+}
+
+async fn annotate(client: &kube::Client, ns: &str, kind_pod: &str, annotations: &[(&str, &str)]) {
+    let map: serde_json::Map<String, serde_json::Value> = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+        .collect();
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .patch(
+            kind_pod,
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"metadata": {"annotations": map}})),
+        )
+        .await
+        .expect("annotate pod");
+}
+
+async fn annotate_pvc(client: &kube::Client, ns: &str, pvc: &str, annotations: &[(&str, &str)]) {
+    let map: serde_json::Map<String, serde_json::Value> = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+        .collect();
+    Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(client.clone(), ns)
+        .patch(
+            pvc,
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"metadata": {"annotations": map}})),
+        )
+        .await
+        .expect("annotate pvc");
+}
+
+/// Creates Backup `name` with its own backend and waits until it finishes.
+async fn backup(client: &kube::Client, ns: &str, repo: &Path, name: &str) -> serde_json::Value {
+    let _: Backup = create(
+        client,
+        ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+            "metadata": {"name": name}, "spec": {"backend": local_backend(repo)}}),
+    )
+    .await;
+    wait_json::<Backup>(
+        client,
+        ns,
+        name,
+        Duration::from_secs(120),
+        "finished",
+        finished,
+    )
+    .await
+}
+
+fn item(b: &serde_json::Value, pred: impl Fn(&serde_json::Value) -> bool) -> &serde_json::Value {
+    b["status"]["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|i| pred(i)))
+        .unwrap_or_else(|| panic!("no such item in {b:#}"))
+}
+
+fn command_snapshots(repo: &Path) -> Vec<serde_json::Value> {
+    stowage_tests::restic::snapshots(&repo.display().to_string(), PASSWORD)
+        .into_iter()
+        .filter(|s| {
+            s["tags"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t == "stowage.dev/source=command"))
+        })
+        .collect()
+}
+
+/// A deterministic 50 MB stream, produced the same way in the pod (kwok runs it locally) and here.
+const STREAM: &str =
+    "python3 -c 'import random,sys; sys.stdout.buffer.write(random.Random(7).randbytes(50000000))'";
+
+/// A command's stdout becomes a snapshot byte for byte; a failing command (exit 3) fails its item
+/// with its exit status and stderr and leaves no snapshot; excluded paths are left out of the
+/// volume's snapshot and everything else is in it.
+#[tokio::test]
+async fn a_command_stream_is_backed_up_byte_for_byte_and_a_failed_command_leaves_no_snapshot() {
+    let (cluster, client, ns, repo) = setup("cmd").await;
+    let dir = cluster.volume(&ns, "db-0", "data-db-0", "node-1", &[]);
+    std::fs::write(dir.join("keep.txt"), b"keep").expect("write");
+    std::fs::create_dir_all(dir.join("cache")).expect("mkdir");
+    std::fs::write(dir.join("cache/big.bin"), vec![7u8; 4096]).expect("write");
+    std::fs::write(dir.join("scratch.tmp"), b"tmp").expect("write");
+    std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
+    std::fs::write(dir.join("sub/also.tmp"), b"tmp").expect("write");
+    std::fs::write(dir.join("sub/kept.dat"), b"dat").expect("write");
+    annotate_pvc(
+        &client,
+        &ns,
+        "data-db-0",
+        &[("stowage.dev/exclude", "cache/, *.tmp")],
+    )
+    .await;
+    annotate(
+        &client,
+        &ns,
+        "db-0",
+        &[
+            ("stowage.dev/backup-command", STREAM),
+            ("stowage.dev/file-extension", ".bin"),
+        ],
+    )
+    .await;
+    cluster.volume(&ns, "broken-0", "data-broken-0", "node-2", &[]);
+    annotate(
+        &client,
+        &ns,
+        "broken-0",
+        &[(
+            "stowage.dev/backup-command",
+            "echo half a dump; echo 'pg_dump: connection refused' >&2; exit 3",
+        )],
+    )
+    .await;
+    let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let b = backup(&client, &ns, &repo, "with-commands").await;
+    assert_eq!(b["status"]["phase"], "PartiallyFailed", "{b:#}");
+
+    let good = item(&b, |i| i["command"]["owner"] == "Pod/db-0");
+    assert_eq!(good["phase"], "Succeeded", "{good:#}");
+    assert_eq!(good["command"]["exitCode"], 0, "{good:#}");
+    assert_eq!(good["command"]["streamBytes"], 50_000_000, "{good:#}");
+    assert_eq!(good["node"], "node-1");
+    let bad = item(&b, |i| i["command"]["owner"] == "Pod/broken-0");
+    assert_eq!(bad["phase"], "Failed", "{bad:#}");
+    assert_eq!(bad["command"]["exitCode"], 3, "{bad:#}");
+    let error = bad["error"].as_str().unwrap_or_default();
+    assert!(error.contains("exited with status 3"), "{error}");
+    assert!(error.contains("pg_dump: connection refused"), "{error}");
+    assert!(error.contains("no snapshot was made"), "{error}");
+
+    // Exactly one command snapshot: the good one, tagged with its owner.
+    let snaps = command_snapshots(&repo);
+    assert_eq!(snaps.len(), 1, "{snaps:#?}");
+    let tags = snaps[0]["tags"].as_array().cloned().unwrap_or_default();
+    assert!(
+        tags.iter().any(|t| t == "stowage.dev/owner=Pod/db-0"),
+        "{tags:?}"
+    );
+    assert!(
+        tags.iter().any(|t| t == "stowage.dev/container=app"),
+        "{tags:?}"
+    );
+    let id = snaps[0]["id"].as_str().expect("id");
+    let file = format!("/{ns}-db-0-app.bin");
+    let dumped = stowage_tests::restic::run(
+        &repo.display().to_string(),
+        PASSWORD,
+        &[],
+        &["dump", id, &file],
+    );
+    assert!(
+        dumped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dumped.stderr)
+    );
+    let expected = std::process::Command::new("sh")
+        .args(["-c", STREAM])
+        .output()
+        .expect("the same stream here");
+    assert_eq!(dumped.stdout.len(), 50_000_000);
+    assert!(
+        dumped.stdout == expected.stdout,
+        "the snapshot differs from the stream"
+    );
+
+    // The volume's snapshot: everything but the excluded paths.
+    let vol = item(&b, |i| i["pvc"] == "data-db-0");
+    assert_eq!(vol["phase"], "Succeeded", "{vol:#}");
+    let sid = vol["snapshotId"].as_str().expect("snapshot id");
+    let listing = stowage_tests::restic::ok(&repo.display().to_string(), PASSWORD, &["ls", sid]);
+    for present in ["/keep.txt", "/sub/kept.dat"] {
+        assert!(
+            listing.lines().any(|l| l == present),
+            "{present} missing:\n{listing}"
+        );
+    }
+    for absent in ["/cache", "/scratch.tmp", "/sub/also.tmp"] {
+        assert!(
+            !listing.lines().any(|l| l.starts_with(absent)),
+            "{absent} was not excluded:\n{listing}"
+        );
+    }
+}
+
+/// Whether any process's command line contains `marker`.
+fn process_with(marker: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|c| String::from_utf8_lossy(&c).contains(marker))
+}
+
+/// A command that outlives its timeout is killed, with what it started: nothing is left running,
+/// the item fails, and there is no snapshot.
+#[tokio::test]
+async fn a_command_over_its_timeout_is_killed_with_its_children() {
+    let (cluster, client, ns, repo) = setup("cmdtimeout").await;
+    cluster.volume(&ns, "slow-0", "data-slow-0", "node-3", &[]);
+    // A pipeline: the shell, and a child that would outlive a naive kill of the shell alone.
+    let marker = format!("61{}", std::process::id() % 10_000);
+    let command = format!("sleep {marker} | cat");
+    annotate(
+        &client,
+        &ns,
+        "slow-0",
+        &[
+            ("stowage.dev/backup-command", &command),
+            ("stowage.dev/backup-timeout", "3s"),
+        ],
+    )
+    .await;
+    let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let b = backup(&client, &ns, &repo, "slow").await;
+    let cmd = item(&b, |i| i["command"]["owner"] == "Pod/slow-0");
+    assert_eq!(cmd["phase"], "Failed", "{cmd:#}");
+    let error = cmd["error"].as_str().unwrap_or_default();
+    assert!(error.contains("did not finish within 3s"), "{error}");
+    stowage_tests::wait_until(
+        "the command's processes to be gone",
+        Duration::from_secs(10),
+        || !process_with(&format!("sleep {marker}")),
+    )
+    .await;
+    assert!(command_snapshots(&repo).is_empty());
+}
+
+/// A failing pre-hook with on-error Fail keeps the pod's volume out of the backup and says why;
+/// with Continue the volume is backed up. The post-hook runs in both cases.
+#[tokio::test]
+async fn pre_hook_failures_fail_or_continue_and_the_post_hook_always_runs() {
+    let (cluster, client, ns, repo) = setup("hooks").await;
+    let strict = cluster.volume(&ns, "strict-0", "data-strict-0", "node-1", &[]);
+    std::fs::write(strict.join("f"), b"strict").expect("write");
+    let lenient = cluster.volume(&ns, "lenient-0", "data-lenient-0", "node-2", &[]);
+    std::fs::write(lenient.join("f"), b"lenient").expect("write");
+    // kwok runs each pod's commands in a directory of its own: the post-hook leaves a mark there.
+    for (pod, on_error) in [("strict-0", "Fail"), ("lenient-0", "Continue")] {
+        annotate(
+            &client,
+            &ns,
+            pod,
+            &[
+                (
+                    "stowage.dev/pre-backup-command",
+                    "echo frozen? no >&2; exit 4",
+                ),
+                ("stowage.dev/post-backup-command", "touch post-ran"),
+                ("stowage.dev/hook-on-error", on_error),
+                ("stowage.dev/hook-timeout", "20s"),
+            ],
+        )
+        .await;
+    }
+    let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let b = backup(&client, &ns, &repo, "hooked").await;
+    assert_eq!(b["status"]["phase"], "PartiallyFailed", "{b:#}");
+    let s = item(&b, |i| i["pvc"] == "data-strict-0");
+    assert_eq!(s["phase"], "Failed", "{s:#}");
+    assert!(s["snapshotId"].is_null(), "{s:#}");
+    let error = s["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("pre-backup hook `echo frozen? no >&2; exit 4` exited with status 4"),
+        "{error}"
+    );
+    assert!(error.contains("were not backed up"), "{error}");
+    let l = item(&b, |i| i["pvc"] == "data-lenient-0");
+    assert_eq!(l["phase"], "Succeeded", "{l:#}");
+    for i in [s, l] {
+        assert_eq!(i["hooks"]["pre"]["exitCode"], 4, "{i:#}");
+        assert_eq!(i["hooks"]["post"]["exitCode"], 0, "{i:#}");
+        assert!(i["hooks"]["pre"]["durationSeconds"].is_number(), "{i:#}");
+    }
+    for pod in ["strict-0", "lenient-0"] {
+        let mark = cluster
+            .dir
+            .join("exec")
+            .join(&ns)
+            .join(pod)
+            .join("post-ran");
+        assert!(
+            mark.exists(),
+            "the post-hook of {pod} did not run ({})",
+            mark.display()
+        );
+    }
+}
+
+/// A Deployment of three replicas with the command on its template: one command run, in one
+/// replica, and one snapshot, whose identity is the Deployment.
+#[tokio::test]
+async fn three_replicas_of_a_deployment_dump_once() {
+    let (cluster, client, ns, repo) = setup("replicas").await;
+    let marker = format!("replica-ran-{}", std::process::id());
+    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"},
+                    "annotations": {"stowage.dev/backup-command": format!("touch {marker}-$(hostname)-$$; echo dump")}},
+                "spec": {"containers": [{"name": "web", "image": "registry.invalid/web:1"}]}
+            }
+        }
+    }))
+    .expect("deployment");
+    Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), &ns)
+        .create(&Default::default(), &deployment)
+        .await
+        .expect("create deployment");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    stowage_tests::cluster::wait_for("three ready replicas", Duration::from_secs(90), || {
+        let pods = pods.clone();
+        async move {
+            pods.list(&Default::default())
+                .await
+                .map(|l| {
+                    l.items
+                        .iter()
+                        .filter(|p| {
+                            p.status
+                                .as_ref()
+                                .and_then(|s| s.conditions.as_ref())
+                                .is_some_and(|c| {
+                                    c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                                })
+                        })
+                        .count()
+                        == 3
+                })
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let b = backup(&client, &ns, &repo, "once").await;
+    assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
+    let items = b["status"]["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(items.len(), 1, "{b:#}");
+    assert_eq!(items[0]["command"]["owner"], "Deployment/web", "{b:#}");
+    let snaps = command_snapshots(&repo);
+    assert_eq!(snaps.len(), 1, "{snaps:#?}");
+    // The command ran once: one mark across the replicas' exec directories.
+    let marks = std::fs::read_dir(cluster.dir.join("exec").join(&ns))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .filter(|f| f.file_name().to_string_lossy().starts_with(&marker))
+        .count();
+    let cwd_marks = std::fs::read_dir(cluster.dir.join("exec"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|f| f.file_name().to_string_lossy().starts_with(&marker))
+        .count();
+    assert_eq!(
+        marks + cwd_marks,
+        1,
+        "the command ran {} times",
+        marks + cwd_marks
+    );
+}
