@@ -8,23 +8,7 @@ pub const CONDITION_MESSAGE_MAX: usize = 4096;
 /// Longest Event message (the events API keeps at most 1 KiB of a note).
 pub const EVENT_MESSAGE_MAX: usize = 1000;
 
-/// A Kubernetes API error as a sentence: "the API server refused it (422 Invalid): <message>".
-pub fn sentence(e: &kube::Error) -> String {
-    match e {
-        kube::Error::Api(s) => {
-            let what = if s.reason.is_empty() {
-                String::new()
-            } else {
-                format!(" {}", s.reason)
-            };
-            format!(
-                "the Kubernetes API server refused the request ({}{what}): {}",
-                s.code, s.message
-            )
-        }
-        other => format!("the Kubernetes API could not be reached: {other}"),
-    }
-}
+pub use stowage_common::kube_errors::sentence;
 
 /// `text` cut at a character boundary to at most `max` bytes, saying how much was left out.
 pub fn bounded(text: &str, max: usize) -> String {

@@ -12,6 +12,7 @@ use kube::{Api, Client};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::error::AgentError;
+use stowage_common::kube_errors::sentence;
 
 /// Bytes of a command's stderr kept for messages (the end, where the error usually is).
 pub const STDERR_KEPT: usize = 4096;
@@ -155,8 +156,10 @@ pub async fn pod_on_node(
         })?
         .map_err(|e| {
             AgentError::Kubernetes(format!(
-                "reading pod {}/{}: {e}",
-                target.namespace, target.pod
+                "reading pod {}/{}: {}",
+                target.namespace,
+                target.pod,
+                sentence(&e)
             ))
         })?;
     let on_node = pod
@@ -212,7 +215,9 @@ pub async fn start(client: &Client, target: &ExecTarget) -> Result<Started, Agen
     )
     .await
     .map_err(|_| AgentError::Kubernetes(format!("starting {} timed out", target.describe())))?
-    .map_err(|e| AgentError::Kubernetes(format!("starting {}: {e}", target.describe())))?;
+    .map_err(|e| {
+        AgentError::Kubernetes(format!("starting {}: {}", target.describe(), sentence(&e)))
+    })?;
     let stdout = process
         .stdout()
         .ok_or_else(|| AgentError::Kubernetes("the exec stream has no stdout".into()))?;
@@ -317,7 +322,7 @@ impl Started {
                         .pods
                         .exec(&self.target.pod, cmd, &params)
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| sentence(&e))?;
                     p.join().await.map_err(|e| e.to_string())
                 };
                 match tokio::time::timeout(API_TIMEOUT, killed).await {
