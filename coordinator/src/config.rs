@@ -130,6 +130,14 @@ pub struct Config {
     #[arg(long, env = "STOWAGE_FIGURES_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     pub figures_interval: Duration,
 
+    /// PreBackupPods starting (created, not yet ready) at once, across the cluster.
+    #[arg(long, env = "STOWAGE_MAX_STARTING_PREBACKUP_PODS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_starting_prebackup_pods: u32,
+
+    /// How long a PreBackupPod may take to be scheduled and ready.
+    #[arg(long, env = "STOWAGE_PREBACKUP_POD_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub prebackup_pod_timeout: Duration,
+
     /// Log as JSON lines.
     #[arg(long, env = "STOWAGE_LOG_JSON")]
     pub log_json: bool,

@@ -37,6 +37,8 @@ pub struct Ctx {
     pub metrics: Metrics,
     /// Repository locks and figures between runs.
     pub inspector: Inspector,
+    /// Slots for PreBackupPods starting at once (`--max-starting-prebackup-pods`).
+    pub prebackup_starting: tokio::sync::Semaphore,
     /// UIDs of runs this process is executing, so a reconcile never starts one twice.
     active: Mutex<HashSet<String>>,
     /// Repositories known to exist. Opening one costs a restic run (and its key derivation), so a
@@ -59,6 +61,8 @@ impl Ctx {
         notifier: Notifier,
         metrics: Metrics,
     ) -> Self {
+        let prebackup_starting =
+            tokio::sync::Semaphore::new(config.max_starting_prebackup_pods as usize);
         Self {
             client,
             stores,
@@ -68,6 +72,7 @@ impl Ctx {
             notifier,
             metrics,
             inspector: Inspector::default(),
+            prebackup_starting,
             active: Mutex::new(HashSet::new()),
             known_repositories: Mutex::new(HashSet::new()),
             handled: Mutex::new(HashMap::new()),

@@ -253,6 +253,44 @@ pub struct BackupSpec {
     pub concurrency: Option<Concurrency>,
 }
 
+/// A helper pod with the tools for a dump (e.g. `mysqldump` against a database service): for each
+/// Backup run in its namespace the coordinator starts it, the agent of its node streams
+/// `backupCommand`'s stdout into a snapshot, and the pod is deleted.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "stowage.dev",
+    version = "v1alpha1",
+    kind = "PreBackupPod",
+    namespaced,
+    shortname = "stprebackup",
+    category = "stowage",
+    printcolumn = r#"{"name":"Command","type":"string","jsonPath":".spec.backupCommand"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PreBackupPodSpec {
+    /// A shell command line run in the pod's first container; its stdout is the backup.
+    pub backup_command: String,
+    /// The extension of the file in the snapshot, e.g. `.sql`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_extension: Option<String>,
+    /// The command's time limit (default 1h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// The pod to run: a PodTemplateSpec. Its first container should keep running (e.g.
+    /// `sleep infinity`) until the command is done. Not expanded in the CRD's schema (which would
+    /// grow by half a megabyte): the API server validates it as a pod when the pod is created.
+    #[schemars(schema_with = "pod_template_schema")]
+    pub pod: k8s_openapi::api::core::v1::PodTemplateSpec,
+}
+
+fn pod_template_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "description": "A PodTemplateSpec (metadata and spec of the pod to run).",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}
+
 /// One `restic check` of a repository, run on one ready agent.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
@@ -500,7 +538,13 @@ pub fn chart_crd_dir() -> PathBuf {
 
 /// Every CRD as (file name, YAML).
 pub fn rendered() -> Result<Vec<(String, String)>, serde_yaml::Error> {
-    [Schedule::crd(), Backup::crd(), Check::crd(), Prune::crd()]
+    [
+        Schedule::crd(),
+        Backup::crd(),
+        Check::crd(),
+        Prune::crd(),
+        PreBackupPod::crd(),
+    ]
         .into_iter()
         .map(|crd| {
             let name = crd.metadata.name.clone().unwrap_or_default();
@@ -582,9 +626,11 @@ mod tests {
             Some(8)
         );
         let crds = rendered().unwrap();
-        assert_eq!(crds.len(), 4);
+        assert_eq!(crds.len(), 5);
+        // Everything but PreBackupPod (a template, nothing to report) has a status subresource.
         assert!(
             crds.iter()
+                .filter(|(f, _)| !f.starts_with("prebackuppods."))
                 .all(|(_, y)| y.contains("subresources") && y.contains("status"))
         );
     }

@@ -15,6 +15,7 @@
 //! - [`inspect`]: repository locks and figures between runs (gauges, Schedule status);
 //! - [`agents`]: finding agent pods and dialling them with mutual TLS;
 //! - [`mount_holder`]: pods that mount otherwise unmounted PVCs so they can be read;
+//! - [`prebackup_pod`]: the helper pods of PreBackupPods, started and deleted around their command;
 //! - [`errors`]: errors as bounded sentences;
 //! - [`leader`]: leader election; [`controller`]: the wiring.
 
@@ -35,6 +36,7 @@ pub mod leader;
 pub mod metrics;
 pub mod mount_holder;
 pub mod plan;
+pub mod prebackup_pod;
 pub mod restic_fields;
 pub mod run;
 pub mod runs;

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::crd::PreBackupPod;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
@@ -32,6 +33,7 @@ pub struct Stores {
     pub pvcs: Store<PersistentVolumeClaim>,
     pub pods: Store<Pod>,
     pub secrets: Store<Secret>,
+    pub prebackup_pods: Store<PreBackupPod>,
     ready: Vec<Ready>,
 }
 
@@ -118,6 +120,15 @@ pub fn start(
     let (pvcs_ready, pvcs_ready_rx) = readiness();
     let (pods_ready, pods_ready_rx) = readiness();
     let (secrets_ready, secrets_ready_rx) = readiness();
+    let (prebackup_pods, prebackup_writer) = reflector::store();
+    let (prebackup_ready, prebackup_ready_rx) = readiness();
+    let prebackup_watch = watcher(
+        api::<PreBackupPod>(client, namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(prebackup_writer)
+    .for_each(move |r| observe("prebackuppods", &prebackup_ready, r));
     let pvc_watch = watcher(
         api::<PersistentVolumeClaim>(client, namespace),
         watcher::Config::default(),
@@ -137,14 +148,20 @@ pub fn start(
         .reflect_shared(secret_events)
         .for_each(move |r| observe("secrets", &secrets_ready, r));
     let drive = async move {
-        tokio::join!(pvc_watch, pod_watch, secret_watch);
+        tokio::join!(pvc_watch, pod_watch, secret_watch, prebackup_watch);
     };
     (
         Stores {
             pvcs,
             pods,
             secrets,
-            ready: vec![pvcs_ready_rx, pods_ready_rx, secrets_ready_rx],
+            prebackup_pods,
+            ready: vec![
+                pvcs_ready_rx,
+                pods_ready_rx,
+                secrets_ready_rx,
+                prebackup_ready_rx,
+            ],
         },
         drive,
     )

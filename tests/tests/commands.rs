@@ -393,3 +393,179 @@ async fn three_replicas_of_a_deployment_dump_once() {
         marks + cwd_marks
     );
 }
+
+fn prebackup_pod(name: &str, command: &str) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "PreBackupPod",
+        "metadata": {"name": name},
+        "spec": {"backupCommand": command, "fileExtension": ".sql",
+            "pod": {"metadata": {"labels": {"app": "dump"}},
+                    "spec": {"containers": [{"name": "dump", "image": "registry.invalid/mysql:8",
+                                             "command": ["sleep", "infinity"]}]}}}})
+}
+
+/// Pods made from PreBackupPods in `ns` that still exist (deleting ones included).
+async fn prebackup_pods(client: &kube::Client, ns: &str) -> Vec<Pod> {
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&kube::api::ListParams::default().labels("stowage.dev/prebackup-pod"))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A PreBackupPod: its pod is started on a node with an agent, the command's output becomes a
+/// snapshot, and the pod is deleted. A namespace with nothing but it is a valid run.
+#[tokio::test]
+async fn a_prebackup_pod_is_started_streamed_and_deleted() {
+    let (cluster, client, ns, repo) = setup("prebackup").await;
+    let _: stowage_coordinator::crd::PreBackupPod = create(
+        &client,
+        &ns,
+        prebackup_pod("mysqldump", "printf 'CREATE TABLE t (id int);\\n'"),
+    )
+    .await;
+    let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let b = backup(&client, &ns, &repo, "with-helper").await;
+    assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
+    let i = item(&b, |i| i["command"]["owner"] == "PreBackupPod/mysqldump");
+    assert_eq!(i["command"]["streamBytes"], 25, "{i:#}");
+    let pod = i["pod"].as_str().expect("the pod's name").to_string();
+    assert!(pod.starts_with("mysqldump-pre-"), "{pod}");
+    let snaps = command_snapshots(&repo);
+    assert_eq!(snaps.len(), 1, "{snaps:#?}");
+    let id = snaps[0]["id"].as_str().expect("id");
+    let file = format!("/{ns}-mysqldump-dump.sql");
+    let dumped =
+        stowage_tests::restic::ok(&repo.display().to_string(), PASSWORD, &["dump", id, &file]);
+    assert_eq!(dumped, "CREATE TABLE t (id int);\n");
+    stowage_tests::cluster::wait_for(
+        "the PreBackupPod's pod to be deleted",
+        Duration::from_secs(30),
+        || {
+            let client = client.clone();
+            let ns = ns.clone();
+            async move { prebackup_pods(&client, &ns).await.is_empty() }
+        },
+    )
+    .await;
+}
+
+/// A coordinator killed while a PreBackupPod's pod exists: the next one resumes the run, and the
+/// pod is gone when the run ends.
+#[tokio::test]
+async fn a_prebackup_pod_is_cleaned_up_after_a_coordinator_restart() {
+    let (cluster, client, ns, repo) = setup("prerestart").await;
+    let _: stowage_coordinator::crd::PreBackupPod = create(
+        &client,
+        &ns,
+        prebackup_pod("slowdump", "sleep 4; echo done"),
+    )
+    .await;
+    let mut first = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let _: Backup = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+            "metadata": {"name": "interrupted"}, "spec": {"backend": local_backend(&repo)}}),
+    )
+    .await;
+    stowage_tests::cluster::wait_for(
+        "the PreBackupPod's pod to run",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            let ns = ns.clone();
+            async move { prebackup_pods(&client, &ns).await.iter().any(is_ready) }
+        },
+    )
+    .await;
+    first.kill();
+    assert_eq!(
+        prebackup_pods(&client, &ns).await.len(),
+        1,
+        "the pod outlived its coordinator"
+    );
+    let mut opts = CoordinatorOptions::new(&ns);
+    opts.identity = format!("{}-second", opts.identity);
+    let _second = Coordinator::start(cluster, opts).await;
+    let b = wait_json::<Backup>(
+        &client,
+        &ns,
+        "interrupted",
+        Duration::from_secs(120),
+        "finished",
+        finished,
+    )
+    .await;
+    assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
+    stowage_tests::cluster::wait_for("no PreBackupPod pods left", Duration::from_secs(30), || {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move { prebackup_pods(&client, &ns).await.is_empty() }
+    })
+    .await;
+}
+
+/// Twenty PreBackupPods in one run with --max-starting-prebackup-pods 4: never more than four of
+/// their pods are starting (created, not yet ready) at once, and every command runs.
+#[tokio::test]
+async fn twenty_prebackup_pods_start_at_most_four_at_a_time() {
+    let (cluster, client, ns, repo) = setup("prelimit").await;
+    for i in 0..20 {
+        let _: stowage_coordinator::crd::PreBackupPod = create(
+            &client,
+            &ns,
+            prebackup_pod(&format!("dump-{i:02}"), "echo dump"),
+        )
+        .await;
+    }
+    let mut opts = CoordinatorOptions::new(&ns);
+    opts.extra_args = ["--max-starting-prebackup-pods", "4"]
+        .map(String::from)
+        .to_vec();
+    let _c = Coordinator::start(cluster, opts).await;
+    let (watch_client, watch_ns) = (client.clone(), ns.clone());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_watch = std::sync::Arc::clone(&stop);
+    let observer = tokio::spawn(async move {
+        let (mut max, mut seen) = (0usize, 0usize);
+        let deadline = std::time::Instant::now() + Duration::from_secs(240);
+        while !stop_watch.load(std::sync::atomic::Ordering::SeqCst)
+            && std::time::Instant::now() < deadline
+        {
+            let pods = prebackup_pods(&watch_client, &watch_ns).await;
+            let starting = pods
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none() && !is_ready(p))
+                .count();
+            max = max.max(starting);
+            seen = seen.max(pods.len());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (max, seen)
+    });
+    let b = backup(&client, &ns, &repo, "many").await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (max, seen) = observer.await.expect("observer");
+    assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
+    assert_eq!(
+        b["status"]["items"].as_array().map(Vec::len),
+        Some(20),
+        "{b:#}"
+    );
+    assert!(max <= 4, "{max} pods were starting at once");
+    assert!(max >= 1 && seen >= 1, "the observer saw no pod starting");
+    assert_eq!(command_snapshots(&repo).len(), 20);
+    assert!(
+        prebackup_pods(&client, &ns)
+            .await
+            .iter()
+            .all(|p| p.metadata.deletion_timestamp.is_some())
+    );
+}

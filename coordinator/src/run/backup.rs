@@ -18,11 +18,12 @@ use super::volume::{Limits, Source, VolumeTask};
 use super::{begin, run_id};
 use crate::conditions::Finding;
 use crate::context::Ctx;
-use crate::crd::{Backup, ItemStatus, RunPhase};
+use crate::crd::{Backup, ItemStatus, PreBackupPod, RunPhase};
 use crate::dispatch::{self, CommandJob, DispatchError};
 use crate::errors;
 use crate::mount_holder;
 use crate::plan::{self, PodInfo, PvcInfo};
+use crate::prebackup_pod;
 use crate::runs::phase_of;
 
 use stowage_common::contract::{
@@ -46,6 +47,8 @@ enum Work {
     },
     /// A backup command; the run adds its id and repository.
     Command(Box<CommandJob>),
+    /// A PreBackupPod's command: its pod is started first.
+    PreBackup(Box<CommandJob>, Arc<PreBackupPod>),
     /// A command that cannot run; the item says why.
     Fail(Box<ItemStatus>),
 }
@@ -60,7 +63,7 @@ impl Work {
                 phase: RunPhase::Pending,
                 ..Default::default()
             },
-            Work::Command(job) => CommandTask::item(job),
+            Work::Command(job) | Work::PreBackup(job, _) => CommandTask::item(job),
             Work::Fail(item) => (**item).clone(),
         }
     }
@@ -171,7 +174,8 @@ fn select(
             ),
         )
     })?;
-    let commands = command_work(&pods);
+    let mut commands = command_work(&pods);
+    commands.extend(prebackup_work(ctx, namespace));
     if planned.volume_count() == 0
         && commands.is_empty()
         && planned
@@ -291,6 +295,53 @@ fn select(
     }
     work.extend(commands);
     Ok(work)
+}
+
+/// The PreBackupPods of the namespace, as work (their pods are started when the work runs).
+fn prebackup_work(ctx: &Ctx, namespace: &str) -> Vec<Work> {
+    ctx.stores
+        .prebackup_pods
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace))
+        .map(|p| {
+            let container = p
+                .spec
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.containers.first())
+                .map(|c| c.name.clone())
+                .unwrap_or_default();
+            let name = p.name_any();
+            let timeout = p
+                .spec
+                .timeout
+                .as_deref()
+                .and_then(|t| crate::config::parse_duration(t).ok())
+                .and_then(|d| u32::try_from(d.as_secs()).ok())
+                .filter(|s| *s > 0)
+                .unwrap_or(COMMAND_TIMEOUT_SECONDS);
+            let job = CommandJob {
+                run_id: String::new(),
+                repository: Default::default(),
+                namespace: namespace.to_string(),
+                // Known once the pod runs.
+                pod: String::new(),
+                node: String::new(),
+                container: container.clone(),
+                command: p.spec.backup_command.trim().to_string(),
+                file_name: format!(
+                    "{namespace}-{name}-{container}{}",
+                    p.spec.file_extension.as_deref().unwrap_or_default().trim()
+                ),
+                timeout_seconds: timeout,
+                owner_kind: "PreBackupPod".into(),
+                owner_name: name,
+            };
+            Work::PreBackup(Box::new(job), p)
+        })
+        .collect()
 }
 
 /// The backup commands of the namespace's pods (one per owner), as work.
@@ -477,6 +528,21 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
                 let task = CommandTask {
                     run: Arc::clone(&run),
                     job: *job,
+                    prebackup: None,
+                };
+                tasks.spawn(async move {
+                    let outcome = task.run(ctx, limits, status.clone()).await;
+                    status.item(outcome.clone());
+                    outcome
+                })
+            }
+            Work::PreBackup(mut job, pbp) => {
+                job.run_id = run_id(run.as_ref());
+                job.repository = begun.repository.clone();
+                let task = CommandTask {
+                    run: Arc::clone(&run),
+                    job: *job,
+                    prebackup: Some(pbp),
                 };
                 tasks.spawn(async move {
                     let outcome = task.run(ctx, limits, status.clone()).await;
@@ -512,6 +578,8 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
             }
         }
     }
+    // Pods an earlier attempt of this run started (before a coordinator restart) go too.
+    prebackup_pod::release_all(&ctx.client, &ctx.stores.pods, run.as_ref()).await;
     let phase = phase_of(&items);
     let finding = verdict(&items, phase);
     begun

@@ -8,12 +8,15 @@ use super::status::StatusHandle;
 use super::volume::Limits;
 use crate::conditions::Finding;
 use crate::context::Ctx;
-use crate::crd::{Backup, CommandItem, ItemStatus, RunPhase};
+use crate::crd::{Backup, CommandItem, ItemStatus, PreBackupPod, RunPhase};
 use crate::dispatch::{self, CommandJob};
+use crate::prebackup_pod;
 
 pub struct CommandTask {
     pub run: Arc<Backup>,
     pub job: CommandJob,
+    /// A PreBackupPod to start first (then the job's pod, node and container are its pod's).
+    pub prebackup: Option<Arc<PreBackupPod>>,
 }
 
 impl CommandTask {
@@ -35,7 +38,46 @@ impl CommandTask {
         }
     }
 
-    pub async fn run(self, ctx: Arc<Ctx>, limits: Arc<Limits>, status: StatusHandle) -> ItemStatus {
+    pub async fn run(
+        mut self,
+        ctx: Arc<Ctx>,
+        limits: Arc<Limits>,
+        status: StatusHandle,
+    ) -> ItemStatus {
+        let Some(pbp) = self.prebackup.clone() else {
+            return self.stream(ctx, limits, status).await;
+        };
+        let mut item = Self::item(&self.job);
+        let started = prebackup_pod::start(
+            &ctx.client,
+            &ctx.stores.pods,
+            &ctx.prebackup_starting,
+            self.run.as_ref(),
+            pbp.as_ref(),
+            &ctx.agents.ready_nodes(),
+            ctx.config.prebackup_pod_timeout,
+        )
+        .await;
+        match started {
+            Ok(s) => {
+                self.job.pod = s.pod.clone();
+                self.job.node = s.node;
+                self.job.container = s.container;
+                let namespace = self.job.namespace.clone();
+                let outcome = self.stream(Arc::clone(&ctx), limits, status).await;
+                prebackup_pod::release(&ctx.client, &namespace, &s.pod).await;
+                outcome
+            }
+            Err(e) => {
+                item.phase = RunPhase::Failed;
+                item.error = Some(crate::errors::bounded(&e, crate::errors::ITEM_ERROR_MAX));
+                item
+            }
+        }
+    }
+
+    /// The command in its pod, streamed by the agent of its node.
+    async fn stream(self, ctx: Arc<Ctx>, limits: Arc<Limits>, status: StatusHandle) -> ItemStatus {
         let mut item = Self::item(&self.job);
         let _cluster = limits.cluster.acquire().await;
         let node_limit = limits.node(&self.job.node);

@@ -1,0 +1,266 @@
+//! PreBackupPods: for each Backup run, the coordinator starts each PreBackupPod of the run's
+//! namespace (owned by the run, on a node whose agent is ready), waits until it is ready, lets the
+//! agent of its node stream the backup command, and deletes it. At most
+//! `--max-starting-prebackup-pods` start at once across the cluster, so many of them never hit the
+//! scheduler and the image registry at the same instant. A run deletes its pods when it ends, a
+//! resumed run included, so a coordinator restart leaves none behind.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{DeleteParams, PostParams};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
+use stowage_common::contract::{ANNOTATION_FULL_SUFFIX, LABEL_RUN};
+use stowage_common::{hash, names};
+use tokio::sync::Semaphore;
+
+use crate::crd::{Backup, PreBackupPod};
+
+/// On the pods: the PreBackupPod they were made from.
+pub const LABEL_PREBACKUP_POD: &str = "stowage.dev/prebackup-pod";
+
+/// A started pod, ready for the command.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub pod: String,
+    pub node: String,
+    pub container: String,
+}
+
+/// `<name>-pre-<hash>`, at most 63 characters, unique per run and PreBackupPod.
+pub fn pod_name(run_uid: &str, name: &str) -> String {
+    names::with_suffix(
+        name,
+        &format!("pre-{}", hash::short(&format!("{run_uid}/{name}"))),
+        names::DNS_LABEL_MAX,
+    )
+}
+
+/// The pod of `pbp` for `run`: its template, owned by the run, labelled, and required onto one of
+/// `nodes` (those with a ready agent).
+pub fn pod_for(run: &Backup, pbp: &PreBackupPod, nodes: &[String]) -> Pod {
+    let template = &pbp.spec.pod;
+    let mut metadata = template.metadata.clone().unwrap_or_default();
+    metadata.name = Some(pod_name(&run.uid().unwrap_or_default(), &pbp.name_any()));
+    metadata.namespace = run.namespace();
+    metadata.generate_name = None;
+    let labels = metadata.labels.get_or_insert_with(Default::default);
+    labels.insert(LABEL_RUN.into(), names::label_value(&run.name_any()));
+    labels.insert(
+        LABEL_PREBACKUP_POD.into(),
+        names::label_value(&pbp.name_any()),
+    );
+    metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            format!("{LABEL_RUN}{ANNOTATION_FULL_SUFFIX}"),
+            run.name_any(),
+        );
+    metadata.owner_references = Some(vec![OwnerReference {
+        api_version: Backup::api_version(&()).into_owned(),
+        kind: Backup::kind(&()).into_owned(),
+        name: run.name_any(),
+        uid: run.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }]);
+    let mut spec = template.spec.clone().unwrap_or_default();
+    spec.restart_policy = Some("Never".into());
+    // A node field selector takes one value per term, and terms are ORed: one term per node with
+    // a ready agent, each also carrying what the user's own term (if any) requires.
+    let affinity = spec.affinity.get_or_insert_with(Affinity::default);
+    let node_affinity = affinity
+        .node_affinity
+        .get_or_insert_with(NodeAffinity::default);
+    let required = node_affinity
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(NodeSelector::default);
+    let user_terms = if required.node_selector_terms.is_empty() {
+        vec![NodeSelectorTerm::default()]
+    } else {
+        std::mem::take(&mut required.node_selector_terms)
+    };
+    for term in &user_terms {
+        for node in nodes {
+            let mut t = term.clone();
+            t.match_fields
+                .get_or_insert_with(Vec::new)
+                .push(NodeSelectorRequirement {
+                    key: "metadata.name".into(),
+                    operator: "In".into(),
+                    values: Some(vec![node.clone()]),
+                });
+            required.node_selector_terms.push(t);
+        }
+    }
+    Pod {
+        metadata,
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+fn ready(p: &Pod) -> bool {
+    let status = p.status.as_ref();
+    status.and_then(|s| s.phase.as_deref()) == Some("Running")
+        && status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Starts the pod of `pbp` for `run` under one of the cluster-wide `starting` slots (held until
+/// it is ready or has failed), and waits at most `timeout` for it.
+pub async fn start(
+    client: &Client,
+    pods: &Store<Pod>,
+    starting: &Semaphore,
+    run: &Backup,
+    pbp: &PreBackupPod,
+    nodes: &[String],
+    timeout: Duration,
+) -> Result<Started, String> {
+    let _slot = starting
+        .acquire()
+        .await
+        .map_err(|_| "the coordinator is shutting down".to_string())?;
+    let ns = run.namespace().unwrap_or_default();
+    let pod = pod_for(run, pbp, nodes);
+    let name = pod.name_any();
+    let container = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .map(|c| c.name.clone())
+        .ok_or_else(|| {
+            format!(
+                "PreBackupPod {}: spec.pod.spec.containers is empty",
+                pbp.name_any()
+            )
+        })?;
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    match api.create(&PostParams::default(), &pod).await {
+        Ok(_) => tracing::info!(namespace = %ns, pod = %name, "started a PreBackupPod"),
+        // Left by an earlier attempt of the same run (a coordinator restart): adopt it.
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => {
+            return Err(format!(
+                "PreBackupPod {}: creating pod {ns}/{name}: {}",
+                pbp.name_any(),
+                crate::errors::sentence(&e)
+            ));
+        }
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let key = ObjectRef::new(&name).within(&ns);
+    while tokio::time::Instant::now() < deadline {
+        if let Some(p) = pods.get(&key)
+            && ready(&p)
+            && let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.clone())
+        {
+            return Ok(Started {
+                pod: name,
+                node,
+                container,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    release(client, &ns, &name).await;
+    Err(format!(
+        "PreBackupPod {}: pod {ns}/{name} was not ready within {}s",
+        pbp.name_any(),
+        timeout.as_secs()
+    ))
+}
+
+/// Deletes a pod (absent is fine).
+pub async fn release(client: &Client, namespace: &str, pod: &str) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let dp = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    };
+    match api.delete(pod, &dp).await {
+        Ok(_) => tracing::info!(namespace, pod, "deleted a PreBackupPod's pod"),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => {
+            tracing::warn!(namespace, pod, error = %crate::errors::sentence(&e), "deleting a PreBackupPod's pod (its run owns it, so GC will when the run goes)")
+        }
+    }
+}
+
+/// Deletes every PreBackupPod pod of `run` still in the cache: what a restarted coordinator's
+/// earlier attempt left behind.
+pub async fn release_all(client: &Client, pods: &Store<Pod>, run: &Backup) {
+    let uid = run.uid();
+    let leftovers: Vec<(String, String)> = pods
+        .state()
+        .iter()
+        .filter(|p| p.labels().contains_key(LABEL_PREBACKUP_POD))
+        .filter(|p| {
+            p.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref())
+        })
+        .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
+        .collect();
+    for (ns, name) in leftovers {
+        release(client, &ns, &name).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_are_owned_bounded_and_kept_on_ready_agents() {
+        let mut run = Backup::new("nightly-backup-202611250300", Default::default());
+        run.metadata.namespace = Some("shop".into());
+        run.metadata.uid = Some("u-1".into());
+        let pbp: PreBackupPod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "mysqldump-with-a-rather-long-name-that-goes-on-and-on-and-on", "namespace": "shop"},
+            "spec": {"backupCommand": "mysqldump --all-databases", "pod": {
+                "metadata": {"labels": {"app": "dump"}},
+                "spec": {"containers": [{"name": "dump", "image": "mysql:8"}]}}}
+        }))
+        .unwrap();
+        let p = pod_for(&run, &pbp, &["node-1".into(), "node-3".into()]);
+        let name = p.name_any();
+        assert!(name.len() <= 63, "{name}");
+        assert_eq!(name, pod_name("u-1", &pbp.name_any()));
+        assert_eq!(p.labels()["app"], "dump");
+        assert!(p.labels()[LABEL_PREBACKUP_POD].len() <= 63);
+        assert_eq!(p.owner_references()[0].uid, "u-1");
+        let terms = p
+            .spec
+            .as_ref()
+            .unwrap()
+            .affinity
+            .as_ref()
+            .unwrap()
+            .node_affinity
+            .as_ref()
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .as_ref()
+            .unwrap()
+            .node_selector_terms
+            .clone();
+        // One term per node: a node field selector takes a single value.
+        let values: Vec<Vec<String>> = terms
+            .iter()
+            .map(|t| t.match_fields.clone().unwrap()[0].values.clone().unwrap())
+            .collect();
+        assert_eq!(values, [["node-1"], ["node-3"]]);
+        assert_eq!(
+            p.spec.as_ref().unwrap().restart_policy.as_deref(),
+            Some("Never")
+        );
+    }
+}
