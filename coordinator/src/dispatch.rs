@@ -187,12 +187,21 @@ pub async fn run_hook(
 ) -> Result<HookResult, DispatchError> {
     let ep = agents.endpoint(node)?;
     let mut client = agents.client(&ep)?;
-    match tokio::time::timeout(within, client.run_hook(req)).await {
+    unary_within(&ep, within, client.run_hook(req)).await
+}
+
+/// A unary call to the agent at `ep`, bounded by `within`.
+async fn unary_within<T>(
+    ep: &AgentEndpoint,
+    within: std::time::Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, DispatchError> {
+    match tokio::time::timeout(within, call).await {
         Ok(r) => Ok(r
-            .map_err(|s| DispatchError::from_status(&ep, s))?
+            .map_err(|s| DispatchError::from_status(ep, s))?
             .into_inner()),
         Err(_) => Err(DispatchError::TimedOut {
-            node: ep.node,
+            node: ep.node.clone(),
             seconds: within.as_secs(),
         }),
     }
@@ -301,15 +310,7 @@ pub async fn inspect(
         repository: Some(repository.clone()),
         figures,
     });
-    match tokio::time::timeout(within, call).await {
-        Ok(r) => Ok(r
-            .map_err(|s| DispatchError::from_status(&ep, s))?
-            .into_inner()),
-        Err(_) => Err(DispatchError::TimedOut {
-            node: ep.node,
-            seconds: within.as_secs(),
-        }),
-    }
+    unary_within(&ep, within, call).await
 }
 
 pub enum Maintenance {

@@ -193,16 +193,22 @@ pub async fn hold(
 
 /// Deletes a holder pod (absent is fine).
 pub async fn release(client: &Client, namespace: &str, pod: &str) {
+    delete_pod(client, namespace, pod, "mount holder").await;
+}
+
+/// Deletes a pod Stowage made (`what` names it in logs); absent is fine, and a failure is only
+/// logged: the pod's run owns it, so the garbage collector removes it with the run.
+pub async fn delete_pod(client: &Client, namespace: &str, pod: &str, what: &str) {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let dp = DeleteParams {
         grace_period_seconds: Some(0),
         ..Default::default()
     };
     match api.delete(pod, &dp).await {
-        Ok(_) => tracing::info!(namespace, pod, "deleted mount holder"),
+        Ok(_) => tracing::info!(namespace, pod, what, "deleted pod"),
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(e) => {
-            tracing::warn!(namespace, pod, error = %crate::errors::sentence(&e), "deleting mount holder (its run owns it, so GC will)")
+            tracing::warn!(namespace, pod, what, error = %crate::errors::sentence(&e), "deleting pod (its run owns it, so GC will when the run goes)")
         }
     }
 }

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
     Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::PostParams;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use stowage_common::contract::{ANNOTATION_FULL_SUFFIX, LABEL_RUN};
@@ -178,20 +178,9 @@ pub async fn start(
     ))
 }
 
-/// Deletes a pod (absent is fine).
+/// Deletes a PreBackupPod's pod (absent is fine).
 pub async fn release(client: &Client, namespace: &str, pod: &str) {
-    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let dp = DeleteParams {
-        grace_period_seconds: Some(0),
-        ..Default::default()
-    };
-    match api.delete(pod, &dp).await {
-        Ok(_) => tracing::info!(namespace, pod, "deleted a PreBackupPod's pod"),
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => {
-            tracing::warn!(namespace, pod, error = %crate::errors::sentence(&e), "deleting a PreBackupPod's pod (its run owns it, so GC will when the run goes)")
-        }
-    }
+    crate::mount_holder::delete_pod(client, namespace, pod, "PreBackupPod").await;
 }
 
 /// Deletes every PreBackupPod pod of `run` still in the cache: what a restarted coordinator's

@@ -41,10 +41,8 @@ pub struct BackupPlan {
     volume: VolumeEntry,
 }
 
-/// Checks the request and finds the volume; errors here are answered before any work starts.
-pub fn plan(ctx: &AgentContext, req: BackupRequest) -> Result<BackupPlan, AgentError> {
-    let identity = Identity::from_proto(req.identity.as_ref(), false)?;
-    let repo = repository::from_proto(req.repository.as_ref(), &ctx.local_roots)?;
+/// The run id and extra tags of a backup request: they become snapshot tags.
+pub fn validate_tags(req: &BackupRequest) -> Result<(), AgentError> {
     // The run id becomes a tag value (see TAG_RUN): restic splits tags at commas.
     if req.run_id.contains(',') || req.run_id.chars().any(char::is_control) {
         return Err(AgentError::InvalidArgument(format!(
@@ -55,6 +53,14 @@ pub fn plan(ctx: &AgentContext, req: BackupRequest) -> Result<BackupPlan, AgentE
     for t in &req.extra_tags {
         validate_extra_tag(t).map_err(AgentError::InvalidArgument)?;
     }
+    Ok(())
+}
+
+/// Checks the request and finds the volume; errors here are answered before any work starts.
+pub fn plan(ctx: &AgentContext, req: BackupRequest) -> Result<BackupPlan, AgentError> {
+    let identity = Identity::from_proto(req.identity.as_ref(), false)?;
+    let repo = repository::from_proto(req.repository.as_ref(), &ctx.local_roots)?;
+    validate_tags(&req)?;
     let vref = match &req.source {
         Some(Source::Volume(v)) => v.r#ref.clone(),
         Some(Source::Command(_)) | None => None,

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::context::{AgentContext, ProgressSink};
 use crate::error::AgentError;
 use crate::exec::{self, ExecTarget, Exit};
-use crate::identity::{CommandIdentity, TAG_RUN, validate_extra_tag};
+use crate::identity::{CommandIdentity, TAG_RUN};
 use crate::memory::Operation;
 use crate::{follow, repository, sandbox};
 
@@ -57,15 +57,7 @@ pub fn plan(ctx: &AgentContext, req: BackupRequest) -> Result<CommandPlan, Agent
         ));
     };
     let repo = repository::from_proto(req.repository.as_ref(), &ctx.local_roots)?;
-    if req.run_id.contains(',') || req.run_id.chars().any(char::is_control) {
-        return Err(AgentError::InvalidArgument(format!(
-            "run_id {:?} must not contain commas or control characters",
-            req.run_id
-        )));
-    }
-    for t in &req.extra_tags {
-        validate_extra_tag(t).map_err(AgentError::InvalidArgument)?;
-    }
+    crate::backup::validate_tags(&req)?;
     let namespace = req
         .identity
         .as_ref()

@@ -257,6 +257,21 @@ pub async fn create<K: Object>(client: &kube::Client, ns: &str, obj: serde_json:
         .expect("create object")
 }
 
+/// Creates a run from JSON and waits (at most `timeout`) until it has finished; returns its JSON.
+pub async fn run_to_end<K: Object>(
+    client: &kube::Client,
+    ns: &str,
+    obj: serde_json::Value,
+    timeout: Duration,
+) -> serde_json::Value {
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .expect("metadata.name")
+        .to_string();
+    let _: K = create(client, ns, obj).await;
+    wait_json::<K>(client, ns, &name, timeout, "finished", finished).await
+}
+
 /// Polls `name` until `done` holds for its JSON form, at most `timeout`; returns the JSON.
 pub async fn wait_json<K: Object>(
     client: &kube::Client,

@@ -683,6 +683,23 @@ async fn clients_without_the_right_certificate_are_refused() {
     );
 }
 
+/// The most restic processes seen at once under `pods`, sampled every 10 ms until they have come
+/// and gone (2 minutes at most).
+async fn most_restics_at_once(pods: PathBuf) -> usize {
+    let (mut max, mut samples) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let n = procs::restic_pids_under(&pods).len();
+        max = max.max(n);
+        samples += 1;
+        if samples > 20 && n == 0 && max > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    max
+}
+
 /// With a memory budget that fits one restic (each reserves at least its fixed ~100 MiB), three
 /// backups run one after another although --max-concurrent allows four; the others are told why
 /// they queue, and every one succeeds.
@@ -706,20 +723,7 @@ async fn a_memory_budget_that_fits_one_restic_runs_backups_one_at_a_time() {
     );
     let client = agent.client(&s.pki).await;
     let pods = s.kubelet().join("pods");
-    let sampler = tokio::spawn(async move {
-        let (mut max, mut samples) = (0, 0);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            let n = procs::restic_pids_under(&pods).len();
-            max = max.max(n);
-            samples += 1;
-            if samples > 20 && n == 0 && max > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        max
-    });
+    let sampler = tokio::spawn(most_restics_at_once(pods));
     let mut calls = Vec::new();
     for i in 0..3 {
         let mut c = client.clone();
@@ -770,21 +774,7 @@ async fn six_backups_with_max_concurrent_two_never_run_more_than_two_restics() {
     }
     let client = agent.client(&s.pki).await;
     let pods = s.kubelet().join("pods");
-    let sampler = tokio::spawn(async move {
-        let mut max = 0;
-        let mut samples = 0;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            let n = procs::restic_pids_under(&pods).len();
-            max = max.max(n);
-            samples += 1;
-            if samples > 20 && n == 0 && max > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        max
-    });
+    let sampler = tokio::spawn(most_restics_at_once(pods));
     let mut calls = Vec::new();
     for i in 0..6 {
         let mut c = client.clone();

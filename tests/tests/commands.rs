@@ -11,7 +11,7 @@ use kube::api::{Patch, PatchParams};
 use stowage_coordinator::crd::Backup;
 use stowage_tests::cluster::{Cluster, fresh_namespace};
 use stowage_tests::coordinator::{
-    Coordinator, CoordinatorOptions, create, finished, local_backend, secret, wait_json,
+    Coordinator, CoordinatorOptions, create, finished, local_backend, run_to_end, secret, wait_json,
 };
 
 const PASSWORD: &str = "correct horse battery staple";
@@ -27,52 +27,45 @@ async fn setup(prefix: &str) -> (&'static Cluster, kube::Client, String, PathBuf
     (cluster, client, ns, repo)
 }
 
-async fn annotate(client: &kube::Client, ns: &str, kind_pod: &str, annotations: &[(&str, &str)]) {
+/// Merges `annotations` into object `name` of kind `K`.
+async fn annotate_obj<K>(client: &kube::Client, ns: &str, name: &str, annotations: &[(&str, &str)])
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
     let map: serde_json::Map<String, serde_json::Value> = annotations
         .iter()
         .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
         .collect();
-    Api::<Pod>::namespaced(client.clone(), ns)
+    Api::<K>::namespaced(client.clone(), ns)
         .patch(
-            kind_pod,
+            name,
             &PatchParams::default(),
             &Patch::Merge(&serde_json::json!({"metadata": {"annotations": map}})),
         )
         .await
-        .expect("annotate pod");
+        .expect("annotate");
+}
+
+async fn annotate(client: &kube::Client, ns: &str, pod: &str, annotations: &[(&str, &str)]) {
+    annotate_obj::<Pod>(client, ns, pod, annotations).await;
 }
 
 async fn annotate_pvc(client: &kube::Client, ns: &str, pvc: &str, annotations: &[(&str, &str)]) {
-    let map: serde_json::Map<String, serde_json::Value> = annotations
-        .iter()
-        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
-        .collect();
-    Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(client.clone(), ns)
-        .patch(
-            pvc,
-            &PatchParams::default(),
-            &Patch::Merge(&serde_json::json!({"metadata": {"annotations": map}})),
-        )
-        .await
-        .expect("annotate pvc");
+    annotate_obj::<k8s_openapi::api::core::v1::PersistentVolumeClaim>(client, ns, pvc, annotations)
+        .await;
 }
 
 /// Creates Backup `name` with its own backend and waits until it finishes.
 async fn backup(client: &kube::Client, ns: &str, repo: &Path, name: &str) -> serde_json::Value {
-    let _: Backup = create(
+    run_to_end::<Backup>(
         client,
         ns,
         serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
             "metadata": {"name": name}, "spec": {"backend": local_backend(repo)}}),
-    )
-    .await;
-    wait_json::<Backup>(
-        client,
-        ns,
-        name,
         Duration::from_secs(120),
-        "finished",
-        finished,
     )
     .await
 }
@@ -191,6 +184,26 @@ async fn a_command_stream_is_backed_up_byte_for_byte_and_a_failed_command_leaves
     assert!(
         dumped.stdout == expected.stdout,
         "the snapshot differs from the stream"
+    );
+
+    // The agent of node-1 counted the stream and the command.
+    let metrics_url = &cluster.env["STOWAGE_AGENT_1_METRICS"];
+    let addr: std::net::SocketAddr = metrics_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .parse()
+        .expect("agent metrics address");
+    let (_, text) = stowage_tests::http_get(addr, "/metrics")
+        .await
+        .expect("agent metrics");
+    let value = |s: &str| stowage_tests::agent::metric_value(&text, s).unwrap_or(0.0);
+    assert!(
+        value("stowage_agent_stream_bytes_total") >= 50_000_000.0,
+        "{text}"
+    );
+    assert!(
+        value("stowage_agent_hook_runs_total{kind=\"backup-command\",result=\"succeeded\"}") >= 1.0,
+        "{text}"
     );
 
     // The volume's snapshot: everything but the excluded paths.

@@ -233,22 +233,14 @@ async fn prune(
     repo: &Path,
     dry_run: bool,
 ) -> serde_json::Value {
-    let _: Prune = create(
+    stowage_tests::coordinator::run_to_end::<Prune>(
         client,
         ns,
         serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Prune",
             "metadata": {"name": name},
             "spec": {"backend": local_backend(repo), "dryRun": dry_run,
                      "retention": {"keepDaily": 3, "keepWeekly": 2}}}),
-    )
-    .await;
-    wait_json::<Prune>(
-        client,
-        ns,
-        name,
         Duration::from_secs(120),
-        "finished",
-        finished,
     )
     .await
 }

@@ -588,6 +588,16 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
     Ok(())
 }
 
+/// What a run's items are, for its condition: volumes, commands, or both.
+fn what(items: &[ItemStatus]) -> &'static str {
+    let commands = items.iter().filter(|i| i.command.is_some()).count();
+    match commands {
+        0 => "volumes with data",
+        n if n == items.len() => "backup commands",
+        _ => "volumes with data and backup commands",
+    }
+}
+
 /// The run's condition: what succeeded, and each failure (bounded: a run may have thousands).
 fn verdict(items: &[ItemStatus], phase: RunPhase) -> Finding {
     let skipped = items
@@ -620,18 +630,19 @@ fn verdict(items: &[ItemStatus], phase: RunPhase) -> Finding {
     match phase {
         RunPhase::Succeeded => Finding::new(
             "BackedUp",
-            format!("all {ok} volumes with data have a new snapshot{skipped_note}"),
+            format!("all {ok} {} have a new snapshot{skipped_note}", what(items)),
         ),
         RunPhase::PartiallyFailed => Finding::new(
             "SomeVolumesFailed",
             format!(
-                "{ok} of {} volumes backed up{skipped_note}; {failures}",
+                "{ok} of {} {} backed up{skipped_note}; {failures}",
                 items.len() - skipped,
+                what(items),
             ),
         ),
         _ => Finding::new(
             "AllVolumesFailed",
-            format!("no volume was backed up: {failures}"),
+            format!("nothing was backed up: {failures}"),
         ),
     }
 }

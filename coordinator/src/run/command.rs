@@ -85,19 +85,9 @@ impl CommandTask {
         item.phase = RunPhase::Running;
         status.item(item.clone());
         let key = (item.namespace.clone(), item.name());
-        let mut waiting = false;
+        let mut lock_wait = super::LockWait::new(key);
         let r = dispatch::backup_command(&ctx.agents, &self.job, |p| {
-            match super::lock_news(&ctx, &self.run, p) {
-                Some(message) => {
-                    status.waiting(key.clone(), Some(message));
-                    waiting = true;
-                }
-                None if waiting => {
-                    status.waiting(key.clone(), None);
-                    waiting = false;
-                }
-                None => {}
-            }
+            lock_wait.progress(&ctx, &self.run, &status, p);
         })
         .await;
         let command = item.command.get_or_insert_with(Default::default);

@@ -294,6 +294,43 @@ pub fn lock_news<K: RunObject>(ctx: &Arc<Ctx>, run: &Arc<K>, p: &pb::Progress) -
     (p.phase == pb::Phase::WaitingForLock as i32).then(|| p.message.clone())
 }
 
+/// An item's "waiting for the repository lock" note: set while the agent says it waits, cleared
+/// once, when it moves on.
+pub struct LockWait {
+    key: status::ItemKey,
+    waiting: bool,
+}
+
+impl LockWait {
+    pub fn new(key: status::ItemKey) -> Self {
+        Self {
+            key,
+            waiting: false,
+        }
+    }
+
+    /// Notes what `p` says about locks in the item's status.
+    pub fn progress<K: RunObject>(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        run: &Arc<K>,
+        status: &StatusHandle,
+        p: &pb::Progress,
+    ) {
+        match lock_news(ctx, run, p) {
+            Some(message) => {
+                status.waiting(self.key.clone(), Some(message));
+                self.waiting = true;
+            }
+            None if self.waiting => {
+                status.waiting(self.key.clone(), None);
+                self.waiting = false;
+            }
+            None => {}
+        }
+    }
+}
+
 /// The id the agents log and tag snapshots with.
 pub fn run_id<K: RunObject>(run: &K) -> String {
     format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any())

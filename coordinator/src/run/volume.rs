@@ -194,21 +194,10 @@ impl VolumeTask {
             };
             let key = (self.namespace.clone(), self.pvc.clone());
             let mut attempts = 0;
-            let mut waiting = false;
+            let mut lock_wait = super::LockWait::new(key.clone());
             loop {
                 let r = dispatch::backup_volume(&ctx.agents, &job, |p| {
-                    // Say why the item waits, once, and clear it when it moves on.
-                    match super::lock_news(&ctx, &self.run, p) {
-                        Some(message) => {
-                            status.waiting(key.clone(), Some(message));
-                            waiting = true;
-                        }
-                        None if waiting => {
-                            status.waiting(key.clone(), None);
-                            waiting = false;
-                        }
-                        None => {}
-                    }
+                    lock_wait.progress(&ctx, &self.run, &status, p);
                     if p.percent_done > 0.0 {
                         status.progress(key.clone(), p.percent_done);
                     }
