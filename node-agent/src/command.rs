@@ -155,7 +155,11 @@ pub async fn execute(
     };
     let tmp = sandbox::OperationTmp::create(&ctx.cache_dir)?;
     let sandbox = sandbox::for_stream(ctx, restic.repository(), &tmp)?;
-    let restic = restic.with_sandbox(sandbox);
+    // A stream cannot be replayed, so the lock policy's retry (a new restic) does not apply:
+    // restic waits for a held lock itself, the command blocking on its stdout meanwhile.
+    let mut global = restic.global().clone();
+    global.retry_lock = Some(ctx.lock_policy.max_wait);
+    let restic = restic.with_sandbox(sandbox).with_global(global);
     tracing::info!(run = %run_id, command = %target.describe(), host = %identity.host(), "command backup started");
 
     // restic first, so the command's output has somewhere to go from its first byte.

@@ -16,6 +16,8 @@ use stowage_common::kube_errors::sentence;
 
 /// Bytes of a command's stderr kept for messages (the end, where the error usually is).
 pub const STDERR_KEPT: usize = 4096;
+/// The pipe from the exec stream's stdout to our reader: a few WebSocket frames.
+const STDOUT_PIPE: usize = 1 << 20;
 /// API calls around an exec (reading the pod, opening the stream, the kill) are bounded by this.
 const API_TIMEOUT: Duration = Duration::from_secs(30);
 /// The wrapper's first stderr line: `stowage-exec-pid=<pid>`.
@@ -204,11 +206,15 @@ pub fn container_of(pod: &Pod, wanted: &str) -> Result<String, AgentError> {
 /// stream), keeping its last [`STDERR_KEPT`] bytes.
 pub async fn start(client: &Client, target: &ExecTarget) -> Result<Started, AgentError> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &target.namespace);
+    // kube's pipe between the WebSocket and us is 1 KiB unless told otherwise: every frame would
+    // then cross it in 1 KiB pieces (measured: a third slower on a 1 GiB stream).
     let params = AttachParams::default()
         .container(target.container.clone())
         .stdin(false)
         .stdout(true)
-        .stderr(true);
+        .stderr(true)
+        .max_stdout_buf_size(STDOUT_PIPE)
+        .max_stderr_buf_size(STDERR_KEPT);
     let mut process = tokio::time::timeout(
         API_TIMEOUT,
         pods.exec(&target.pod, wrapped(&target.command), &params),

@@ -24,6 +24,9 @@ pub struct GlobalOptions {
     pub limit_upload: Option<u32>,
     /// KiB/s.
     pub limit_download: Option<u32>,
+    /// restic's own wait for a held lock (`--retry-lock`), for runs the caller cannot repeat,
+    /// such as a backup of a stream.
+    pub retry_lock: Option<std::time::Duration>,
     /// Passed verbatim before the subcommand (e.g. `-o s3.storage-class=...`). Never for secrets.
     pub extra_args: Vec<String>,
 }
@@ -40,6 +43,10 @@ impl GlobalOptions {
         }
         if self.no_lock {
             a.push("--no-lock".into());
+        }
+        if let Some(wait) = self.retry_lock.filter(|w| !w.is_zero()) {
+            a.push("--retry-lock".into());
+            a.push(format!("{}s", wait.as_secs().max(1)).into());
         }
         if let Some(kib) = self.limit_upload.filter(|k| *k > 0) {
             a.push("--limit-upload".into());
@@ -586,5 +593,10 @@ mod tests {
             strs(g.args()),
             ["--cache-dir", "/c", "--limit-download", "512"]
         );
+        let wait = GlobalOptions {
+            retry_lock: Some(std::time::Duration::from_secs(3600)),
+            ..Default::default()
+        };
+        assert_eq!(strs(wait.args()), ["--retry-lock", "3600s"]);
     }
 }
