@@ -484,6 +484,19 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
         .into_iter()
         .filter(|w| !done.contains(&w.key()))
         .collect();
+    // Each pod's post-hook runs after the last of its volumes that this attempt backs up.
+    let mut per_pod: Vec<(Arc<PodHooks>, usize)> = Vec::new();
+    for w in &todo {
+        if let Work::Volume { hooks: Some(h), .. } = w {
+            match per_pod.iter_mut().find(|(p, _)| Arc::ptr_eq(p, h)) {
+                Some((_, n)) => *n += 1,
+                None => per_pod.push((Arc::clone(h), 1)),
+            }
+        }
+    }
+    for (h, n) in per_pod {
+        h.set_tasks(n);
+    }
     let pending: Vec<ItemStatus> = todo.iter().map(Work::item).collect();
     let mut listed = items.clone();
     listed.extend(pending);

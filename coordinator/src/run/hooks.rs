@@ -155,6 +155,12 @@ impl PodHooks {
         }
     }
 
+    /// How many volume tasks of the pod this attempt runs (a resumed run skips volumes already
+    /// backed up): the post-hook runs after the last of them.
+    pub fn set_tasks(&self, n: usize) {
+        self.remaining.store(n, Ordering::Release);
+    }
+
     /// The pre-hook's outcome, running it the first time (`None`: the pod has none).
     pub async fn pre(&self, ctx: &Ctx) -> Option<HookOutcome> {
         self.pre
