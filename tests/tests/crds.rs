@@ -21,6 +21,7 @@ async fn chart_crds_are_accepted_and_validate_objects() {
         [
             "backups.stowage.dev",
             "checks.stowage.dev",
+            "prebackuppods.stowage.dev",
             "prunes.stowage.dev",
             "schedules.stowage.dev"
         ]
@@ -29,11 +30,13 @@ async fn chart_crds_are_accepted_and_validate_objects() {
     for name in &names {
         let crd = crds.get(name).await.expect("crd");
         let v = &crd.spec.versions[0];
+        // A PreBackupPod is a template: it has nothing to report.
         assert!(
-            v.subresources
-                .as_ref()
-                .and_then(|s| s.status.as_ref())
-                .is_some(),
+            name == "prebackuppods.stowage.dev"
+                || v.subresources
+                    .as_ref()
+                    .and_then(|s| s.status.as_ref())
+                    .is_some(),
             "{name} has a status subresource"
         );
         assert!(
@@ -63,6 +66,25 @@ async fn chart_crds_are_accepted_and_validate_objects() {
         .create(&PostParams::default(), &manual)
         .await
         .expect("a Backup run referring to the Schedule");
+
+    // The documented PreBackupPod is accepted; one without a command is not.
+    let helpers: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &gvk("PreBackupPod"));
+    let helper = object(
+        "apiVersion: stowage.dev/v1alpha1\nkind: PreBackupPod\nmetadata: {name: mysqldump}\nspec:\n  backupCommand: mysqldump -h mysql -u root --all-databases\n  fileExtension: .sql\n  pod:\n    spec: {containers: [{name: dump, image: mysql:8, command: [sleep, infinity]}]}\n",
+    );
+    helpers
+        .create(&PostParams::default(), &helper)
+        .await
+        .expect("the documented PreBackupPod is accepted");
+    let no_command = object(
+        "apiVersion: stowage.dev/v1alpha1\nkind: PreBackupPod\nmetadata: {name: nocommand}\nspec:\n  pod: {spec: {containers: [{name: c, image: i}]}}\n",
+    );
+    let err = helpers
+        .create(&PostParams::default(), &no_command)
+        .await
+        .expect_err("a PreBackupPod without a command");
+    assert!(err.to_string().contains("backupCommand"), "{err}");
 
     // The schema is enforced: a wrong type is refused by the apiserver, naming the field.
     let bad = object(
