@@ -83,10 +83,22 @@ fn canaries_in_snapshots(repo: &Path, scratch: &Path) -> usize {
     for (i, snap) in restic::snapshots(&repo_s, PW).iter().enumerate() {
         let id = snap["id"].as_str().expect("id");
         let target = scratch.join(format!("check-{i}"));
-        restic::ok(
+        // A snapshot taken mid-race may hold an entry restic cannot recreate (a symlink caught
+        // half-swapped); restic restores everything else and reports it. Only other failures count.
+        let out = restic::run(
             &repo_s,
             PW,
+            &[],
             &["restore", id, "--target", &target.display().to_string()],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let only_entry_errors = stderr.lines().all(|l| {
+            !l.starts_with("Fatal:")
+                || (l.starts_with("Fatal: There were ") && l.ends_with(" errors"))
+        }) && stderr.contains("ignoring error for");
+        assert!(
+            out.status.success() || only_entry_errors,
+            "restic restore {id}: {stderr}"
         );
         found += count_canaries(&target);
         let _ = std::fs::remove_dir_all(&target);
