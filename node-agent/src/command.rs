@@ -198,9 +198,7 @@ pub async fn execute(
             metrics.stream_bytes.inc_by(n as u64);
         }
     };
-    let mut bytes_seen = 0u64;
     let on_status = |s: restic_wrap::json::BackupStatus| {
-        bytes_seen = bytes_seen.max(s.bytes_done);
         progress.send(Progress {
             phase: Phase::Running.into(),
             bytes_done: s.bytes_done,

@@ -61,14 +61,25 @@ pub fn for_backup(
     repo: &Repository,
     tmp: &OperationTmp,
 ) -> Result<Sandbox, AgentError> {
+    Ok(writer(ctx, repo, tmp)?
+        .read_only(fd_path(volume), VOLUME)
+        .capabilities(BACKUP_CAPABILITIES)
+        .chdir(VOLUME))
+}
+
+/// What every backup's restic writes: its cache, the repository (if local) and a temporary
+/// directory; nothing else, and no capabilities until the caller grants some.
+fn writer(
+    ctx: &AgentContext,
+    repo: &Repository,
+    tmp: &OperationTmp,
+) -> Result<Sandbox, AgentError> {
     let cache = ctx.cache_for(repo);
     create_dir(&cache)?;
     let mut sb = ctx
         .sandbox()
-        .read_only(fd_path(volume), VOLUME)
         .read_write(&cache, &cache)
-        .capabilities(BACKUP_CAPABILITIES)
-        .chdir(VOLUME)
+        .capabilities(&[])
         .tmp(tmp.path());
     if let Some(local) = AgentContext::local_repository(repo) {
         sb = sb.read_write(&local, &local);
@@ -83,18 +94,7 @@ pub fn for_stream(
     repo: &Repository,
     tmp: &OperationTmp,
 ) -> Result<Sandbox, AgentError> {
-    let cache = ctx.cache_for(repo);
-    create_dir(&cache)?;
-    let mut sb = ctx
-        .sandbox()
-        .read_write(&cache, &cache)
-        .capabilities(&[])
-        .chdir("/")
-        .tmp(tmp.path());
-    if let Some(local) = AgentContext::local_repository(repo) {
-        sb = sb.read_write(&local, &local);
-    }
-    Ok(sb)
+    Ok(writer(ctx, repo, tmp)?.chdir("/"))
 }
 
 /// The sandbox of a restore into the staging directory open at `staging`.

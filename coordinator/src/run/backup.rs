@@ -45,10 +45,9 @@ enum Work {
         excludes: Vec<String>,
         hooks: Option<Arc<PodHooks>>,
     },
-    /// A backup command; the run adds its id and repository.
-    Command(Box<CommandJob>),
-    /// A PreBackupPod's command: its pod is started first.
-    PreBackup(Box<CommandJob>, Arc<PreBackupPod>),
+    /// A backup command; the run adds its id and repository. With a PreBackupPod, its pod is
+    /// started first.
+    Command(Box<CommandJob>, Option<Arc<PreBackupPod>>),
     /// A command that cannot run; the item says why.
     Fail(Box<ItemStatus>),
 }
@@ -63,7 +62,7 @@ impl Work {
                 phase: RunPhase::Pending,
                 ..Default::default()
             },
-            Work::Command(job) | Work::PreBackup(job, _) => CommandTask::item(job),
+            Work::Command(job, _) => CommandTask::item(job),
             Work::Fail(item) => (**item).clone(),
         }
     }
@@ -339,7 +338,7 @@ fn prebackup_work(ctx: &Ctx, namespace: &str) -> Vec<Work> {
                 owner_kind: "PreBackupPod".into(),
                 owner_name: name,
             };
-            Work::PreBackup(Box::new(job), p)
+            Work::Command(Box::new(job), Some(p))
         })
         .collect()
 }
@@ -400,7 +399,7 @@ fn command_work(pods: &[PodInfo]) -> Vec<Work> {
                 }
             },
         }
-        work.push(Work::Command(Box::new(j)));
+        work.push(Work::Command(Box::new(j), None));
     }
     for a in &unready {
         let mut item = CommandTask::item(&job(a));
@@ -535,27 +534,13 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
                     outcome
                 })
             }
-            Work::Command(mut job) => {
+            Work::Command(mut job, prebackup) => {
                 job.run_id = run_id(run.as_ref());
                 job.repository = begun.repository.clone();
                 let task = CommandTask {
                     run: Arc::clone(&run),
                     job: *job,
-                    prebackup: None,
-                };
-                tasks.spawn(async move {
-                    let outcome = task.run(ctx, limits, status.clone()).await;
-                    status.item(outcome.clone());
-                    outcome
-                })
-            }
-            Work::PreBackup(mut job, pbp) => {
-                job.run_id = run_id(run.as_ref());
-                job.repository = begun.repository.clone();
-                let task = CommandTask {
-                    run: Arc::clone(&run),
-                    job: *job,
-                    prebackup: Some(pbp),
+                    prebackup,
                 };
                 tasks.spawn(async move {
                     let outcome = task.run(ctx, limits, status.clone()).await;
