@@ -29,7 +29,10 @@ pub const ANNOTATION_BACKUP_COMMAND: &str = "stowage.dev/backup-command";
 pub const ANNOTATION_BACKUP_CONTAINER: &str = "stowage.dev/backup-container";
 /// On pods: the extension of the backup command's file in the snapshot (`.sql`).
 pub const ANNOTATION_FILE_EXTENSION: &str = "stowage.dev/file-extension";
-/// On pods: the backup command's time limit (`30m`; default 1h).
+/// On pods: a shell command that reads a backup command's dump on its stdin and applies it
+/// (`psql -U app shop`); a Restore of the command's snapshot streams into it.
+pub const ANNOTATION_RESTORE_COMMAND: &str = "stowage.dev/restore-command";
+/// On pods: the backup (and restore) command's time limit (`30m`; default 1h).
 pub const ANNOTATION_BACKUP_TIMEOUT: &str = "stowage.dev/backup-timeout";
 /// On PVCs, or pods for all their volumes: restic `--exclude` patterns, comma-separated.
 pub const ANNOTATION_EXCLUDE: &str = "stowage.dev/exclude";

@@ -130,6 +130,11 @@ pub struct Config {
     #[arg(long, env = "STOWAGE_FIGURES_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     pub figures_interval: Duration,
 
+    /// Let a Restore read snapshots of another namespace (`spec.source.namespace`). Off by default:
+    /// whoever can create a Restore in namespace A must not read namespace B's data.
+    #[arg(long, env = "STOWAGE_ALLOW_CROSS_NAMESPACE_RESTORE")]
+    pub allow_cross_namespace_restore: bool,
+
     /// PreBackupPods starting (created, not yet ready) at once, across the cluster.
     #[arg(long, env = "STOWAGE_MAX_STARTING_PREBACKUP_PODS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_starting_prebackup_pods: u32,

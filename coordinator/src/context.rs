@@ -11,7 +11,7 @@ use kube::runtime::reflector::Store;
 use crate::agents::AgentDirectory;
 use crate::conditions::Notifier;
 use crate::config::Config;
-use crate::crd::{Backup, Check, Prune};
+use crate::crd::{Backup, Check, Prune, Restore};
 use crate::inspect::Inspector;
 use crate::metrics::Metrics;
 use crate::state::Stores;
@@ -22,6 +22,7 @@ pub struct RunStores {
     pub backups: Store<Backup>,
     pub checks: Store<Check>,
     pub prunes: Store<Prune>,
+    pub restores: Store<Restore>,
     /// Set when each run watch has delivered its first full list.
     pub ready: Vec<crate::state::Ready>,
 }

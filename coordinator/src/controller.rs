@@ -22,7 +22,7 @@ use crate::agents::AgentDirectory;
 use crate::conditions::Notifier;
 use crate::config::Config;
 use crate::context::{Ctx, RunStores};
-use crate::crd::{Backup, Check, Prune, RunPhase, Schedule};
+use crate::crd::{Backup, Check, Prune, Restore, RunPhase, Schedule};
 use crate::inspect;
 use crate::leader::{self, Elector, LeaderError};
 use crate::metrics::Metrics;
@@ -267,10 +267,11 @@ async fn lead(
     let secret_events = secret_writer.subscribe();
     let (stores, watches) = state::start(&client, ns, secret_writer);
     tokio::spawn(watches);
-    let (Some(backups), Some(checks), Some(prunes), Some(secret_events)) = (
+    let (Some(backups), Some(checks), Some(prunes), Some(restores), Some(secret_events)) = (
         shared_runs::<Backup>(&client, ns),
         shared_runs::<Check>(&client, ns),
         shared_runs::<Prune>(&client, ns),
+        shared_runs::<Restore>(&client, ns),
         secret_events,
     ) else {
         // Subscribing only fails on a store made without a buffer, which this code never does.
@@ -280,6 +281,9 @@ async fn lead(
     tokio::spawn(backups.drive);
     tokio::spawn(checks.drive);
     tokio::spawn(prunes.drive);
+    tokio::spawn(restores.drive);
+    // Restores are not a Schedule's: nobody else subscribes to their watch.
+    drop(restores.for_schedules);
     tokio::time::timeout(state::SYNC_TIMEOUT, agents.wait_synced())
         .await
         .map_err(|_| SyncTimeout::after(state::SYNC_TIMEOUT))?;
@@ -297,7 +301,8 @@ async fn lead(
         backups: backups.store.clone(),
         checks: checks.store.clone(),
         prunes: prunes.store.clone(),
-        ready: vec![backups.ready, checks.ready, prunes.ready],
+        restores: restores.store.clone(),
+        ready: vec![backups.ready, checks.ready, prunes.ready, restores.ready],
     };
     let ctx = Arc::new(Ctx::new(
         client.clone(),
@@ -370,12 +375,23 @@ async fn lead(
             error_policy,
             Arc::clone(&ctx),
         );
+    let restore_runs = Controller::for_shared_stream(restores.for_runs, restores.store)
+        .reconcile_all_on(every(RUN_RECHECK))
+        .run(
+            |o, c| async move {
+                when_synced(&c).await?;
+                Ok::<_, kube::Error>(reconcile_run(o, c, run::restore::execute))
+            },
+            error_policy,
+            Arc::clone(&ctx),
+        );
     tracing::info!(namespace = ns.unwrap_or("(all)"), "controllers running");
     tokio::join!(
         drain(schedules, "schedule"),
         drain(backup_runs, "backup"),
         drain(check_runs, "check"),
         drain(prune_runs, "prune"),
+        drain(restore_runs, "restore"),
     );
     Ok(())
 }

@@ -343,6 +343,139 @@ pub struct PruneSpec {
     pub dry_run: bool,
 }
 
+/// Writes a snapshot back where the data lives: the agent on the node that mounts the target
+/// volume restores into it while its pods keep running (an unmounted PVC gets a mount-holder pod).
+/// A backup command's snapshot is streamed into the target pod's `stowage.dev/restore-command`.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "stowage.dev",
+    version = "v1alpha1",
+    kind = "Restore",
+    namespaced,
+    status = "RunStatus",
+    shortname = "strestore",
+    category = "stowage",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Snapshot","type":"string","jsonPath":".status.restore.snapshotId"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.restore.node"}"#,
+    printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.summary"}"#,
+    printcolumn = r#"{"name":"Completed","type":"date","jsonPath":".status.completionTime"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreSpec {
+    /// The repository; or `scheduleRef` to use a Schedule's. A restore never creates a repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_ref: Option<ScheduleRef>,
+    pub source: RestoreSource,
+    #[serde(default)]
+    pub target: RestoreTarget,
+}
+
+/// Whose snapshot, and which one.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreSource {
+    /// The PVC whose snapshots to read (of `namespace`). Set this or `command`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<String>,
+    /// A backup command's history, as its Backup item names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandSourceRef>,
+    /// Whose namespace's snapshots: this Restore's own unless the coordinator runs with
+    /// `--allow-cross-namespace-restore`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// `latest` (the default) or a snapshot id (at least 8 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// The newest snapshot taken at or before this RFC 3339 time (instead of `snapshot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<String>,
+    /// Paths inside the volume to restore (e.g. `/pgdata/base`); empty restores everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<String>,
+}
+
+/// A backup command's history: `<Kind>/<name>` of the pod's owner and the container.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandSourceRef {
+    /// e.g. `StatefulSet/pg`, `Deployment/web`, `Pod/tools`.
+    pub owner: String,
+    /// Default: the target pod's `stowage.dev/backup-container`, else its first container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+/// Where to write.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreTarget {
+    /// A PVC of this namespace; default: `source.pvc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<String>,
+    /// A subdirectory inside the target volume (created if missing); default: its root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<RestoreMode>,
+    /// Command restores: the pod whose `stowage.dev/restore-command` receives the dump. Default:
+    /// the oldest ready pod of the source's owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RestoreMode {
+    /// Write the snapshot's files over the target; leave other files alone.
+    #[default]
+    Merge,
+    /// Make the target equal to the snapshot (within `include`): files the snapshot does not have
+    /// are removed. Swapped in only after the whole snapshot is restored into staging.
+    Replace,
+    /// Refuse unless the target (or `path`) is empty; nothing is written then.
+    IntoEmpty,
+}
+
+/// What a Restore did (or is doing).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreOutcome {
+    /// The resolved snapshot, written before anything is written to the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_time: Option<String>,
+    /// Where it was written: node, pod (a mount holder for an unmounted PVC), PVC and path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<RestoreMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent_done: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_restored: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirs_restored: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_restored: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    /// A command restore: what ran and how it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandItem>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum RunPhase {
     #[default]
@@ -514,6 +647,9 @@ pub struct RunStatus {
     /// Check and Prune: the repository afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<RepositoryFigures>,
+    /// Restore: the snapshot, where it went, and how much.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreOutcome>,
 }
 
 /// A repository's size, as restic reports it (`restic stats --mode raw-data`).
@@ -543,6 +679,7 @@ pub fn rendered() -> Result<Vec<(String, String)>, serde_yaml::Error> {
         Backup::crd(),
         Check::crd(),
         Prune::crd(),
+        Restore::crd(),
         PreBackupPod::crd(),
     ]
         .into_iter()

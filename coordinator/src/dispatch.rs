@@ -5,8 +5,9 @@ use futures::StreamExt;
 use stowage_proto::v1::{
     BackupRequest, BackupResult, CheckRequest, CommandSource, EnsureRepositoryRequest, HookRequest,
     HookResult, InspectRequest, InspectResponse, MaintenanceResult, Progress, PruneRequest,
-    Repository, Snapshot, SnapshotsRequest, VolumeIdentity, VolumeRef, VolumeSource, backup_event,
-    backup_request, maintenance_event,
+    Repository, RestoreCommandRequest, RestoreEvent, RestoreRequest, RestoreResult, Snapshot,
+    SnapshotsRequest, VolumeIdentity, VolumeRef, VolumeSource, backup_event, backup_request,
+    maintenance_event, restore_event,
 };
 use tonic::Code;
 
@@ -273,26 +274,95 @@ pub async fn snapshots_of_run(
     pvc: &str,
     run_id: &str,
 ) -> Result<Vec<Snapshot>, DispatchError> {
-    let ep = agents.endpoint(node)?;
-    let mut client = agents.client(&ep)?;
-    let resp = client
-        .snapshots(SnapshotsRequest {
-            repository: Some(repository.clone()),
-            identity: Some(VolumeIdentity {
-                namespace: namespace.into(),
-                pvc: pvc.into(),
-                pod_name: String::new(),
-            }),
-        })
-        .await
-        .map_err(|s| DispatchError::from_status(&ep, s))?
-        .into_inner();
+    let req = SnapshotsRequest {
+        repository: Some(repository.clone()),
+        identity: Some(VolumeIdentity {
+            namespace: namespace.into(),
+            pvc: pvc.into(),
+            pod_name: String::new(),
+        }),
+        command: None,
+    };
     let tag = format!("{TAG_RUN}={run_id}");
-    Ok(resp
-        .snapshots
+    Ok(snapshots(agents, node, req, SNAPSHOTS_TIMEOUT)
+        .await?
         .into_iter()
         .filter(|s| s.tags.contains(&tag))
         .collect())
+}
+
+/// Listing snapshots waits at most this long (the agent's slot included).
+pub const SNAPSHOTS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The snapshots `req` selects, listed by the agent of `node` within `within`.
+pub async fn snapshots(
+    agents: &AgentDirectory,
+    node: &str,
+    req: SnapshotsRequest,
+    within: std::time::Duration,
+) -> Result<Vec<Snapshot>, DispatchError> {
+    let ep = agents.endpoint(node)?;
+    let mut client = agents.client(&ep)?;
+    Ok(unary_within(&ep, within, client.snapshots(req))
+        .await?
+        .snapshots)
+}
+
+/// Restores a snapshot into a volume on `node` (the agent's own deadlines bound it).
+pub async fn restore_volume(
+    agents: &AgentDirectory,
+    node: &str,
+    req: RestoreRequest,
+    on_progress: impl FnMut(&Progress),
+) -> Result<RestoreResult, (DispatchError, Option<i32>)> {
+    let ep = agents.endpoint(node).map_err(|e| (e.into(), None))?;
+    let mut client = agents.client(&ep).map_err(|e| (e.into(), None))?;
+    let stream = client.restore(req).await;
+    follow_restore(&ep, stream, on_progress).await
+}
+
+/// Streams a backup command's snapshot into a restore command in a pod on `node`.
+pub async fn restore_command(
+    agents: &AgentDirectory,
+    node: &str,
+    req: RestoreCommandRequest,
+    on_progress: impl FnMut(&Progress),
+) -> Result<RestoreResult, (DispatchError, Option<i32>)> {
+    let ep = agents.endpoint(node).map_err(|e| (e.into(), None))?;
+    let mut client = agents.client(&ep).map_err(|e| (e.into(), None))?;
+    let stream = client.restore_command(req).await;
+    follow_restore(&ep, stream, on_progress).await
+}
+
+/// Progress, then the result; a command's exit status comes with its error.
+async fn follow_restore(
+    ep: &AgentEndpoint,
+    started: Result<tonic::Response<tonic::Streaming<RestoreEvent>>, tonic::Status>,
+    mut on_progress: impl FnMut(&Progress),
+) -> Result<RestoreResult, (DispatchError, Option<i32>)> {
+    let mut stream = started
+        .map_err(|s| {
+            let code = exit_code_of(&s);
+            (DispatchError::from_status(ep, s), code)
+        })?
+        .into_inner();
+    while let Some(ev) = stream.next().await {
+        let ev = ev.map_err(|s| {
+            let code = exit_code_of(&s);
+            (DispatchError::mid_stream(ep, s), code)
+        })?;
+        match ev.event {
+            Some(restore_event::Event::Progress(p)) => on_progress(&p),
+            Some(restore_event::Event::Result(r)) => return Ok(r),
+            None => {}
+        }
+    }
+    Err((
+        DispatchError::NoResult {
+            node: ep.node.clone(),
+        },
+        None,
+    ))
 }
 
 /// The repository's locks, and its figures when `figures` is set, read by the agent of `node`

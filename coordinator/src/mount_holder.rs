@@ -18,8 +18,6 @@ use kube::{Api, Client, Resource, ResourceExt};
 use stowage_common::contract::{ANNOTATION_FULL_SUFFIX, LABEL_RUN};
 use stowage_common::{hash, names};
 
-use crate::crd::Backup;
-
 pub use stowage_common::contract::LABEL_MOUNT_HOLDER;
 
 /// A running holder: where the volume can now be read.
@@ -39,10 +37,14 @@ pub fn pod_name(run_uid: &str, pvc: &str) -> String {
     )
 }
 
-pub fn pod_for(run: &Backup, pvc: &str, image: &str) -> Pod {
+/// The holder of `pvc` for `run` (a Backup mounts it read-only, a Restore read-write).
+pub fn pod_for<K>(run: &K, pvc: &str, image: &str, read_only: bool) -> Pod
+where
+    K: Resource<DynamicType = ()>,
+{
     let owner = OwnerReference {
-        api_version: Backup::api_version(&()).into_owned(),
-        kind: Backup::kind(&()).into_owned(),
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::kind(&()).into_owned(),
         name: run.name_any(),
         uid: run.uid().unwrap_or_default(),
         controller: Some(true),
@@ -84,7 +86,7 @@ pub fn pod_for(run: &Backup, pvc: &str, image: &str) -> Pod {
                 volume_mounts: Some(vec![VolumeMount {
                     name: "data".into(),
                     mount_path: "/data".into(),
-                    read_only: Some(true),
+                    read_only: Some(read_only),
                     ..Default::default()
                 }]),
                 resources: Some(ResourceRequirements {
@@ -110,7 +112,7 @@ pub fn pod_for(run: &Backup, pvc: &str, image: &str) -> Pod {
                 name: "data".into(),
                 persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
                     claim_name: pvc.into(),
-                    read_only: Some(true),
+                    read_only: Some(read_only),
                 }),
                 ..Default::default()
             }]),
@@ -140,17 +142,21 @@ fn pending_reason(pod: &Pod) -> String {
 
 /// Creates the holder for `pvc` (or adopts one left by an earlier attempt of the same run) and
 /// waits until it runs on a node.
-pub async fn hold(
+pub async fn hold<K>(
     client: &Client,
     pods: &Store<Pod>,
-    run: &Backup,
+    run: &K,
     pvc: &str,
     image: &str,
     timeout: Duration,
-) -> Result<Held, String> {
+    read_only: bool,
+) -> Result<Held, String>
+where
+    K: Resource<DynamicType = ()>,
+{
     let ns = run.namespace().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let pod = pod_for(run, pvc, image);
+    let pod = pod_for(run, pvc, image, read_only);
     let name = pod.name_any();
     match api.create(&PostParams::default(), &pod).await {
         Ok(_) => tracing::info!(namespace = %ns, pvc, pod = %name, "created mount holder"),
@@ -216,6 +222,7 @@ pub async fn delete_pod(client: &Client, namespace: &str, pod: &str, what: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::Backup;
 
     #[test]
     fn holder_pods_are_read_only_owned_and_validly_named() {
@@ -226,7 +233,7 @@ mod tests {
         let name = pod_name("uid-1", &long);
         assert!(name.len() <= 63, "{name}");
         assert_ne!(pod_name("uid-1", "db"), pod_name("uid-2", "db"));
-        let pod = pod_for(&run, "db", "pause");
+        let pod = pod_for(&run, "db", "pause", true);
         let spec = pod.spec.unwrap();
         let claim = spec.volumes.unwrap()[0]
             .persistent_volume_claim

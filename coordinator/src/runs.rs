@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 
 use crate::context::RunStores;
 use crate::crd::{
-    BackendSpec, Backup, Check, ItemStatus, Prune, ResolvedSpec, RunPhase, RunStatus, Schedule,
-    ScheduleRef,
+    BackendSpec, Backup, Check, ItemStatus, Prune, ResolvedSpec, Restore, RunPhase, RunStatus,
+    Schedule, ScheduleRef,
 };
 
 pub use stowage_common::contract::{LABEL_ACTION, LABEL_SCHEDULE};
@@ -145,6 +145,28 @@ impl RunObject for Prune {
         self.spec.schedule_ref.as_ref()
     }
     const ACTION: &'static str = "prune";
+    fn run_status(&self) -> Option<&RunStatus> {
+        self.status.as_ref()
+    }
+}
+
+impl RunObject for Restore {
+    fn store(runs: &RunStores) -> &Store<Self> {
+        &runs.restores
+    }
+    fn resolve_with(&self, schedule: Option<&Schedule>) -> ResolvedSpec {
+        let mut spec = backend_of(self.spec.backend.as_ref(), schedule);
+        // A restore reads an existing repository; a missing one is a mistake, never a new start.
+        spec.backend.initialize = Some(false);
+        spec
+    }
+    fn backend(&self) -> Option<&BackendSpec> {
+        self.spec.backend.as_ref()
+    }
+    fn schedule_ref(&self) -> Option<&ScheduleRef> {
+        self.spec.schedule_ref.as_ref()
+    }
+    const ACTION: &'static str = "restore";
     fn run_status(&self) -> Option<&RunStatus> {
         self.status.as_ref()
     }

@@ -145,7 +145,13 @@ pub async fn execute(
         host: Some(identity.host()),
         tags,
         parent,
-        excludes: req.excludes.clone(),
+        // A restore's staging directory (at the volume root) is never part of a backup.
+        excludes: req
+            .excludes
+            .iter()
+            .cloned()
+            .chain([format!("{}/{}*", sandbox::VOLUME, crate::staging::PREFIX)])
+            .collect(),
         ..Default::default()
     };
     tracing::info!(

@@ -168,7 +168,7 @@ pub async fn execute(
         AgentError::InvalidArgument("restic was started without a stdin pipe".into())
     })?;
     progress.phase(Phase::Running, format!("streaming {}", target.describe()));
-    let mut command = exec::start(&client, &target).await?;
+    let mut command = exec::start(&client, &target, false).await?;
 
     // restic is stopped (without EOF) when this fires.
     let abort = cancel.child_token();
@@ -214,7 +214,7 @@ pub async fn execute(
             r = tokio::time::timeout_at(deadline, feed) => match r {
                 Ok(Ok(bytes)) => Ok(bytes),
                 Ok(Err(e)) => Err(e),
-                Err(_) => Err(AgentError::CommandTimedOut { command: target.describe(), after: timeout }),
+                Err(_) => Err(AgentError::CommandTimedOut { command: target.describe(), after: timeout, outcome: NO_SNAPSHOT }),
             },
             r = &mut restic_follow => Err(match r {
                 Err(restic_wrap::Error::Cancelled { .. }) => AgentError::Cancelled,
@@ -228,13 +228,14 @@ pub async fn execute(
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 match command.wait(left.max(Duration::from_secs(1))).await {
                     Ok(f) if f.exit == Exit::Success => StreamEnd::Done(bytes),
-                    Ok(f) => StreamEnd::Failed(failed(&target, &f.exit, &f.stderr)),
+                    Ok(f) => StreamEnd::Failed(failed(&target, &f.exit, &f.stderr, NO_SNAPSHOT)),
                     Err((still, after)) => {
                         let stderr = still.kill().await;
                         tracing::warn!(command = %target.describe(), stderr = %stderr, "no exit status");
                         StreamEnd::Failed(AgentError::CommandTimedOut {
                             command: target.describe(),
                             after,
+                            outcome: NO_SNAPSHOT,
                         })
                     }
                 }
@@ -300,9 +301,13 @@ pub async fn execute(
     })
 }
 
-/// The error of a command that did not exit 0.
-pub fn failed(target: &ExecTarget, exit: &Exit, stderr: &str) -> AgentError {
+/// What a failed backup command means.
+const NO_SNAPSHOT: &str = "no snapshot was made";
+
+/// The error of a command that did not exit 0; `outcome` says what that means.
+pub fn failed(target: &ExecTarget, exit: &Exit, stderr: &str, outcome: &'static str) -> AgentError {
     AgentError::CommandFailed {
+        outcome,
         command: target.describe(),
         exit_code: exit.code(),
         how: match exit {

@@ -38,6 +38,8 @@ pub struct AgentContext {
     pub parents: ParentCache,
     /// For exec into pods on this node (backup commands, hooks); `None` without API access.
     pub kube: Option<kube::Client>,
+    /// Restore staging directories in use, which recovery passes leave alone.
+    pub staging: crate::staging::Active,
 }
 
 /// A volume identity within one repository.

@@ -20,12 +20,8 @@ pub enum AgentError {
     InvalidIdentity(#[from] InvalidIdentity),
     #[error(transparent)]
     InvalidRepository(#[from] InvalidRepository),
-    #[error("no snapshot {snapshot:?} of {namespace}/{pvc} in the repository")]
-    SnapshotNotFound {
-        snapshot: String,
-        namespace: String,
-        pvc: String,
-    },
+    #[error("no snapshot {snapshot:?} of {whose} in the repository")]
+    SnapshotNotFound { snapshot: String, whose: String },
     #[error("snapshot {snapshot} belongs to another volume ({found}), not {expected}")]
     SnapshotOfOtherVolume {
         snapshot: String,
@@ -62,17 +58,20 @@ pub enum AgentError {
     NoKubernetes,
     #[error("Kubernetes API: {0}")]
     Kubernetes(String),
-    #[error("command {command} {how}; no snapshot was made{}", if stderr.is_empty() { String::new() } else { format!(". Its stderr: {stderr}") })]
+    /// `outcome` says what it means: "no snapshot was made", "the restore is incomplete".
+    #[error("command {command} {how}; {outcome}{}", if stderr.is_empty() { String::new() } else { format!(". Its stderr: {stderr}") })]
     CommandFailed {
         command: String,
         exit_code: i32,
         how: String,
         stderr: String,
+        outcome: &'static str,
     },
-    #[error("command {command} did not finish within {}s; it was stopped (with the processes it started) and no snapshot was made", after.as_secs())]
+    #[error("command {command} did not finish within {}s; it was stopped (with the processes it started) and {outcome}", after.as_secs())]
     CommandTimedOut {
         command: String,
         after: std::time::Duration,
+        outcome: &'static str,
     },
     #[error("the request was cancelled")]
     Cancelled,

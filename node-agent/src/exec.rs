@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
 use kube::api::{AttachParams, AttachedProcess};
 use kube::{Api, Client};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::error::AgentError;
 use stowage_common::kube_errors::sentence;
@@ -131,10 +131,13 @@ struct Stderr {
 
 type SharedStderr = std::sync::Arc<std::sync::Mutex<Stderr>>;
 
-/// A started command: its stdout to read, its stderr collected in the background.
+/// A started command: its stdout to read (and its stdin to write, when asked for), its stderr
+/// collected in the background.
 pub struct Started {
     pub process: AttachedProcess,
     pub stdout: Box<dyn AsyncRead + Send + Unpin>,
+    /// Dropping it ends the command's stdin (EOF).
+    pub stdin: Option<Box<dyn AsyncWrite + Send + Unpin>>,
     stderr: tokio::task::JoinHandle<()>,
     seen: SharedStderr,
     pods: Api<Pod>,
@@ -202,15 +205,19 @@ pub fn container_of(pod: &Pod, wanted: &str) -> Result<String, AgentError> {
     }
 }
 
-/// Starts the command; stderr is drained in the background (an undrained stderr would stall the
-/// stream), keeping its last [`STDERR_KEPT`] bytes.
-pub async fn start(client: &Client, target: &ExecTarget) -> Result<Started, AgentError> {
+/// Starts the command, with a stdin to write when `stdin` is set; stderr is drained in the
+/// background (an undrained stderr would stall the stream), keeping its last [`STDERR_KEPT`] bytes.
+pub async fn start(
+    client: &Client,
+    target: &ExecTarget,
+    stdin: bool,
+) -> Result<Started, AgentError> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &target.namespace);
     // kube's pipe between the WebSocket and us is 1 KiB unless told otherwise: every frame would
     // then cross it in 1 KiB pieces (measured: a third slower on a 1 GiB stream).
     let params = AttachParams::default()
         .container(target.container.clone())
-        .stdin(false)
+        .stdin(stdin)
         .stdout(true)
         .stderr(true)
         .max_stdout_buf_size(STDOUT_PIPE)
@@ -230,10 +237,19 @@ pub async fn start(client: &Client, target: &ExecTarget) -> Result<Started, Agen
     let stderr = process
         .stderr()
         .ok_or_else(|| AgentError::Kubernetes("the exec stream has no stderr".into()))?;
+    let input = if stdin {
+        let w = process
+            .stdin()
+            .ok_or_else(|| AgentError::Kubernetes("the exec stream has no stdin".into()))?;
+        Some(Box::new(w) as Box<dyn AsyncWrite + Send + Unpin>)
+    } else {
+        None
+    };
     let seen = SharedStderr::default();
     Ok(Started {
         process,
         stdout: Box::new(stdout),
+        stdin: input,
         stderr: tokio::spawn(collect_stderr(stderr, std::sync::Arc::clone(&seen))),
         seen,
         pods,

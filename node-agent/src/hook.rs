@@ -47,7 +47,7 @@ pub async fn run(ctx: &AgentContext, req: HookRequest) -> Result<HookResult, Age
         s => Duration::from_secs(u64::from(s)),
     };
     let started = Instant::now();
-    let mut command = exec::start(&client, &target).await?;
+    let mut command = exec::start(&client, &target, false).await?;
     // Hooks' output is not data: drain it so the stream never stalls.
     let mut stdout = std::mem::replace(&mut command.stdout, Box::new(tokio::io::empty()));
     let mut sink = tokio::io::sink();

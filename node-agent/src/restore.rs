@@ -4,17 +4,12 @@
 //! final move is a rename, not a copy), bound into its sandbox through `/proc/<agent>/fd/<n>`: the
 //! path names the directory we created, whatever is renamed or planted at its name meanwhile, and
 //! inside the sandbox nothing else is writable ([`crate::sandbox`]). The staged tree is then merged
-//! into the target with descriptor-relative renames that never follow symlinks ([`safe_fs`]).
+//! into the target with descriptor-relative renames that never follow symlinks ([`safe_fs`]), or,
+//! for `Replace`, swapped in through a journal that a killed agent rolls back ([`staging`]).
 
-use std::ffi::OsStr;
-use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
 use std::time::Instant;
 
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, openat};
-use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
-use nix::unistd::{UnlinkatFlags, unlinkat};
 use restic_wrap::json::Snapshot;
 use restic_wrap::options::{GlobalOptions, RestoreOptions, SnapshotsOptions};
 use stowage_proto::v1::{
@@ -28,6 +23,7 @@ use crate::identity::Identity;
 use crate::inventory::VolumeEntry;
 use crate::memory::Operation;
 use crate::safe_fs::{self, MergeStats, SafeFsError};
+use crate::staging::{self, Displace, Staging};
 use crate::{follow, repository, sandbox};
 
 pub fn progress_event(p: Progress) -> RestoreEvent {
@@ -42,6 +38,8 @@ pub struct RestorePlan {
     source: Identity,
     repo: restic_wrap::Repository,
     includes: Vec<String>,
+    /// The include paths as components, for `Replace`.
+    include_parts: Vec<Vec<String>>,
     target_parts: Vec<String>,
     mode: RestoreMode,
     volume: VolumeEntry,
@@ -52,6 +50,7 @@ pub fn plan(ctx: &AgentContext, req: RestoreRequest) -> Result<RestorePlan, Agen
     let source = Identity::from_proto(req.source.as_ref(), false)?;
     let repo = repository::from_proto(req.repository.as_ref(), &ctx.local_roots)?;
     let mut includes = Vec::new();
+    let mut include_parts = Vec::new();
     for inc in &req.include {
         let parts = safe_fs::relative_components(inc)?;
         if parts.is_empty() {
@@ -60,6 +59,7 @@ pub fn plan(ctx: &AgentContext, req: RestoreRequest) -> Result<RestorePlan, Agen
             )));
         }
         includes.push(format!("/{}", parts.join("/")));
+        include_parts.push(parts);
     }
     let target_parts = safe_fs::relative_components(&req.target_path)?;
     let mode = RestoreMode::try_from(req.mode).unwrap_or(RestoreMode::Unspecified);
@@ -73,6 +73,7 @@ pub fn plan(ctx: &AgentContext, req: RestoreRequest) -> Result<RestorePlan, Agen
         source,
         repo,
         includes,
+        include_parts,
         target_parts,
         mode,
         volume,
@@ -90,6 +91,7 @@ pub async fn execute(
         source,
         repo,
         includes,
+        include_parts,
         target_parts,
         mode,
         volume,
@@ -101,13 +103,15 @@ pub async fn execute(
     let started = Instant::now();
     let restic = ctx.restic(repo, repo_spec, Some(progress.clone()));
 
+    let whose = Whose::volume(&source);
     let snapshot = tokio::select! {
-        s = resolve_snapshot(&restic, &source, &req.snapshot) => s?,
+        s = resolve_snapshot(&restic, &whose, &req.snapshot) => s?,
         _ = cancel.cancelled() => return Err(AgentError::Cancelled),
     };
 
     // Open the target without following links; IntoEmpty refuses before anything is written.
     let root = safe_fs::open_root(&volume.data_dir)?;
+    recover_leftovers(ctx, &root, &volume.data_dir.display().to_string());
     if mode == RestoreMode::IntoEmpty {
         match safe_fs::open_beneath(&root, &target_parts, false) {
             Ok(existing) if !safe_fs::is_empty(&existing)? => {
@@ -130,7 +134,8 @@ pub async fn execute(
     let target = safe_fs::open_beneath(&root, &target_parts, true)?;
     let target_dir = volume.data_dir.join(target_parts.join("/"));
 
-    let staging = Staging::create(root, &req.run_id)?;
+    let staging = Staging::create(&root, &req.run_id, &ctx.staging)?;
+    let staged_data = staging.data()?;
     progress.phase(
         Phase::Running,
         format!("restoring snapshot {}", snapshot.short_id),
@@ -143,6 +148,7 @@ pub async fn execute(
         snapshot: snapshot.id.clone(),
         target: sandbox::RESTORE_TARGET.into(),
         includes,
+        sparse: true,
         ..Default::default()
     };
     let local = AgentContext::local_repository(restic.repository()).is_some();
@@ -156,7 +162,7 @@ pub async fn execute(
             no_lock: local,
             ..restic.global().clone()
         })
-        .with_sandbox(sandbox::for_restore(ctx, &staging.dir, restic.repository()));
+        .with_sandbox(sandbox::for_restore(ctx, &staged_data, restic.repository()));
     let restored = sandboxed
         .with_lock_retry(|| run_restore(ctx, &sandboxed, &opts, &progress, &cancel))
         .await;
@@ -167,15 +173,27 @@ pub async fn execute(
     }
 
     progress.phase(Phase::Finalizing, "moving restored files into place");
-    let staged = staging.open()?;
     let mut stats = MergeStats::default();
-    safe_fs::count_tree(&staged, &mut stats)?;
-    let merge = tokio::task::spawn_blocking(move || safe_fs::merge_into(&staged, &target, "."));
-    merge.await.map_err(|e| AgentError::Io {
-        context: "merge task".into(),
+    safe_fs::count_tree(&staged_data, &mut stats)?;
+    let swap = tokio::task::spawn_blocking(move || {
+        let r = match mode {
+            RestoreMode::Replace => {
+                let displace = if include_parts.is_empty() {
+                    Displace::All
+                } else {
+                    Displace::Paths(include_parts)
+                };
+                staging.replace(&target_parts, &target, &displace)
+            }
+            _ => staging.merge(&target),
+        };
+        drop(staging);
+        r
+    });
+    swap.await.map_err(|e| AgentError::Io {
+        context: "moving restored files into place".into(),
         source: std::io::Error::other(e),
     })??;
-    drop(staging);
 
     let duration = started.elapsed().as_secs_f64();
     ctx.metrics.restore_duration.observe(duration);
@@ -190,6 +208,7 @@ pub async fn execute(
         bytes_restored: stats.bytes,
         duration_seconds: duration,
         target_dir: target_dir.display().to_string(),
+        ..Default::default()
     })
 }
 
@@ -228,23 +247,40 @@ async fn run_restore(
     Ok(out)
 }
 
-/// Finds the snapshot among the identity's own: "latest" (or empty) is the newest of that
-/// namespace/PVC only; an id must belong to it.
+/// Whose snapshots a restore may read: the tags that select them, the restic host they carry, and
+/// a name for messages.
+pub struct Whose {
+    pub tags: Vec<String>,
+    pub host: String,
+    pub shown: String,
+}
+
+impl Whose {
+    pub fn volume(identity: &Identity) -> Self {
+        Self {
+            tags: identity.selector_tags(),
+            host: identity.host(),
+            shown: format!("{}/{}", identity.namespace, identity.pvc),
+        }
+    }
+}
+
+/// Finds the snapshot among the identity's own: "latest" (or empty) is the newest of that identity
+/// only; an id must belong to it.
 pub async fn resolve_snapshot(
     restic: &restic_wrap::Restic,
-    identity: &Identity,
+    whose: &Whose,
     wanted: &str,
 ) -> Result<Snapshot, AgentError> {
     let own = restic
         .snapshots(&SnapshotsOptions {
-            tags: identity.selector_tags(),
+            tags: whose.tags.clone(),
             ..Default::default()
         })
         .await?;
     let not_found = || AgentError::SnapshotNotFound {
         snapshot: wanted.to_string(),
-        namespace: identity.namespace.clone(),
-        pvc: identity.pvc.clone(),
+        whose: whose.shown.clone(),
     };
     if wanted.is_empty() || wanted == "latest" {
         return restic_wrap::json::Snapshot::newest(own).ok_or_else(not_found);
@@ -268,96 +304,23 @@ pub async fn resolve_snapshot(
     match any.into_iter().next() {
         Some(other) => Err(AgentError::SnapshotOfOtherVolume {
             snapshot: other.short_id.clone(),
-            expected: identity.host(),
+            expected: whose.host.clone(),
             found: other.hostname,
         }),
         None => Err(not_found()),
     }
 }
 
-/// The staging directory of one restore, removed (with whatever is left in it) on drop.
-struct Staging {
-    root: OwnedFd,
-    name: String,
-    dir: OwnedFd,
-}
-
-impl Staging {
-    fn create(root: OwnedFd, run_id: &str) -> Result<Self, AgentError> {
-        let tag: String = run_id
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-            .take(40)
-            .collect();
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let name = format!(".stowage-restore-{tag}-{}-{nanos:x}", std::process::id());
-        mkdirat(&root, name.as_str(), Mode::from_bits_truncate(0o700)).map_err(|source| {
-            SafeFsError::Io {
-                path: name.clone(),
-                source,
+/// Finishes or undoes what a killed agent left in this volume (restores running here are skipped).
+pub fn recover_leftovers(ctx: &AgentContext, root: &std::os::fd::OwnedFd, shown: &str) {
+    for (name, r) in staging::recover(root, &ctx.staging) {
+        match r {
+            Ok(done) => {
+                tracing::info!(volume = %shown, staging = %name, outcome = ?done, "cleaned up a restore staging directory left by an earlier agent")
             }
-        })?;
-        let dir = openat(
-            &root,
-            name.as_str(),
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|source| SafeFsError::Io {
-            path: name.clone(),
-            source,
-        })?;
-        Ok(Self { root, name, dir })
-    }
-
-    fn open(&self) -> Result<OwnedFd, AgentError> {
-        nix::unistd::dup(&self.dir).map_err(|source| {
-            SafeFsError::Io {
-                path: self.name.clone(),
-                source,
-            }
-            .into()
-        })
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if let Err(e) = remove_tree_at(&self.root, OsStr::new(&self.name)) {
-            tracing::warn!(error = %e, staging = %self.name, "could not remove restore staging directory");
-        }
-    }
-}
-
-/// Removes `name` below `dir` and everything in it, never following symlinks.
-fn remove_tree_at(dir: &OwnedFd, name: &OsStr) -> Result<(), Errno> {
-    let st = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(st) => st,
-        Err(Errno::ENOENT) => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
-        let sub = openat(
-            dir,
-            name,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
-        let mut names = Vec::new();
-        let mut d = nix::dir::Dir::from_fd(nix::unistd::dup(&sub)?)?;
-        for e in d.iter() {
-            let n = e?.file_name().to_bytes().to_vec();
-            if n != b"." && n != b".." {
-                names.push(n);
+            Err(e) => {
+                tracing::warn!(volume = %shown, staging = %name, error = %e, "could not clean up a restore staging directory")
             }
         }
-        for n in names {
-            remove_tree_at(&sub, OsStr::from_bytes(&n))?;
-        }
-        unlinkat(dir, name, UnlinkatFlags::RemoveDir)
-    } else {
-        unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)
     }
 }

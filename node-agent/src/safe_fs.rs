@@ -135,7 +135,7 @@ pub fn open_beneath(root_fd: &OwnedFd, components: &[String], create: bool) -> R
 }
 
 /// Names in a directory, without "." and "..".
-fn entries(dir: &OwnedFd, shown: &str) -> Result<Vec<Vec<u8>>> {
+pub fn entries(dir: &OwnedFd, shown: &str) -> Result<Vec<Vec<u8>>> {
     let dup = nix::unistd::dup(dir).map_err(io(shown))?;
     let mut d = nix::dir::Dir::from_fd(dup).map_err(io(shown))?;
     let mut names = Vec::new();
@@ -227,6 +227,28 @@ pub fn merge_into(src: &OwnedFd, dst: &OwnedFd, shown: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Removes `name` below `dir` and everything in it, never following symlinks; absent is fine.
+pub fn remove_tree_at(dir: &OwnedFd, name: &OsStr) -> std::result::Result<(), Errno> {
+    let st = match fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if kind(&st) == SFlag::S_IFDIR {
+        let sub = openat(dir, name, dir_flags(), Mode::empty())?;
+        let names = entries(&sub, ".").map_err(|e| match e {
+            SafeFsError::Io { source, .. } => source,
+            _ => Errno::EIO,
+        })?;
+        for n in names {
+            remove_tree_at(&sub, OsStr::from_bytes(&n))?;
+        }
+        unlinkat(dir, name, UnlinkatFlags::RemoveDir)
+    } else {
+        unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)
+    }
 }
 
 /// Gives `dst` the mode, owner and times recorded in `src` (the staged copy of the snapshot's directory).

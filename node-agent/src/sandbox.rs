@@ -109,6 +109,16 @@ pub fn for_restore(ctx: &AgentContext, staging: &OwnedFd, repo: &Repository) -> 
     sb
 }
 
+/// The sandbox of a `restic dump` to stdout: the repository (read-only when local), nothing else
+/// and no capabilities.
+pub fn for_dump(ctx: &AgentContext, repo: &Repository) -> Sandbox {
+    let mut sb = ctx.sandbox();
+    if let Some(local) = AgentContext::local_repository(repo) {
+        sb = sb.read_only(&local, &local);
+    }
+    sb
+}
+
 /// A temporary directory for one operation's restic (its pack files), removed afterwards. It lives
 /// on the agent's cache volume rather than in memory.
 pub struct OperationTmp(tempfile::TempDir);

@@ -230,8 +230,24 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         shutdown: shutdown.clone(),
         parents: Default::default(),
         kube,
+        staging: Default::default(),
     });
     probe_sandbox(&ctx).await?;
+    // A restore interrupted by the last agent's death left staging in its volume: a swap that had
+    // not committed is rolled back (the original data returns), one that had is finished.
+    let recovering = Arc::clone(&ctx);
+    let _ = tokio::task::spawn_blocking(move || {
+        for v in recovering.inventory.list() {
+            if let Ok(root) = crate::safe_fs::open_root(&v.data_dir) {
+                crate::restore::recover_leftovers(
+                    &recovering,
+                    &root,
+                    &v.data_dir.display().to_string(),
+                );
+            }
+        }
+    })
+    .await;
     let tasks = TaskTracker::new();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)

@@ -8,8 +8,9 @@ use stowage_proto::v1::agent_server::Agent;
 use stowage_proto::v1::{
     BackupEvent, BackupRequest, CheckRequest, EnsureRepositoryRequest, EnsureRepositoryResponse,
     HookRequest, HookResult, InspectRequest, InspectResponse, ListVolumesRequest,
-    ListVolumesResponse, MaintenanceEvent, Progress, PruneRequest, RestoreEvent, RestoreRequest,
-    Snapshot, SnapshotsRequest, SnapshotsResponse, Volume, VolumeRef, backup_event, restore_event,
+    ListVolumesResponse, MaintenanceEvent, Progress, PruneRequest, RestoreCommandRequest,
+    RestoreEvent, RestoreRequest, Snapshot, SnapshotsRequest, SnapshotsResponse, Volume, VolumeRef,
+    backup_event, restore_event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,10 +20,11 @@ use tonic::{Request, Response, Status};
 
 use crate::context::{AgentContext, ProgressSink};
 use crate::error::AgentError;
+use crate::identity::CommandIdentity;
 use crate::identity::{Identity, TAG_NAMESPACE, TAG_POD, TAG_PVC};
 use crate::maintenance::{self, MaintenancePlan};
 use crate::memory::Operation;
-use crate::{backup, command, hook, inspect, repository, restore};
+use crate::{backup, command, hook, inspect, repository, restore, restore_command};
 
 pub struct AgentService {
     ctx: Arc<AgentContext>,
@@ -284,6 +286,39 @@ impl Agent for AgentService {
         Ok(Response::new(stream))
     }
 
+    type RestoreCommandStream = ReceiverStream<Result<RestoreEvent, Status>>;
+
+    async fn restore_command(
+        &self,
+        req: Request<RestoreCommandRequest>,
+    ) -> Result<Response<Self::RestoreCommandStream>, Status> {
+        let plan = restore_command::plan(&self.ctx, req.into_inner()).inspect_err(|_| {
+            self.ctx
+                .metrics
+                .restores
+                .with_label_values(&["failed"])
+                .inc();
+        })?;
+        let stream = self.stream(
+            restore::progress_event,
+            |r| RestoreEvent {
+                event: Some(restore_event::Event::Result(r)),
+            },
+            move |ctx, progress, cancel| async move {
+                let r = restore_command::execute(&ctx, plan, progress, cancel).await;
+                ctx.metrics
+                    .restores
+                    .with_label_values(&[result_label(&r, false)])
+                    .inc();
+                if let Err(e) = &r {
+                    tracing::warn!(error = %e, "command restore failed");
+                }
+                r
+            },
+        );
+        Ok(Response::new(stream))
+    }
+
     async fn snapshots(
         &self,
         req: Request<SnapshotsRequest>,
@@ -291,11 +326,21 @@ impl Agent for AgentService {
         let req = req.into_inner();
         let repo = repository::from_proto(req.repository.as_ref(), &self.ctx.local_roots)
             .map_err(AgentError::from)?;
-        let tags = match &req.identity {
-            Some(id) => Identity::from_proto(Some(id), false)
+        let tags = match (&req.identity, &req.command) {
+            (Some(id), _) => Identity::from_proto(Some(id), false)
                 .map_err(AgentError::from)?
                 .selector_tags(),
-            None => Vec::new(),
+            (None, Some(c)) => CommandIdentity::new(
+                &c.namespace,
+                &c.owner_kind,
+                &c.owner_name,
+                &c.container,
+                // The pod is not part of the identity; any valid name selects the same snapshots.
+                "any",
+            )
+            .map_err(AgentError::from)?
+            .selector_tags(),
+            (None, None) => Vec::new(),
         };
         // Through the node's limiter like every restic: a resumed 500-volume run asks for many.
         let _slot = self.slot(Operation::Read, &repo).await?;

@@ -155,6 +155,8 @@ pub struct RestoreOptions {
     pub includes: Vec<String>,
     pub excludes: Vec<String>,
     pub verify: bool,
+    /// Write runs of zeros as holes (`--sparse`), so sparse files stay sparse.
+    pub sparse: bool,
 }
 
 impl Subcommand for RestoreOptions {
@@ -166,9 +168,31 @@ impl Subcommand for RestoreOptions {
         if self.verify {
             a.push("--verify".into());
         }
+        if self.sparse {
+            a.push("--sparse".into());
+        }
         a.push("--".into());
         a.push((&self.snapshot).into());
         a
+    }
+}
+
+/// `restic dump <snapshot> <path>`: one file's content on stdout.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DumpOptions {
+    pub snapshot: String,
+    /// Absolute path inside the snapshot ("/shop-pg-0-db.sql").
+    pub path: String,
+}
+
+impl Subcommand for DumpOptions {
+    fn args(&self) -> Vec<OsString> {
+        vec![
+            "dump".into(),
+            "--".into(),
+            (&self.snapshot).into(),
+            (&self.path).into(),
+        ]
     }
 }
 
@@ -483,6 +507,27 @@ mod tests {
             strs(o.args()),
             ["snapshots", "--json", "--tag", "a=1,b=2", "--latest", "1"]
         );
+    }
+
+    #[test]
+    fn sparse_restores_and_dumps_keep_user_values_after_double_dash() {
+        let o = RestoreOptions {
+            snapshot: "abcdef12".into(),
+            target: "/t".into(),
+            sparse: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            strs(o.args()),
+            [
+                "restore", "--json", "--target", "/t", "--sparse", "--", "abcdef12"
+            ]
+        );
+        let d = DumpOptions {
+            snapshot: "abcdef12".into(),
+            path: "/-rf.sql".into(),
+        };
+        assert_eq!(strs(d.args()), ["dump", "--", "abcdef12", "/-rf.sql"]);
     }
 
     #[test]

@@ -105,6 +105,11 @@ impl ResticProcess {
         self.stdin.take()
     }
 
+    /// Takes stdout, for commands whose output is data (`dump`), not lines.
+    pub fn take_stdout(&mut self) -> Option<BufReader<ChildStdout>> {
+        self.stdout.take()
+    }
+
     /// The next line of stdout (decoded lossily), or `None` at end of output.
     pub async fn next_line(&mut self) -> Result<Option<String>> {
         match &mut self.stdout {

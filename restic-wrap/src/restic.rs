@@ -14,9 +14,9 @@ use crate::json::{
 };
 use crate::lock::{LockInfo, LockObserver, LockPolicy, NoopObserver};
 use crate::options::{
-    BackupOptions, CatConfigOptions, CatLockOptions, CheckOptions, ForgetOptions, GlobalOptions,
-    InitOptions, ListLocksOptions, PruneOptions, RestoreOptions, SnapshotsOptions, StatsOptions,
-    Subcommand, TagOptions, UnlockOptions,
+    BackupOptions, CatConfigOptions, CatLockOptions, CheckOptions, DumpOptions, ForgetOptions,
+    GlobalOptions, InitOptions, ListLocksOptions, PruneOptions, RestoreOptions, SnapshotsOptions,
+    StatsOptions, Subcommand, TagOptions, UnlockOptions,
 };
 use crate::process::{ResticProcess, StderrCapture};
 use crate::repository::Repository;
@@ -25,6 +25,38 @@ use crate::sandbox::Sandbox;
 /// The oldest restic we support: 0.17 brought documented exit codes, `--stdin-from-command`,
 /// restore JSON progress and the REST credential variables.
 pub const MIN_VERSION: (u32, u32, u32) = (0, 17, 0);
+
+/// A running `restic dump`.
+pub struct DumpRun {
+    process: ResticProcess,
+    location: String,
+}
+
+impl DumpRun {
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// The dumped bytes (taken once).
+    pub fn stdout(&mut self) -> Option<impl tokio::io::AsyncRead + Unpin + Send + use<>> {
+        self.process.take_stdout()
+    }
+
+    /// Stops restic now.
+    pub async fn stop(mut self) {
+        self.process.stop().await;
+    }
+
+    /// Waits for restic's exit (after its stdout ended); a non-zero exit is an error.
+    pub async fn finish(self) -> Result<()> {
+        let (code, stderr) = self.process.wait().await?;
+        if code == 0 {
+            Ok(())
+        } else {
+            Err(Error::from_exit("dump", code, &stderr.tail, &self.location))
+        }
+    }
+}
 
 /// How long restic may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -680,6 +712,17 @@ impl Restic {
             summary: None,
             location: self.repository.location(),
             watchdog: Watchdog::new(self.limits),
+        })
+    }
+
+    /// Starts `restic dump`: the file's bytes come on [`DumpRun::stdout`]. The caller bounds it
+    /// (it runs as long as its reader takes).
+    pub fn dump(&self, opts: &DumpOptions) -> Result<DumpRun> {
+        let spec = self.spec(opts, None);
+        let process = ResticProcess::spawn(&spec, false)?;
+        Ok(DumpRun {
+            process,
+            location: self.repository.location(),
         })
     }
 

@@ -96,6 +96,7 @@ async fn round_trip(s: &Setup, agent: &Agent, repo: v1::Repository) {
                 pvc: "data".into(),
                 pod_name: String::new(),
             }),
+            command: None,
         })
         .await
         .expect("snapshots")
@@ -1193,6 +1194,7 @@ async fn an_s3_endpoint_that_stops_answering_fails_the_backup_within_the_stall_t
         agent.client(&s.pki).await.snapshots(v1::SnapshotsRequest {
             repository: Some(repo.clone()),
             identity: None,
+            command: None,
         }),
     )
     .await

@@ -23,6 +23,7 @@ async fn chart_crds_are_accepted_and_validate_objects() {
             "checks.stowage.dev",
             "prebackuppods.stowage.dev",
             "prunes.stowage.dev",
+            "restores.stowage.dev",
             "schedules.stowage.dev"
         ]
     );

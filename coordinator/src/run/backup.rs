@@ -87,7 +87,7 @@ fn pvc_info(p: &PersistentVolumeClaim) -> PvcInfo {
     }
 }
 
-fn pod_info(p: &Pod) -> PodInfo {
+pub(crate) fn pod_info(p: &Pod) -> PodInfo {
     let running = p.metadata.deletion_timestamp.is_none()
         && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
     PodInfo {
@@ -343,6 +343,19 @@ fn prebackup_work(ctx: &Ctx, namespace: &str) -> Vec<Work> {
         .collect()
 }
 
+/// A pod's command time limit in seconds, from `stowage.dev/backup-timeout` (default 1h).
+pub(crate) fn command_timeout(p: &PodInfo) -> Result<u32, String> {
+    match p.annotations.get(ANNOTATION_BACKUP_TIMEOUT) {
+        None => Ok(COMMAND_TIMEOUT_SECONDS),
+        Some(v) => crate::config::parse_duration(v)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .and_then(|d| u32::try_from(d.as_secs()).ok())
+            .map(|s| s.max(1))
+            .ok_or_else(|| format!("{v:?} is not a duration (e.g. 30m, 2h)")),
+    }
+}
+
 /// The backup commands of the namespace's pods (one per owner), as work.
 fn command_work(pods: &[PodInfo]) -> Vec<Work> {
     let (ready, unready) = plan::plan_commands(pods, ANNOTATION_BACKUP_COMMAND);
@@ -379,25 +392,18 @@ fn command_work(pods: &[PodInfo]) -> Vec<Work> {
     let mut work = Vec::new();
     for a in &ready {
         let mut j = job(a);
-        match a.pod.annotations.get(ANNOTATION_BACKUP_TIMEOUT) {
-            None => j.timeout_seconds = COMMAND_TIMEOUT_SECONDS,
-            Some(v) => match crate::config::parse_duration(v)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .and_then(|d| u32::try_from(d.as_secs()).ok())
-            {
-                Some(s) => j.timeout_seconds = s.max(1),
-                None => {
-                    let mut item = CommandTask::item(&j);
-                    item.phase = RunPhase::Failed;
-                    item.error = Some(format!(
-                        "pod {}: annotation {ANNOTATION_BACKUP_TIMEOUT}: {v:?} is not a duration (e.g. 30m, 2h)",
-                        a.pod.name
-                    ));
-                    work.push(Work::Fail(Box::new(item)));
-                    continue;
-                }
-            },
+        match command_timeout(a.pod) {
+            Ok(s) => j.timeout_seconds = s,
+            Err(m) => {
+                let mut item = CommandTask::item(&j);
+                item.phase = RunPhase::Failed;
+                item.error = Some(format!(
+                    "pod {}: annotation {ANNOTATION_BACKUP_TIMEOUT}: {m}",
+                    a.pod.name
+                ));
+                work.push(Work::Fail(Box::new(item)));
+                continue;
+            }
         }
         work.push(Work::Command(Box::new(j), None));
     }

@@ -7,6 +7,7 @@ pub mod backup;
 pub mod command;
 pub mod hooks;
 pub mod maintenance;
+pub mod restore;
 pub mod status;
 pub mod volume;
 

@@ -147,6 +147,7 @@ impl VolumeTask {
                     &self.pvc,
                     &ctx.config.mount_holder_image,
                     ctx.config.mount_holder_timeout,
+                    true,
                 )
                 .await
                 {

@@ -8,6 +8,9 @@
 //!    repository: the agent first looks the parent up, one more restic run).
 //! 2. Idle RSS of an agent with 200 volumes discovered.
 //! 3. Latency from the gRPC call to the sandbox around restic being spawned, over 50 calls.
+//! 5. Restore throughput: a restore through the agent (gRPC call to result: snapshot resolution,
+//!    sandboxed `restic restore` into staging inside the target volume, the move into place) against
+//!    plain `restic restore` of the same snapshot to the same disk, for both datasets of 1.
 //! 4. The sandbox's start-up cost: `restic version` in a sandbox built like a backup's, against the
 //!    same command run bare, p50 over 30 runs each.
 
@@ -16,7 +19,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use stowage_tests::bench::{Row, percentile, print_table};
 
-use stowage_tests::agent::{Agent, AgentOptions, backup, csi_volume, local_repo, volume_backup};
+use stowage_tests::agent::{
+    Agent, AgentOptions, backup, csi_volume, local_repo, restore, volume_backup,
+};
 use stowage_tests::fstree::write_random;
 use stowage_tests::tls::Pki;
 
@@ -93,6 +98,98 @@ fn fill_small_files(dir: &Path, seed: u64) {
     }
 }
 
+/// Restore of the identity's newest snapshot through the agent (into an empty subdirectory of a
+/// volume, IntoEmpty) against plain `restic restore` of the same snapshot into a directory on the
+/// same disk; the value is restic's time ÷ the agent's (the agent's share of restic's throughput).
+#[allow(clippy::too_many_arguments)]
+async fn restore_throughput(
+    client: &mut stowage_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
+    tmp: &Path,
+    kubelet: &Path,
+    repo: &Path,
+    cache: &Path,
+    i: usize,
+    name: &str,
+    rounds: usize,
+) -> Row {
+    use stowage_proto::v1::{RestoreMode, RestoreRequest, VolumeIdentity, VolumeRef};
+    let target = csi_volume(kubelet, &format!("restore-{i}"), "pv");
+    // The agent discovers the new volume through its kubelet-directory watch.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let snapshot = {
+        let out = Command::new("restic")
+            .arg("-r")
+            .arg(repo)
+            .args(["snapshots", "--json", "--latest", "1", "--host"])
+            .arg(format!("bench/vol{i}"))
+            .env("RESTIC_PASSWORD", PW)
+            .output()
+            .expect("snapshots");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        v[0]["id"]
+            .as_str()
+            .expect("the agent's snapshot")
+            .to_string()
+    };
+    let (mut via_agent, mut direct) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let req = RestoreRequest {
+            run_id: format!("bench/restore-{r}"),
+            repository: Some(local_repo(repo, PW, false)),
+            source: Some(VolumeIdentity {
+                namespace: "bench".into(),
+                pvc: format!("vol{i}"),
+                pod_name: String::new(),
+            }),
+            snapshot: snapshot.clone(),
+            include: Vec::new(),
+            target: Some(VolumeRef {
+                pod_uid: format!("restore-{i}"),
+                volume_name: "pv".into(),
+            }),
+            target_path: format!("round-{r}"),
+            mode: RestoreMode::IntoEmpty.into(),
+        };
+        // Each timed restore starts with no dirty pages of the previous one left to write back.
+        let _ = Command::new("sync").status();
+        let started = Instant::now();
+        restore(client, req).await.result.expect("agent restore");
+        via_agent.push(started.elapsed().as_secs_f64());
+        let _ = std::fs::remove_dir_all(target.join(format!("round-{r}")));
+
+        let out_dir = tmp.join(format!("direct-restore-{i}-{r}"));
+        let _ = Command::new("sync").status();
+        let started = Instant::now();
+        let out = Command::new("restic")
+            .arg("-r")
+            .arg(repo)
+            .arg("--cache-dir")
+            .arg(cache)
+            .args(["restore", &snapshot, "--target"])
+            .arg(&out_dir)
+            .env("RESTIC_PASSWORD", PW)
+            .output()
+            .expect("restic restore");
+        direct.push(started.elapsed().as_secs_f64());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = std::fs::remove_dir_all(&out_dir);
+    }
+    let _ = std::fs::remove_dir_all(&target);
+    let (a, d) = (median(via_agent), median(direct));
+    Row {
+        what: format!(
+            "restore throughput vs plain restic, {name} (agent {a:.2}s / restic {d:.2}s)"
+        ),
+        value: format!("{:.3}", d / a),
+        target: ">= 0.95".into(),
+        ok: d / a >= 0.95,
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -109,6 +206,8 @@ async fn main() {
     let pki = Pki::create(&tmp.path().join("pki"));
     let kubelet = tmp.path().join("kubelet");
     let mut rows = Vec::new();
+    // `STOWAGE_BENCH_ONLY=restore`: one priming backup per dataset, then the restore rows only.
+    let only_restore = std::env::var("STOWAGE_BENCH_ONLY").is_ok_and(|v| v == "restore");
 
     let agent = Agent::start(AgentOptions::new(&kubelet), &pki).await;
     let mut client = agent.client(&pki).await;
@@ -141,7 +240,7 @@ async fn main() {
             .expect("priming backup");
         restic_direct(&repo, &direct_cache, &vol);
         let (mut via_agent, mut direct) = (Vec::new(), Vec::new());
-        for r in 0..rounds {
+        for r in 0..if only_restore { 0 } else { rounds } {
             fill(&vol, 100 + r as u64 * 2);
             let started = Instant::now();
             backup(&mut client, req.clone())
@@ -152,16 +251,33 @@ async fn main() {
             fill(&vol, 101 + r as u64 * 2);
             direct.push(restic_direct(&repo, &direct_cache, &vol).as_secs_f64());
         }
-        let (a, d) = (median(via_agent), median(direct));
-        rows.push(Row {
-            what: format!("backup overhead, {name}, steady state (agent {a:.2}s / restic {d:.2}s)"),
-            value: format!("{:.3}", a / d),
-            target: "<= 1.05".into(),
-            ok: a / d <= 1.05,
-        });
+        if !only_restore {
+            let (a, d) = (median(via_agent), median(direct));
+            rows.push(Row {
+                what: format!(
+                    "backup overhead, {name}, steady state (agent {a:.2}s / restic {d:.2}s)"
+                ),
+                value: format!("{:.3}", a / d),
+                target: "<= 1.05".into(),
+                ok: a / d <= 1.05,
+            });
+        }
+        rows.push(
+            restore_throughput(
+                &mut client,
+                tmp.path(),
+                &kubelet,
+                &repo,
+                &direct_cache,
+                i,
+                name,
+                rounds,
+            )
+            .await,
+        );
         // Cold: a fresh repository per run; the agent must look the parent up first.
         let (mut via_agent, mut direct) = (Vec::new(), Vec::new());
-        for r in 0..rounds.min(2) {
+        for r in 0..if only_restore { 0 } else { rounds.min(2) } {
             let ra = tmp.path().join(format!("repo-cold-a-{i}-{r}"));
             let rd = tmp.path().join(format!("repo-cold-d-{i}-{r}"));
             init(&ra);
@@ -183,15 +299,21 @@ async fn main() {
             let _ = std::fs::remove_dir_all(&ra);
             let _ = std::fs::remove_dir_all(&rd);
         }
-        let (a, d) = (median(via_agent), median(direct));
-        rows.push(Row {
-            what: format!("backup overhead, {name}, cold: first backup in a repository (agent {a:.2}s / restic {d:.2}s)"),
-            value: format!("{:.3}", a / d),
-            target: "(reported)".into(),
-            ok: true,
-        });
+        if !only_restore {
+            let (a, d) = (median(via_agent), median(direct));
+            rows.push(Row {
+                what: format!("backup overhead, {name}, cold: first backup in a repository (agent {a:.2}s / restic {d:.2}s)"),
+                value: format!("{:.3}", a / d),
+                target: "(reported)".into(),
+                ok: true,
+            });
+        }
         let _ = std::fs::remove_dir_all(&vol);
         let _ = std::fs::remove_dir_all(&repo);
+    }
+    if only_restore {
+        print_table(&rows);
+        return;
     }
     drop(client);
     drop(agent);

@@ -1,8 +1,7 @@
 //! `stowage-demo`: the demo's steps, against a cluster from `tests/cluster/up --coordinator` (agents
 //! from the agent DaemonSet, one coordinator). The user-facing part is Kubernetes objects: a
 //! Schedule, a Backup run and a Check run; the coordinator sends each volume to the agent of the node
-//! that mounts it. The in-place restore of one file talks to that node's agent directly over mutual
-//! TLS (Restore runs are the next issue on the roadmap).
+//! that mounts it. A Restore object brings one deleted file back in place, while its pod runs.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -10,11 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use kube::api::Api;
-use stowage_coordinator::crd::{Backup, Check, RunPhase, Schedule};
-use stowage_proto::v1::{self, RestoreMode, RestoreRequest, VolumeIdentity, VolumeRef};
-use stowage_tests::agent::restore;
+use stowage_coordinator::crd::{Backup, Check, Restore, RunPhase, Schedule};
 use stowage_tests::cluster::{Cluster, pod_running, pvc_bound, wait_for};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const NS: &str = "demo-shop";
 const APPS: [(&str, &str, &str); 3] = [
@@ -28,31 +24,6 @@ const PASSWORD: &str = "demo-password-change-me";
 
 fn step(n: usize, what: &str) {
     println!("\n[{n}] {what}");
-}
-
-async fn agent_client(
-    cluster: &Cluster,
-    node: &str,
-) -> anyhow::Result<v1::agent_client::AgentClient<Channel>> {
-    let k = node.trim_start_matches("node-");
-    let addr = cluster
-        .env
-        .get(&format!("STOWAGE_AGENT_{k}_GRPC"))
-        .context("agent address in cluster env")?;
-    let read =
-        |key: &str| std::fs::read_to_string(&cluster.env[key]).with_context(|| key.to_string());
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("STOWAGE_TLS_CA")?))
-        .identity(Identity::from_pem(
-            read("STOWAGE_COORDINATOR_CERT")?,
-            read("STOWAGE_COORDINATOR_KEY")?,
-        ))
-        .domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://{addr}"))?
-        .tls_config(tls)?
-        .connect()
-        .await?;
-    Ok(v1::agent_client::AgentClient::new(channel))
 }
 
 /// Waits (2 minutes at most) until run `name` has finished.
@@ -83,14 +54,6 @@ async fn main() -> anyhow::Result<()> {
     let client = cluster.client().await;
     // Below the agents' --local-repository-root (tests/cluster/stowage-up).
     let repo_dir = cluster.dir.join("repos").join("demo");
-    let repo = v1::Repository {
-        backend: Some(v1::repository::Backend::Local(v1::LocalBackend {
-            path: repo_dir.display().to_string(),
-        })),
-        password: PASSWORD.into(),
-        auto_init: true,
-        ..Default::default()
-    };
 
     step(
         1,
@@ -212,36 +175,30 @@ async fn main() -> anyhow::Result<()> {
     println!("    deleted conf/settings.ini from {pvc}");
     let p = pods.get(pod).await?;
     let uid_before = p.metadata.uid.clone().context("uid")?;
-    let pv = pvcs
-        .get(pvc)
-        .await?
-        .spec
-        .and_then(|s| s.volume_name)
-        .context("PV")?;
-    let mut agent = agent_client(cluster, node).await?;
-    let r = restore(
-        &mut agent,
-        RestoreRequest {
-            run_id: "demo/undo-delete".into(),
-            repository: Some(repo.clone()),
-            source: Some(VolumeIdentity {
-                namespace: NS.into(),
-                pvc: pvc.into(),
-                pod_name: String::new(),
-            }),
-            snapshot: "latest".into(),
-            include: vec!["conf/settings.ini".into()],
-            target: Some(VolumeRef {
-                pod_uid: uid_before.clone(),
-                volume_name: pv,
-            }),
-            mode: RestoreMode::Merge.into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .result
-    .context("restore")?;
+    // A Restore object: the coordinator resolves the newest snapshot of this PVC, and the agent of
+    // the node that mounts it writes the one file back while the pod runs.
+    let restores: Api<Restore> = Api::namespaced(client.clone(), NS);
+    let undo: Restore = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "undo-delete"},
+        "spec": {"scheduleRef": {"name": "nightly"},
+                 "source": {"pvc": pvc, "snapshot": "latest", "include": ["/conf/settings.ini"]},
+                 "target": {"mode": "Merge"}}}))?;
+    restores.create(&Default::default(), &undo).await?;
+    println!(
+        "    kubectl apply: Restore undo-delete (source.pvc {pvc}, include /conf/settings.ini, mode Merge)"
+    );
+    let done = wait_run(&restores, "undo-delete").await?;
+    let status = done.status.context("status")?;
+    let message = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Succeeded")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    if status.phase != Some(RunPhase::Succeeded) {
+        bail!("the restore failed: {message}");
+    }
+    let outcome = status.restore.context("restore status")?;
     let back = std::fs::read(&victim).context("the file is back")?;
     if back != original {
         bail!("restored content differs");
@@ -250,9 +207,12 @@ async fn main() -> anyhow::Result<()> {
     if uid_after != uid_before {
         bail!("the pod was recreated");
     }
+    println!("    Restore undo-delete: {message}");
     println!(
-        "    restored from snapshot {} on {node}: conf/settings.ini is back, byte for byte; pod {pod} kept running (same UID)",
-        &r.snapshot_id[..8]
+        "    snapshot {} (taken {}) on {}: conf/settings.ini is back, byte for byte; pod {pod} kept running (same UID)",
+        outcome.snapshot_id.unwrap_or_default(),
+        outcome.snapshot_time.unwrap_or_default(),
+        outcome.node.unwrap_or_else(|| node.to_string())
     );
 
     step(4, "a Check run verifies the repository on one ready agent");
@@ -278,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
 
     step(5, "where to look");
     println!(
-        "    kubectl -n {NS} get schedules,backups,checks    (KUBECONFIG={})",
+        "    kubectl -n {NS} get schedules,backups,checks,restores    (KUBECONFIG={})",
         cluster.kubeconfig().display()
     );
     println!(

@@ -1,0 +1,636 @@
+//! A restore's staging directory inside the target volume, and the swap that makes `Replace` safe.
+//!
+//! `<volume>/.stowage-restore-<run>-<unique>/` holds:
+//! - `data/`: what restic restored (the only directory its sandbox can write);
+//! - `journal`: for `Replace`, written before anything in the target moves: the target directory
+//!   and every entry that will be moved aside;
+//! - `aside/<n>`: the original entries, moved out of the way (renames, same filesystem);
+//! - `committed`: created once every original entry is aside; from then on the swap finishes.
+//!
+//! Until `committed` exists, a failure (or a killed agent, at its next start) moves the originals
+//! back: the target ends up as it was. After it, the staged data is moved in. Backups exclude the
+//! prefix, so a staging directory is never captured.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, openat, renameat};
+use nix::sys::stat::{Mode, fstatat, mkdirat};
+
+use crate::safe_fs::{self, SafeFsError};
+
+/// Every staging directory's name starts with this (at the volume root).
+pub const PREFIX: &str = ".stowage-restore-";
+const DATA: &str = "data";
+const ASIDE: &str = "aside";
+const JOURNAL: &str = "journal";
+const COMMITTED: &str = "committed";
+const JOURNAL_MAGIC: &str = "stowage-replace 1";
+
+type Result<T> = std::result::Result<T, SafeFsError>;
+
+fn io(path: impl Into<String>) -> impl FnOnce(Errno) -> SafeFsError {
+    let path = path.into();
+    move |source| SafeFsError::Io { path, source }
+}
+
+fn dir_flags() -> OFlag {
+    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+}
+
+/// Names of the staging directories this process is using, so that a recovery pass on a volume
+/// never touches a restore still in progress.
+#[derive(Default, Clone)]
+pub struct Active(Arc<Mutex<HashSet<String>>>);
+
+impl Active {
+    fn insert(&self, name: &str) {
+        if let Ok(mut s) = self.0.lock() {
+            s.insert(name.to_string());
+        }
+    }
+    fn remove(&self, name: &str) {
+        if let Ok(mut s) = self.0.lock() {
+            s.remove(name);
+        }
+    }
+    fn contains(&self, name: &[u8]) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|s| s.iter().any(|n| n.as_bytes() == name))
+    }
+}
+
+/// One entry to move aside: its directory below the target and its name there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    parent: Vec<String>,
+    name: Vec<u8>,
+}
+
+impl Entry {
+    fn shown(&self) -> String {
+        let mut parts = self.parent.clone();
+        parts.push(String::from_utf8_lossy(&self.name).into_owned());
+        parts.join("/")
+    }
+    fn encode(&self) -> String {
+        let mut raw = self.parent.join("/").into_bytes();
+        if !raw.is_empty() {
+            raw.push(b'/');
+        }
+        raw.extend_from_slice(&self.name);
+        hex(&raw)
+    }
+    fn decode(s: &str) -> Option<Self> {
+        let raw = unhex(s)?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (parent, name) = match raw.iter().rposition(|b| *b == b'/') {
+            Some(i) => (
+                String::from_utf8(raw[..i].to_vec()).ok()?,
+                raw[i + 1..].to_vec(),
+            ),
+            None => (String::new(), raw),
+        };
+        // The journal lives in a directory the tenant can write: never trust it beyond the volume.
+        let parent = safe_fs::relative_components(&parent).ok()?;
+        let name_ok = !name.is_empty() && name != b"." && name != b".." && !name.contains(&0);
+        (name_ok && !text.starts_with('/')).then_some(Self { parent, name })
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// What a `Replace` displaces: every entry of the target (but staging directories, when the target
+/// is the volume root), or only the included paths.
+pub enum Displace {
+    All,
+    Paths(Vec<Vec<String>>),
+}
+
+/// One restore's staging directory; removed with its contents on drop unless the original data
+/// could not be put back (then it must survive for the next start's recovery).
+pub struct Staging {
+    root: OwnedFd,
+    name: String,
+    dir: OwnedFd,
+    active: Active,
+    keep: AtomicBool,
+}
+
+impl Staging {
+    pub fn create(root: &OwnedFd, run_id: &str, active: &Active) -> Result<Self> {
+        let tag: String = run_id
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(40)
+            .collect();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!("{PREFIX}{tag}-{:x}", nanos ^ u128::from(std::process::id()));
+        let root = nix::unistd::dup(root).map_err(io("."))?;
+        mkdirat(&root, name.as_str(), Mode::from_bits_truncate(0o700)).map_err(io(&name))?;
+        active.insert(&name);
+        let dir = match openat(&root, name.as_str(), dir_flags(), Mode::empty()) {
+            Ok(d) => d,
+            Err(e) => {
+                active.remove(&name);
+                return Err(SafeFsError::Io {
+                    path: name,
+                    source: e,
+                });
+            }
+        };
+        let staging = Self {
+            root,
+            name,
+            dir,
+            active: active.clone(),
+            keep: AtomicBool::new(false),
+        };
+        mkdirat(&staging.dir, DATA, Mode::from_bits_truncate(0o700)).map_err(io(DATA))?;
+        Ok(staging)
+    }
+
+    /// restic's target: `data/`.
+    pub fn data(&self) -> Result<OwnedFd> {
+        openat(&self.dir, DATA, dir_flags(), Mode::empty()).map_err(io(DATA))
+    }
+
+    /// `Merge`: moves the staged data into `target`.
+    pub fn merge(&self, target: &OwnedFd) -> Result<()> {
+        safe_fs::merge_into(&self.data()?, target, ".")
+    }
+
+    /// `Replace`: moves what `displace` names out of `target` (journalled, so that it can be moved
+    /// back), commits, then moves the staged data in. `target_parts` is the target's path below
+    /// the volume root, recorded for recovery. Any failure before the commit puts the originals
+    /// back before returning.
+    pub fn replace(
+        &self,
+        target_parts: &[String],
+        target: &OwnedFd,
+        displace: &Displace,
+    ) -> Result<()> {
+        let entries = displaced(target_parts, target, displace)?;
+        self.write_journal(target_parts, &entries)?;
+        let prepared = self
+            .move_aside(target, &entries)
+            .and_then(|()| self.commit());
+        if let Err(e) = prepared {
+            if let Err(back) = rollback(&self.dir, target, &entries) {
+                // Never delete originals we could not put back: the next start tries again.
+                self.keep.store(true, Ordering::Release);
+                tracing::error!(staging = %self.name, error = %back, "could not move the original data back; it stays in the staging directory until the agent's next start");
+            }
+            return Err(e);
+        }
+        self.merge(target)
+    }
+
+    fn write_journal(&self, target_parts: &[String], entries: &[Entry]) -> Result<()> {
+        let mut text = format!(
+            "{JOURNAL_MAGIC}\ntarget {}\n",
+            hex(target_parts.join("/").as_bytes())
+        );
+        for e in entries {
+            text.push_str(&format!("entry {}\n", e.encode()));
+        }
+        write_file(&self.dir, JOURNAL, text.as_bytes())?;
+        mkdirat(&self.dir, ASIDE, Mode::from_bits_truncate(0o700)).map_err(io(ASIDE))
+    }
+
+    fn move_aside(&self, target: &OwnedFd, entries: &[Entry]) -> Result<()> {
+        let aside = openat(&self.dir, ASIDE, dir_flags(), Mode::empty()).map_err(io(ASIDE))?;
+        for (i, e) in entries.iter().enumerate() {
+            let parent = match safe_fs::open_beneath(target, &e.parent, false) {
+                Ok(p) => p,
+                Err(SafeFsError::Io {
+                    source: Errno::ENOENT,
+                    ..
+                }) => continue,
+                Err(err) => return Err(err),
+            };
+            match renameat(
+                &parent,
+                OsStr::from_bytes(&e.name),
+                &aside,
+                i.to_string().as_str(),
+            ) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(err) => {
+                    return Err(SafeFsError::Io {
+                        path: e.shown(),
+                        source: err,
+                    });
+                }
+            }
+        }
+        nix::unistd::fsync(aside.as_fd()).map_err(io(ASIDE))
+    }
+
+    fn commit(&self) -> Result<()> {
+        write_file(&self.dir, COMMITTED, b"")?;
+        nix::unistd::fsync(self.dir.as_fd()).map_err(io(&self.name))
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.keep.load(Ordering::Acquire)
+            && let Err(e) = safe_fs::remove_tree_at(&self.root, OsStr::new(&self.name))
+        {
+            tracing::warn!(error = %e, staging = %self.name, "could not remove restore staging directory");
+        }
+        self.active.remove(&self.name);
+    }
+}
+
+fn displaced(target_parts: &[String], target: &OwnedFd, displace: &Displace) -> Result<Vec<Entry>> {
+    Ok(match displace {
+        Displace::All => safe_fs::entries(target, ".")?
+            .into_iter()
+            .filter(|n| !(target_parts.is_empty() && n.starts_with(PREFIX.as_bytes())))
+            .map(|name| Entry {
+                parent: Vec::new(),
+                name,
+            })
+            .collect(),
+        Displace::Paths(paths) => paths
+            .iter()
+            .filter_map(|p| {
+                let (name, parent) = p.split_last()?;
+                Some(Entry {
+                    parent: parent.to_vec(),
+                    name: name.as_bytes().to_vec(),
+                })
+            })
+            .collect(),
+    })
+}
+
+/// Creates `name` in `dir` (never through a link) with `content`, synced.
+fn write_file(dir: &OwnedFd, name: &str, content: &[u8]) -> Result<()> {
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(io(name))?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(content)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| SafeFsError::Io {
+            path: name.into(),
+            source: Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32)),
+        })
+}
+
+/// Moves every entry aside back to its place in `target`, replacing whatever took its name.
+fn rollback(staging: &OwnedFd, target: &OwnedFd, entries: &[Entry]) -> Result<()> {
+    let aside = match openat(staging, ASIDE, dir_flags(), Mode::empty()) {
+        Ok(a) => a,
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => {
+            return Err(SafeFsError::Io {
+                path: ASIDE.into(),
+                source: e,
+            });
+        }
+    };
+    for (i, e) in entries.iter().enumerate() {
+        let moved = i.to_string();
+        match fstatat(&aside, moved.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(_) => {}
+            Err(Errno::ENOENT) => continue,
+            Err(err) => {
+                return Err(SafeFsError::Io {
+                    path: e.shown(),
+                    source: err,
+                });
+            }
+        }
+        let parent = safe_fs::open_beneath(target, &e.parent, true)?;
+        let name = OsStr::from_bytes(&e.name);
+        safe_fs::remove_tree_at(&parent, name).map_err(io(e.shown()))?;
+        renameat(&aside, moved.as_str(), &parent, name).map_err(io(e.shown()))?;
+    }
+    Ok(())
+}
+
+/// What a recovery pass did with one leftover staging directory.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Recovered {
+    /// No swap had started: only staged data, removed.
+    Removed,
+    /// A swap had not committed: the originals were put back.
+    RolledBack,
+    /// A swap had committed: the staged data was moved in.
+    Finished,
+}
+
+/// Deals with the staging directories that a killed agent left at the root of a volume (not those
+/// this process is using). The journal is read as untrusted input: a tenant can write it, so every
+/// path in it is resolved below the volume root, never through a link.
+pub fn recover(
+    root: &OwnedFd,
+    active: &Active,
+) -> Vec<(String, std::result::Result<Recovered, SafeFsError>)> {
+    let names = match safe_fs::entries(root, ".") {
+        Ok(n) => n,
+        Err(e) => return vec![(".".into(), Err(e))],
+    };
+    names
+        .into_iter()
+        .filter(|n| n.starts_with(PREFIX.as_bytes()) && !active.contains(n))
+        .map(|n| {
+            let shown = String::from_utf8_lossy(&n).into_owned();
+            let r = recover_one(root, OsStr::from_bytes(&n));
+            (shown, r)
+        })
+        .collect()
+}
+
+fn recover_one(root: &OwnedFd, name: &OsStr) -> Result<Recovered> {
+    let shown = name.to_string_lossy().into_owned();
+    let dir = match openat(root, name, dir_flags(), Mode::empty()) {
+        Ok(d) => d,
+        // Not a directory (a planted file or link): not ours, but named like ours; remove it.
+        Err(Errno::ENOTDIR | Errno::ELOOP) => {
+            safe_fs::remove_tree_at(root, name).map_err(io(&shown))?;
+            return Ok(Recovered::Removed);
+        }
+        Err(e) => {
+            return Err(SafeFsError::Io {
+                path: shown,
+                source: e,
+            });
+        }
+    };
+    let journal = read_small(&dir, JOURNAL)?;
+    let outcome = match journal {
+        None => Recovered::Removed,
+        Some(text) => {
+            let (target_parts, entries) =
+                parse_journal(&text).ok_or_else(|| SafeFsError::InvalidPath {
+                    path: format!("{shown}/{JOURNAL}"),
+                    reason: "unreadable restore journal; left in place",
+                })?;
+            let committed = match fstatat(&dir, COMMITTED, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(_) => true,
+                Err(Errno::ENOENT) => false,
+                Err(e) => {
+                    return Err(SafeFsError::Io {
+                        path: shown,
+                        source: e,
+                    });
+                }
+            };
+            let target = safe_fs::open_beneath(root, &target_parts, true)?;
+            if committed {
+                let data = openat(&dir, DATA, dir_flags(), Mode::empty()).map_err(io(DATA))?;
+                safe_fs::merge_into(&data, &target, ".")?;
+                Recovered::Finished
+            } else {
+                rollback(&dir, &target, &entries)?;
+                Recovered::RolledBack
+            }
+        }
+    };
+    drop(dir);
+    safe_fs::remove_tree_at(root, name).map_err(io(&shown))?;
+    Ok(outcome)
+}
+
+/// Reads a small regular file (at most 16 MiB), never through a link; `None` when absent.
+fn read_small(dir: &OwnedFd, name: &str) -> Result<Option<String>> {
+    let fd = match openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return Ok(None),
+        Err(e) => {
+            return Err(SafeFsError::Io {
+                path: name.into(),
+                source: e,
+            });
+        }
+    };
+    let mut text = String::new();
+    use std::io::Read;
+    std::fs::File::from(fd)
+        .take(16 << 20)
+        .read_to_string(&mut text)
+        .map_err(|_| SafeFsError::InvalidPath {
+            path: name.into(),
+            reason: "not a readable text file",
+        })?;
+    Ok(Some(text))
+}
+
+fn parse_journal(text: &str) -> Option<(Vec<String>, Vec<Entry>)> {
+    let mut lines = text.lines();
+    (lines.next()? == JOURNAL_MAGIC).then_some(())?;
+    let target = lines.next()?.strip_prefix("target ")?;
+    let target = String::from_utf8(unhex(target)?).ok()?;
+    let target_parts = safe_fs::relative_components(&target).ok()?;
+    let entries = lines
+        .map(|l| Entry::decode(l.strip_prefix("entry ")?))
+        .collect::<Option<Vec<_>>>()?;
+    Some((target_parts, entries))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::path::Path;
+
+    fn tree(root: &Path) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for e in walk(root) {
+            let rel = e.strip_prefix(root).unwrap().display().to_string();
+            let content = if e.is_dir() {
+                "<dir>".to_string()
+            } else {
+                fs::read_to_string(&e).unwrap_or_default()
+            };
+            out.push((rel, content));
+        }
+        out.sort();
+        out
+    }
+
+    fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut v = Vec::new();
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                v.extend(walk(&p));
+            }
+            v.push(p);
+        }
+        v
+    }
+
+    /// A volume with originals, and a staging directory whose data is the "snapshot".
+    fn setup() -> (tempfile::TempDir, OwnedFd, Staging, Active) {
+        let t = tempfile::tempdir().unwrap();
+        let vol = t.path();
+        fs::write(vol.join("keep-me-not"), "old").unwrap();
+        fs::write(vol.join("a"), "old a").unwrap();
+        fs::create_dir_all(vol.join("dir/sub")).unwrap();
+        fs::write(vol.join("dir/sub/x"), "old x").unwrap();
+        let root = safe_fs::open_root(vol).unwrap();
+        let active = Active::default();
+        let staging = Staging::create(&root, "ns/run", &active).unwrap();
+        let data = vol.join(&staging.name).join(DATA);
+        fs::write(data.join("a"), "new a").unwrap();
+        fs::create_dir_all(data.join("dir/sub")).unwrap();
+        fs::write(data.join("dir/sub/y"), "new y").unwrap();
+        (t, root, staging, active)
+    }
+
+    #[test]
+    fn replace_makes_the_target_equal_to_the_snapshot_and_leaves_no_staging() {
+        let (t, root, staging, _active) = setup();
+        staging.replace(&[], &root, &Displace::All).unwrap();
+        drop(staging);
+        assert_eq!(
+            tree(t.path()),
+            vec![
+                ("a".into(), "new a".into()),
+                ("dir".into(), "<dir>".into()),
+                ("dir/sub".into(), "<dir>".into()),
+                ("dir/sub/y".into(), "new y".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn replace_of_included_paths_touches_nothing_else() {
+        let (t, root, staging, _active) = setup();
+        let paths = Displace::Paths(vec![vec!["dir".into(), "sub".into()]]);
+        // Only dir/sub was restored.
+        fs::remove_file(t.path().join(&staging.name).join("data/a")).unwrap();
+        staging.replace(&[], &root, &paths).unwrap();
+        drop(staging);
+        let got = tree(t.path());
+        assert!(got.contains(&("a".into(), "old a".into())), "{got:?}");
+        assert!(
+            got.contains(&("keep-me-not".into(), "old".into())),
+            "{got:?}"
+        );
+        assert!(
+            got.contains(&("dir/sub/y".into(), "new y".into())),
+            "{got:?}"
+        );
+        assert!(!got.iter().any(|(p, _)| p == "dir/sub/x"), "{got:?}");
+    }
+
+    /// A kill between moving the originals aside and the commit: the next start puts them back.
+    #[test]
+    fn an_uncommitted_swap_is_rolled_back_by_recovery() {
+        let (t, root, staging, _active) = setup();
+        let before = {
+            let mut b = tree(t.path());
+            b.retain(|(p, _)| !p.starts_with(PREFIX));
+            b
+        };
+        let entries = displaced(&[], &root, &Displace::All).unwrap();
+        staging.write_journal(&[], &entries).unwrap();
+        staging.move_aside(&root, &entries).unwrap();
+        // The pod wrote something meanwhile, under an original name.
+        fs::write(t.path().join("a"), "written during the swap").unwrap();
+        std::mem::forget(staging); // the agent dies here
+        let done = recover(&root, &Active::default());
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].1.as_ref().unwrap(), &Recovered::RolledBack);
+        assert_eq!(tree(t.path()), before);
+    }
+
+    #[test]
+    fn a_committed_swap_is_finished_by_recovery() {
+        let (t, root, staging, _active) = setup();
+        let entries = displaced(&[], &root, &Displace::All).unwrap();
+        staging.write_journal(&[], &entries).unwrap();
+        staging.move_aside(&root, &entries).unwrap();
+        staging.commit().unwrap();
+        std::mem::forget(staging);
+        let done = recover(&root, &Active::default());
+        assert_eq!(done[0].1.as_ref().unwrap(), &Recovered::Finished);
+        let got = tree(t.path());
+        assert!(got.contains(&("a".into(), "new a".into())), "{got:?}");
+        assert!(
+            !got.iter()
+                .any(|(p, _)| p.starts_with(PREFIX) || p == "keep-me-not"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn recovery_leaves_active_staging_alone_and_removes_plain_leftovers() {
+        let (t, root, staging, active) = setup();
+        fs::create_dir_all(t.path().join(format!("{PREFIX}old/data/x"))).unwrap();
+        std::os::unix::fs::symlink("/etc", t.path().join(format!("{PREFIX}link"))).unwrap();
+        let mut done = recover(&root, &active);
+        done.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(done.len(), 2, "{done:?}");
+        assert!(
+            done.iter()
+                .all(|(_, r)| r.as_ref().ok() == Some(&Recovered::Removed))
+        );
+        assert!(
+            t.path().join(&staging.name).is_dir(),
+            "the running restore's staging stays"
+        );
+        assert!(Path::new("/etc/passwd").exists());
+    }
+
+    #[test]
+    fn a_hostile_journal_cannot_reach_outside_the_volume() {
+        let t = tempfile::tempdir().unwrap();
+        let vol = t.path().join("vol");
+        fs::create_dir_all(vol.join(format!("{PREFIX}evil/aside"))).unwrap();
+        fs::write(t.path().join("outside"), "precious").unwrap();
+        let bad = format!(
+            "{JOURNAL_MAGIC}\ntarget {}\nentry {}\n",
+            hex(b".."),
+            hex(b"x")
+        );
+        fs::write(vol.join(format!("{PREFIX}evil/journal")), bad).unwrap();
+        let root = safe_fs::open_root(&vol).unwrap();
+        let done = recover(&root, &Active::default());
+        assert!(done[0].1.is_err(), "{done:?}");
+        assert_eq!(
+            fs::read_to_string(t.path().join("outside")).unwrap(),
+            "precious"
+        );
+        assert!(vol.join(format!("{PREFIX}evil")).exists(), "left in place");
+        assert_eq!(Entry::decode(&hex(b"../x")), None);
+        assert_eq!(Entry::decode(&hex(b"/etc")), None);
+    }
+}

@@ -1,0 +1,574 @@
+//! Restore runs on the local control plane, with real agents and real restic: in place while the
+//! pod runs, through a mount holder, Replace (and a Replace whose agent dies), snapshot selection,
+//! refusals, and a backup command's dump streamed into a restore command.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use stowage_coordinator::crd::{Backup, Restore};
+use stowage_tests::cluster::{Cluster, fresh_namespace, wait_for};
+use stowage_tests::coordinator::{
+    Coordinator, CoordinatorOptions, PrivateAgents, condition, create, finished, local_backend,
+    run_to_end, secret, wait_event, wait_json,
+};
+use stowage_tests::fstree;
+
+const PASSWORD: &str = "correct horse battery staple";
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+struct Env {
+    cluster: &'static Cluster,
+    client: kube::Client,
+    ns: String,
+    repo: PathBuf,
+}
+
+async fn setup(prefix: &str) -> Env {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, prefix).await;
+    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
+    let repo = cluster.dir.join("repos").join(&ns);
+    stowage_tests::restic::init(&repo, PASSWORD);
+    Env {
+        cluster,
+        client,
+        ns,
+        repo,
+    }
+}
+
+impl Env {
+    /// A PVC mounted by pod `<pvc>-0` on `node`; returns its backing directory once mounted.
+    async fn mounted(&self, pvc: &str, node: &str) -> PathBuf {
+        let dir = self
+            .cluster
+            .volume(&self.ns, &format!("{pvc}-0"), pvc, node, &[]);
+        std::fs::write(dir.join(".mounted"), b"").expect("marker");
+        self.cluster
+            .wait_mounted(
+                &self.client,
+                &self.ns,
+                &format!("{pvc}-0"),
+                pvc,
+                node,
+                ".mounted",
+            )
+            .await;
+        dir
+    }
+
+    async fn backup(&self, name: &str, backend: serde_json::Value) -> serde_json::Value {
+        let b = run_to_end::<Backup>(
+            &self.client,
+            &self.ns,
+            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+                "metadata": {"name": name}, "spec": {"backend": backend}}),
+            RUN_TIMEOUT,
+        )
+        .await;
+        assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
+        b
+    }
+
+    async fn create_restore(&self, name: &str, spec: serde_json::Value) {
+        let mut spec = spec;
+        if spec.get("backend").is_none() {
+            spec["backend"] = local_backend(&self.repo);
+        }
+        let _: Restore = create(
+            &self.client,
+            &self.ns,
+            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Restore",
+                "metadata": {"name": name}, "spec": spec}),
+        )
+        .await;
+    }
+
+    async fn restore(&self, name: &str, spec: serde_json::Value) -> serde_json::Value {
+        self.create_restore(name, spec).await;
+        wait_json::<Restore>(
+            &self.client,
+            &self.ns,
+            name,
+            RUN_TIMEOUT,
+            "a finished phase",
+            finished,
+        )
+        .await
+    }
+
+    async fn pod_uid(&self, pod: &str) -> String {
+        Api::<Pod>::namespaced(self.client.clone(), &self.ns)
+            .get(pod)
+            .await
+            .expect("pod")
+            .metadata
+            .uid
+            .expect("uid")
+    }
+}
+
+fn succeeded(r: &serde_json::Value) {
+    assert_eq!(r["status"]["phase"], "Succeeded", "{r:#}");
+}
+
+/// The condition's reason and message of a failed Restore.
+fn failed_with(r: &serde_json::Value, reason: &str, needle: &str) {
+    assert_eq!(r["status"]["phase"], "Failed", "{r:#}");
+    let c = condition(r, "Succeeded").expect("condition");
+    assert_eq!(c["reason"], reason, "{c}");
+    let m = c["message"].as_str().unwrap_or_default();
+    assert!(m.contains(needle), "{needle:?} not in {m:?}");
+}
+
+/// Merge in place into a running pod's volume brings back deleted and changed files and keeps new
+/// ones; the pod is the same pod afterwards. A staging directory left in the volume is never backed
+/// up. Then the snapshot, restored IntoEmpty into an unmounted PVC through a read-write mount
+/// holder, equals the original tree byte for byte: modes, owners, mtimes, symlinks, hard links,
+/// sparse files and empty directories.
+#[tokio::test]
+async fn merge_in_place_while_the_pod_runs_and_an_exact_copy_through_a_mount_holder() {
+    let env = setup("restore-merge").await;
+    let dir = env.mounted("data", "node-1").await;
+    let tree = dir.join("tree");
+    fstree::populate(&tree, 3 << 20);
+    std::fs::hard_link(tree.join("run.sh"), tree.join("run-hardlink.sh")).expect("hard link");
+    {
+        let f = std::fs::File::create(tree.join("sparse.img")).expect("sparse");
+        f.set_len(64 << 20).expect("set_len");
+    }
+    std::fs::write(dir.join("gone.txt"), b"deleted later").expect("write");
+    std::fs::write(dir.join("changed.txt"), b"original").expect("write");
+    // Named like a restore's staging: a backup never captures it.
+    std::fs::create_dir_all(dir.join(".stowage-restore-leftover/data")).expect("mkdir");
+    std::fs::write(dir.join(".stowage-restore-leftover/data/x"), b"x").expect("write");
+    let original = fstree::snapshot(&tree);
+    let _c = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    let b = env.backup("before", local_backend(&env.repo)).await;
+    let snap_id = b["status"]["items"][0]["snapshotId"]
+        .as_str()
+        .expect("snapshot")
+        .to_string();
+    let listed =
+        stowage_tests::restic::ok(&env.repo.display().to_string(), PASSWORD, &["ls", &snap_id]);
+    assert!(listed.contains("changed.txt"), "{listed}");
+    assert!(!listed.contains(".stowage-restore-"), "{listed}");
+
+    let uid = env.pod_uid("data-0").await;
+    std::fs::remove_file(dir.join("gone.txt")).expect("rm");
+    std::fs::write(dir.join("changed.txt"), b"changed by the app").expect("write");
+    std::fs::write(dir.join("new.txt"), b"written after the backup").expect("write");
+    let r = env
+        .restore("undo", serde_json::json!({"source": {"pvc": "data"}}))
+        .await;
+    succeeded(&r);
+    let st = &r["status"]["restore"];
+    assert!(
+        snap_id.starts_with(st["snapshotId"].as_str().expect("snapshotId")),
+        "{st}"
+    );
+    assert_eq!(st["node"], "node-1");
+    assert_eq!(st["pod"], "data-0");
+    assert!(
+        st["filesRestored"].as_u64().is_some_and(|n| n >= 12),
+        "{st}"
+    );
+    assert!(
+        st["bytesRestored"].as_u64().is_some_and(|n| n >= 3 << 20),
+        "{st}"
+    );
+    assert!(st["durationSeconds"].as_f64().is_some(), "{st}");
+    assert_eq!(
+        std::fs::read(dir.join("gone.txt")).expect("back"),
+        b"deleted later"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("changed.txt")).expect("reverted"),
+        b"original"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("new.txt")).expect("kept"),
+        b"written after the backup"
+    );
+    assert_eq!(env.pod_uid("data-0").await, uid, "the pod kept running");
+    assert!(
+        !dir.join(".stowage-restore-leftover").exists(),
+        "the leftover staging directory was cleaned up"
+    );
+    fstree::assert_same(&original, &fstree::snapshot(&tree));
+    wait_event(
+        &env.client,
+        &env.ns,
+        "undo",
+        "Restored",
+        "restored snapshot",
+        Duration::from_secs(30),
+    )
+    .await;
+
+    // The same snapshot into an unmounted PVC: a read-write holder, an exact copy, holder gone.
+    let copy = env
+        .cluster
+        .volume(&env.ns, "unused", "copy", "node-2", &["--no-pod"]);
+    let r = env
+        .restore(
+            "copy",
+            serde_json::json!({"source": {"pvc": "data", "snapshot": snap_id},
+                "target": {"pvc": "copy", "mode": "IntoEmpty"}}),
+        )
+        .await;
+    succeeded(&r);
+    let holder = r["status"]["restore"]["pod"].as_str().expect("pod");
+    assert!(holder.starts_with("copy-hold-"), "{holder}");
+    fstree::assert_same(&original, &fstree::snapshot(&copy.join("tree")));
+    let a = std::fs::metadata(copy.join("tree/run.sh")).expect("stat");
+    let h = std::fs::metadata(copy.join("tree/run-hardlink.sh")).expect("stat");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(a.ino(), h.ino(), "hard links stay linked");
+    let sparse = std::fs::metadata(copy.join("tree/sparse.img")).expect("stat");
+    assert_eq!(sparse.len(), 64 << 20);
+    assert!(
+        sparse.blocks() * 512 < 8 << 20,
+        "sparse stays sparse: {} blocks",
+        sparse.blocks()
+    );
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    wait_for("the holder pod gone", Duration::from_secs(30), || async {
+        pods.get_opt(holder)
+            .await
+            .expect("get")
+            .is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+    })
+    .await;
+}
+
+/// Snapshot selection and refusals: `latest` among two PVCs of one repository picks the right
+/// PVC's; `before:` the newest at or before the time; `include` restores only those paths, under
+/// `target.path`. IntoEmpty on a non-empty target, another namespace's snapshots, `..` and a
+/// symlink that leaves the volume are refused, and nothing is written.
+#[tokio::test]
+async fn selection_include_path_and_refusals() {
+    let env = setup("restore-select").await;
+    let a = env.mounted("alpha", "node-2").await;
+    let b = env.mounted("beta", "node-2").await;
+    std::fs::create_dir_all(a.join("db/base")).expect("mkdir");
+    std::fs::write(a.join("db/base/table"), b"v1").expect("write");
+    std::fs::write(a.join("top.txt"), b"alpha v1").expect("write");
+    std::fs::write(b.join("top.txt"), b"beta only").expect("write");
+    let _c = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    env.backup("first", local_backend(&env.repo)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let between = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::fs::write(a.join("db/base/table"), b"v2").expect("write");
+    std::fs::write(a.join("top.txt"), b"alpha v2").expect("write");
+    // The newest snapshot in the repository is beta's.
+    env.backup("second", local_backend(&env.repo)).await;
+    std::fs::write(b.join("top.txt"), b"beta newer").expect("write");
+    env.backup("third", local_backend(&env.repo)).await;
+
+    let r = env
+        .restore(
+            "latest",
+            serde_json::json!({"source": {"pvc": "alpha"}, "target": {"path": "/out/latest"}}),
+        )
+        .await;
+    succeeded(&r);
+    assert_eq!(
+        std::fs::read(a.join("out/latest/top.txt")).expect("latest"),
+        b"alpha v2",
+        "alpha's newest, never beta's"
+    );
+    let r = env
+        .restore(
+            "before",
+            serde_json::json!({"source": {"pvc": "alpha", "before": between},
+                "target": {"path": "out/before"}}),
+        )
+        .await;
+    succeeded(&r);
+    assert_eq!(
+        std::fs::read(a.join("out/before/top.txt")).expect("before"),
+        b"alpha v1"
+    );
+    let r = env
+        .restore(
+            "partial",
+            serde_json::json!({"source": {"pvc": "alpha", "include": ["/db/base"]},
+                "target": {"path": "partial"}}),
+        )
+        .await;
+    succeeded(&r);
+    assert_eq!(
+        std::fs::read(a.join("partial/db/base/table")).expect("included"),
+        b"v2"
+    );
+    assert!(
+        !a.join("partial/top.txt").exists(),
+        "only the included path"
+    );
+
+    // Refusals. Nothing may change in either volume.
+    let outside = tempfile::tempdir().expect("tmp");
+    std::os::unix::fs::symlink(outside.path(), a.join("escape")).expect("symlink");
+    let before = fstree::snapshot(&a);
+    let r = env
+        .restore(
+            "into-empty",
+            serde_json::json!({"source": {"pvc": "alpha"}, "target": {"mode": "IntoEmpty"}}),
+        )
+        .await;
+    failed_with(&r, "RestoreFailed", "not empty");
+    let r = env
+        .restore(
+            "other-ns",
+            serde_json::json!({"source": {"pvc": "alpha", "namespace": "kube-system"}}),
+        )
+        .await;
+    failed_with(&r, "CrossNamespaceRefused", "spec.source.namespace");
+    wait_event(
+        &env.client,
+        &env.ns,
+        "other-ns",
+        "CrossNamespaceRefused",
+        "kube-system",
+        Duration::from_secs(30),
+    )
+    .await;
+    let r = env
+        .restore(
+            "traversal",
+            serde_json::json!({"source": {"pvc": "alpha"}, "target": {"path": "../../etc"}}),
+        )
+        .await;
+    failed_with(&r, "InvalidRestore", "spec.target.path");
+    let r = env
+        .restore(
+            "symlink",
+            serde_json::json!({"source": {"pvc": "alpha"}, "target": {"path": "escape/in"}}),
+        )
+        .await;
+    failed_with(&r, "RestoreFailed", "symlink");
+    let r = env
+        .restore(
+            "missing",
+            serde_json::json!({"source": {"pvc": "alpha", "snapshot": "deadbeef"}}),
+        )
+        .await;
+    failed_with(&r, "SnapshotNotFound", "deadbeef");
+    fstree::assert_same(&before, &fstree::snapshot(&a));
+    assert!(
+        std::fs::read_dir(outside.path())
+            .expect("outside")
+            .next()
+            .is_none(),
+        "nothing written outside the volume"
+    );
+}
+
+/// Starts a private agent for `node` on `ip` (the port the coordinator dials).
+async fn restart_agent(env: &Env, agents: &mut PrivateAgents, i: usize, node: &str, ip: &str) {
+    let mut opts = stowage_tests::agent::AgentOptions::new(&env.cluster.kubelet_dir(node));
+    opts.node = node.to_string();
+    opts.ip = ip.to_string();
+    opts.grpc_port = Some(agents.port);
+    opts.local_roots = vec![env.cluster.dir.join("repos"), std::env::temp_dir()];
+    agents.agents[i] = stowage_tests::agent::Agent::start(opts, &agents.pki).await;
+}
+
+/// Replace removes what the snapshot does not have. A Replace whose agent is killed while restic
+/// writes leaves the original data (files made after the snapshot included), and the agent's next
+/// start removes the staging directory it left.
+#[tokio::test]
+async fn replace_and_a_replace_whose_agent_dies() {
+    let env = setup("restore-replace").await;
+    let dir = env.mounted("vol", "node-3").await;
+    std::fs::create_dir_all(dir.join("keep")).expect("mkdir");
+    std::fs::write(dir.join("keep/a.txt"), b"snapshot a").expect("write");
+    // 48 MiB in many files, so that restic's restore progress (per file, once a pack is in)
+    // moves while the throttled restore runs.
+    std::fs::create_dir_all(dir.join("many")).expect("mkdir");
+    for i in 0..192u64 {
+        fstree::write_random(&dir.join(format!("many/f{i}")), 256 << 10, i);
+    }
+    let mut agents = PrivateAgents::start(
+        env.cluster,
+        &env.client,
+        &env.ns,
+        &[("node-3", "127.0.0.13")],
+        None,
+    )
+    .await;
+    let _c = Coordinator::start(env.cluster, agents.coordinator_options(&env.ns)).await;
+    env.backup("base", local_backend(&env.repo)).await;
+    std::fs::write(dir.join("keep/a.txt"), b"changed").expect("write");
+    std::fs::write(dir.join("after.txt"), b"made after the snapshot").expect("write");
+    let before = fstree::snapshot(&dir);
+
+    // Throttled to 4 MiB/s: the 48 MiB restore takes seconds; kill the agent while it writes.
+    let mut slow = local_backend(&env.repo);
+    slow["limitDownloadKiB"] = serde_json::json!(4096);
+    env.create_restore(
+        "killed",
+        serde_json::json!({"backend": slow, "source": {"pvc": "vol"},
+            "target": {"mode": "Replace"}}),
+    )
+    .await;
+    wait_json::<Restore>(
+        &env.client,
+        &env.ns,
+        "killed",
+        Duration::from_secs(60),
+        "restic writing into staging",
+        |v| {
+            v["status"]["restore"]["percentDone"]
+                .as_f64()
+                .is_some_and(|p| p > 0.0 && p < 90.0)
+        },
+    )
+    .await;
+    let staged = || {
+        std::fs::read_dir(&dir)
+            .expect("read_dir")
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".stowage-restore-")
+            })
+            .count()
+    };
+    assert_eq!(staged(), 1, "restic writes into one staging directory");
+    agents.agents[0].kill();
+    let r = wait_json::<Restore>(
+        &env.client,
+        &env.ns,
+        "killed",
+        RUN_TIMEOUT,
+        "a finished phase",
+        finished,
+    )
+    .await;
+    assert_eq!(r["status"]["phase"], "Failed", "{r:#}");
+    let mut now = fstree::snapshot(&dir);
+    now.retain(|p, _| !p.to_string_lossy().starts_with(".stowage-restore-"));
+    fstree::assert_same(&before, &now);
+    restart_agent(&env, &mut agents, 0, "node-3", "127.0.0.13").await;
+    wait_for(
+        "the staging directory removed",
+        Duration::from_secs(30),
+        || async { staged() == 0 },
+    )
+    .await;
+    fstree::assert_same(&before, &fstree::snapshot(&dir));
+
+    let r = env
+        .restore(
+            "replace",
+            serde_json::json!({"source": {"pvc": "vol"}, "target": {"mode": "Replace"}}),
+        )
+        .await;
+    succeeded(&r);
+    assert!(
+        !dir.join("after.txt").exists(),
+        "Replace removes what the snapshot lacks"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("keep/a.txt")).expect("a"),
+        b"snapshot a"
+    );
+    assert_eq!(
+        std::fs::metadata(dir.join("many/f191"))
+            .expect("many")
+            .len(),
+        256 << 10
+    );
+    assert_eq!(staged(), 0);
+}
+
+/// A deterministic 5 MB stream, produced the same way in the pod (kwok runs it locally) and here.
+const STREAM: &str =
+    "python3 -c 'import random,sys; sys.stdout.buffer.write(random.Random(11).randbytes(5000000))'";
+
+async fn annotate(client: &kube::Client, ns: &str, pod: &str, annotations: serde_json::Value) {
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .patch(
+            pod,
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"metadata": {"annotations": annotations}})),
+        )
+        .await
+        .expect("annotate");
+}
+
+/// A backup command's snapshot streamed into the pod's restore command: the command receives
+/// exactly the dump's bytes. A restore command that fails is a failed Restore with its exit status.
+#[tokio::test]
+async fn a_command_snapshot_is_streamed_into_the_restore_command() {
+    let env = setup("restore-cmd").await;
+    env.mounted("db", "node-1").await;
+    annotate(
+        &env.client,
+        &env.ns,
+        "db-0",
+        serde_json::json!({
+            "stowage.dev/backup-command": STREAM,
+            "stowage.dev/restore-command": "cat > restored.bin",
+        }),
+    )
+    .await;
+    let _c = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    env.backup("dump", local_backend(&env.repo)).await;
+    let r = env
+        .restore(
+            "load",
+            serde_json::json!({"source": {"command": {"owner": "Pod/db-0"}}}),
+        )
+        .await;
+    succeeded(&r);
+    let st = &r["status"]["restore"];
+    assert_eq!(st["command"]["exitCode"], 0, "{st}");
+    assert_eq!(st["command"]["streamBytes"], 5_000_000, "{st}");
+    assert_eq!(st["pod"], "db-0");
+    let written = env
+        .cluster
+        .dir
+        .join("exec")
+        .join(&env.ns)
+        .join("db-0")
+        .join("restored.bin");
+    let expected = std::process::Command::new("sh")
+        .args(["-c", STREAM])
+        .output()
+        .expect("the same stream here");
+    let got = std::fs::read(&written).expect("restored.bin");
+    assert_eq!(got.len(), 5_000_000);
+    assert!(got == expected.stdout, "the command received other bytes");
+
+    annotate(
+        &env.client,
+        &env.ns,
+        "db-0",
+        serde_json::json!({"stowage.dev/restore-command": "cat > /dev/null; echo 'psql: relation exists' >&2; exit 4"}),
+    )
+    .await;
+    // The annotation reaches the coordinator's cache through its watch.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = env
+        .restore(
+            "load-fails",
+            serde_json::json!({"source": {"command": {"owner": "Pod/db-0"}}}),
+        )
+        .await;
+    failed_with(&r, "RestoreFailed", "exited with status 4");
+    assert_eq!(r["status"]["restore"]["command"]["exitCode"], 4, "{r:#}");
+    let m = condition(&r, "Succeeded").expect("c")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(m.contains("psql: relation exists"), "{m}");
+}
