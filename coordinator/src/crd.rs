@@ -763,7 +763,7 @@ mod tests {
             Some(8)
         );
         let crds = rendered().unwrap();
-        assert_eq!(crds.len(), 5);
+        assert_eq!(crds.len(), 6);
         // Everything but PreBackupPod (a template, nothing to report) has a status subresource.
         assert!(
             crds.iter()
