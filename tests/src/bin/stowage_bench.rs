@@ -312,6 +312,7 @@ async fn main() {
         let _ = std::fs::remove_dir_all(&repo);
     }
     if only_restore {
+        stowage_tests::unmount_below(tmp.path());
         print_table(&rows);
         return;
     }
