@@ -197,6 +197,36 @@ where
     ))
 }
 
+/// A holder's volume may take a moment to appear in its agent's inventory, which then answers
+/// `NOT_FOUND`: [`InventoryWait::again`] says whether to call the agent once more (after a pause).
+#[derive(Default)]
+pub struct InventoryWait {
+    attempts: u32,
+}
+
+impl InventoryWait {
+    /// At most 20 more calls, 500 ms apart, and only for a volume a holder mounts.
+    pub async fn again(
+        &mut self,
+        held: bool,
+        error: Option<&crate::dispatch::DispatchError>,
+    ) -> bool {
+        let not_found = matches!(
+            error,
+            Some(crate::dispatch::DispatchError::Agent {
+                code: tonic::Code::NotFound,
+                ..
+            })
+        );
+        if !(held && not_found && self.attempts < 20) {
+            return false;
+        }
+        self.attempts += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        true
+    }
+}
+
 /// Deletes a holder pod (absent is fine).
 pub async fn release(client: &Client, namespace: &str, pod: &str) {
     delete_pod(client, namespace, pod, "mount holder").await;

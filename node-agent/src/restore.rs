@@ -263,6 +263,17 @@ impl Whose {
             shown: format!("{}/{}", identity.namespace, identity.pvc),
         }
     }
+
+    pub fn command(identity: &crate::identity::CommandIdentity) -> Self {
+        Self {
+            tags: identity.selector_tags(),
+            host: identity.host(),
+            shown: format!(
+                "the backup command of {}/{}/{} (container {})",
+                identity.namespace, identity.owner_kind, identity.owner_name, identity.container
+            ),
+        }
+    }
 }
 
 /// Finds the snapshot among the identity's own: "latest" (or empty) is the newest of that identity

@@ -76,17 +76,6 @@ pub fn plan(
     })
 }
 
-fn whose(identity: &CommandIdentity) -> Whose {
-    Whose {
-        tags: identity.selector_tags(),
-        host: identity.host(),
-        shown: format!(
-            "the backup command of {}/{}/{} (container {})",
-            identity.namespace, identity.owner_kind, identity.owner_name, identity.container
-        ),
-    }
-}
-
 pub async fn execute(
     ctx: &AgentContext,
     plan: RestoreCommandPlan,
@@ -110,7 +99,7 @@ pub async fn execute(
         .await?;
     let started = Instant::now();
     let restic = ctx.restic(repo, Some(&spec), Some(progress.clone()));
-    let whose = whose(&identity);
+    let whose = Whose::command(&identity);
     let snap = tokio::select! {
         s = resolve_snapshot(&restic, &whose, &snapshot) => s?,
         _ = cancel.cancelled() => return Err(AgentError::Cancelled),

@@ -71,11 +71,13 @@ pub fn relative_components(path: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn dir_flags() -> OFlag {
+/// Flags for opening a directory that must not be a link.
+pub fn dir_flags() -> OFlag {
     OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
 }
 
-fn io(path: impl Into<String>) -> impl FnOnce(Errno) -> SafeFsError {
+/// Maps an errno to an error naming `path`.
+pub fn io(path: impl Into<String>) -> impl FnOnce(Errno) -> SafeFsError {
     let path = path.into();
     move |source| SafeFsError::Io { path, source }
 }

@@ -234,9 +234,11 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
     });
     probe_sandbox(&ctx).await?;
     // A restore interrupted by the last agent's death left staging in its volume: a swap that had
-    // not committed is rolled back (the original data returns), one that had is finished.
+    // not committed is rolled back (the original data returns), one that had is finished. In the
+    // background, so that a large or hostile volume never delays serving; a restore into a volume
+    // runs the same pass first, and the passes take turns (`staging::Active`).
     let recovering = Arc::clone(&ctx);
-    let _ = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         for v in recovering.inventory.list() {
             if let Ok(root) = crate::safe_fs::open_root(&v.data_dir) {
                 crate::restore::recover_leftovers(
@@ -246,8 +248,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
                 );
             }
         }
-    })
-    .await;
+    });
     let tasks = TaskTracker::new();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)

@@ -9,8 +9,8 @@ use stowage_proto::v1::{
     BackupEvent, BackupRequest, CheckRequest, EnsureRepositoryRequest, EnsureRepositoryResponse,
     HookRequest, HookResult, InspectRequest, InspectResponse, ListVolumesRequest,
     ListVolumesResponse, MaintenanceEvent, Progress, PruneRequest, RestoreCommandRequest,
-    RestoreEvent, RestoreRequest, Snapshot, SnapshotsRequest, SnapshotsResponse, Volume, VolumeRef,
-    backup_event, restore_event,
+    RestoreEvent, RestoreRequest, RestoreResult, Snapshot, SnapshotsRequest, SnapshotsResponse,
+    Volume, VolumeRef, backup_event, restore_event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -92,6 +92,46 @@ impl AgentService {
                 restic_wrap::error::human(self.ctx.limits.stall)
             ))),
         }
+    }
+
+    /// Both kinds of restore: validated up front (a refusal counts as a failed restore), then
+    /// streamed, each outcome counted in `stowage_agent_restores_total`.
+    fn restore_stream<P, F, Fut>(
+        &self,
+        plan: Result<P, AgentError>,
+        what: &'static str,
+        execute: F,
+    ) -> Result<Response<ReceiverStream<Result<RestoreEvent, Status>>>, Status>
+    where
+        P: Send + 'static,
+        F: FnOnce(Arc<AgentContext>, P, ProgressSink, CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<RestoreResult, AgentError>> + Send + 'static,
+    {
+        let plan = plan.inspect_err(|_| {
+            self.ctx
+                .metrics
+                .restores
+                .with_label_values(&["failed"])
+                .inc();
+        })?;
+        let stream = self.stream(
+            restore::progress_event,
+            |r| RestoreEvent {
+                event: Some(restore_event::Event::Result(r)),
+            },
+            move |ctx, progress, cancel| async move {
+                let r = execute(Arc::clone(&ctx), plan, progress, cancel).await;
+                ctx.metrics
+                    .restores
+                    .with_label_values(&[result_label(&r, false)])
+                    .inc();
+                if let Err(e) = &r {
+                    tracing::warn!(error = %e, "{what} failed");
+                }
+                r
+            },
+        );
+        Ok(Response::new(stream))
     }
 
     /// Check and Prune share one path: validated up front, then streamed like backups.
@@ -259,31 +299,10 @@ impl Agent for AgentService {
         &self,
         req: Request<RestoreRequest>,
     ) -> Result<Response<Self::RestoreStream>, Status> {
-        let plan = restore::plan(&self.ctx, req.into_inner()).inspect_err(|_| {
-            self.ctx
-                .metrics
-                .restores
-                .with_label_values(&["failed"])
-                .inc();
-        })?;
-        let stream = self.stream(
-            restore::progress_event,
-            |r| RestoreEvent {
-                event: Some(restore_event::Event::Result(r)),
-            },
-            move |ctx, progress, cancel| async move {
-                let r = restore::execute(&ctx, plan, progress, cancel).await;
-                ctx.metrics
-                    .restores
-                    .with_label_values(&[result_label(&r, false)])
-                    .inc();
-                if let Err(e) = &r {
-                    tracing::warn!(error = %e, "restore failed");
-                }
-                r
-            },
-        );
-        Ok(Response::new(stream))
+        let plan = restore::plan(&self.ctx, req.into_inner());
+        self.restore_stream(plan, "restore", |ctx, plan, progress, cancel| async move {
+            restore::execute(&ctx, plan, progress, cancel).await
+        })
     }
 
     type RestoreCommandStream = ReceiverStream<Result<RestoreEvent, Status>>;
@@ -292,31 +311,14 @@ impl Agent for AgentService {
         &self,
         req: Request<RestoreCommandRequest>,
     ) -> Result<Response<Self::RestoreCommandStream>, Status> {
-        let plan = restore_command::plan(&self.ctx, req.into_inner()).inspect_err(|_| {
-            self.ctx
-                .metrics
-                .restores
-                .with_label_values(&["failed"])
-                .inc();
-        })?;
-        let stream = self.stream(
-            restore::progress_event,
-            |r| RestoreEvent {
-                event: Some(restore_event::Event::Result(r)),
+        let plan = restore_command::plan(&self.ctx, req.into_inner());
+        self.restore_stream(
+            plan,
+            "command restore",
+            |ctx, plan, progress, cancel| async move {
+                restore_command::execute(&ctx, plan, progress, cancel).await
             },
-            move |ctx, progress, cancel| async move {
-                let r = restore_command::execute(&ctx, plan, progress, cancel).await;
-                ctx.metrics
-                    .restores
-                    .with_label_values(&[result_label(&r, false)])
-                    .inc();
-                if let Err(e) = &r {
-                    tracing::warn!(error = %e, "command restore failed");
-                }
-                r
-            },
-        );
-        Ok(Response::new(stream))
+        )
     }
 
     async fn snapshots(

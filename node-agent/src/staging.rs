@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat, renameat};
-use nix::sys::stat::{Mode, fstatat, mkdirat};
+use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
 
 use crate::safe_fs::{self, SafeFsError};
 
@@ -35,33 +35,31 @@ const JOURNAL_MAGIC: &str = "stowage-replace 1";
 
 type Result<T> = std::result::Result<T, SafeFsError>;
 
-fn io(path: impl Into<String>) -> impl FnOnce(Errno) -> SafeFsError {
-    let path = path.into();
-    move |source| SafeFsError::Io { path, source }
-}
+use crate::safe_fs::{dir_flags, io};
 
-fn dir_flags() -> OFlag {
-    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
-}
-
-/// Names of the staging directories this process is using, so that a recovery pass on a volume
-/// never touches a restore still in progress.
+/// The staging directories this process is using, so that a recovery pass on a volume never
+/// touches a restore still in progress; and one lock for recovery passes, so that two of them (the
+/// start-up pass and a restore's, or two restores' into one volume) never undo the same leftover
+/// at once.
 #[derive(Default, Clone)]
-pub struct Active(Arc<Mutex<HashSet<String>>>);
+pub struct Active {
+    names: Arc<Mutex<HashSet<String>>>,
+    recovering: Arc<Mutex<()>>,
+}
 
 impl Active {
     fn insert(&self, name: &str) {
-        if let Ok(mut s) = self.0.lock() {
+        if let Ok(mut s) = self.names.lock() {
             s.insert(name.to_string());
         }
     }
     fn remove(&self, name: &str) {
-        if let Ok(mut s) = self.0.lock() {
+        if let Ok(mut s) = self.names.lock() {
             s.remove(name);
         }
     }
     fn contains(&self, name: &[u8]) -> bool {
-        self.0
+        self.names
             .lock()
             .is_ok_and(|s| s.iter().any(|n| n.as_bytes() == name))
     }
@@ -148,9 +146,11 @@ impl Staging {
             .map_or(0, |d| d.as_nanos());
         let name = format!("{PREFIX}{tag}-{:x}", nanos ^ u128::from(std::process::id()));
         let root = nix::unistd::dup(root).map_err(io("."))?;
-        mkdirat(&root, name.as_str(), Mode::from_bits_truncate(0o700)).map_err(io(&name))?;
+        // Registered before it exists: a concurrent recovery pass must never take it for a leftover.
         active.insert(&name);
-        let dir = match openat(&root, name.as_str(), dir_flags(), Mode::empty()) {
+        let made = mkdirat(&root, name.as_str(), Mode::from_bits_truncate(0o700))
+            .and_then(|()| openat(&root, name.as_str(), dir_flags(), Mode::empty()));
+        let dir = match made {
             Ok(d) => d,
             Err(e) => {
                 active.remove(&name);
@@ -356,6 +356,11 @@ pub fn recover(
     root: &OwnedFd,
     active: &Active,
 ) -> Vec<(String, std::result::Result<Recovered, SafeFsError>)> {
+    // Poisoned only by a panic elsewhere; the guard protects no data of its own.
+    let _one_at_a_time = active
+        .recovering
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let names = match safe_fs::entries(root, ".") {
         Ok(n) => n,
         Err(e) => return vec![(".".into(), Err(e))],
@@ -422,14 +427,12 @@ fn recover_one(root: &OwnedFd, name: &OsStr) -> Result<Recovered> {
     Ok(outcome)
 }
 
-/// Reads a small regular file (at most 16 MiB), never through a link; `None` when absent.
+/// Reads a small regular file (at most 16 MiB), never through a link; `None` when absent. Opened
+/// non-blocking and checked to be a regular file: a FIFO a tenant plants under the name must not
+/// hang the agent.
 fn read_small(dir: &OwnedFd, name: &str) -> Result<Option<String>> {
-    let fd = match openat(
-        dir,
-        name,
-        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    ) {
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let fd = match openat(dir, name, flags, Mode::empty()) {
         Ok(fd) => fd,
         Err(Errno::ENOENT) => return Ok(None),
         Err(e) => {
@@ -439,6 +442,13 @@ fn read_small(dir: &OwnedFd, name: &str) -> Result<Option<String>> {
             });
         }
     };
+    let st = nix::sys::stat::fstat(&fd).map_err(io(name))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+        return Err(SafeFsError::InvalidPath {
+            path: name.into(),
+            reason: "not a regular file; left in place",
+        });
+    }
     let mut text = String::new();
     use std::io::Read;
     std::fs::File::from(fd)
@@ -608,6 +618,18 @@ mod tests {
             "the running restore's staging stays"
         );
         assert!(Path::new("/etc/passwd").exists());
+    }
+
+    #[test]
+    fn a_fifo_planted_as_the_journal_does_not_hang_recovery() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join(format!("{PREFIX}fifo"));
+        fs::create_dir_all(&dir).unwrap();
+        nix::unistd::mkfifo(&dir.join(JOURNAL), Mode::from_bits_truncate(0o600)).unwrap();
+        let root = safe_fs::open_root(t.path()).unwrap();
+        let done = recover(&root, &Active::default());
+        assert!(done[0].1.is_err(), "{done:?}");
+        assert!(dir.exists(), "left in place");
     }
 
     #[test]

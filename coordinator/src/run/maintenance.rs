@@ -20,7 +20,7 @@ pub const NO_AGENT: &str = "NoReadyAgent";
 const LISTED_IDS: usize = 50;
 
 /// "1.5 MiB" for messages.
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut unit = 0;

@@ -12,14 +12,14 @@ use stowage_common::contract::{
     ANNOTATION_BACKUP_CONTAINER, ANNOTATION_BACKUP_TIMEOUT, ANNOTATION_RESTORE_COMMAND,
 };
 use stowage_proto::v1::{self as pb, RestoreCommandRequest, RestoreRequest, SnapshotsRequest};
-use tonic::Code;
 
+use super::maintenance::human_bytes;
 use super::status::StatusHandle;
 use super::{Begun, begin, run_id};
 use crate::conditions::Finding;
 use crate::context::Ctx;
 use crate::crd::{CommandItem, Restore, RestoreMode, RestoreOutcome, RunPhase};
-use crate::dispatch::{self, DispatchError, SNAPSHOTS_TIMEOUT};
+use crate::dispatch::{self, SNAPSHOTS_TIMEOUT};
 use crate::mount_holder;
 use crate::plan::PodInfo;
 
@@ -41,20 +41,28 @@ pub enum Wanted {
 /// What is restored, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub enum What {
-    Volume {
-        pvc: String,
-        target_pvc: String,
-        /// Relative to the volume root, normalised.
-        include: Vec<String>,
-        path: String,
-        mode: RestoreMode,
-    },
-    Command {
-        owner_kind: String,
-        owner_name: String,
-        container: Option<String>,
-        target_pod: Option<String>,
-    },
+    Volume(VolumeRestore),
+    Command(CommandRestore),
+}
+
+/// A PVC's snapshot into a volume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeRestore {
+    pub pvc: String,
+    pub target_pvc: String,
+    /// Relative to the volume root, normalised.
+    pub include: Vec<String>,
+    pub path: String,
+    pub mode: RestoreMode,
+}
+
+/// A backup command's snapshot into a restore command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandRestore {
+    pub owner_kind: String,
+    pub owner_name: String,
+    pub container: Option<String>,
+    pub target_pod: Option<String>,
 }
 
 /// A Restore's spec, checked: every field a message can name.
@@ -142,13 +150,13 @@ pub fn check(r: &Restore, namespace: &str, cross_namespace: bool) -> Result<Chec
                     Ok(rel)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            What::Volume {
+            What::Volume(VolumeRestore {
                 pvc: pvc.clone(),
                 target_pvc: t.pvc.clone().unwrap_or_else(|| pvc.clone()),
                 include,
                 path: volume_path(t.path.as_deref().unwrap_or(""), "spec.target.path")?,
                 mode: t.mode.unwrap_or_default(),
-            }
+            })
         }
         (None, Some(c)) => {
             let (kind, name) = c.owner.split_once('/').filter(|(k, n)| !k.is_empty() && !n.is_empty()).ok_or_else(|| {
@@ -163,12 +171,12 @@ pub fn check(r: &Restore, namespace: &str, cross_namespace: bool) -> Result<Chec
                     "spec.source.command: a command's snapshot is one stream; include, target.pvc, target.path and target.mode do not apply (target.pod does)",
                 ));
             }
-            What::Command {
+            What::Command(CommandRestore {
                 owner_kind: kind.to_string(),
                 owner_name: name.to_string(),
                 container: c.container.clone().filter(|c| !c.is_empty()),
                 target_pod: t.pod.clone().filter(|p| !p.is_empty()),
-            }
+            })
         }
         _ => {
             return Err(Finding::new(
@@ -209,22 +217,6 @@ fn describe(wanted: &Wanted) -> String {
     }
 }
 
-/// "1.5 MiB".
-fn human_bytes(n: u64) -> String {
-    let mut v = n as f64;
-    let mut unit = 0;
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    while v >= 1024.0 && unit < units.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", units[unit])
-    }
-}
-
 pub async fn execute(ctx: Arc<Ctx>, run: Arc<Restore>) -> Result<(), kube::Error> {
     let Some(begun) = begin(ctx.as_ref(), run.as_ref()).await? else {
         return Ok(());
@@ -258,8 +250,8 @@ async fn restore(ctx: &Arc<Ctx>, run: &Arc<Restore>, begun: &Begun) -> Result<Fi
     // Never create a repository to restore from.
     repository.auto_init = false;
     match &checked.what {
-        What::Volume { .. } => restore_volume(ctx, run, begun, &checked, repository).await,
-        What::Command { .. } => restore_command(ctx, run, begun, &checked, repository).await,
+        What::Volume(v) => restore_volume(ctx, run, begun, &checked, v, repository).await,
+        What::Command(c) => restore_command(ctx, run, begun, &checked, c, repository).await,
     }
 }
 
@@ -373,21 +365,16 @@ async fn restore_volume(
     run: &Arc<Restore>,
     begun: &Begun,
     checked: &Checked,
+    what: &VolumeRestore,
     repository: pb::Repository,
 ) -> Result<Finding, Finding> {
-    let What::Volume {
+    let VolumeRestore {
         pvc,
         target_pvc,
         include,
         path,
         mode,
-    } = &checked.what
-    else {
-        return Err(Finding::new(
-            INVALID_RESTORE,
-            "spec.source: not a volume restore",
-        ));
-    };
+    } = what;
     let namespace = run.namespace().unwrap_or_default();
     let status = &begun.status;
     let claim = ctx
@@ -497,7 +484,7 @@ async fn restore_volume(
         target_path: path.clone(),
         mode: mode_proto.into(),
     };
-    let mut attempts = 0;
+    let mut inventory = mount_holder::InventoryWait::default();
     let result = loop {
         let r = dispatch::restore_volume(
             &ctx.agents,
@@ -506,20 +493,10 @@ async fn restore_volume(
             on_progress(ctx, run, status),
         )
         .await;
-        // A holder's volume may take a moment to appear in the agent's inventory.
-        let not_there_yet = matches!(
-            &r,
-            Err((
-                DispatchError::Agent {
-                    code: Code::NotFound,
-                    ..
-                },
-                _
-            ))
-        );
-        if holder.is_some() && not_there_yet && attempts < 20 {
-            attempts += 1;
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if inventory
+            .again(holder.is_some(), r.as_ref().err().map(|(e, _)| e))
+            .await
+        {
             continue;
         }
         break r;
@@ -541,13 +518,8 @@ async fn restore_volume(
     let finding = Finding::new(
         "Restored",
         format!(
-            "restored snapshot {} of {whose} into {namespace}/{target_pvc}:{shown_path} on {node} ({}): {} file(s), {} director(ies), {} in {:.1}s",
+            "restored snapshot {} of {whose} into {namespace}/{target_pvc}:{shown_path} on {node} ({mode:?}): {} file(s), {} director(ies), {} in {:.1}s",
             snapshot.short_id,
-            match mode {
-                RestoreMode::Merge => "Merge",
-                RestoreMode::Replace => "Replace",
-                RestoreMode::IntoEmpty => "IntoEmpty",
-            },
             r.files_restored,
             r.dirs_restored,
             human_bytes(r.bytes_restored),
@@ -612,20 +584,15 @@ async fn restore_command(
     run: &Arc<Restore>,
     begun: &Begun,
     checked: &Checked,
+    what: &CommandRestore,
     repository: pb::Repository,
 ) -> Result<Finding, Finding> {
-    let What::Command {
+    let CommandRestore {
         owner_kind,
         owner_name,
         container,
         target_pod: wanted_pod,
-    } = &checked.what
-    else {
-        return Err(Finding::new(
-            INVALID_RESTORE,
-            "spec.source: not a command restore",
-        ));
-    };
+    } = what;
     let namespace = run.namespace().unwrap_or_default();
     let status = &begun.status;
     let pods: Vec<PodInfo> = ctx
@@ -803,13 +770,13 @@ mod tests {
         assert!(matches!(c.wanted, Wanted::Before(_)));
         assert_eq!(
             c.what,
-            What::Volume {
+            What::Volume(VolumeRestore {
                 pvc: "data".into(),
                 target_pvc: "data".into(),
                 include: vec!["pgdata/base".into(), "logs/x".into()],
                 path: "restored".into(),
                 mode: RestoreMode::Replace,
-            }
+            })
         );
     }
 

@@ -7,14 +7,13 @@ use std::sync::{Arc, Mutex};
 
 use stowage_proto::v1::{self as pb, BackupResult, Outcome};
 use tokio::sync::Semaphore;
-use tonic::Code;
 
 use super::hooks::PodHooks;
 use super::status::StatusHandle;
 use crate::conditions::Finding;
 use crate::context::Ctx;
 use crate::crd::{Backup, Concurrency, ItemStatus, RunPhase};
-use crate::dispatch::{self, DispatchError, TAG_PARTIAL, VolumeJob};
+use crate::dispatch::{self, TAG_PARTIAL, VolumeJob};
 use crate::mount_holder;
 
 /// Where a selected volume will be read.
@@ -194,7 +193,7 @@ impl VolumeTask {
                 excludes: self.excludes.clone(),
             };
             let key = (self.namespace.clone(), self.pvc.clone());
-            let mut attempts = 0;
+            let mut inventory = mount_holder::InventoryWait::default();
             let mut lock_wait = super::LockWait::new(key.clone());
             loop {
                 let r = dispatch::backup_volume(&ctx.agents, &job, |p| {
@@ -204,17 +203,7 @@ impl VolumeTask {
                     }
                 })
                 .await;
-                // A holder's volume may take a moment to appear in the agent's inventory.
-                let not_there_yet = matches!(
-                    &r,
-                    Err(DispatchError::Agent {
-                        code: Code::NotFound,
-                        ..
-                    })
-                );
-                if holder.is_some() && not_there_yet && attempts < 20 {
-                    attempts += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                if inventory.again(holder.is_some(), r.as_ref().err()).await {
                     continue;
                 }
                 break r;
