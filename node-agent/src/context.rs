@@ -36,6 +36,8 @@ pub struct AgentContext {
     /// Cancelled on SIGTERM: every operation stops its restic and returns.
     pub shutdown: CancellationToken,
     pub parents: ParentCache,
+    /// Snapshots restic listed, so that a restore of one just listed need not list again.
+    pub known_snapshots: crate::known_snapshots::KnownSnapshots,
     /// For exec into pods on this node (backup commands, hooks); `None` without API access.
     pub kube: Option<kube::Client>,
     /// Restore staging directories in use, which recovery passes leave alone.

@@ -12,6 +12,7 @@
 //! - [`backup`] / [`restore`]: the operations, driving restic-wrap;
 //! - [`exec`], [`command`], [`hook`]: commands in pods on this node (exec API): a command's stdout
 //!   streamed into restic, and pre/post-backup hooks;
+//! - [`known_snapshots`]: snapshots already listed, so a restore's ownership check need not list again;
 //! - [`maintenance`] / [`inspect`]: check and prune; reading locks and figures;
 //! - [`safe_fs`]: symlink-safe path resolution and the staging merge used by restores;
 //! - [`service`]: the gRPC service and its error codes;
@@ -30,6 +31,7 @@ pub mod hook;
 pub mod identity;
 pub mod inspect;
 pub mod inventory;
+pub mod known_snapshots;
 pub mod limiter;
 pub mod maintenance;
 pub mod memory;

@@ -105,7 +105,7 @@ pub async fn execute(
 
     let whose = Whose::volume(&source);
     let snapshot = tokio::select! {
-        s = resolve_snapshot(&restic, &whose, &req.snapshot) => s?,
+        s = resolve_snapshot(ctx, &restic, &whose, &req.snapshot) => s?,
         _ = cancel.cancelled() => return Err(AgentError::Cancelled),
     };
 
@@ -279,16 +279,24 @@ impl Whose {
 /// Finds the snapshot among the identity's own: "latest" (or empty) is the newest of that identity
 /// only; an id must belong to it.
 pub async fn resolve_snapshot(
+    ctx: &AgentContext,
     restic: &restic_wrap::Restic,
     whose: &Whose,
     wanted: &str,
 ) -> Result<Snapshot, AgentError> {
+    let location = restic.repository().location();
+    // The coordinator sends the full id it chose from a listing through this agent.
+    if let Some(s) = ctx.known_snapshots.get(&location, wanted, &whose.tags) {
+        tracing::debug!(snapshot = %s.id, "snapshot ownership known from an earlier listing");
+        return Ok(s);
+    }
     let own = restic
         .snapshots(&SnapshotsOptions {
             tags: whose.tags.clone(),
             ..Default::default()
         })
         .await?;
+    ctx.known_snapshots.remember(&location, &own);
     let not_found = || AgentError::SnapshotNotFound {
         snapshot: wanted.to_string(),
         whose: whose.shown.clone(),

@@ -101,7 +101,7 @@ pub async fn execute(
     let restic = ctx.restic(repo, Some(&spec), Some(progress.clone()));
     let whose = Whose::command(&identity);
     let snap = tokio::select! {
-        s = resolve_snapshot(&restic, &whose, &snapshot) => s?,
+        s = resolve_snapshot(ctx, &restic, &whose, &snapshot) => s?,
         _ = cancel.cancelled() => return Err(AgentError::Cancelled),
     };
     // A command's snapshot holds exactly one file, the stream.

@@ -229,6 +229,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         sandboxes: Default::default(),
         shutdown: shutdown.clone(),
         parents: Default::default(),
+        known_snapshots: Default::default(),
         kube,
         staging: Default::default(),
     });

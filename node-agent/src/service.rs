@@ -352,6 +352,9 @@ impl Agent for AgentService {
             ..Default::default()
         };
         let snaps = restic.snapshots(&opts).await.map_err(AgentError::from)?;
+        self.ctx
+            .known_snapshots
+            .remember(&restic.repository().location(), &snaps);
         let snapshots = snaps
             .into_iter()
             .map(|s| Snapshot {

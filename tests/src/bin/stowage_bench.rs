@@ -116,31 +116,33 @@ async fn restore_throughput(
     let target = csi_volume(kubelet, &format!("restore-{i}"), "pv");
     // The agent discovers the new volume through its kubelet-directory watch.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let snapshot = {
-        let out = Command::new("restic")
-            .arg("-r")
-            .arg(repo)
-            .args(["snapshots", "--json", "--latest", "1", "--host"])
-            .arg(format!("bench/vol{i}"))
-            .env("RESTIC_PASSWORD", PW)
-            .output()
-            .expect("snapshots");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        v[0]["id"]
-            .as_str()
-            .expect("the agent's snapshot")
-            .to_string()
+    // Chosen as the coordinator chooses for a Restore: the identity's newest snapshot, from a
+    // listing through the agent (untimed, as finding the id for plain restic is).
+    let source = VolumeIdentity {
+        namespace: "bench".into(),
+        pvc: format!("vol{i}"),
+        pod_name: String::new(),
     };
+    let snapshot = client
+        .snapshots(stowage_proto::v1::SnapshotsRequest {
+            repository: Some(local_repo(repo, PW, false)),
+            identity: Some(source.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("snapshots through the agent")
+        .into_inner()
+        .snapshots
+        .into_iter()
+        .max_by(|a, b| a.time.cmp(&b.time))
+        .expect("the agent's snapshot")
+        .id;
     let (mut via_agent, mut direct) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         let req = RestoreRequest {
             run_id: format!("bench/restore-{r}"),
             repository: Some(local_repo(repo, PW, false)),
-            source: Some(VolumeIdentity {
-                namespace: "bench".into(),
-                pvc: format!("vol{i}"),
-                pod_name: String::new(),
-            }),
+            source: Some(source.clone()),
             snapshot: snapshot.clone(),
             include: Vec::new(),
             target: Some(VolumeRef {
@@ -310,6 +312,10 @@ async fn main() {
         }
         let _ = std::fs::remove_dir_all(&vol);
         let _ = std::fs::remove_dir_all(&repo);
+    }
+    if let Some(keep) = std::env::var_os("STOWAGE_BENCH_AGENT_LOG") {
+        // For reading where an agent's time went (its log has restic's spawn and end times).
+        let _ = std::fs::copy(&agent.log, keep);
     }
     if only_restore {
         stowage_tests::unmount_below(tmp.path());
