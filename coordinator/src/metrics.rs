@@ -30,6 +30,7 @@ pub struct Metrics {
     pub runs: IntCounterVec,
     pub run_duration: HistogramVec,
     pub next_run: GaugeVec,
+    pub period: GaugeVec,
     pub last_success: GaugeVec,
     pub check_success: GaugeVec,
     pub last_check: GaugeVec,
@@ -70,6 +71,13 @@ impl Metrics {
             Opts::new(
                 "stowage_schedule_next_run_timestamp_seconds",
                 "When each Schedule action fires next (Unix time; -random variants resolved).",
+            ),
+            &["namespace", "schedule", "action"],
+        )?;
+        let period = GaugeVec::new(
+            Opts::new(
+                "stowage_schedule_period_seconds",
+                "Seconds between each Schedule action's next two fire times (what staleness alerts multiply).",
             ),
             &["namespace", "schedule", "action"],
         )?;
@@ -163,6 +171,7 @@ impl Metrics {
         registry.register(Box::new(runs.clone()))?;
         registry.register(Box::new(run_duration.clone()))?;
         registry.register(Box::new(next_run.clone()))?;
+        registry.register(Box::new(period.clone()))?;
         registry.register(Box::new(last_success.clone()))?;
         registry.register(Box::new(check_success.clone()))?;
         registry.register(Box::new(last_check.clone()))?;
@@ -181,6 +190,7 @@ impl Metrics {
             runs,
             run_duration,
             next_run,
+            period,
             last_success,
             check_success,
             last_check,
@@ -216,6 +226,7 @@ impl Metrics {
         for (ns, name) in gone {
             for action in RUN_KINDS {
                 let _ = self.next_run.remove_label_values(&[&ns, &name, action]);
+                let _ = self.period.remove_label_values(&[&ns, &name, action]);
             }
             let _ = self.last_success.remove_label_values(&[&ns, &name]);
             let _ = self.check_success.remove_label_values(&[&ns, &name]);

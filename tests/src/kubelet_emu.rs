@@ -190,8 +190,43 @@ fn marked(pod: &Pod) -> bool {
         .is_some_and(|a| a.get(VOLUMES_MOUNTED).map(String::as_str) == Some("true"))
 }
 
-/// Runs until SIGTERM/SIGINT, then unmounts everything it mounted. Pods and PVCs come from watches.
-pub async fn run(client: kube::Client, cluster: PathBuf) -> anyhow::Result<()> {
+/// Makes the node directories one shared mount, so that volumes mounted into them later also appear
+/// in the per-pod mount namespaces of pods the runner started (`HostToContainer` propagation).
+fn share_nodes(cluster: &Path) -> std::io::Result<()> {
+    let nodes = cluster.join("nodes");
+    std::fs::create_dir_all(&nodes)?;
+    let is_mount = procfs::process::Process::myself()
+        .and_then(|p| p.mountinfo())
+        .map(|m| m.into_iter().any(|m| m.mount_point == nodes))
+        .unwrap_or(false);
+    if !is_mount {
+        mount(
+            Some(&nodes),
+            &nodes,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(std::io::Error::from)?;
+    }
+    mount(
+        None::<&str>,
+        &nodes,
+        None::<&str>,
+        MsFlags::MS_SHARED | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// Runs until SIGTERM/SIGINT, then stops the pods it runs and unmounts everything it mounted. Pods
+/// and PVCs come from watches. With `runner`, pods from local images really run
+/// ([`crate::pod_runner`]).
+pub async fn run(
+    client: kube::Client,
+    cluster: PathBuf,
+    runner: Option<crate::pod_runner::Config>,
+) -> anyhow::Result<()> {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, reflector, watcher};
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -213,6 +248,8 @@ pub async fn run(client: kube::Client, cluster: PathBuf) -> anyhow::Result<()> {
     tokio::spawn(pvc_watch);
     let _ = pods.wait_until_ready().await;
     let _ = pvcs.wait_until_ready().await;
+    share_nodes(&cluster)?;
+    let mut runner = runner.map(|cfg| crate::pod_runner::Runner::new(cfg, client.clone()));
     loop {
         let all_pods = pods.state();
         let want = desired(&all_pods, &pvcs.state(), &cluster);
@@ -225,8 +262,17 @@ pub async fn run(client: kube::Client, cluster: PathBuf) -> anyhow::Result<()> {
                     if current.is_some_and(|p| marked(p)) {
                         continue;
                     }
-                    let patch =
-                        serde_json::json!({"metadata": {"annotations": {VOLUMES_MOUNTED: "true"}}});
+                    // Pods of local images get both marks at once, so kwok's stage sees both.
+                    let local = runner
+                        .as_ref()
+                        .zip(current)
+                        .is_some_and(|(r, p)| r.config().runs(p));
+                    let mut annotations = serde_json::Map::new();
+                    annotations.insert(VOLUMES_MOUNTED.into(), "true".into());
+                    if local {
+                        annotations.insert(crate::pod_runner::RUNS_LOCALLY.into(), "true".into());
+                    }
+                    let patch = serde_json::json!({"metadata": {"annotations": annotations}});
                     match Api::<Pod>::namespaced(client.clone(), ns)
                         .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
                         .await
@@ -238,12 +284,19 @@ pub async fn run(client: kube::Client, cluster: PathBuf) -> anyhow::Result<()> {
             }
             Err(e) => eprintln!("reconcile: {e}"),
         }
+        if let Some(r) = runner.as_mut() {
+            r.reconcile(&all_pods).await;
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
     }
+    if let Some(r) = runner.as_mut() {
+        crate::pod_runner::stop_all(r).await;
+    }
     reconcile(&cluster, &BTreeSet::new())?;
+    let _ = umount2(&cluster.join("nodes"), MntFlags::MNT_DETACH);
     Ok(())
 }

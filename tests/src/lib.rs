@@ -8,6 +8,7 @@ pub mod coordinator;
 pub mod fstree;
 pub mod kubelet_emu;
 pub mod moto;
+pub mod pod_runner;
 pub mod procs;
 pub mod proxy;
 pub mod restic;

@@ -50,6 +50,27 @@ impl Moto {
 }
 
 impl Moto {
+    /// Creates bucket `name` (moto needs no credentials for it). restic creates a missing bucket
+    /// only in `init`; opening a repository in a missing bucket retries for minutes.
+    pub fn create_bucket(&self, name: &str) {
+        use std::io::{Read, Write};
+        let addr = self.endpoint.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect to moto");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            s,
+            "PUT /{name} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+        )
+        .expect("PUT");
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        assert!(
+            reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"),
+            "create bucket {name}: {reply}"
+        );
+    }
+
     /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: an S3 endpoint that stops answering.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);

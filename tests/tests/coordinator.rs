@@ -317,6 +317,12 @@ async fn a_schedule_firing_every_minute_backs_up_pods_on_two_nodes() {
         env.ns
     );
     assert!(coordinator.metric(&next_metric).await.unwrap_or(0.0) > 1.7e9);
+    // What the staleness alert multiplies: one minute between fire times.
+    let period_metric = format!(
+        "stowage_schedule_period_seconds{{action=\"backup\",namespace=\"{}\",schedule=\"every-minute\"}}",
+        env.ns
+    );
+    assert_eq!(coordinator.metric(&period_metric).await, Some(60.0));
     assert!(
         coordinator
             .metric("stowage_coordinator_runs_total{kind=\"backup\",result=\"succeeded\"}")

@@ -121,10 +121,17 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<Ctx>) -> Result<Action, kube::
                     .next_run
                     .with_label_values(&labels)
                     .set(t.timestamp() as f64);
+                if let Some(after) = cron.next_after(t) {
+                    ctx.metrics
+                        .period
+                        .with_label_values(&labels)
+                        .set((after - t).num_seconds() as f64);
+                }
                 soonest = Some(soonest.map_or(t, |x| x.min(t)));
             }
             None => {
                 let _ = ctx.metrics.next_run.remove_label_values(&labels);
+                let _ = ctx.metrics.period.remove_label_values(&labels);
             }
         }
     }
