@@ -143,6 +143,9 @@ async fn can(
 #[tokio::test]
 async fn the_chart_installs_a_stowage_that_backs_up_and_restores_in_place() {
     let cluster = Cluster::shared();
+    // The emulator runs the chart's images from these builds (tests/cluster/up --local-image).
+    stowage_tests::binary("stowage-agent");
+    stowage_tests::binary("stowage-coordinator");
     let client = cluster.client().await;
     let app = fresh_namespace(&client, "helm-app").await;
     let sys = fresh_namespace(&client, "helm-sys").await;

@@ -1,0 +1,28 @@
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum PluginError {
+    #[error("reading the kubeconfig: {0}")]
+    Kubeconfig(String),
+    #[error("{action}: {source}")]
+    Api {
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+    #[error("reading the repository of Schedule {schedule}: {reason}")]
+    Repository { schedule: String, reason: String },
+    #[error("restic could not list the snapshots: {0}")]
+    Restic(#[from] restic_wrap::Error),
+    #[error("writing the output: {0}")]
+    Output(String),
+}
+
+impl PluginError {
+    pub fn api(action: impl Into<String>) -> impl FnOnce(kube::Error) -> PluginError {
+        let action = action.into();
+        move |source| PluginError::Api { action, source }
+    }
+}

@@ -1,0 +1,177 @@
+//! `kubectl stowage`, run by the real kubectl (which finds the plugin on PATH) against the local
+//! control plane, with the real coordinator, agents and restic: status, snapshots, backup now and
+//! restore (including a failing one, whose exit code and message carry the reason).
+
+use std::process::{Command, Output};
+
+use stowage_tests::cluster::{Cluster, fresh_namespace};
+use stowage_tests::coordinator::{Coordinator, CoordinatorOptions, create, local_backend, secret};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+/// `kubectl stowage <args>` in namespace `ns`, with the plugin and the pinned restic on PATH.
+fn kubectl_stowage(cluster: &Cluster, ns: &str, args: &[&str]) -> Output {
+    let plugin_dir = stowage_tests::binary("kubectl-stowage")
+        .parent()
+        .expect("dir")
+        .to_path_buf();
+    let path = format!(
+        "{}:{}",
+        plugin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new(cluster.kubectl())
+        .arg("stowage")
+        .args([
+            "--kubeconfig",
+            &cluster.kubeconfig().display().to_string(),
+            "-n",
+            ns,
+        ])
+        .args(args)
+        .env("PATH", path)
+        .output()
+        .expect("kubectl stowage")
+}
+
+fn ok(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+#[tokio::test]
+async fn kubectl_stowage_backs_up_lists_restores_and_reports_failures() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, "plugin").await;
+    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
+    let repo = cluster.dir.join("repos").join(&ns);
+    stowage_tests::restic::init(&repo, PASSWORD);
+    let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let _: stowage_coordinator::crd::Schedule = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+            "metadata": {"name": "nightly"},
+            "spec": {"backend": local_backend(&repo), "backup": {"schedule": "0 3 1 1 *"}}}),
+    )
+    .await;
+    let data = cluster.volume(&ns, "db-0", "data", "node-3", &[]);
+    std::fs::write(data.join("orders.csv"), b"1,apples\n2,pears\n").expect("write");
+    cluster
+        .wait_mounted(&client, &ns, "db-0", "data", "node-3", "orders.csv")
+        .await;
+
+    // backup now --wait: follows the run and exits 0 once it Succeeded.
+    let out = kubectl_stowage(
+        cluster,
+        &ns,
+        &[
+            "backup",
+            "now",
+            "--schedule",
+            "nightly",
+            "--wait",
+            "--timeout",
+            "120s",
+        ],
+    );
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("succeeded") && stdout.contains("data"),
+        "{stdout}"
+    );
+
+    // status -o json: the Schedule, the volume's newest success, an agent on every node.
+    let status = ok(&kubectl_stowage(cluster, &ns, &["status", "-o", "json"]));
+    assert_eq!(status["schedules"][0]["name"], "nightly", "{status:#}");
+    let vol = &status["volumes"][0];
+    assert_eq!(vol["name"], "data", "{status:#}");
+    assert_eq!(vol["node"], "node-3");
+    let snapshot = vol["snapshot"].as_str().expect("snapshot").to_string();
+    let agent_nodes: std::collections::BTreeSet<String> = status["agents"]
+        .as_array()
+        .expect("agents")
+        .iter()
+        .filter(|a| a["ready"] == true)
+        .filter_map(|a| a["node"].as_str().map(String::from))
+        .collect();
+    assert!(
+        cluster.node_names().iter().all(|n| agent_nodes.contains(n)),
+        "{status:#}"
+    );
+    // The table names the same things.
+    let out = kubectl_stowage(cluster, &ns, &["status"]);
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("SCHEDULES") && text.contains("nightly") && text.contains(&snapshot[..8]),
+        "{text}"
+    );
+
+    // snapshots --pvc: read from the repository with restic, the same snapshot.
+    let snaps = ok(&kubectl_stowage(
+        cluster,
+        &ns,
+        &["snapshots", "--pvc", "data", "-o", "json"],
+    ));
+    let ids: Vec<&str> = snaps
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .collect();
+    assert_eq!(ids, [snapshot.as_str()], "{snaps:#}");
+
+    // restore: the deleted file is back, the pod untouched.
+    std::fs::remove_file(data.join("orders.csv")).expect("delete");
+    let out = kubectl_stowage(
+        cluster,
+        &ns,
+        &["restore", "--pvc", "data", "--timeout", "120s"],
+    );
+    ok(&out);
+    assert_eq!(
+        std::fs::read(data.join("orders.csv")).expect("restored"),
+        b"1,apples\n2,pears\n"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("100.0%"), "progress shown: {stderr}");
+
+    // A snapshot that does not exist: exit 1, and the reason.
+    let out = kubectl_stowage(
+        cluster,
+        &ns,
+        &[
+            "restore",
+            "--pvc",
+            "data",
+            "--snapshot",
+            "deadbeef",
+            "--timeout",
+            "60s",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Failed") && stderr.contains("SnapshotNotFound"),
+        "{stderr}"
+    );
+
+    // Mistakes are sentences, not dumps.
+    let out = kubectl_stowage(cluster, &ns, &["backup", "now", "--schedule", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: reading Schedule") && stderr.contains("nope"),
+        "{stderr}"
+    );
+}
