@@ -35,6 +35,23 @@ impl Cluster {
         })
     }
 
+    /// The cluster already running in `$STOWAGE_CLUSTER_DIR`, as it is (the demo's, with Stowage
+    /// installed by Helm): nothing is started.
+    pub fn running() -> &'static Cluster {
+        static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+        CLUSTER.get_or_init(|| {
+            let dir = std::env::var("STOWAGE_CLUSTER_DIR").map_or_else(
+                |_| crate::workspace_root().join("target/cluster"),
+                PathBuf::from,
+            );
+            let env = parse_env(
+                &std::fs::read_to_string(dir.join("env"))
+                    .expect("a running cluster (tests/cluster/up)"),
+            );
+            Cluster { dir, env }
+        })
+    }
+
     pub fn kubeconfig(&self) -> PathBuf {
         PathBuf::from(&self.env["KUBECONFIG"])
     }

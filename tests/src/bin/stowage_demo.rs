@@ -1,15 +1,15 @@
-//! `stowage-demo`: the demo's steps, against a cluster from `tests/cluster/up --coordinator` (agents
-//! from the agent DaemonSet, one coordinator). The user-facing part is Kubernetes objects: a
-//! Schedule, a Backup run and a Check run; the coordinator sends each volume to the agent of the node
-//! that mounts it. A Restore object brings one deleted file back in place, while its pod runs.
+//! `stowage-demo`: the demo's steps, against a cluster from `tests/cluster/up --helm` (Stowage
+//! installed by its Helm chart, its pods' containers run by the kubelet emulator). What a user does
+//! goes through Kubernetes objects and `kubectl stowage`: a Schedule, `backup now`, `restore`.
 
 use std::collections::BTreeMap;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
-use kube::api::Api;
-use stowage_coordinator::crd::{Backup, Check, Restore, RunPhase, Schedule};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use stowage_coordinator::crd::Schedule;
 use stowage_tests::cluster::{Cluster, pod_running, pvc_bound, wait_for};
 
 const NS: &str = "demo-shop";
@@ -21,43 +21,91 @@ const APPS: [(&str, &str, &str); 3] = [
 /// A PVC that no pod mounts (a scaled-down app): backed up through a mount-holder pod.
 const IDLE: (&str, &str) = ("reports-0", "reports");
 const PASSWORD: &str = "demo-password-change-me";
+/// The database dump postgres-0's backup command streams into restic.
+const DUMP: &str =
+    "for i in $(seq 1 2000); do echo \"INSERT INTO orders VALUES ($i, 'order $i');\"; done";
 
 fn step(n: usize, what: &str) {
     println!("\n[{n}] {what}");
 }
 
-/// Waits (2 minutes at most) until run `name` has finished.
-async fn wait_run<K>(api: &Api<K>, name: &str) -> anyhow::Result<K>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + serde::Serialize,
-{
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let obj = api.get(name).await?;
-        let phase = serde_json::to_value(&obj)?["status"]["phase"].clone();
-        if matches!(
-            phase.as_str(),
-            Some("Succeeded" | "PartiallyFailed" | "Failed")
-        ) {
-            return Ok(obj);
-        }
-        if Instant::now() > deadline {
-            bail!("{name} did not finish within 2 minutes (phase {phase})");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+/// `kubectl stowage ...` in the demo namespace, its output shown indented; fails unless it exits 0.
+fn kubectl_stowage(cluster: &Cluster, args: &[&str]) -> anyhow::Result<String> {
+    let dir = stowage_tests::target_dir();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    println!("    $ kubectl stowage -n {NS} {}", args.join(" "));
+    let out = Command::new(cluster.kubectl())
+        .arg("stowage")
+        .args(["-n", NS])
+        .args(args)
+        .env("PATH", path)
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .output()
+        .context("running kubectl stowage")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The progress bar goes to stderr, a line per change when not on a terminal: show the last.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if let Some(last) = stderr.lines().filter(|l| l.starts_with('[')).last() {
+        println!("      {last}");
     }
+    for l in stderr.lines().filter(|l| !l.starts_with('[')) {
+        println!("      {l}");
+    }
+    for l in stdout.lines() {
+        println!("      {l}");
+    }
+    if !out.status.success() {
+        bail!(
+            "kubectl stowage {} exited with {:?}",
+            args.join(" "),
+            out.status.code()
+        );
+    }
+    Ok(stdout)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
+    let cluster = Cluster::running();
     let client = cluster.client().await;
-    // Below the agents' --local-repository-root (tests/cluster/stowage-up).
-    let repo_dir = cluster.dir.join("repos").join("demo");
+    let sys = cluster
+        .env
+        .get("STOWAGE_HELM_NAMESPACE")
+        .cloned()
+        .context("no Helm release: start the cluster with tests/cluster/up --helm")?;
 
     step(
-        1,
-        "three application pods on three nodes, each with a PVC holding data, and one unmounted PVC",
+        3,
+        "Stowage as the Helm chart installed it: the pods run by the kubelet emulator",
+    );
+    let chart_pods = Api::<Pod>::namespaced(client.clone(), &sys)
+        .list(&ListParams::default())
+        .await?;
+    for p in &chart_pods.items {
+        let st = p.status.clone().unwrap_or_default();
+        let ready = st
+            .conditions
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        println!(
+            "    {:<42} {:<7} {:<11} ready={ready}",
+            p.metadata.name.clone().unwrap_or_default(),
+            p.spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default(),
+            st.pod_ip.unwrap_or_default()
+        );
+    }
+
+    step(
+        4,
+        "three application pods on three nodes with data in their PVCs (postgres-0 with a backup command), and one unmounted PVC",
     );
     let mut backing = BTreeMap::new();
     let idle = cluster.volume(NS, IDLE.0, IDLE.1, "node-1", &["--no-pod"]);
@@ -92,113 +140,96 @@ async fn main() -> anyhow::Result<()> {
             .wait_mounted(&client, NS, pod, pvc, node, "conf/settings.ini")
             .await;
     }
+    let annotate = serde_json::json!({"metadata": {"annotations": {
+        "stowage.dev/backup-command": format!("sh -c '{}'", DUMP.replace('\'', "'\\''")),
+        "stowage.dev/file-extension": ".sql"}}});
+    pods.patch(
+        "postgres-0",
+        &PatchParams::default(),
+        &Patch::Merge(&annotate),
+    )
+    .await?;
+    println!("    postgres-0: stowage.dev/backup-command streams a 2000-row SQL dump into restic");
 
     step(
-        2,
-        "a Schedule and a Backup run: the coordinator sends each volume to the agent of its node",
+        5,
+        "an S3 repository, a Schedule, and `kubectl stowage backup now`: each volume goes to the agent of its node",
     );
+    let moto = stowage_tests::moto::Moto::start();
+    moto.create_bucket("demo");
     let secret: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "backup-repo"}, "stringData": {"password": PASSWORD}}))?;
+        "metadata": {"name": "backup-repo"},
+        "stringData": {"password": PASSWORD, "id": "AKIADEMO", "secret": "demo-secret-key"}}))?;
     let _ = Api::<Secret>::namespaced(client.clone(), NS)
         .create(&Default::default(), &secret)
         .await;
     let backend = serde_json::json!({
         "repoPasswordSecretRef": {"name": "backup-repo", "key": "password"},
-        "local": {"path": repo_dir.display().to_string()}});
+        "s3": {"endpoint": moto.endpoint, "bucket": "demo", "prefix": "shop",
+               "accessKeyIDSecretRef": {"name": "backup-repo", "key": "id"},
+               "secretAccessKeySecretRef": {"name": "backup-repo", "key": "secret"}},
+        "initialize": true});
     let schedule: Schedule = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "nightly"},
         "spec": {"backend": backend, "backup": {"schedule": "@daily-random"},
                  "check": {"schedule": "@weekly-random"},
                  "prune": {"schedule": "0 4 * * 0", "retention": {"keepLast": 5, "keepDaily": 14}}}}))?;
-    let schedules: Api<Schedule> = Api::namespaced(client.clone(), NS);
-    schedules.create(&Default::default(), &schedule).await?;
-    let run: Backup = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "manual-1"}, "spec": {"scheduleRef": {"name": "nightly"}}}))?;
-    let backups: Api<Backup> = Api::namespaced(client.clone(), NS);
+    Api::<Schedule>::namespaced(client.clone(), NS)
+        .create(&Default::default(), &schedule)
+        .await?;
+    println!(
+        "    Schedule nightly: S3 {}/demo/shop, backup @daily-random",
+        moto.endpoint
+    );
     let started = Instant::now();
-    backups.create(&Default::default(), &run).await?;
-    println!("    kubectl -n {NS} create -f backup.yaml   (spec.scheduleRef: nightly)");
-    let done = wait_run(&backups, "manual-1").await?;
-    let status = done.status.context("status")?;
-    println!(
-        "\n    Backup manual-1: {:?} in {:.1}s ({})",
-        status.phase.unwrap_or_default(),
-        started.elapsed().as_secs_f64(),
-        status.summary.unwrap_or_default()
-    );
-    println!(
-        "    {:<18} {:<7} {:<24} {:<10} {:>5} {:>9} {:>8}",
-        "PVC", "NODE", "POD", "SNAPSHOT", "NEW", "ADDED", "SECONDS"
-    );
-    for i in &status.items {
-        println!(
-            "    {:<18} {:<7} {:<24} {:<10} {:>5} {:>9} {:>8.2}",
-            i.pvc,
-            i.node.as_deref().unwrap_or("-"),
-            i.pod.as_deref().unwrap_or("-"),
-            // restic 0.17+ reports the full id; people read the short one.
-            i.snapshot_id
-                .as_deref()
-                .map_or("-", |id| id.get(..8).unwrap_or(id)),
-            i.files_new.unwrap_or(0),
-            i.bytes_added.unwrap_or(0),
-            i.duration_seconds.unwrap_or(0.0)
-        );
-        if i.phase != RunPhase::Succeeded {
-            bail!("{} was not backed up: {:?}", i.pvc, i.error);
+    let out = kubectl_stowage(
+        cluster,
+        &[
+            "backup",
+            "now",
+            "--schedule",
+            "nightly",
+            "--wait",
+            "--timeout",
+            "180s",
+        ],
+    )?;
+    println!("    ({:.1}s)", started.elapsed().as_secs_f64());
+    for want in [
+        "data-postgres-0",
+        "data-redis-0",
+        "uploads",
+        "reports",
+        "command Pod/postgres-0",
+    ] {
+        if !out.contains(want) {
+            bail!("the backup's summary does not name {want}");
         }
     }
-    if status.items.len() != APPS.len() + 1 {
-        bail!(
-            "expected {} volumes, got {}",
-            APPS.len() + 1,
-            status.items.len()
-        );
-    }
-    let sched = schedules.get("nightly").await?;
-    let next = sched.status.and_then(|s| s.next_runs).unwrap_or_default();
-    println!(
-        "    Schedule nightly fires next: backup {}, check {}, prune {}",
-        next.backup.unwrap_or_default(),
-        next.check.unwrap_or_default(),
-        next.prune.unwrap_or_default()
-    );
+    kubectl_stowage(cluster, &["status"])?;
 
     step(
-        3,
-        "a user deletes a file; it is restored in place, into the running pod's volume",
+        6,
+        "a user deletes a file; `kubectl stowage restore` brings it back in place while the pod runs",
     );
-    let (pod, pvc, node) = APPS[0];
+    let (pod, pvc, _) = APPS[0];
     let victim = backing[pvc].join("conf/settings.ini");
     let original = std::fs::read(&victim)?;
     std::fs::remove_file(&victim)?;
     println!("    deleted conf/settings.ini from {pvc}");
-    let p = pods.get(pod).await?;
-    let uid_before = p.metadata.uid.clone().context("uid")?;
-    // A Restore object: the coordinator resolves the newest snapshot of this PVC, and the agent of
-    // the node that mounts it writes the one file back while the pod runs.
-    let restores: Api<Restore> = Api::namespaced(client.clone(), NS);
-    let undo: Restore = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "undo-delete"},
-        "spec": {"scheduleRef": {"name": "nightly"},
-                 "source": {"pvc": pvc, "snapshot": "latest", "include": ["/conf/settings.ini"]},
-                 "target": {"mode": "Merge"}}}))?;
-    restores.create(&Default::default(), &undo).await?;
-    println!(
-        "    kubectl apply: Restore undo-delete (source.pvc {pvc}, include /conf/settings.ini, mode Merge)"
-    );
-    let done = wait_run(&restores, "undo-delete").await?;
-    let status = done.status.context("status")?;
-    let message = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Succeeded")
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
-    if status.phase != Some(RunPhase::Succeeded) {
-        bail!("the restore failed: {message}");
-    }
-    let outcome = status.restore.context("restore status")?;
+    let uid_before = pods.get(pod).await?.metadata.uid.context("uid")?;
+    kubectl_stowage(
+        cluster,
+        &[
+            "restore",
+            "--pvc",
+            pvc,
+            "--path",
+            "/conf/settings.ini",
+            "--timeout",
+            "180s",
+        ],
+    )?;
     let back = std::fs::read(&victim).context("the file is back")?;
     if back != original {
         bail!("restored content differs");
@@ -207,59 +238,159 @@ async fn main() -> anyhow::Result<()> {
     if uid_after != uid_before {
         bail!("the pod was recreated");
     }
-    println!("    Restore undo-delete: {message}");
     println!(
-        "    snapshot {} (taken {}) on {}: conf/settings.ini is back, byte for byte; pod {pod} kept running (same UID)",
-        outcome.snapshot_id.unwrap_or_default(),
-        outcome.snapshot_time.unwrap_or_default(),
-        outcome.node.unwrap_or_else(|| node.to_string())
+        "    conf/settings.ini is back, byte for byte; pod {pod} kept running (UID {uid_after})"
     );
 
-    step(4, "a Check run verifies the repository on one ready agent");
-    let check: Check = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "verify-1"}, "spec": {"scheduleRef": {"name": "nightly"}}}))?;
-    let checks: Api<Check> = Api::namespaced(client.clone(), NS);
-    checks.create(&Default::default(), &check).await?;
-    let done = wait_run(&checks, "verify-1").await?;
-    let status = done.status.context("status")?;
-    let verdict = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Succeeded")
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
-    println!(
-        "    Check verify-1: {:?}: {verdict}",
-        status.phase.unwrap_or_default()
+    step(
+        7,
+        "metrics: each agent serves its own, and an alert rule evaluated by promtool",
     );
-    if status.phase != Some(RunPhase::Succeeded) {
-        bail!("the check failed");
+    let mut last_success = Vec::new();
+    for p in &chart_pods.items {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let ip = p
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .unwrap_or_default();
+        let addr: std::net::SocketAddr = format!("{ip}:9090").parse()?;
+        let (_, text) = stowage_tests::http_get(addr, "/metrics")
+            .await
+            .context("scraping a chart pod")?;
+        println!("    http://{addr}/metrics ({name})");
+        for l in text.lines().filter(|l| {
+            l.starts_with("stowage_agent_backups_total{result=\"succeeded\"}")
+                || l.starts_with("stowage_agent_restores_total{result=\"succeeded\"}")
+                || l.starts_with("stowage_agent_last_success_timestamp_seconds{")
+                || l.starts_with("stowage_coordinator_leader ")
+                || l.starts_with("stowage_schedule_period_seconds{action=\"backup\"")
+        }) {
+            println!("      {l}");
+            if l.starts_with("stowage_agent_last_success_timestamp_seconds{") {
+                last_success.push(l.to_string());
+            }
+        }
     }
+    let first = last_success
+        .first()
+        .context("no volume reported a successful backup")?;
+    let labels = first
+        .split_once('{')
+        .and_then(|(_, r)| r.split_once('}'))
+        .map(|(l, _)| l.to_string())
+        .context("labels")?;
+    alert_fires(cluster, &labels)?;
 
-    step(5, "where to look");
+    step(8, "where to look");
     println!(
         "    kubectl -n {NS} get schedules,backups,checks,restores    (KUBECONFIG={})",
         cluster.kubeconfig().display()
     );
     println!(
-        "    repository:  {}  (restic -r ... snapshots)",
-        repo_dir.display()
+        "    chart pods' logs:    {}",
+        cluster.dir.join("logs/pods").display()
     );
-    for k in 1..=3 {
-        if let (Some(m), Some(l)) = (
-            cluster.env.get(&format!("STOWAGE_AGENT_{k}_METRICS")),
-            cluster.env.get(&format!("STOWAGE_AGENT_{k}_LOG")),
-        ) {
-            println!("    node-{k} agent: metrics {m}  log {l}");
-        }
-    }
-    if let Some(m) = cluster.env.get("STOWAGE_COORDINATOR_METRICS") {
-        println!("    coordinator: metrics {m}");
-    }
     println!(
-        "    control plane logs: {}",
+        "    control plane logs:  {}",
         cluster.dir.join("logs").display()
     );
     println!("\ndemo succeeded");
+    Ok(())
+}
+
+/// Renders the chart's alert rules and has promtool evaluate StowageVolumeBackupStale for the volume
+/// with `labels` (as scraped): quiet one day after its backup, firing three days after, with the
+/// Schedule's daily period.
+fn alert_fires(cluster: &Cluster, labels: &str) -> anyhow::Result<()> {
+    let root = stowage_tests::workspace_root();
+    let helm = cluster
+        .env
+        .get("STOWAGE_HELM")
+        .cloned()
+        .context("STOWAGE_HELM not set by helm-up")?;
+    let out = Command::new(helm)
+        .args([
+            "template",
+            "stowage",
+            &root.join("deploy/daemonset").display().to_string(),
+        ])
+        .args([
+            "--set",
+            "prometheusRule.enabled=true",
+            "--show-only",
+            "templates/prometheusrule.yaml",
+        ])
+        .output()?;
+    if !out.status.success() {
+        bail!("helm template: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rendered = String::from_utf8_lossy(&out.stdout);
+    let rules: String = rendered
+        .lines()
+        .skip_while(|l| !l.starts_with("spec:"))
+        .skip(1)
+        .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l)))
+        .collect();
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("rules.yaml"), rules)?;
+    let ns = labels
+        .split(',')
+        .find_map(|kv| kv.strip_prefix("namespace="))
+        .map(|v| v.trim_matches('"').to_string())
+        .context("namespace label")?;
+    let pvc = labels
+        .split(',')
+        .find_map(|kv| kv.strip_prefix("pvc="))
+        .map(|v| v.trim_matches('"').to_string())
+        .context("pvc label")?;
+    let test = format!(
+        r#"rule_files: [rules.yaml]
+evaluation_interval: 5m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'stowage_agent_last_success_timestamp_seconds{{{labels}}}'
+        values: '0x4400'
+      - series: 'stowage_schedule_period_seconds{{namespace="{ns}",schedule="nightly",action="backup"}}'
+        values: '86400x4400'
+    alert_rule_test:
+      - eval_time: 1d
+        alertname: StowageVolumeBackupStale
+        exp_alerts: []
+      - eval_time: 3d
+        alertname: StowageVolumeBackupStale
+        exp_alerts:
+          - exp_labels: {{severity: warning, namespace: "{ns}", pvc: "{pvc}"}}
+            exp_annotations:
+              summary: "{ns}/{pvc} has had no successful backup for 2 schedule periods"
+              description: "The newest successful backup of PVC {pvc} in {ns} is 3d 0h 0m 0s old."
+              runbook_url: https://github.com/stowage-dev/stowage/blob/main/docs/alerts.md#stowagevolumebackupstale
+"#
+    );
+    std::fs::write(dir.path().join("demo.test.yaml"), test)?;
+    let out = Command::new("promtool")
+        .args(["test", "rules", "demo.test.yaml"])
+        .current_dir(dir.path())
+        .output()?;
+    println!(
+        "    promtool test rules: StowageVolumeBackupStale for {ns}/{pvc} (backed up at t=0, daily schedule)"
+    );
+    println!("      1 day later: quiet; 3 days later: FIRING (severity warning)");
+    if !out.status.success() {
+        bail!(
+            "promtool did not see the alert fire: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    println!(
+        "      promtool: {}",
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim()
+    );
     Ok(())
 }
