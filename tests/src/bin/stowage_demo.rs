@@ -49,7 +49,7 @@ fn kubectl_stowage(cluster: &Cluster, args: &[&str]) -> anyhow::Result<String> {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     // The progress bar goes to stderr, a line per change when not on a terminal: show the last.
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if let Some(last) = stderr.lines().filter(|l| l.starts_with('[')).last() {
+    if let Some(last) = stderr.lines().rfind(|l| l.starts_with('[')) {
         println!("      {last}");
     }
     for l in stderr.lines().filter(|l| !l.starts_with('[')) {
