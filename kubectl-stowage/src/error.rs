@@ -4,12 +4,9 @@ use thiserror::Error;
 pub enum PluginError {
     #[error("reading the kubeconfig: {0}")]
     Kubeconfig(String),
-    #[error("{action}: {source}")]
-    Api {
-        action: String,
-        #[source]
-        source: kube::Error,
-    },
+    /// The API error as a sentence (`stowage_common::kube_errors::sentence`), never its Debug form.
+    #[error("{action}: {reason}")]
+    Api { action: String, reason: String },
     #[error("{0}")]
     Usage(String),
     #[error("reading the repository of Schedule {schedule}: {reason}")]
@@ -23,6 +20,9 @@ pub enum PluginError {
 impl PluginError {
     pub fn api(action: impl Into<String>) -> impl FnOnce(kube::Error) -> PluginError {
         let action = action.into();
-        move |source| PluginError::Api { action, source }
+        move |source| PluginError::Api {
+            action,
+            reason: stowage_common::kube_errors::sentence(&source),
+        }
     }
 }

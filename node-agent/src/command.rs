@@ -206,6 +206,11 @@ pub async fn execute(
             ..Default::default()
         });
     };
+    // Set when following restic ended before the command's output did: that future is then complete
+    // and must not be awaited again. `restic_exited`: its output closed, so restic exited on its own
+    // and its exit status and stderr say why.
+    let mut restic_ended = false;
+    let mut restic_exited = false;
     let outcome = {
         let restic_follow = follow::follow(&mut run, &abort, "backup", on_status);
         tokio::pin!(restic_follow);
@@ -216,11 +221,15 @@ pub async fn execute(
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(AgentError::CommandTimedOut { command: target.describe(), after: timeout, outcome: NO_SNAPSHOT }),
             },
-            r = &mut restic_follow => Err(match r {
-                Err(restic_wrap::Error::Cancelled { .. }) => AgentError::Cancelled,
-                Err(e) => e.into(),
-                Ok(()) => AgentError::Kubernetes("restic ended before the command's output did".into()),
-            }),
+            r = &mut restic_follow => {
+                restic_ended = true;
+                restic_exited = r.is_ok();
+                Err(match r {
+                    Err(restic_wrap::Error::Cancelled { .. }) => AgentError::Cancelled,
+                    Err(e) => e.into(),
+                    Ok(()) => AgentError::Kubernetes("restic ended before the command's output did".into()),
+                })
+            }
         };
         // Phase 2: the exit status decides whether restic sees EOF.
         let end = match streamed {
@@ -262,9 +271,12 @@ pub async fn execute(
             }
             StreamEnd::Failed(e) => {
                 // No EOF: restic is stopped mid-stream and writes no snapshot.
-                abort.cancel();
-                let _ = restic_follow.await;
-                drop(stdin);
+                if !restic_ended {
+                    abort.cancel();
+                    let _ = restic_follow.await;
+                }
+                // stdin stays open until restic is stopped below: EOF now would let a live restic
+                // save what it has read as a snapshot.
                 Err(e)
             }
         }
@@ -272,7 +284,17 @@ pub async fn execute(
     let bytes = match outcome {
         Ok(b) => b,
         Err(e) => {
-            run.stop().await;
+            let e = if restic_exited {
+                // restic exited on its own mid-stream: its exit status and stderr are the reason.
+                match run.finish().await {
+                    Err(restic_error) => restic_error.into(),
+                    Ok(_) => e,
+                }
+            } else {
+                run.stop().await;
+                e
+            };
+            // (stdin, if still open, closes on return: after restic was stopped.)
             tracing::warn!(run = %run_id, command = %target.describe(), error = %e, "command backup failed; no snapshot");
             return Err(e);
         }

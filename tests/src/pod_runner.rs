@@ -399,8 +399,23 @@ impl Runner {
                 .await
                 .map_err(|e| format!("secret {name}: {e}"))?;
             let mode = s.default_mode.unwrap_or(0o644) as u32;
-            for (k, val) in secret.data.iter().flatten() {
-                write_file(&dir.join(k), &val.0, mode).map_err(io)?;
+            let data = secret.data.unwrap_or_default();
+            match &s.items {
+                // Only the listed keys, at their paths, as the kubelet projects them.
+                Some(items) => {
+                    for item in items {
+                        let val = data
+                            .get(&item.key)
+                            .ok_or_else(|| format!("no key {} in secret {name}", item.key))?;
+                        let m = item.mode.map_or(mode, |m| m as u32);
+                        write_file(&dir.join(&item.path), &val.0, m).map_err(io)?;
+                    }
+                }
+                None => {
+                    for (k, val) in &data {
+                        write_file(&dir.join(k), &val.0, mode).map_err(io)?;
+                    }
+                }
             }
             return Ok(());
         }
@@ -759,6 +774,7 @@ async fn probe_all(p: &mut RunningPod) -> bool {
             continue;
         };
         if Instant::now() >= c.next_probe {
+            // The probe's period, capped at 2 s so that tests do not wait out a 10 s default.
             let period = probe.period_seconds.unwrap_or(10).max(1) as u64;
             c.next_probe = Instant::now() + Duration::from_secs(period.min(2));
             c.ready = match &probe.http_get {

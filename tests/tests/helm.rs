@@ -140,6 +140,32 @@ async fn can(
         .is_some_and(|s| s.allowed)
 }
 
+/// (verb, API group, resource or resource/subresource, namespace) requests.
+type Access<'a> = Vec<(&'a str, &'a str, &'a str, Option<&'a str>)>;
+
+/// Asserts that the service account may do every request of `allowed` and none of `denied`.
+async fn check_access(
+    client: &kube::Client,
+    sa: (&str, &str),
+    allowed: &Access<'_>,
+    denied: &Access<'_>,
+) {
+    for &(verb, group, resource, ns) in allowed {
+        assert!(
+            can(client, sa, verb, group, resource, ns).await,
+            "{}: {verb} {group}/{resource}",
+            sa.1
+        );
+    }
+    for &(verb, group, resource, ns) in denied {
+        assert!(
+            !can(client, sa, verb, group, resource, ns).await,
+            "{} must not {verb} {group}/{resource}",
+            sa.1
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_chart_installs_a_stowage_that_backs_up_and_restores_in_place() {
     let cluster = Cluster::shared();
@@ -287,19 +313,11 @@ async fn the_chart_installs_a_stowage_that_backs_up_and_restores_in_place() {
     }
 
     // Least privilege, checked by the API server's authorizer.
-    let agent_sa = (sys.as_str(), format!("{fullname}-agent"));
-    let agent_sa = (agent_sa.0, agent_sa.1.as_str());
-    let coord_sa = (sys.as_str(), format!("{fullname}-coordinator"));
-    let coord_sa = (coord_sa.0, coord_sa.1.as_str());
-    let a = Some(app.as_str());
-    let s = Some(sys.as_str());
-    for (verb, group, resource, ns) in [("get", "", "pods", a), ("create", "", "pods/exec", a)] {
-        assert!(
-            can(&client, agent_sa, verb, group, resource, ns).await,
-            "agent: {verb} {resource}"
-        );
-    }
-    for (verb, group, resource, ns) in [
+    let (a, s) = (Some(app.as_str()), Some(sys.as_str()));
+    const RBAC: &str = "rbac.authorization.k8s.io";
+    let agent_sa = format!("{fullname}-agent");
+    let agent: Access = [("get", "", "pods", a), ("create", "", "pods/exec", a)].into();
+    let agent_denied: Access = [
         ("get", "", "secrets", a),
         ("get", "", "secrets", s),
         ("list", "", "secrets", None),
@@ -308,20 +326,13 @@ async fn the_chart_installs_a_stowage_that_backs_up_and_restores_in_place() {
         ("delete", "", "pods", a),
         ("get", "stowage.dev", "backups", a),
         ("patch", "", "nodes", None),
-        (
-            "create",
-            "rbac.authorization.k8s.io",
-            "clusterrolebindings",
-            None,
-        ),
+        ("create", RBAC, "clusterrolebindings", None),
         ("*", "*", "*", None),
-    ] {
-        assert!(
-            !can(&client, agent_sa, verb, group, resource, ns).await,
-            "agent must not {verb} {group}/{resource}"
-        );
-    }
-    for (verb, group, resource, ns) in [
+    ]
+    .into();
+    check_access(&client, (&sys, &agent_sa), &agent, &agent_denied).await;
+    let coord_sa = format!("{fullname}-coordinator");
+    let coordinator: Access = [
         ("list", "", "secrets", a),
         ("watch", "stowage.dev", "schedules", a),
         ("create", "stowage.dev", "backups", a),
@@ -332,13 +343,9 @@ async fn the_chart_installs_a_stowage_that_backs_up_and_restores_in_place() {
         ("list", "", "persistentvolumeclaims", a),
         ("create", "events.k8s.io", "events", a),
         ("patch", "coordination.k8s.io", "leases", s),
-    ] {
-        assert!(
-            can(&client, coord_sa, verb, group, resource, ns).await,
-            "coordinator: {verb} {group}/{resource}"
-        );
-    }
-    for (verb, group, resource, ns) in [
+    ]
+    .into();
+    let coordinator_denied: Access = [
         ("create", "", "pods/exec", a),
         ("get", "", "pods/exec", a),
         ("update", "stowage.dev", "schedules", a),
@@ -346,25 +353,18 @@ async fn the_chart_installs_a_stowage_that_backs_up_and_restores_in_place() {
         ("create", "stowage.dev", "restores", a),
         ("create", "", "secrets", a),
         ("get", "", "nodes", None),
-        (
-            "create",
-            "rbac.authorization.k8s.io",
-            "clusterrolebindings",
-            None,
-        ),
-        (
-            "escalate",
-            "rbac.authorization.k8s.io",
-            "clusterroles",
-            None,
-        ),
+        ("create", RBAC, "clusterrolebindings", None),
+        ("escalate", RBAC, "clusterroles", None),
         ("*", "*", "*", None),
-    ] {
-        assert!(
-            !can(&client, coord_sa, verb, group, resource, ns).await,
-            "coordinator must not {verb} {group}/{resource}"
-        );
-    }
+    ]
+    .into();
+    check_access(
+        &client,
+        (&sys, &coord_sa),
+        &coordinator,
+        &coordinator_denied,
+    )
+    .await;
 
     // Uninstalling (helm uninstall --wait) stops the processes the chart's pods stood for.
     drop(installed);

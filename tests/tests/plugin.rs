@@ -171,7 +171,11 @@ async fn kubectl_stowage_backs_up_lists_restores_and_reports_failures() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.starts_with("error: reading Schedule") && stderr.contains("nope"),
+        stderr.starts_with("error: reading Schedule") && stderr.contains("\"nope\" not found"),
         "{stderr}"
+    );
+    assert!(
+        !stderr.contains("ErrorResponse"),
+        "a sentence, not a Debug dump: {stderr}"
     );
 }
