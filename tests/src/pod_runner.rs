@@ -9,8 +9,8 @@
 //!   TokenRequest API, a ConfigMap, the downward API), each read-only when the mount says so;
 //! - its own PID, IPC and UTS namespaces (hostname: the pod name), the pod's IP (kwok hands out
 //!   loopback addresses, so every pod's IP is bindable here), `env` with `fieldRef`s and `$(VAR)`
-//!   expansion, `KUBERNETES_SERVICE_HOST/PORT` (the API server), `runAsUser`/`runAsGroup`, and
-//!   exactly the capabilities of its `securityContext`.
+//!   expansion, `KUBERNETES_SERVICE_HOST/PORT` (the API server), `runAsUser`/`runAsGroup`,
+//!   `readOnlyRootFilesystem`, and exactly the capabilities of its `securityContext`.
 //!
 //! The pod's `Ready` condition follows the containers' readiness probes (HTTP GET), and an exited
 //! container is restarted with backoff, as `restartPolicy: Always` asks. A deleted pod's processes
@@ -620,8 +620,9 @@ pub fn bwrap_args(cfg: &Config, p: &PodInfo, c: &Container) -> Result<Vec<String
             Err(_) => {}
         }
     }
+    // /tmp and /run are plain directories of the image's root, writable only when the root is.
     push(&[
-        "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/run",
+        "--dev", "/dev", "--proc", "/proc", "--dir", "/tmp", "--dir", "/run",
     ]);
     push(&["--tmpfs", "/usr/local/bin"]);
     for (inside, host) in &image.files {
@@ -706,6 +707,13 @@ pub fn bwrap_args(cfg: &Config, p: &PodInfo, c: &Container) -> Result<Vec<String
         .collect();
     if let Some(dir) = &c.working_dir {
         push(&["--chdir", dir]);
+    }
+    // readOnlyRootFilesystem: the root (not the volumes mounted on it) becomes read-only.
+    if sc
+        .and_then(|s| s.read_only_root_filesystem)
+        .unwrap_or(false)
+    {
+        push(&["--remount-ro", "/", "--remount-ro", "/usr/local/bin"]);
     }
     push(&["--"]);
     if let Some(uid) = user {
