@@ -286,9 +286,10 @@ pub async fn execute(
         Err(e) => {
             let e = if restic_exited {
                 // restic exited on its own mid-stream: its exit status and stderr are the reason.
-                match run.finish().await {
-                    Err(restic_error) => restic_error.into(),
-                    Ok(_) => e,
+                // Bounded: its output closed, so it is exiting (dropping the run kills it if not).
+                match tokio::time::timeout(Duration::from_secs(30), run.finish()).await {
+                    Ok(Err(restic_error)) => restic_error.into(),
+                    _ => e,
                 }
             } else {
                 run.stop().await;
