@@ -112,7 +112,7 @@ pub struct Config {
     #[arg(
         long,
         env = "STOWAGE_MOUNT_HOLDER_IMAGE",
-        default_value = "registry.k8s.io/pause:3.10"
+        default_value = concat!("ghcr.io/stowage-dev/stowage-pause:", env!("CARGO_PKG_VERSION"))
     )]
     pub mount_holder_image: String,
 

@@ -51,9 +51,9 @@ pub enum ServerError {
     #[error("{what} {name:?} is not an executable on PATH")]
     NotFound { what: &'static str, name: String },
     #[error(
-        "the sandbox does not work ({detail}); the agent needs bubblewrap and CAP_SYS_ADMIN to create mount namespaces"
+        "the sandbox does not work ({detail}); the agent needs bubblewrap and CAP_SYS_ADMIN to create mount namespaces{hint}"
     )]
-    Sandbox { detail: String },
+    Sandbox { detail: String, hint: &'static str },
     #[error("local repository root {path}: {source}")]
     LocalRoot {
         path: String,
@@ -113,6 +113,19 @@ fn executable(what: &'static str, name: &std::path::Path) -> Result<PathBuf, Ser
         })
 }
 
+/// What a failed sandbox most likely lacks, from bubblewrap's message.
+fn sandbox_hint(detail: &str) -> &'static str {
+    if detail.contains("pivot_root") {
+        // containerd's, CRI-O's and Docker's RuntimeDefault seccomp profiles refuse pivot_root(2)
+        // even with CAP_SYS_ADMIN, and bubblewrap always calls it.
+        "; pivot_root(2) was refused, which is what the runtime's default seccomp profile does: run the agent container with seccompProfile Unconfined (the chart's agent.seccompProfile default) or a Localhost profile that allows pivot_root (docs/security.md, Seccomp)"
+    } else if detail.contains("Permission denied") || detail.contains("Operation not permitted") {
+        "; a security module may refuse mount(2): on AppArmor nodes set agent.appArmorProfile, on SELinux nodes see docs/security.md"
+    } else {
+        ""
+    }
+}
+
 /// Runs `restic version` inside an empty sandbox: proves that bubblewrap can create its namespaces
 /// here and that restic runs with nothing but itself (it must be a static binary).
 async fn probe_sandbox(ctx: &AgentContext) -> Result<(), ServerError> {
@@ -135,15 +148,24 @@ async fn probe_sandbox(ctx: &AgentContext) -> Result<(), ServerError> {
     .await
     .map_err(|_| ServerError::Sandbox {
         detail: "restic version did not answer within 30s".into(),
+        hint: "",
     })?
     .map_err(|e| ServerError::Sandbox {
         detail: format!("starting {}: {e}", spec.program.display()),
+        hint: "",
     })?;
     if out.status.success() {
         Ok(())
     } else {
+        // bubblewrap's own message is one line; a bound keeps a stranger stderr out of the log.
+        let detail: String = String::from_utf8_lossy(&out.stderr)
+            .trim()
+            .chars()
+            .take(1024)
+            .collect();
         Err(ServerError::Sandbox {
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            hint: sandbox_hint(&detail),
+            detail,
         })
     }
 }

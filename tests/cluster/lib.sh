@@ -28,3 +28,37 @@ die() { printf '[cluster] ERROR: %s\n' "$*" >&2; exit 1; }
 node_ip() { echo "127.0.0.$((10 + $1))"; }
 
 pid_alive() { [ -f "$PIDS/$1" ] && kill -0 "$(cat "$PIDS/$1")" 2>/dev/null; }
+
+# A key and a certificate signed by the cluster CA in $PKI: name CN O(rganisation) subjectAltNames.
+gen_cert() { # name CN O sans
+  local name=$1 cn=$2 org=$3 sans=$4
+  [ -f "$PKI/$name.crt" ] && return 0
+  openssl genrsa -out "$PKI/$name.key" 2048 2>/dev/null
+  local subj="/CN=$cn"; [ -n "$org" ] && subj="/O=$org/CN=$cn"
+  openssl req -new -key "$PKI/$name.key" -subj "$subj" -out "$PKI/$name.csr" 2>/dev/null
+  local ext="$PKI/$name.ext"
+  {
+    echo "basicConstraints=CA:FALSE"
+    echo "keyUsage=digitalSignature,keyEncipherment"
+    echo "extendedKeyUsage=serverAuth,clientAuth"
+    [ -n "$sans" ] && echo "subjectAltName=$sans"
+  } > "$ext"
+  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+    -days 365 -sha256 -extfile "$ext" -out "$PKI/$name.crt" 2>/dev/null
+}
+
+# A process of the cluster, in its own session (so `down` stops its whole group), logged to $LOGS.
+start() { # name cmd...
+  local name=$1; shift
+  if pid_alive "$name"; then return 0; fi
+  setsid "$@" >"$LOGS/$name.log" 2>&1 < /dev/null &
+  echo $! > "$PIDS/$name"
+}
+wait_for() { # what seconds cmd...
+  local what=$1 secs=$2; shift 2
+  local deadline=$(( $(date +%s) + secs ))
+  until "$@" >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || die "$what not ready after ${secs}s (logs in $LOGS)"
+    sleep 0.2
+  done
+}

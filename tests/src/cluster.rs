@@ -24,7 +24,7 @@ impl Cluster {
         CLUSTER.get_or_init(|| {
             let root = crate::workspace_root();
             let out = Command::new(root.join("tests/cluster/up"))
-                .args(["--nodes", "3", "--stowage"])
+                .args(["--nodes", "3", "--stowage", "--real-node"])
                 .status()
                 .expect("run tests/cluster/up");
             assert!(out.success(), "tests/cluster/up failed");

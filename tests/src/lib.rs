@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bench;
 pub mod cluster;
 pub mod coordinator;
+pub mod csi_local;
 pub mod fstree;
 pub mod kubelet_emu;
 pub mod moto;

@@ -86,8 +86,8 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-/// The command lines (arguments joined by spaces) of every live process.
-pub fn cmdlines() -> Vec<String> {
+/// Every live process's PID and command line (arguments joined by spaces).
+pub fn cmdlines_with_pids() -> Vec<(u32, String)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -95,7 +95,14 @@ pub fn cmdlines() -> Vec<String> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| alive(*pid))
-        .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
-        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .filter_map(|pid| {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            Some((pid, String::from_utf8_lossy(&raw).replace('\0', " ")))
+        })
         .collect()
+}
+
+/// The command lines (arguments joined by spaces) of every live process.
+pub fn cmdlines() -> Vec<String> {
+    cmdlines_with_pids().into_iter().map(|(_, c)| c).collect()
 }

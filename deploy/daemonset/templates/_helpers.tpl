@@ -35,6 +35,14 @@ app.kubernetes.io/instance: {{ .Release.Name | trunc 63 | trimSuffix "-" | quote
 {{- define "stowage.coordinatorImage" -}}
 {{ .Values.image.coordinator.repository }}:{{ .Values.image.coordinator.tag | default .Chart.AppVersion }}
 {{- end -}}
+{{/* The mount holders' image: coordinator.mountHolderImage, else Stowage's own pause image. */}}
+{{- define "stowage.mountHolderImage" -}}
+{{- if .Values.coordinator.mountHolderImage -}}
+{{ .Values.coordinator.mountHolderImage }}
+{{- else -}}
+{{ .Values.image.pause.repository }}:{{ .Values.image.pause.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
 
 {{/* Secret names of the mTLS material. */}}
 {{- define "stowage.agentTlsSecret" -}}{{ include "stowage.fullname" . }}-agent-tls{{- end -}}
