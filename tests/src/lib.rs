@@ -11,6 +11,7 @@ pub mod kubelet_emu;
 pub mod moto;
 pub mod pod_runner;
 pub mod procs;
+pub mod real_node;
 pub mod proxy;
 pub mod restic;
 pub mod tls;

@@ -22,202 +22,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
-use stowage_coordinator::crd::{Backup, Restore};
-use stowage_tests::cluster::{Cluster, fresh_namespace};
-use stowage_tests::coordinator::{run_to_end, secret};
-
-const PASSWORD: &str = "real node repository password";
-const RUN_TIMEOUT: Duration = Duration::from_secs(180);
-const TESTBOX: &str = "stowage.local/testbox:0.1.0";
-/// Where the chart's agent may keep local repositories on the real node; the node's `/var` is the
-/// host directory `real-node/var`, so the test reads the repositories there with plain restic.
-const REPO_ROOT: &str = "/var/lib/stowage-repos";
-
-struct RealNode<'a> {
-    cluster: &'a Cluster,
-    client: kube::Client,
-    node: String,
-    app: String,
-    sys: String,
-    release: String,
-}
-
-impl RealNode<'_> {
-    fn kubectl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(self.cluster.kubectl())
-            .args(args)
-            .env("KUBECONFIG", self.cluster.kubeconfig())
-            .output()
-            .expect("kubectl")
-    }
-
-    /// `sh -c script` in `pod`'s container, through the API server and the real kubelet.
-    fn exec(&self, pod: &str, script: &str) -> String {
-        let out = self.kubectl(&["-n", &self.app, "exec", pod, "--", "sh", "-c", script]);
-        assert!(
-            out.status.success(),
-            "exec {script:?} in {pod}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// The host's path of the repository `name` (the node's /var is real-node/var on the host).
-    /// Repositories are per test namespace: the node's directories outlive a test.
-    fn repo_on_host(&self, name: &str) -> PathBuf {
-        Path::new(&self.cluster.env["STOWAGE_REAL_NODE_DIR"])
-            .join("var/lib/stowage-repos")
-            .join(&self.app)
-            .join(name)
-    }
-
-    fn backend(&self, repo: &str) -> serde_json::Value {
-        serde_json::json!({
-            "repoPasswordSecretRef": {"name": "repo", "key": "password"},
-            "local": {"path": format!("{REPO_ROOT}/{}/{repo}", self.app)},
-            "initialize": true,
-        })
-    }
-
-    async fn backup(&self, name: &str, repo: &str, test: &str) -> serde_json::Value {
-        run_to_end::<Backup>(
-            &self.client,
-            &self.app,
-            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
-                "metadata": {"name": name},
-                "spec": {"backend": self.backend(repo),
-                         "selector": {"matchLabels": {"test": test}}}}),
-            RUN_TIMEOUT,
-        )
-        .await
-    }
-
-    /// A PVC of the CSI driver's StorageClass, labelled for its step's selector.
-    async fn pvc(&self, name: &str, test: &str) {
-        let pvc = serde_json::json!({
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": {"name": name, "labels": {"test": test}},
-            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "stowage-local",
-                     "resources": {"requests": {"storage": "1Gi"}}}});
-        Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(
-            self.client.clone(),
-            &self.app,
-        )
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(pvc).expect("pvc"),
-        )
-        .await
-        .expect("create pvc");
-    }
-
-    /// A pod of the testbox image on the real node, as Pod Security `restricted` requires, with
-    /// `pvc` at /data, running `script`.
-    async fn pod(
-        &self,
-        name: &str,
-        pvc: &str,
-        script: &str,
-        annotations: serde_json::Value,
-    ) -> Pod {
-        let pod = serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "annotations": annotations},
-            "spec": {
-                "nodeSelector": {"stowage.dev/real-node": "true"},
-                "tolerations": [{"key": "stowage.dev/real-node", "operator": "Exists"}],
-                "terminationGracePeriodSeconds": 1,
-                "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 1000,
-                                    "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
-                "containers": [{
-                    "name": "app", "image": TESTBOX, "imagePullPolicy": "IfNotPresent",
-                    "command": ["sh", "-c", script],
-                    "env": [{"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}],
-                    "securityContext": {"allowPrivilegeEscalation": false,
-                                        "capabilities": {"drop": ["ALL"]}},
-                    "volumeMounts": [{"name": "data", "mountPath": "/data"},
-                                     {"name": "scratch", "mountPath": "/scratch"}]}],
-                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": pvc}},
-                            {"name": "scratch", "emptyDir": {}}]}});
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.app);
-        pods.create(&PostParams::default(), &serde_json::from_value(pod).expect("pod"))
-            .await
-            .expect("create pod");
-        wait_running(&pods, name).await
-    }
-
-    async fn delete_pod(&self, name: &str) {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.app);
-        let _ = pods.delete(name, &DeleteParams::default()).await;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while pods.get_opt(name).await.expect("get pod").is_some() {
-            assert!(Instant::now() < deadline, "pod {name} was not deleted");
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    }
-}
-
-async fn wait_running(pods: &Api<Pod>, name: &str) -> Pod {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let pod = pods.get(name).await.expect("get pod");
-        let running = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.container_statuses.as_ref())
-            .is_some_and(|cs| cs.iter().all(|c| c.ready));
-        if running {
-            return pod;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pod {name} not running: {:?}",
-            pod.status
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-fn container(pod: &Pod) -> (String, i32) {
-    let c = &pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .expect("container statuses")[0];
-    (c.container_id.clone().expect("container id"), c.restart_count)
-}
-
-fn helm() -> String {
-    let out = Command::new(stowage_tests::workspace_root().join("scripts/install-helm"))
-        .output()
-        .expect("scripts/install-helm");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Uninstalls the release when the test ends, passed or not.
-struct Installed<'a>(&'a Cluster, String, String);
-
-impl Drop for Installed<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new(helm())
-            .args(["uninstall", &self.1, "--namespace", &self.2, "--wait"])
-            .args(["--timeout", "1m"])
-            .env("KUBECONFIG", self.0.kubeconfig())
-            .output();
-    }
-}
-
-async fn label_namespace(client: &kube::Client, ns: &str, level: &str) {
-    let patch = serde_json::json!({"metadata": {"labels": {
-        "pod-security.kubernetes.io/enforce": level,
-        "pod-security.kubernetes.io/enforce-version": "latest"}}});
-    Api::<Namespace>::all(client.clone())
-        .patch(ns, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .expect("label namespace");
-}
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use stowage_coordinator::crd::Restore;
+use stowage_tests::cluster::fresh_namespace;
+use stowage_tests::coordinator::run_to_end;
+use stowage_tests::real_node::{PASSWORD, RUN_TIMEOUT, RealNode, container, label_namespace};
 
 /// Every regular file below `dir`, read whole.
 fn files_below(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
@@ -238,59 +48,10 @@ fn files_below(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 #[tokio::test]
 async fn stowage_runs_for_real_on_a_kubelet_with_containerd() {
-    let cluster = Cluster::shared();
-    let node = cluster
-        .env
-        .get("STOWAGE_REAL_NODE")
-        .cloned()
-        .expect("the shared cluster has a real node (tests/cluster/up --real-node)");
-    let client = cluster.client().await;
-    let app = fresh_namespace(&client, "rn-app").await;
-    let sys = fresh_namespace(&client, "rn-sys").await;
-    // The docs' rule: the agent's namespace is privileged; tenants' may enforce `restricted`.
-    label_namespace(&client, &sys, "privileged").await;
-    label_namespace(&client, &app, "restricted").await;
-    secret(&client, &app, "repo", &[("password", PASSWORD)]).await;
-    let rn = RealNode {
-        cluster,
-        client: client.clone(),
-        node: node.clone(),
-        app: app.clone(),
-        sys: sys.clone(),
-        release: sys.clone(),
-    };
-
-    // --- the chart, with its default images, on the real node -------------------------------------
-    let values = tempfile::NamedTempFile::new().expect("values");
-    std::fs::write(
-        values.path(),
-        format!(
-            "logJson: false\n\
-             agent:\n  nodeSelector: {{stowage.dev/real-node: \"true\"}}\n  localRepositoryRoots: [{REPO_ROOT}]\n\
-             coordinator:\n  replicas: 1\n  watchNamespace: {app}\n  nodeSelector: {{stowage.dev/real-node: \"true\"}}\n  \
-             tolerations: [{{key: stowage.dev/real-node, operator: Exists}}]\n"
-        ),
-    )
-    .expect("write values");
-    let installed = Installed(cluster, rn.release.clone(), sys.clone());
     let started = Instant::now();
-    let out = Command::new(helm())
-        .args(["install", &rn.release])
-        .arg(stowage_tests::workspace_root().join("deploy/daemonset"))
-        .args(["--namespace", &sys, "-f"])
-        .arg(values.path())
-        .args(["--wait", "--timeout", "4m"])
-        .env("KUBECONFIG", cluster.kubeconfig())
-        .output()
-        .expect("helm");
-    assert!(
-        out.status.success(),
-        "helm install: {}{} (kubelet: {}/logs/rn-kubelet.log)",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        cluster.dir.display()
-    );
+    let rn = RealNode::install("rn").await;
     eprintln!("helm install on the real node: {:?}", started.elapsed());
+    let (client, sys, node) = (rn.client.clone(), rn.sys.clone(), rn.node.clone());
 
     let sys_pods: Api<Pod> = Api::namespaced(client.clone(), &sys);
     let agents = sys_pods
@@ -361,12 +122,11 @@ async fn stowage_runs_for_real_on_a_kubelet_with_containerd() {
     backup_command_through_cri_exec(&rn).await;
     mount_holder_in_a_restricted_namespace(&rn).await;
     symlink_swaps_inside_a_container_leak_nothing(&rn).await;
-    drop(installed);
 }
 
 /// The chart's agent pod as-is but for containerd's RuntimeDefault seccomp profile: bubblewrap's
 /// pivot_root is refused, the agent's start-up probe says so, and it does not serve.
-async fn runtime_default_seccomp_cannot_start_the_sandbox(rn: &RealNode<'_>) {
+async fn runtime_default_seccomp_cannot_start_the_sandbox(rn: &RealNode) {
     let ds = Api::<DaemonSet>::namespaced(rn.client.clone(), &rn.sys)
         .get(&format!("{}-stowage-agent", rn.release))
         .await
@@ -443,7 +203,7 @@ async fn runtime_default_seccomp_cannot_start_the_sandbox(rn: &RealNode<'_>) {
 
 /// Pod Security `baseline` refuses the agent's pod (hostPath, SYS_ADMIN): its namespace must be
 /// `privileged`, as docs/security.md says. A server-side dry run asks the real admission.
-async fn agents_namespace_needs_privileged(rn: &RealNode<'_>) {
+async fn agents_namespace_needs_privileged(rn: &RealNode) {
     let ns = fresh_namespace(&rn.client, "rn-baseline").await;
     label_namespace(&rn.client, &ns, "baseline").await;
     let ds = Api::<DaemonSet>::namespaced(rn.client.clone(), &rn.sys)
@@ -480,7 +240,7 @@ async fn agents_namespace_needs_privileged(rn: &RealNode<'_>) {
     assert!(msg.contains("hostPath"), "{msg}");
 }
 
-async fn backup_and_replace_in_place(rn: &RealNode<'_>) {
+async fn backup_and_replace_in_place(rn: &RealNode) {
     rn.pvc("web-data", "inplace").await;
     let pod = rn
         .pod("web", "web-data", "exec sleep 100000", serde_json::json!({}))
@@ -546,7 +306,7 @@ async fn backup_and_replace_in_place(rn: &RealNode<'_>) {
     assert_eq!(now.metadata.uid.as_deref(), Some(uid.as_str()));
 }
 
-async fn backup_command_through_cri_exec(rn: &RealNode<'_>) {
+async fn backup_command_through_cri_exec(rn: &RealNode) {
     rn.pvc("db-data", "command").await;
     rn.pod(
         "db",
@@ -580,7 +340,7 @@ async fn backup_command_through_cri_exec(rn: &RealNode<'_>) {
     rn.delete_pod("db").await;
 }
 
-async fn mount_holder_in_a_restricted_namespace(rn: &RealNode<'_>) {
+async fn mount_holder_in_a_restricted_namespace(rn: &RealNode) {
     // web-data's pod goes away (its PV stays, bound, on the real node): the next backup needs a
     // mount holder in this `restricted` namespace.
     rn.delete_pod("web").await;
@@ -616,7 +376,7 @@ async fn mount_holder_in_a_restricted_namespace(rn: &RealNode<'_>) {
     assert!(left.is_empty(), "no holder left: {left:?}");
 }
 
-async fn symlink_swaps_inside_a_container_leak_nothing(rn: &RealNode<'_>) {
+async fn symlink_swaps_inside_a_container_leak_nothing(rn: &RealNode) {
     rn.pvc("victim", "attack").await;
     // The canaries sit in the pod's emptyDir, which the agent can see on the node at
     // <kubelet-dir>/pods/<uid>/volumes/kubernetes.io~empty-dir/scratch: the symlink points there,

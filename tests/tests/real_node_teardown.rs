@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Ports of this test's cluster: clear of the suite's (16600) and the demo's (16800).
-const PORT_BASE: &str = "17200";
+/// Ports of this test's cluster: clear of the suite's (16600), the demo's (16800) and the bench's (17200).
+const PORT_BASE: &str = "17400";
 const SYSCTLS: [&str; 6] = [
     "vm.overcommit_memory",
     "vm.panic_on_oom",
