@@ -117,7 +117,9 @@ impl csi::node_server::Node for NodePlugin {
             return Err(Status::invalid_argument("target_path is not absolute"));
         }
         if matches!(
-            req.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()),
+            req.volume_capability
+                .as_ref()
+                .and_then(|c| c.access_type.as_ref()),
             Some(csi::volume_capability::AccessType::Block(_))
         ) {
             return Err(Status::invalid_argument(
@@ -362,13 +364,12 @@ pub async fn provision_once(
         if !(ours && released && delete && on_this_node) {
             continue;
         }
-        if let Ok(dir) = volume_dir(data_dir, &name) {
-            if let Err(e) = std::fs::remove_dir_all(&dir)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::error!(dir = %dir.display(), error = %e, "cannot remove a volume directory");
-                continue;
-            }
+        if let Ok(dir) = volume_dir(data_dir, &name)
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot remove a volume directory");
+            continue;
         }
         match pvs.delete(&name, &DeleteParams::default()).await {
             Ok(_) => done.push(format!("deleted {name}")),
@@ -401,7 +402,10 @@ mod tests {
     #[test]
     fn volume_ids_stay_in_the_data_directory() {
         let d = Path::new("/data");
-        assert_eq!(volume_dir(d, "pvc-1").unwrap(), PathBuf::from("/data/pvc-1"));
+        assert_eq!(
+            volume_dir(d, "pvc-1").unwrap(),
+            PathBuf::from("/data/pvc-1")
+        );
         for bad in ["", ".", "..", "a/b", "../x", "a b"] {
             assert!(volume_dir(d, bad).is_err(), "{bad:?}");
         }

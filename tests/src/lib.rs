@@ -11,8 +11,8 @@ pub mod kubelet_emu;
 pub mod moto;
 pub mod pod_runner;
 pub mod procs;
-pub mod real_node;
 pub mod proxy;
+pub mod real_node;
 pub mod restic;
 pub mod tls;
 

@@ -35,12 +35,11 @@ pub struct RealNode {
 }
 
 impl RealNode {
-    /// Installs Stowage on the shared cluster's real node: the chart's defaults (its images, its
+    /// Installs Stowage on `cluster`'s real node: the chart's defaults (its images, its
     /// securityContexts) but for where its pods run (the real node: nodeSelector and toleration),
     /// one coordinator watching a fresh application namespace, and local repositories allowed
     /// under [`REPO_ROOT`]. Panics with helm's output when the install fails.
-    pub async fn install(prefix: &str) -> RealNode {
-        let cluster = Cluster::shared();
+    pub async fn install(cluster: &'static Cluster, prefix: &str) -> RealNode {
         let node = cluster
             .env
             .get("STOWAGE_REAL_NODE")
@@ -148,12 +147,12 @@ impl RealNode {
             "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "stowage-local",
                      "resources": {"requests": {"storage": "1Gi"}}}});
         Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &self.app)
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(pvc).expect("pvc"),
-        )
-        .await
-        .expect("create pvc");
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(pvc).expect("pvc"),
+            )
+            .await
+            .expect("create pvc");
     }
 
     /// A pod of the testbox image on the real node, as Pod Security `restricted` requires, with
@@ -185,9 +184,12 @@ impl RealNode {
                 "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": pvc}},
                             {"name": "scratch", "emptyDir": {}}]}});
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.app);
-        pods.create(&PostParams::default(), &serde_json::from_value(pod).expect("pod"))
-            .await
-            .expect("create pod");
+        pods.create(
+            &PostParams::default(),
+            &serde_json::from_value(pod).expect("pod"),
+        )
+        .await
+        .expect("create pod");
         wait_running(&pods, name).await
     }
 
@@ -229,7 +231,10 @@ pub fn container(pod: &Pod) -> (String, i32) {
         .as_ref()
         .and_then(|s| s.container_statuses.as_ref())
         .expect("container statuses")[0];
-    (c.container_id.clone().expect("container id"), c.restart_count)
+    (
+        c.container_id.clone().expect("container id"),
+        c.restart_count,
+    )
 }
 
 pub fn helm() -> String {
@@ -243,7 +248,13 @@ impl Drop for RealNode {
     /// Uninstalls the release, passed or not, so that its containers stop.
     fn drop(&mut self) {
         let _ = Command::new(helm())
-            .args(["uninstall", &self.release, "--namespace", &self.sys, "--wait"])
+            .args([
+                "uninstall",
+                &self.release,
+                "--namespace",
+                &self.sys,
+                "--wait",
+            ])
             .args(["--timeout", "1m"])
             .env("KUBECONFIG", self.cluster.kubeconfig())
             .output();
@@ -259,4 +270,3 @@ pub async fn label_namespace(client: &kube::Client, ns: &str, level: &str) {
         .await
         .expect("label namespace");
 }
-

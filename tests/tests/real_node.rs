@@ -49,7 +49,7 @@ fn files_below(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 #[tokio::test]
 async fn stowage_runs_for_real_on_a_kubelet_with_containerd() {
     let started = Instant::now();
-    let rn = RealNode::install("rn").await;
+    let rn = RealNode::install(stowage_tests::cluster::Cluster::shared(), "rn").await;
     eprintln!("helm install on the real node: {:?}", started.elapsed());
     let (client, sys, node) = (rn.client.clone(), rn.sys.clone(), rn.node.clone());
 
@@ -131,10 +131,7 @@ async fn runtime_default_seccomp_cannot_start_the_sandbox(rn: &RealNode) {
         .get(&format!("{}-stowage-agent", rn.release))
         .await
         .expect("daemonset");
-    let mut spec = ds
-        .spec
-        .and_then(|s| s.template.spec)
-        .expect("pod template");
+    let mut spec = ds.spec.and_then(|s| s.template.spec).expect("pod template");
     spec.node_name = Some(rn.node.clone());
     spec.containers[0]
         .security_context
@@ -179,7 +176,12 @@ async fn runtime_default_seccomp_cannot_start_the_sandbox(rn: &RealNode) {
                     .as_ref()
                     .and_then(|s| s.container_statuses.as_ref())
                     .and_then(|cs| cs.first())
-                    .is_some_and(|c| c.state.as_ref().and_then(|s| s.terminated.as_ref()).is_none()),
+                    .is_some_and(|c| {
+                        c.state
+                            .as_ref()
+                            .and_then(|s| s.terminated.as_ref())
+                            .is_none()
+                    }),
                 ..Default::default()
             };
             break pods
@@ -210,10 +212,7 @@ async fn agents_namespace_needs_privileged(rn: &RealNode) {
         .get(&format!("{}-stowage-agent", rn.release))
         .await
         .expect("daemonset");
-    let mut spec = ds
-        .spec
-        .and_then(|s| s.template.spec)
-        .expect("pod template");
+    let mut spec = ds.spec.and_then(|s| s.template.spec).expect("pod template");
     // The ServiceAccount lives in the release's namespace; admission would stop at its absence first.
     spec.service_account_name = None;
     spec.service_account = None;
@@ -243,7 +242,12 @@ async fn agents_namespace_needs_privileged(rn: &RealNode) {
 async fn backup_and_replace_in_place(rn: &RealNode) {
     rn.pvc("web-data", "inplace").await;
     let pod = rn
-        .pod("web", "web-data", "exec sleep 100000", serde_json::json!({}))
+        .pod(
+            "web",
+            "web-data",
+            "exec sleep 100000",
+            serde_json::json!({}),
+        )
         .await;
     rn.exec(
         "web",
@@ -401,13 +405,20 @@ done
     rn.pod("attacker", "victim", script, serde_json::json!({}))
         .await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while rn.exec("attacker", "test -f /scratch/ready && echo yes || true").trim() != "yes" {
+    while rn
+        .exec("attacker", "test -f /scratch/ready && echo yes || true")
+        .trim()
+        != "yes"
+    {
         assert!(Instant::now() < deadline, "the attacker did not start");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     for i in 0..3 {
         let b = rn.backup(&format!("attack-{i}"), "attack", "attack").await;
-        let phase = b["status"]["phase"].as_str().unwrap_or_default().to_string();
+        let phase = b["status"]["phase"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         // Files vanishing mid-read make a partial snapshot; any end is fine, a leak is not.
         assert!(
             ["Succeeded", "PartiallyFailed", "Failed"].contains(&phase.as_str()),
@@ -425,8 +436,13 @@ done
         let id = s["id"].as_str().expect("id");
         let dir = tempfile::tempdir().expect("tmp");
         let target = dir.path().display().to_string();
-        let out = stowage_tests::restic::run(&repo, PASSWORD, &[], &["restore", id, "--target", &target]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out =
+            stowage_tests::restic::run(&repo, PASSWORD, &[], &["restore", id, "--target", &target]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         for (path, data) in files_below(dir.path()) {
             assert!(
                 !String::from_utf8_lossy(&data).contains("CANARY"),

@@ -34,12 +34,16 @@ fn output(cmd: &mut Command) -> String {
 }
 
 fn script(dir: &Path, name: &str, args: &[&str]) -> std::process::ExitStatus {
-    Command::new(stowage_tests::workspace_root().join("tests/cluster").join(name))
-        .args(args)
-        .env("STOWAGE_CLUSTER_DIR", dir)
-        .env("STOWAGE_CLUSTER_PORT_BASE", PORT_BASE)
-        .status()
-        .expect("run a cluster script")
+    Command::new(
+        stowage_tests::workspace_root()
+            .join("tests/cluster")
+            .join(name),
+    )
+    .args(args)
+    .env("STOWAGE_CLUSTER_DIR", dir)
+    .env("STOWAGE_CLUSTER_PORT_BASE", PORT_BASE)
+    .status()
+    .expect("run a cluster script")
 }
 
 /// Every host-side trace of a real node whose files live in `dir`.
@@ -62,7 +66,11 @@ fn traces(dir: &Path, netns: &str, cgroup: &str) -> Vec<String> {
     if output(Command::new("ip").args(["netns", "list"])).contains(netns) {
         found.push(format!("network namespace {netns}"));
     }
-    for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("cni-") {
             found.push(format!("pod network namespace /run/netns/{name}"));
@@ -72,10 +80,12 @@ fn traces(dir: &Path, netns: &str, cgroup: &str) -> Vec<String> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
-        let path = hierarchy
-            .path()
-            .join(cgroup.trim_start_matches('/'));
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let path = hierarchy.path().join(cgroup.trim_start_matches('/'));
         if !name.is_empty() && path.exists() {
             found.push(format!("cgroup {}", path.display()));
         }
@@ -98,7 +108,10 @@ fn down_leaves_nothing_of_the_real_node_behind() {
         .collect::<Vec<_>>();
     let netns_before = output(Command::new("ip").args(["netns", "list"]));
 
-    assert!(script(&dir, "up", &["--nodes", "1", "--real-node"]).success(), "up");
+    assert!(
+        script(&dir, "up", &["--nodes", "1", "--real-node"]).success(),
+        "up"
+    );
     let env = std::fs::read_to_string(dir.join("env")).expect("env");
     let get = |k: &str| {
         env.lines()
@@ -149,13 +162,22 @@ spec:
     loop {
         let ready = output(
             Command::new(&kubectl)
-                .args(["get", "pod", "app", "-o", "jsonpath={.status.containerStatuses[0].ready}"])
+                .args([
+                    "get",
+                    "pod",
+                    "app",
+                    "-o",
+                    "jsonpath={.status.containerStatuses[0].ready}",
+                ])
                 .env("KUBECONFIG", &kubeconfig),
         );
         if ready == "true" {
             break;
         }
-        assert!(Instant::now() < deadline, "the pod did not start on the real node");
+        assert!(
+            Instant::now() < deadline,
+            "the pod did not start on the real node"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     let during = traces(&dir, &netns, &cgroup);
@@ -163,20 +185,33 @@ spec:
         during.iter().any(|t| t.contains("containerd-shim")),
         "a shim ran: {during:#?}"
     );
-    assert!(during.iter().any(|t| t.starts_with("cgroup")), "{during:#?}");
-    assert!(during.iter().any(|t| t.starts_with("network namespace")), "{during:#?}");
+    assert!(
+        during.iter().any(|t| t.starts_with("cgroup")),
+        "{during:#?}"
+    );
+    assert!(
+        during.iter().any(|t| t.starts_with("network namespace")),
+        "{during:#?}"
+    );
 
     assert!(script(&dir, "down", &[]).success(), "down");
     let after = traces(&dir, &netns, &cgroup);
     assert!(after.is_empty(), "left behind: {after:#?}");
     assert!(!dir.exists(), "the state directory is removed");
-    assert_eq!(sysctls(), sysctls_before, "the kubelet's sysctls are put back");
+    assert_eq!(
+        sysctls(),
+        sysctls_before,
+        "the kubelet's sysctls are put back"
+    );
     let iptables_after = output(Command::new("iptables-save").env("LC_ALL", "C"))
         .lines()
         .filter(|l| !l.starts_with('#') && !l.starts_with(':') && !l.starts_with('['))
         .map(String::from)
         .collect::<Vec<_>>();
-    assert_eq!(iptables_after, iptables_before, "no iptables rule on the host");
+    assert_eq!(
+        iptables_after, iptables_before,
+        "no iptables rule on the host"
+    );
     assert_eq!(
         output(Command::new("ip").args(["netns", "list"])),
         netns_before

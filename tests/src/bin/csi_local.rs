@@ -50,12 +50,8 @@ async fn main() -> anyhow::Result<()> {
         .add_service(csi::identity_server::IdentityServer::new(plugin.clone()))
         .add_service(csi::node_server::NodeServer::new(plugin))
         .serve_with_incoming(listen(&args.socket)?);
-    let provisioner = csi_local::provision(
-        client,
-        args.node,
-        args.data_dir,
-        Duration::from_millis(500),
-    );
+    let provisioner =
+        csi_local::provision(client, args.node, args.data_dir, Duration::from_millis(500));
     tokio::select! {
         r = node_server => r?,
         () = provisioner => {}

@@ -282,7 +282,12 @@ async fn main() -> anyhow::Result<()> {
         .context("labels")?;
     alert_fires(cluster, &labels)?;
 
-    step(8, "where to look");
+    let with_real_node = cluster.env.contains_key("STOWAGE_REAL_NODE");
+    if with_real_node {
+        real_node(cluster).await?;
+    }
+
+    step(if with_real_node { 9 } else { 8 }, "where to look");
     println!(
         "    kubectl -n {NS} get schedules,backups,checks,restores    (KUBECONFIG={})",
         cluster.kubeconfig().display()
@@ -392,5 +397,98 @@ tests:
             .unwrap_or("")
             .trim()
     );
+    Ok(())
+}
+
+/// `scripts/demo --real-node`: Stowage's own images on a real kubelet and containerd, in a release
+/// of its own there, backing up a CSI volume and restoring it in place under a running container.
+async fn real_node(cluster: &'static Cluster) -> anyhow::Result<()> {
+    use stowage_coordinator::crd::Restore;
+    use stowage_tests::real_node::{RUN_TIMEOUT, RealNode, container};
+    step(
+        8,
+        "the real node: kubelet 1.34 with containerd and runc, Stowage's images from scripts/build-images",
+    );
+    let t = Instant::now();
+    let rn = RealNode::install(cluster, "demo-real").await;
+    println!(
+        "    helm install on {} in {:.1}s",
+        rn.node,
+        t.elapsed().as_secs_f64()
+    );
+    for p in Api::<Pod>::namespaced(rn.client.clone(), &rn.sys)
+        .list(&ListParams::default())
+        .await?
+        .items
+    {
+        let id = p
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .and_then(|c| c.container_id.clone())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "    {:<44} {:<52} {}",
+            p.metadata.name.clone().unwrap_or_default(),
+            p.spec
+                .as_ref()
+                .map(|s| s.containers[0].image.clone().unwrap_or_default())
+                .unwrap_or_default(),
+            &id[..id.len().min(25)]
+        );
+    }
+    rn.pvc("notes", "demo").await;
+    let pod = rn
+        .pod(
+            "notes",
+            "notes",
+            "echo 'first note' > /data/notes.txt && exec sleep 100000",
+            serde_json::json!({}),
+        )
+        .await;
+    println!(
+        "    pod notes runs on {} with a PVC of the CSI driver local.csi.stowage.dev",
+        rn.node
+    );
+    let b = rn.backup("notes-1", "notes", "demo").await;
+    anyhow::ensure!(
+        b["status"]["phase"] == "Succeeded",
+        "the real-node backup: {b:#}"
+    );
+    println!(
+        "    Backup notes-1: {} ({} files)",
+        b["status"]["phase"], b["status"]["items"][0]["filesNew"]
+    );
+    rn.exec("notes", "echo 'overwritten by mistake' > /data/notes.txt");
+    let r = stowage_tests::coordinator::run_to_end::<Restore>(
+        &rn.client,
+        &rn.app,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Restore",
+            "metadata": {"name": "notes-undo"}, "spec": {
+                "backend": rn.backend("notes"),
+                "source": {"pvc": "notes", "snapshot": "latest"},
+                "target": {"mode": "Replace"}}}),
+        RUN_TIMEOUT,
+    )
+    .await;
+    anyhow::ensure!(
+        r["status"]["phase"] == "Succeeded",
+        "the real-node restore: {r:#}"
+    );
+    let now = rn.exec("notes", "cat /data/notes.txt");
+    anyhow::ensure!(now == "first note\n", "restored content: {now:?}");
+    let after = Api::<Pod>::namespaced(rn.client.clone(), &rn.app)
+        .get("notes")
+        .await?;
+    anyhow::ensure!(
+        container(&after) == container(&pod),
+        "the container was restarted"
+    );
+    println!(
+        "    restored in place (Replace): notes.txt says \"first note\" again, same container {}",
+        &container(&after).0[..25]
+    );
+    rn.delete_pod("notes").await;
     Ok(())
 }

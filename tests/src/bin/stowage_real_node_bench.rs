@@ -19,7 +19,7 @@ const GIB: u64 = 1 << 30;
 
 #[tokio::main]
 async fn main() {
-    let rn = RealNode::install("bench-rn").await;
+    let rn = RealNode::install(stowage_tests::cluster::Cluster::shared(), "bench-rn").await;
     rn.pvc("big", "big").await;
     let pod = rn
         .pod("big", "big", "exec sleep 100000", serde_json::json!({}))
@@ -76,7 +76,11 @@ async fn main() {
             .env("RESTIC_PASSWORD", PASSWORD)
             .output()
             .expect("restic");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         bare.push(t.elapsed().as_secs_f64());
         eprintln!(
             "round {round}: agent {:.2}s (end to end {:.2}s), bare restic {:.2}s",
