@@ -1,6 +1,10 @@
 # Shared settings of the local control plane scripts. Sourced, not run.
 # shellcheck shell=bash
 
+# Started from a test (`cargo test` runs the cluster scripts), the environment holds the test's
+# CARGO_MANIFEST_DIR and CARGO_PKG_*: build scripts that watch them (ring's) would make every cargo
+# build below rebuild, and the next outer build rebuild again. Cargo sets them for what it runs.
+while read -r v; do unset "$v"; done < <(compgen -e | grep -E '^CARGO_(MANIFEST_|PKG_|CRATE_|BIN_|TARGET_TMPDIR|PRIMARY_PACKAGE)' || true)
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CLUSTER_DIR=${STOWAGE_CLUSTER_DIR:-$repo_root/target/cluster}
 mkdir -p "$CLUSTER_DIR"

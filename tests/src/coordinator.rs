@@ -402,6 +402,7 @@ impl PrivateAgents {
                 "selector": {"matchLabels": {"app": "test-agents"}},
                 "template": {"metadata": {"labels": {"app": "test-agents"}},
                     "spec": {"hostNetwork": true, "tolerations": [{"operator": "Exists"}],
+                             "nodeSelector": {"type": "kwok"},
                              "containers": [{"name": "agent", "image": "stowage/agent:test"}]}}}
         }))
         .expect("daemonset");

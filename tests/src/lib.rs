@@ -78,6 +78,19 @@ pub fn binary(name: &str) -> PathBuf {
     p
 }
 
+/// The pinned Helm (scripts/install-helm builds it once); panics when it cannot be had.
+pub fn helm() -> String {
+    let out = std::process::Command::new(workspace_root().join("scripts/install-helm"))
+        .output()
+        .expect("scripts/install-helm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use stowage_coordinator::crd::Backup;
+use stowage_coordinator::crd::{Backup, Restore};
 
 use crate::cluster::{Cluster, fresh_namespace};
 use crate::coordinator::{run_to_end, secret};
@@ -71,7 +71,7 @@ impl RealNode {
             release: sys.clone(),
             sys,
         };
-        let out = Command::new(helm())
+        let out = Command::new(crate::helm())
             .args(["install", &rn.release])
             .arg(crate::workspace_root().join("deploy/daemonset"))
             .args(["--namespace", &rn.sys, "-f"])
@@ -134,6 +134,27 @@ impl RealNode {
                 "metadata": {"name": name},
                 "spec": {"backend": self.backend(repo),
                          "selector": {"matchLabels": {"test": test}}}}),
+            RUN_TIMEOUT,
+        )
+        .await
+    }
+
+    /// A Restore of `pvc`'s latest snapshot in repository `repo`, in place with `mode`, to its end.
+    pub async fn restore(
+        &self,
+        name: &str,
+        pvc: &str,
+        repo: &str,
+        mode: &str,
+    ) -> serde_json::Value {
+        run_to_end::<Restore>(
+            &self.client,
+            &self.app,
+            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Restore",
+                "metadata": {"name": name}, "spec": {
+                    "backend": self.backend(repo),
+                    "source": {"pvc": pvc, "snapshot": "latest"},
+                    "target": {"mode": mode}}}),
             RUN_TIMEOUT,
         )
         .await
@@ -237,17 +258,10 @@ pub fn container(pod: &Pod) -> (String, i32) {
     )
 }
 
-pub fn helm() -> String {
-    let out = Command::new(crate::workspace_root().join("scripts/install-helm"))
-        .output()
-        .expect("scripts/install-helm");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 impl Drop for RealNode {
     /// Uninstalls the release, passed or not, so that its containers stop.
     fn drop(&mut self) {
-        let _ = Command::new(helm())
+        let _ = Command::new(crate::helm())
             .args([
                 "uninstall",
                 &self.release,

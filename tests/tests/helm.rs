@@ -23,21 +23,9 @@ use stowage_tests::coordinator::{run_to_end, secret};
 const PASSWORD: &str = "correct horse battery staple";
 const RUN_TIMEOUT: Duration = Duration::from_secs(150);
 
-fn helm() -> String {
-    let out = Command::new(stowage_tests::workspace_root().join("scripts/install-helm"))
-        .output()
-        .expect("scripts/install-helm");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// Runs helm against the shared cluster; panics with its output when it fails.
 fn run_helm(cluster: &Cluster, args: &[&str]) -> String {
-    let out = Command::new(helm())
+    let out = Command::new(stowage_tests::helm())
         .args(args)
         .env("KUBECONFIG", cluster.kubeconfig())
         .output()
@@ -62,7 +50,7 @@ struct Installed<'a> {
 
 impl Drop for Installed<'_> {
     fn drop(&mut self) {
-        let _ = Command::new(helm())
+        let _ = Command::new(stowage_tests::helm())
             .args([
                 "uninstall",
                 &self.release,

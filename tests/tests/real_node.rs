@@ -24,10 +24,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
-use stowage_coordinator::crd::Restore;
 use stowage_tests::cluster::fresh_namespace;
-use stowage_tests::coordinator::run_to_end;
-use stowage_tests::real_node::{PASSWORD, RUN_TIMEOUT, RealNode, container, label_namespace};
+use stowage_tests::real_node::{PASSWORD, RealNode, container, label_namespace};
 
 /// Every regular file below `dir`, read whole.
 fn files_below(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
@@ -285,17 +283,7 @@ async fn backup_and_replace_in_place(rn: &RealNode) {
         "web",
         "rm /data/conf/settings.ini && echo changed > /data/keep.txt && echo junk > /data/new.txt",
     );
-    let r = run_to_end::<Restore>(
-        &rn.client,
-        &rn.app,
-        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Restore",
-            "metadata": {"name": "web-undo"}, "spec": {
-                "backend": rn.backend("web"),
-                "source": {"pvc": "web-data", "snapshot": "latest"},
-                "target": {"mode": "Replace"}}}),
-        RUN_TIMEOUT,
-    )
-    .await;
+    let r = rn.restore("web-undo", "web-data", "web", "Replace").await;
     assert_eq!(r["status"]["phase"], "Succeeded", "{r:#}");
     assert_eq!(r["status"]["restore"]["node"], rn.node.as_str());
     let after_sum = rn.exec("web", "cd /data && find . -type f | sort | xargs md5sum");

@@ -403,8 +403,7 @@ tests:
 /// `scripts/demo --real-node`: Stowage's own images on a real kubelet and containerd, in a release
 /// of its own there, backing up a CSI volume and restoring it in place under a running container.
 async fn real_node(cluster: &'static Cluster) -> anyhow::Result<()> {
-    use stowage_coordinator::crd::Restore;
-    use stowage_tests::real_node::{RUN_TIMEOUT, RealNode, container};
+    use stowage_tests::real_node::{RealNode, container};
     step(
         8,
         "the real node: kubelet 1.34 with containerd and runc, Stowage's images from scripts/build-images",
@@ -461,17 +460,7 @@ async fn real_node(cluster: &'static Cluster) -> anyhow::Result<()> {
         b["status"]["phase"], b["status"]["items"][0]["filesNew"]
     );
     rn.exec("notes", "echo 'overwritten by mistake' > /data/notes.txt");
-    let r = stowage_tests::coordinator::run_to_end::<Restore>(
-        &rn.client,
-        &rn.app,
-        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Restore",
-            "metadata": {"name": "notes-undo"}, "spec": {
-                "backend": rn.backend("notes"),
-                "source": {"pvc": "notes", "snapshot": "latest"},
-                "target": {"mode": "Replace"}}}),
-        RUN_TIMEOUT,
-    )
-    .await;
+    let r = rn.restore("notes-undo", "notes", "notes", "Replace").await;
     anyhow::ensure!(
         r["status"]["phase"] == "Succeeded",
         "the real-node restore: {r:#}"
