@@ -1,10 +1,16 @@
 # Shared settings of the local control plane scripts. Sourced, not run.
 # shellcheck shell=bash
 
-# Started from a test (`cargo test` runs the cluster scripts), the environment holds the test's
-# CARGO_MANIFEST_DIR and CARGO_PKG_*: build scripts that watch them (ring's) would make every cargo
-# build below rebuild, and the next outer build rebuild again. Cargo sets them for what it runs.
-while read -r v; do unset "$v"; done < <(compgen -e | grep -E '^CARGO_(MANIFEST_|PKG_|CRATE_|BIN_|TARGET_TMPDIR|PRIMARY_PACKAGE)' || true)
+# Cargo as a user's shell runs it. `cargo test` runs these scripts with the test's CARGO,
+# CARGO_MANIFEST_DIR, CARGO_PKG_* and CARGO_BIN_EXE_* set; build scripts that watch such variables
+# (ring's) would make every build here rebuild, and the next build from a shell rebuild again.
+cargo() {
+  local keep=() v
+  for v in PATH HOME TMPDIR TERM CARGO_HOME CARGO_TARGET_DIR CARGO_INCREMENTAL RUSTUP_HOME RUSTUP_TOOLCHAIN RUSTFLAGS; do
+    if [ -n "${!v:-}" ]; then keep+=("$v=${!v}"); fi
+  done
+  env -i "${keep[@]}" cargo "$@"
+}
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CLUSTER_DIR=${STOWAGE_CLUSTER_DIR:-$repo_root/target/cluster}
 mkdir -p "$CLUSTER_DIR"

@@ -93,6 +93,17 @@ fn traces(dir: &Path, netns: &str, cgroup: &str) -> Vec<String> {
     found
 }
 
+/// Runs `down` if the test fails before its own `down`, so a failed run leaves nothing either.
+struct DownOnDrop(std::path::PathBuf);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            let _ = script(&self.0, "down", &[]);
+        }
+    }
+}
+
 #[test]
 fn down_leaves_nothing_of_the_real_node_behind() {
     let dir = tempfile::Builder::new()
