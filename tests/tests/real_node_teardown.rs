@@ -118,7 +118,16 @@ fn down_leaves_nothing_of_the_real_node_behind() {
         .map(String::from)
         .collect::<Vec<_>>();
     let netns_before = output(Command::new("ip").args(["netns", "list"]));
+    // `ip netns add` mounts /run/netns the first time; down undoes it when it was the node's doing.
+    let run_netns_mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/run/netns"))
+    };
+    let run_netns_before = run_netns_mounted();
 
+    let _down = DownOnDrop(dir.clone());
     assert!(
         script(&dir, "up", &["--nodes", "1", "--real-node"]).success(),
         "up"
@@ -226,5 +235,10 @@ spec:
     assert_eq!(
         output(Command::new("ip").args(["netns", "list"])),
         netns_before
+    );
+    assert_eq!(
+        run_netns_mounted(),
+        run_netns_before,
+        "/run/netns as it was"
     );
 }
