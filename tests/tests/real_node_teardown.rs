@@ -49,9 +49,12 @@ fn script(dir: &Path, name: &str, args: &[&str]) -> std::process::ExitStatus {
 /// Every host-side trace of a real node whose files live in `dir`.
 fn traces(dir: &Path, netns: &str, cgroup: &str) -> Vec<String> {
     let d = dir.display().to_string();
+    // A deep checkout's sockets live in a directory of their own (tests/cluster/real-node): the
+    // shims and relays name it, not the cluster's directory.
+    let sockets = format!("/tmp/stowage-rn-{PORT_BASE}");
     let mut found = Vec::new();
     for (pid, cmd) in stowage_tests::procs::cmdlines_with_pids() {
-        if cmd.contains(&d) {
+        if cmd.contains(&d) || cmd.contains(&sockets) {
             found.push(format!("process {pid}: {cmd}"));
         }
     }
@@ -62,6 +65,9 @@ fn traces(dir: &Path, netns: &str, cgroup: &str) -> Vec<String> {
         if line.contains(&d) {
             found.push(format!("mount: {line}"));
         }
+    }
+    if Path::new(&sockets).exists() {
+        found.push(format!("socket directory {sockets}"));
     }
     if output(Command::new("ip").args(["netns", "list"])).contains(netns) {
         found.push(format!("network namespace {netns}"));
