@@ -19,6 +19,10 @@ pub const LABEL_ACTION: &str = "stowage.dev/action";
 pub const LABEL_RUN: &str = "stowage.dev/run";
 /// On mount-holder pods: marks them (they are never backed up as workloads).
 pub const LABEL_MOUNT_HOLDER: &str = "stowage.dev/mount-holder";
+/// On Secrets: `"true"` lets Stowage use the Secret as repository credentials. Setting a label needs
+/// the right to update the Secret, so whoever may only create runs cannot point them at any Secret.
+pub const LABEL_CREDENTIALS: &str = "stowage.dev/credentials";
+pub const LABEL_CREDENTIALS_SELECTOR: &str = "stowage.dev/credentials=true";
 
 // --- annotations -----------------------------------------------------------------------------------
 /// On PVCs and pods: `"false"` leaves the volume out of backups.

@@ -9,12 +9,16 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 use stowage_proto::v1::{self as pb, repository::Backend as PbBackend};
 
+use stowage_common::contract;
+
 use crate::conditions::Finding;
 use crate::crd::{BackendSpec, SecretKeyRef};
+use crate::endpoints::{self, EndpointPattern};
 
 pub const INVALID_BACKEND: &str = "InvalidBackend";
 pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
 pub const SECRET_KEY_NOT_FOUND: &str = "SecretKeyNotFound";
+pub const SECRET_NOT_LABELLED: &str = "SecretNotLabelled";
 
 /// Exactly one known backend type, and its Secret references. `at` is the field path of the block.
 pub fn validate(spec: &BackendSpec, at: &str) -> Result<(), Finding> {
@@ -80,12 +84,17 @@ fn ref_ok(r: &SecretKeyRef, at: &str) -> Result<(), Finding> {
 }
 
 /// Where Secrets are read from: the API (to run: the values are needed), or the coordinator's
-/// watch cache, which holds key names and whether each value is empty, never the values (to
-/// validate, on every reconcile, without a request).
+/// watch cache of labelled Secrets, which holds key names and whether each value is empty, never
+/// the values (to validate, on every reconcile, without a request; a miss asks the API for the
+/// Secret's metadata, to tell a missing Secret from an unlabelled one).
+///
+/// Either way a Secret serves only with the label `stowage.dev/credentials: "true"`: whoever may
+/// create a run, but not read Secrets, must not be able to point restic at any Secret and send its
+/// value to an endpoint of their own.
 #[derive(Clone)]
 pub enum Secrets {
     Api(Client),
-    Cache(Store<Secret>),
+    Cache(Store<Secret>, Client),
 }
 
 /// Reads Secrets of one namespace, each at most once per resolution.
@@ -95,27 +104,73 @@ struct SecretReader {
     cache: BTreeMap<String, Option<Secret>>,
 }
 
+fn labelled(labels: Option<&BTreeMap<String, String>>) -> bool {
+    labels
+        .and_then(|l| l.get(contract::LABEL_CREDENTIALS))
+        .is_some_and(|v| v == "true")
+}
+
 impl SecretReader {
+    fn read_error(&self, r: &SecretKeyRef, at: &str, e: &kube::Error) -> Finding {
+        Finding::new(
+            SECRET_NOT_FOUND,
+            format!(
+                "{at}: reading Secret {}/{}: {}",
+                self.namespace,
+                r.name,
+                crate::errors::sentence(e)
+            ),
+        )
+    }
+
+    /// `Ok(false)` when the Secret exists without the credentials label; only its metadata is read.
+    async fn exists_unlabelled(
+        &self,
+        client: &Client,
+        r: &SecretKeyRef,
+        at: &str,
+    ) -> Result<bool, Finding> {
+        let meta = Api::<Secret>::namespaced(client.clone(), &self.namespace)
+            .get_metadata_opt(&r.name)
+            .await
+            .map_err(|e| self.read_error(r, at, &e))?;
+        Ok(meta.is_some_and(|m| !labelled(m.metadata.labels.as_ref())))
+    }
+
+    fn unlabelled(&self, r: &SecretKeyRef, at: &str) -> Finding {
+        Finding::new(
+            SECRET_NOT_LABELLED,
+            format!(
+                "{at}: Secret {ns}/{name} lacks the label {label}=true, without which Stowage never uses a Secret as repository credentials; someone allowed to update the Secret can add it: kubectl label secret -n {ns} {name} {label}=true",
+                ns = self.namespace,
+                name = r.name,
+                label = contract::LABEL_CREDENTIALS,
+            ),
+        )
+    }
+
     async fn value(&mut self, r: &SecretKeyRef, at: &str) -> Result<String, Finding> {
         if !self.cache.contains_key(&r.name) {
             let got = match &self.source {
-                Secrets::Api(client) => Api::<Secret>::namespaced(client.clone(), &self.namespace)
-                    .get_opt(&r.name)
-                    .await
-                    .map_err(|e| {
-                        Finding::new(
-                            SECRET_NOT_FOUND,
-                            format!(
-                                "{at}: reading Secret {}/{}: {}",
-                                self.namespace,
-                                r.name,
-                                crate::errors::sentence(&e)
-                            ),
-                        )
-                    })?,
-                Secrets::Cache(store) => store
-                    .get(&ObjectRef::new(&r.name).within(&self.namespace))
-                    .map(|s| s.as_ref().clone()),
+                Secrets::Api(client) => {
+                    // Metadata first: the value of an unlabelled Secret is never even fetched.
+                    if self.exists_unlabelled(client, r, at).await? {
+                        return Err(self.unlabelled(r, at));
+                    }
+                    Api::<Secret>::namespaced(client.clone(), &self.namespace)
+                        .get_opt(&r.name)
+                        .await
+                        .map_err(|e| self.read_error(r, at, &e))?
+                }
+                Secrets::Cache(store, client) => {
+                    match store.get(&ObjectRef::new(&r.name).within(&self.namespace)) {
+                        Some(s) => Some(s.as_ref().clone()),
+                        None if self.exists_unlabelled(client, r, at).await? => {
+                            return Err(self.unlabelled(r, at));
+                        }
+                        None => None,
+                    }
+                }
             };
             self.cache.insert(r.name.clone(), got);
         }
@@ -125,6 +180,10 @@ impl SecretReader {
                 format!("{at}: Secret {}/{} not found", self.namespace, r.name),
             ));
         };
+        // The label is checked on what was read, too: it may have been removed meanwhile.
+        if !labelled(secret.metadata.labels.as_ref()) {
+            return Err(self.unlabelled(r, at));
+        }
         let data = secret.data.as_ref();
         let string_data = secret.string_data.as_ref();
         let value = data
@@ -178,16 +237,19 @@ fn spec_field(proto_field: &str) -> &str {
     }
 }
 
-/// Validates `spec` and reads its Secrets from `namespace`.
+/// Validates `spec`, checks its endpoint against `allowed` (before any Secret is read), and reads
+/// its Secrets from `namespace`.
 ///
 /// With [`Secrets::Cache`] the secret values in the result are placeholders: use it to validate.
 pub async fn resolve(
     source: &Secrets,
+    allowed: &[EndpointPattern],
     namespace: &str,
     spec: &BackendSpec,
     at: &str,
 ) -> Result<pb::Repository, Finding> {
     validate(spec, at)?;
+    endpoints::check(allowed, spec, at)?;
     let mut secrets = SecretReader {
         source: source.clone(),
         namespace: namespace.to_string(),
@@ -290,10 +352,15 @@ mod tests {
         };
         secret.metadata.name = Some("repo".into());
         secret.metadata.namespace = Some("shop".into());
+        secret.metadata.labels = Some([(contract::LABEL_CREDENTIALS.into(), "true".into())].into());
         writer.apply_watcher_event(&watcher::Event::Apply(secret));
-        let cache = Secrets::Cache(store);
+        // A cache miss asks the API for metadata: here nothing answers, which is a read error.
+        let nobody =
+            kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap()))
+                .unwrap();
+        let cache = Secrets::Cache(store, nobody);
         assert!(
-            resolve(&cache, "shop", &local(), "spec.backend")
+            resolve(&cache, &[], "shop", &local(), "spec.backend")
                 .await
                 .is_ok()
         );
@@ -301,11 +368,11 @@ mod tests {
         relative.local = Some(LocalBackend {
             path: "repo".into(),
         });
-        let e = resolve(&cache, "shop", &relative, "spec.backend")
+        let e = resolve(&cache, &[], "shop", &relative, "spec.backend")
             .await
             .unwrap_err();
         assert_eq!(e.message, "spec.backend.local.path: must be absolute");
-        let missing = resolve(&cache, "other", &local(), "spec.backend")
+        let missing = resolve(&cache, &[], "other", &local(), "spec.backend")
             .await
             .unwrap_err();
         assert_eq!(missing.reason, SECRET_NOT_FOUND);

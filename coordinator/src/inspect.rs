@@ -246,6 +246,7 @@ async fn look(ctx: &Ctx, s: &Schedule, figures: bool) -> Result<InspectResponse,
     let namespace = s.namespace().unwrap_or_default();
     let repository = backend::resolve(
         &Secrets::Api(ctx.client.clone()),
+        &ctx.config.allowed_endpoint,
         &namespace,
         &s.spec.backend,
         "spec.backend",

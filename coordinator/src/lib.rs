@@ -7,7 +7,8 @@
 //! - [`crd`]: the custom resource types; `crdgen` writes their YAML into the Helm chart;
 //! - [`cron`] and [`firing`]: schedule expressions (stable `-random` variants) and when one is due;
 //! - [`schedule`]: the Schedule reconciler (validate, fire, next times and conditions, history);
-//! - [`backend`] and [`restic_fields`]: checks of the spec fields that reach restic;
+//! - [`backend`], [`endpoints`] and [`restic_fields`]: checks of the spec fields that reach restic
+//!   (credentials only from labelled Secrets, endpoints from the administrator's allow-list);
 //! - [`state`]: the watch caches (PVCs, Pods, Secrets by key name);
 //! - [`plan`]: the pure planning of a backup run (which volume is read by which node's agent);
 //! - [`run`]: executing Backup, Check and Prune runs (`run::volume` is one volume's task,
@@ -29,6 +30,7 @@ pub mod controller;
 pub mod crd;
 pub mod cron;
 pub mod dispatch;
+pub mod endpoints;
 pub mod errors;
 pub mod firing;
 pub mod inspect;

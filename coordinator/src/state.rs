@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
+use stowage_common::contract;
 
 /// How long start-up waits for the first full list of every store.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
@@ -142,11 +143,15 @@ pub fn start(
         .modify(slim)
         .reflect(pod_writer)
         .for_each(move |r| observe("pods", &pods_ready, r));
-    let secret_watch = watcher(api::<Secret>(client, namespace), watcher::Config::default())
-        .default_backoff()
-        .modify(keys_only)
-        .reflect_shared(secret_events)
-        .for_each(move |r| observe("secrets", &secrets_ready, r));
+    // Only Secrets labelled as credentials are ever used, so only they are watched (and cached).
+    let secret_watch = watcher(
+        api::<Secret>(client, namespace),
+        watcher::Config::default().labels(contract::LABEL_CREDENTIALS_SELECTOR),
+    )
+    .default_backoff()
+    .modify(keys_only)
+    .reflect_shared(secret_events)
+    .for_each(move |r| observe("secrets", &secrets_ready, r));
     let drive = async move {
         tokio::join!(pvc_watch, pod_watch, secret_watch, prebackup_watch);
     };

@@ -62,6 +62,10 @@ pub async fn list(
     let name = s.metadata.name.clone().unwrap_or_default();
     let repo = backend::resolve(
         &Secrets::Api(conn.client.clone()),
+        // The coordinator's endpoint allow-list is the administrator's rule for the coordinator's
+        // rights; here restic runs with the caller's own. The credentials label still applies:
+        // a Schedule someone else wrote must not send the caller's Secrets to its endpoint.
+        &[],
         &conn.namespace,
         &s.spec.backend,
         "spec.backend",

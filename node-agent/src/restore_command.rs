@@ -49,6 +49,13 @@ pub fn plan(
     if req.command.trim().is_empty() {
         return Err(AgentError::InvalidArgument("command is empty".into()));
     }
+    // Never inferred from the source: in a cross-namespace restore the source namespace has its own
+    // pods, and one of the same name there must not receive (or run) this restore.
+    if req.target_namespace.is_empty() {
+        return Err(AgentError::InvalidArgument(
+            "target_namespace is required (the namespace of the pod to stream into)".into(),
+        ));
+    }
     let identity = CommandIdentity::new(
         &source.namespace,
         &source.owner_kind,
@@ -67,7 +74,7 @@ pub fn plan(
         spec: req.repository.unwrap_or_default(),
         snapshot: req.snapshot,
         target: ExecTarget {
-            namespace: source.namespace,
+            namespace: req.target_namespace,
             pod: req.pod,
             container: req.container,
             command: req.command,

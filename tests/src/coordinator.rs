@@ -184,10 +184,29 @@ impl Drop for Coordinator {
     }
 }
 
-/// Secret `name` with `key: value` in `ns`.
+/// Secret `name` with `key: value` in `ns`, labelled as repository credentials.
 pub async fn secret(client: &kube::Client, ns: &str, name: &str, data: &[(&str, &str)]) {
+    secret_with_labels(
+        client,
+        ns,
+        name,
+        data,
+        &[("stowage.dev/credentials", "true")],
+    )
+    .await
+}
+
+/// Secret `name` with `key: value` and `labels` in `ns`.
+pub async fn secret_with_labels(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    data: &[(&str, &str)],
+    labels: &[(&str, &str)],
+) {
+    let labels: std::collections::BTreeMap<_, _> = labels.iter().copied().collect();
     let s: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": labels},
         "stringData": data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
     }))
     .expect("secret");

@@ -1315,3 +1315,29 @@ async fn an_empty_volume_is_skipped_not_failed_and_restore_reports_progress() {
             >= (8 * 24 * MB) as f64
     );
 }
+
+/// A restore command's target namespace is never inferred from the source identity: a request
+/// without it is refused before anything is read or exec'd.
+#[tokio::test]
+async fn a_restore_command_without_its_target_namespace_is_refused() {
+    let s = Setup::new();
+    let agent = s.agent().await;
+    let mut client = agent.client(&s.pki).await;
+    let req = v1::RestoreCommandRequest {
+        run_id: "b/from-a".into(),
+        repository: Some(local_repo(&s.repo(), PW, true)),
+        source: Some(v1::CommandIdentity {
+            namespace: "a".into(),
+            owner_kind: "Pod".into(),
+            owner_name: "db-0".into(),
+            container: "db".into(),
+        }),
+        snapshot: "latest".into(),
+        pod: "db-0".into(),
+        command: "cat > restored.bin".into(),
+        ..Default::default()
+    };
+    let e = client.restore_command(req).await.expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("target_namespace"), "{}", e.message());
+}

@@ -572,3 +572,53 @@ async fn a_command_snapshot_is_streamed_into_the_restore_command() {
         .to_string();
     assert!(m.contains("psql: relation exists"), "{m}");
 }
+
+/// A cross-namespace command restore (allowed by the administrator) streams namespace A's dump into
+/// the pod of the Restore's namespace B. The pod of the same name in A, on the same node, runs
+/// nothing and receives nothing: the agent is told the target namespace, never infers it from the
+/// source.
+#[tokio::test]
+async fn a_cross_namespace_command_restore_streams_into_the_restore_namespace_only() {
+    let source = setup("restore-xns-a").await;
+    let target = setup("restore-xns-b").await;
+    for env in [&source, &target] {
+        env.mounted("db", "node-2").await;
+        annotate(
+            &env.client,
+            &env.ns,
+            "db-0",
+            serde_json::json!({
+                "stowage.dev/backup-command": STREAM,
+                "stowage.dev/restore-command": "cat > restored.bin",
+            }),
+        )
+        .await;
+    }
+    {
+        let _c = Coordinator::start(source.cluster, CoordinatorOptions::new(&source.ns)).await;
+        source.backup("dump", local_backend(&source.repo)).await;
+    }
+    let mut opts = CoordinatorOptions::new(&target.ns);
+    opts.extra_args = vec!["--allow-cross-namespace-restore".into()];
+    let _c = Coordinator::start(target.cluster, opts).await;
+    let r = target
+        .restore(
+            "from-a",
+            serde_json::json!({
+                "backend": local_backend(&source.repo),
+                "source": {"namespace": source.ns, "command": {"owner": "Pod/db-0"}}}),
+        )
+        .await;
+    succeeded(&r);
+    assert_eq!(
+        r["status"]["restore"]["command"]["streamBytes"], 5_000_000,
+        "{r:#}"
+    );
+    let exec_dir = |ns: &str| target.cluster.dir.join("exec").join(ns).join("db-0");
+    let got = std::fs::read(exec_dir(&target.ns).join("restored.bin")).expect("B's restored.bin");
+    assert_eq!(got.len(), 5_000_000);
+    assert!(
+        !exec_dir(&source.ns).join("restored.bin").exists(),
+        "the source namespace's pod of the same name received the restore"
+    );
+}

@@ -171,6 +171,7 @@ pub async fn begin<K: RunObject>(ctx: &Ctx, run: &K) -> Result<Option<Begun>, ku
     let at = origin.field("backend");
     match backend::resolve(
         &Secrets::Api(ctx.client.clone()),
+        &ctx.config.allowed_endpoint,
         &namespace,
         &spec.backend,
         &at,

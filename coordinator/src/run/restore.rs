@@ -684,6 +684,7 @@ async fn restore_command(
         container: container.clone(),
         command,
         timeout_seconds,
+        target_namespace: namespace.clone(),
     };
     let result =
         dispatch::restore_command(&ctx.agents, &node, req, on_progress(ctx, run, status)).await;

@@ -60,14 +60,16 @@ pub(super) async fn validate(
     {
         problems.push(f);
     }
-    let secrets = Secrets::Cache(ctx.stores.secrets.clone());
-    let backend_ok = match backend::resolve(&secrets, &ns, &s.spec.backend, "spec.backend").await {
-        Ok(_) => true,
-        Err(f) => {
-            problems.push(f);
-            false
-        }
-    };
+    let secrets = Secrets::Cache(ctx.stores.secrets.clone(), ctx.client.clone());
+    let allowed = &ctx.config.allowed_endpoint;
+    let backend_ok =
+        match backend::resolve(&secrets, allowed, &ns, &s.spec.backend, "spec.backend").await {
+            Ok(_) => true,
+            Err(f) => {
+                problems.push(f);
+                false
+            }
+        };
     let mut selection = None;
     if let Some(b) = &s.spec.backup {
         let sel = b.selector.as_ref();

@@ -158,7 +158,8 @@ async fn main() -> anyhow::Result<()> {
     let moto = stowage_tests::moto::Moto::start();
     moto.create_bucket("demo");
     let secret: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "backup-repo"},
+        // Only Secrets labelled as credentials serve as repository credentials (docs/security.md).
+        "metadata": {"name": "backup-repo", "labels": {"stowage.dev/credentials": "true"}},
         "stringData": {"password": PASSWORD, "id": "AKIADEMO", "secret": "demo-secret-key"}}))?;
     let _ = Api::<Secret>::namespaced(client.clone(), NS)
         .create(&Default::default(), &secret)

@@ -1,0 +1,275 @@
+//! A hostile tenant against the real coordinator, agents and restic: runs and Schedules that name
+//! Secrets and endpoints of the tenant's choosing (docs/security.md, "Repository credentials").
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stowage_coordinator::crd::{Check, Schedule};
+use stowage_tests::cluster::{Cluster, fresh_namespace};
+use stowage_tests::coordinator::{
+    Coordinator, CoordinatorOptions, condition, create, run_to_end, secret, secret_with_labels,
+    wait_event, wait_json,
+};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(90);
+/// Values of Secrets the tenant may not read; none may ever reach the listener.
+const STOLEN_USER: &str = "db-admin-7f3a";
+const STOLEN_PASSWORD: &str = "hunter2-never-leaves";
+
+/// A tenant's HTTP listener on loopback: it records every byte it receives and answers 404, as an
+/// empty REST server would.
+struct Listener {
+    url: String,
+    received: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Listener {
+    fn start() -> Listener {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}/", l.local_addr().expect("addr"));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let seen = received.clone();
+        // The thread lives until the test process ends; it only ever answers on loopback.
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut buf = vec![0u8; 64 << 10];
+                let n = conn.read(&mut buf).unwrap_or(0);
+                buf.truncate(n);
+                seen.lock().expect("lock").push(buf);
+                let _ = conn.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        Listener { url, received }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.received
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+
+    /// Whether any request carried one of `values` (in clear, or as HTTP basic auth).
+    fn got_any(&self, values: &[&str]) -> bool {
+        use base64::Engine;
+        self.requests().iter().any(|r| {
+            values.iter().any(|v| r.contains(v))
+                || r.lines()
+                    .filter_map(|l| l.strip_prefix("Authorization: Basic "))
+                    .filter_map(|b| {
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b.trim())
+                            .ok()
+                    })
+                    .any(|d| {
+                        let d = String::from_utf8_lossy(&d);
+                        values.iter().any(|v| d.contains(v))
+                    })
+        })
+    }
+}
+
+fn rest_backend(url: &str, secret: &str) -> serde_json::Value {
+    serde_json::json!({
+        "repoPasswordSecretRef": {"name": secret, "key": "password"},
+        "rest": {"url": url,
+                 "usernameSecretRef": {"name": secret, "key": "user"},
+                 "passwordSecretRef": {"name": secret, "key": "password"}}})
+}
+
+fn check(name: &str, backend: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Check",
+        "metadata": {"name": name}, "spec": {"backend": backend}})
+}
+
+fn assert_failed(r: &serde_json::Value, reason: &str, needles: &[&str]) {
+    assert_eq!(r["status"]["phase"], "Failed", "{r:#}");
+    let c = condition(r, "Succeeded").expect("condition");
+    assert_eq!(c["reason"], reason, "{c}");
+    let m = c["message"].as_str().unwrap_or_default();
+    for n in needles {
+        assert!(m.contains(n), "{n:?} not in {m:?}");
+    }
+}
+
+/// A user who may create Checks and Schedules, not read Secrets, names the namespace's database
+/// Secret as the credentials of a REST repository on a listener of their own. Nothing reaches the
+/// listener; the Check fails and the Schedule is not Ready, each naming the field and the Secret.
+/// The same listener, named with a Secret the namespace's owner did label as credentials, does get
+/// them (the path is real); with an endpoint allow-list that does not list it, it gets nothing and
+/// no Secret is read at all (a Secret that does not exist is not even reported missing).
+#[tokio::test]
+async fn runs_and_schedules_cannot_send_unlabelled_secrets_to_a_tenant_endpoint() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, "tenant-secrets").await;
+    let listener = Listener::start();
+    // The namespace's database credentials: not labelled as repository credentials.
+    secret_with_labels(
+        &client,
+        &ns,
+        "db-credentials",
+        &[("user", STOLEN_USER), ("password", STOLEN_PASSWORD)],
+        &[],
+    )
+    .await;
+    // Repository looks every second, so the inspector tries the Schedule's repository too.
+    let mut opts = CoordinatorOptions::new(&ns);
+    opts.extra_args = vec!["--figures-interval".into(), "1s".into()];
+    let coordinator = Coordinator::start(cluster, opts).await;
+
+    let r = run_to_end::<Check>(
+        &client,
+        &ns,
+        check("steal", rest_backend(&listener.url, "db-credentials")),
+        RUN_TIMEOUT,
+    )
+    .await;
+    assert_failed(
+        &r,
+        "SecretNotLabelled",
+        &[
+            "spec.backend.repoPasswordSecretRef",
+            &format!("Secret {ns}/db-credentials"),
+            "kubectl label secret",
+        ],
+    );
+    wait_event(
+        &client,
+        &ns,
+        "steal",
+        "SecretNotLabelled",
+        "db-credentials",
+        Duration::from_secs(10),
+    )
+    .await;
+
+    let _: Schedule = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+            "metadata": {"name": "steal-nightly"},
+            "spec": {"backend": rest_backend(&listener.url, "db-credentials"),
+                     "check": {"schedule": "* * * * *"}}}),
+    )
+    .await;
+    let s = wait_json::<Schedule>(
+        &client,
+        &ns,
+        "steal-nightly",
+        Duration::from_secs(30),
+        "Ready=False",
+        |v| condition(v, "Ready").is_some_and(|c| c["status"] == "False"),
+    )
+    .await;
+    let ready = condition(&s, "Ready").expect("Ready");
+    assert_eq!(ready["reason"], "SecretNotLabelled", "{ready}");
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("db-credentials")),
+        "{ready}"
+    );
+    wait_event(
+        &client,
+        &ns,
+        "steal-nightly",
+        "SecretNotLabelled",
+        "spec.backend.repoPasswordSecretRef",
+        Duration::from_secs(10),
+    )
+    .await;
+    // The inspector's look at the Schedule's repository failed on the Secret, not at the listener.
+    stowage_tests::wait_until(
+        "the inspector's look at steal-nightly",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&coordinator.log).is_ok_and(|l| {
+                l.lines().any(|l| {
+                    l.contains("steal-nightly")
+                        && l.contains("could not read the repository's figures")
+                        && l.contains("lacks the label")
+                })
+            })
+        },
+    )
+    .await;
+    assert!(
+        listener.requests().is_empty(),
+        "the tenant's listener was contacted: {:?}",
+        listener.requests()
+    );
+
+    // The owner labels a Secret as repository credentials: the path to the endpoint is real, and
+    // restic sends them (this is what the label must gate).
+    secret(
+        &client,
+        &ns,
+        "rest-credentials",
+        &[("user", "backup-user"), ("password", "labelled-secret")],
+    )
+    .await;
+    let r = run_to_end::<Check>(
+        &client,
+        &ns,
+        check("labelled", rest_backend(&listener.url, "rest-credentials")),
+        RUN_TIMEOUT,
+    )
+    .await;
+    assert_eq!(
+        r["status"]["phase"], "Failed",
+        "an empty listener is no repository: {r:#}"
+    );
+    assert!(
+        listener.got_any(&["backup-user"]),
+        "restic did not send the labelled credentials: {:?}",
+        listener.requests()
+    );
+    assert!(!listener.got_any(&[STOLEN_USER, STOLEN_PASSWORD]));
+    drop(coordinator);
+
+    // An administrator's allow-list that does not list the listener: nothing is sent, and no Secret
+    // is read (the reference to a Secret that does not exist is not what the run reports).
+    let before = listener.requests().len();
+    let mut opts = CoordinatorOptions::new(&ns);
+    opts.extra_args = vec![
+        "--allowed-endpoint".into(),
+        "rest.backup.example:8000,*.s3.example".into(),
+    ];
+    let _fenced = Coordinator::start(cluster, opts).await;
+    for (name, secret) in [
+        ("fenced", "rest-credentials"),
+        ("fenced-missing", "no-such-secret"),
+    ] {
+        let r = run_to_end::<Check>(
+            &client,
+            &ns,
+            check(name, rest_backend(&listener.url, secret)),
+            RUN_TIMEOUT,
+        )
+        .await;
+        assert_failed(
+            &r,
+            "EndpointNotAllowed",
+            &[
+                "spec.backend.rest.url",
+                "rest.backup.example:8000",
+                "no Secret was read",
+            ],
+        );
+    }
+    assert_eq!(
+        listener.requests().len(),
+        before,
+        "{:?}",
+        listener.requests()
+    );
+}
