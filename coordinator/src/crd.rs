@@ -396,6 +396,11 @@ pub struct RestoreSource {
     /// Paths inside the volume to restore (e.g. `/pgdata/base`); empty restores everything.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub include: Vec<String>,
+    /// Let `latest` and `before` choose a partial snapshot (a backup that could not read every
+    /// file, tagged `stowage.dev/partial=true`). Off by default: a partial snapshot lacks files, and
+    /// a Replace restore of it would delete them from the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_partial: Option<bool>,
 }
 
 /// A backup command's history: `<Kind>/<name>` of the pod's owner and the container.
@@ -443,11 +448,15 @@ pub enum RestoreMode {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RestoreOutcome {
-    /// The resolved snapshot, written before anything is written to the volume.
+    /// The resolved snapshot's full id, written before anything is written to the volume. A
+    /// Restore resumed after a coordinator restart restores exactly this snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_time: Option<String>,
+    /// Whether the snapshot is partial (its backup could not read every file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<bool>,
     /// Where it was written: node, pod (a mount holder for an unmounted PVC), PVC and path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,

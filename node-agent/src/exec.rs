@@ -2,6 +2,11 @@
 //! the agent only ever execs into pods scheduled on its own node). The command runs under `sh -c`,
 //! wrapped so that its PID is known: a command that outlives its timeout, or whose stream we stop,
 //! is killed with its whole process tree by a second exec, so nothing is left running in the pod.
+//!
+//! A pipeline fails when any part of it fails (`pipefail`): `pg_dump | gzip` must not report
+//! gzip's success over pg_dump's failure. The container's `sh` gets `-o pipefail` where it has it
+//! (busybox, bash as sh); where it has not (dash, as in Debian-based images), `bash -o pipefail`
+//! runs the command if the container has bash; only a container with neither runs it without.
 
 use std::time::Duration;
 
@@ -103,12 +108,18 @@ impl Exit {
     }
 }
 
-/// The command line that runs `command` and first tells us its PID on stderr.
+/// The command line that runs `command`, with `pipefail` where the container's shells allow it, and
+/// first tells us its PID on stderr (every branch `exec`s, so the PID stays the command's).
 fn wrapped(command: &str) -> Vec<String> {
     vec![
         "sh".into(),
         "-c".into(),
-        format!("echo {PID_PREFIX}$$ >&2; exec sh -c \"$1\""),
+        format!(
+            "echo {PID_PREFIX}$$ >&2; \
+             if (set -o pipefail) 2>/dev/null; then exec sh -o pipefail -c \"$1\"; fi; \
+             if command -v bash >/dev/null 2>&1; then exec bash -o pipefail -c \"$1\"; fi; \
+             exec sh -c \"$1\""
+        ),
         "stowage".into(),
         command.into(),
     ]
@@ -428,6 +439,28 @@ mod tests {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.starts_with(PID_PREFIX), "{err}");
+    }
+
+    /// Here `sh` is dash (no pipefail) and bash exists: the failure inside the pipeline is the
+    /// command's, and a plain command keeps its status.
+    #[test]
+    fn a_failure_anywhere_in_a_pipeline_fails_the_command() {
+        let status = |cmd: &str| {
+            let argv = wrapped(cmd);
+            std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .output()
+                .unwrap()
+                .status
+                .code()
+        };
+        assert_eq!(status("exit 3 | cat"), Some(3));
+        assert_eq!(
+            status("cat /nonexistent-stowage | gzip > /dev/null"),
+            Some(1)
+        );
+        assert_eq!(status("echo ok | cat >/dev/null"), Some(0));
+        assert_eq!(status("exit 4"), Some(4));
     }
 
     #[tokio::test]

@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
+use restic_wrap::json::{ForgetGroup, Snapshot};
 use restic_wrap::options::{CheckOptions, ForgetOptions, PruneOptions, Retention};
+use stowage_common::contract::TAG_PARTIAL;
 use stowage_proto::v1::{
     CheckRequest, IdentityRetention, MaintenanceEvent, MaintenanceResult, Phase, Progress,
     PruneRequest, RepositoryFigures, RetentionPolicy, maintenance_event::Event,
@@ -122,6 +124,27 @@ pub fn plan_prune(
     })
 }
 
+/// Busy volumes routinely make partial snapshots (restic exit 3: a file vanished while read). A
+/// policy such as `keepLast: 3` would count three newer partial snapshots and forget the last
+/// complete one, leaving `latest` restores nothing complete to restore. So each identity's newest
+/// complete snapshot is always kept.
+fn keep_newest_complete(g: &mut ForgetGroup) {
+    let partial = |s: &Snapshot| s.tags.iter().any(|t| t == TAG_PARTIAL);
+    let newest = Snapshot::newest(
+        g.keep
+            .iter()
+            .chain(g.remove.iter().flatten())
+            .filter(|s| !partial(s))
+            .cloned(),
+    );
+    let Some(newest) = newest else { return };
+    if let Some(remove) = &mut g.remove
+        && let Some(i) = remove.iter().position(|s| s.id == newest.id)
+    {
+        g.keep.push(remove.remove(i));
+    }
+}
+
 fn retention_from_proto(p: RetentionPolicy) -> Retention {
     let n = |v: u32| (v > 0).then_some(v);
     Retention {
@@ -213,7 +236,25 @@ pub async fn execute(
                 let restic = ctx.restic(repo, Some(&spec), Some(progress.clone()));
                 restic.ensure_repository(false).await?;
                 progress.phase(Phase::Running, "restic forget (per volume identity)");
-                let groups = restic.forget(&forget).await?;
+                // The policy is applied as a dry run first; what it would remove is removed by id,
+                // less each identity's newest complete snapshot (see `keep_newest_complete`).
+                let dry_run = forget.dry_run;
+                let mut groups = restic
+                    .forget(&ForgetOptions {
+                        dry_run: true,
+                        ..forget
+                    })
+                    .await?;
+                for g in &mut groups {
+                    keep_newest_complete(g);
+                }
+                if !dry_run {
+                    let ids: Vec<String> = groups
+                        .iter()
+                        .flat_map(|g| g.remove.iter().flatten().map(|s| s.id.clone()))
+                        .collect();
+                    restic.forget_ids(&ids).await?;
+                }
                 let identities = groups
                     .iter()
                     .map(|g| {
@@ -269,6 +310,40 @@ pub async fn execute(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_complete_snapshot_is_kept_whatever_the_policy_says() {
+        let snap = |id: &str, time: &str, partial: bool| Snapshot {
+            id: id.into(),
+            time: time.into(),
+            tags: if partial {
+                vec![TAG_PARTIAL.into()]
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        };
+        // keepLast: 2 over two newer partial snapshots.
+        let mut g = ForgetGroup {
+            keep: vec![
+                snap("p2", "2026-11-22T00:00:00Z", true),
+                snap("p1", "2026-11-21T00:00:00Z", true),
+            ],
+            remove: Some(vec![
+                snap("c2", "2026-11-20T00:00:00Z", false),
+                snap("c1", "2026-11-19T00:00:00Z", false),
+            ]),
+            ..Default::default()
+        };
+        keep_newest_complete(&mut g);
+        let ids = |v: &[Snapshot]| v.iter().map(|s| s.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&g.keep), ["p2", "p1", "c2"]);
+        assert_eq!(ids(g.remove.as_deref().unwrap()), ["c1"]);
+        // Already kept: nothing changes.
+        let before = g.clone();
+        keep_newest_complete(&mut g);
+        assert_eq!(g, before);
+    }
 
     #[test]
     fn freed_bytes_come_from_restics_report() {

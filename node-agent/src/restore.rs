@@ -113,8 +113,15 @@ pub async fn execute(
     let root = safe_fs::open_root(&volume.data_dir)?;
     recover_leftovers(ctx, &root, &volume.data_dir.display().to_string());
     if mode == RestoreMode::IntoEmpty {
+        // A fresh ext4 volume's root holds `lost+found`, which mkfs made and fsck needs: a volume
+        // with nothing else is empty.
+        let at_root = target_parts.is_empty();
         match safe_fs::open_beneath(&root, &target_parts, false) {
-            Ok(existing) if !safe_fs::is_empty(&existing)? => {
+            Ok(existing)
+                if safe_fs::entries(&existing, ".")?
+                    .iter()
+                    .any(|n| !(at_root && n.as_slice() == staging::LOST_FOUND)) =>
+            {
                 return Err(AgentError::TargetNotEmpty {
                     dir: volume
                         .data_dir
@@ -302,7 +309,14 @@ pub async fn resolve_snapshot(
         whose: whose.shown.clone(),
     };
     if wanted.is_empty() || wanted == "latest" {
-        return restic_wrap::json::Snapshot::newest(own).ok_or_else(not_found);
+        // A partial snapshot lacks files (its backup could not read them): `latest` is the newest
+        // complete one. A partial snapshot is restored only when named by id.
+        let complete = own.into_iter().filter(|s| {
+            !s.tags
+                .iter()
+                .any(|t| t == stowage_common::contract::TAG_PARTIAL)
+        });
+        return restic_wrap::json::Snapshot::newest(complete).ok_or_else(not_found);
     }
     if wanted.len() < 8 || !wanted.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(AgentError::InvalidArgument(format!(

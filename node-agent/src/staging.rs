@@ -265,11 +265,16 @@ impl Drop for Staging {
     }
 }
 
+/// The filesystem's own directory at a volume root (ext4's mkfs makes it, fsck needs it): never
+/// displaced by a Replace at the root, never counted against IntoEmpty.
+pub const LOST_FOUND: &[u8] = b"lost+found";
+
 fn displaced(target_parts: &[String], target: &OwnedFd, displace: &Displace) -> Result<Vec<Entry>> {
+    let at_root = target_parts.is_empty();
     Ok(match displace {
         Displace::All => safe_fs::entries(target, ".")?
             .into_iter()
-            .filter(|n| !(target_parts.is_empty() && n.starts_with(PREFIX.as_bytes())))
+            .filter(|n| !(at_root && (n.starts_with(PREFIX.as_bytes()) || n == LOST_FOUND)))
             .map(|name| Entry {
                 parent: Vec::new(),
                 name,

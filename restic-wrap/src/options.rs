@@ -292,6 +292,24 @@ impl Subcommand for ForgetOptions {
     }
 }
 
+/// `restic forget <id>...`: removes exactly these snapshots, no policy. Used after a dry-run
+/// `forget` with the policy, once the caller has decided what the policy must not remove.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForgetIdsOptions {
+    pub ids: Vec<String>,
+}
+
+impl Subcommand for ForgetIdsOptions {
+    fn args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["forget".into(), "--".into()];
+        a.extend(self.ids.iter().map(OsString::from));
+        a
+    }
+    fn exclusive_lock(&self) -> bool {
+        true
+    }
+}
+
 /// `restic prune`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PruneOptions {

@@ -14,9 +14,9 @@ use crate::json::{
 };
 use crate::lock::{LockInfo, LockObserver, LockPolicy, NoopObserver};
 use crate::options::{
-    BackupOptions, CatConfigOptions, CatLockOptions, CheckOptions, DumpOptions, ForgetOptions,
-    GlobalOptions, InitOptions, ListLocksOptions, PruneOptions, RestoreOptions, SnapshotsOptions,
-    StatsOptions, Subcommand, TagOptions, UnlockOptions,
+    BackupOptions, CatConfigOptions, CatLockOptions, CheckOptions, DumpOptions, ForgetIdsOptions,
+    ForgetOptions, GlobalOptions, InitOptions, ListLocksOptions, PruneOptions, RestoreOptions,
+    SnapshotsOptions, StatsOptions, Subcommand, TagOptions, UnlockOptions,
 };
 use crate::process::{ResticProcess, StderrCapture};
 use crate::repository::Repository;
@@ -729,6 +729,18 @@ impl Restic {
     pub async fn forget(&self, opts: &ForgetOptions) -> Result<Vec<ForgetGroup>> {
         let groups: Option<Vec<ForgetGroup>> = self.with_lock_retry(|| self.run_json(opts)).await?;
         Ok(groups.unwrap_or_default())
+    }
+
+    /// `restic forget <id>...`, at most 256 ids per restic run (argv stays small). Nothing to do for
+    /// no ids.
+    pub async fn forget_ids(&self, ids: &[String]) -> Result<()> {
+        for chunk in ids.chunks(256) {
+            let opts = ForgetIdsOptions {
+                ids: chunk.to_vec(),
+            };
+            self.with_lock_retry(|| self.run(&opts)).await?;
+        }
+        Ok(())
     }
 
     /// `restic prune`; returns restic's report (plain text in 0.14).

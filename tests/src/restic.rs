@@ -72,3 +72,67 @@ pub fn forge_lock(
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// A copy of snapshot `of` (same tags and host), dated `ahead` after now, without the file
+/// `exclude` at the root of its one path, and tagged `stowage.dev/partial=true` when `partial`:
+/// what a later backup that lost the file leaves, or one whose restic could not read it (exit 3).
+/// Returns the new snapshot's full id.
+pub fn later_snapshot(
+    repo: &Path,
+    password: &str,
+    of: &str,
+    exclude: &str,
+    ahead: std::time::Duration,
+    partial: bool,
+) -> String {
+    let repo = repo.display().to_string();
+    let ids = |snaps: &[serde_json::Value]| -> std::collections::BTreeSet<String> {
+        snaps
+            .iter()
+            .filter_map(|s| s["id"].as_str().map(String::from))
+            .collect()
+    };
+    let before = snapshots(&repo, password);
+    let original = before
+        .iter()
+        .find(|s| s["id"].as_str().is_some_and(|id| id.starts_with(of)))
+        .expect("the snapshot to copy");
+    let root = original["paths"][0].as_str().expect("a path");
+    // restic reads --new-time in the machine's time zone; the harness runs in UTC.
+    let time = (chrono::Local::now() + ahead)
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    ok(
+        &repo,
+        password,
+        &[
+            "rewrite",
+            "--exclude",
+            &format!("{}/{exclude}", root.trim_end_matches('/')),
+            "--new-time",
+            &time,
+            of,
+        ],
+    );
+    let mut fresh: Vec<String> = ids(&snapshots(&repo, password))
+        .difference(&ids(&before))
+        .cloned()
+        .collect();
+    assert_eq!(fresh.len(), 1, "restic rewrite made one snapshot");
+    let mut id = fresh.remove(0);
+    if partial {
+        let known = ids(&snapshots(&repo, password));
+        ok(
+            &repo,
+            password,
+            &["tag", "--add", "stowage.dev/partial=true", &id],
+        );
+        let mut tagged: Vec<String> = ids(&snapshots(&repo, password))
+            .difference(&known)
+            .cloned()
+            .collect();
+        assert_eq!(tagged.len(), 1, "restic tag rewrote the snapshot");
+        id = tagged.remove(0);
+    }
+    id
+}

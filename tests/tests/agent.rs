@@ -1341,3 +1341,66 @@ async fn a_restore_command_without_its_target_namespace_is_refused() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("target_namespace"), "{}", e.message());
 }
+
+/// A fresh ext4 volume's root holds only `lost+found`: IntoEmpty takes it as empty, and Replace at
+/// the root leaves it in place (mkfs made it; fsck needs it) while removing what the snapshot lacks.
+#[tokio::test]
+async fn lost_and_found_is_neither_content_nor_displaced() {
+    let s = Setup::new();
+    let agent = s.agent().await;
+    let src = csi_volume(&s.kubelet(), "uid-src", "pv-src");
+    std::fs::write(src.join("data.txt"), b"from the snapshot").expect("write");
+    let repo = local_repo(&s.repo(), PW, true);
+    let mut client = agent.client(&s.pki).await;
+    backup(
+        &mut client,
+        volume_backup(repo.clone(), "uid-src", "pv-src", "shop", "src"),
+    )
+    .await
+    .result
+    .expect("backup");
+
+    let fresh = csi_volume(&s.kubelet(), "uid-fresh", "pv-fresh");
+    std::fs::create_dir(fresh.join("lost+found")).expect("lost+found");
+    std::fs::set_permissions(
+        fresh.join("lost+found"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .expect("chmod");
+    std::fs::write(fresh.join("lost+found/#12"), b"recovered by fsck").expect("orphan");
+    let req = RestoreRequest {
+        mode: RestoreMode::IntoEmpty.into(),
+        ..restore_req(repo.clone(), "src", "uid-fresh", "pv-fresh", "")
+    };
+    restore(&mut client, req)
+        .await
+        .result
+        .expect("a volume holding only lost+found is empty");
+    assert_eq!(
+        std::fs::read(fresh.join("data.txt")).expect("restored"),
+        b"from the snapshot"
+    );
+
+    std::fs::write(fresh.join("extra.txt"), b"not in the snapshot").expect("extra");
+    let req = RestoreRequest {
+        mode: RestoreMode::Replace.into(),
+        ..restore_req(repo.clone(), "src", "uid-fresh", "pv-fresh", "")
+    };
+    restore(&mut client, req).await.result.expect("replace");
+    assert!(
+        !fresh.join("extra.txt").exists(),
+        "Replace removes the rest"
+    );
+    assert_eq!(
+        std::fs::read(fresh.join("lost+found/#12")).expect("lost+found kept"),
+        b"recovered by fsck"
+    );
+    assert_eq!(
+        std::fs::metadata(fresh.join("lost+found"))
+            .expect("lost+found")
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o700
+    );
+}

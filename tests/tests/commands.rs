@@ -92,7 +92,7 @@ fn command_snapshots(repo: &Path) -> Vec<serde_json::Value> {
 const STREAM: &str =
     "python3 -c 'import random,sys; sys.stdout.buffer.write(random.Random(7).randbytes(50000000))'";
 
-/// A command's stdout becomes a snapshot byte for byte; a failing command (exit 3) fails its item
+/// A command's stdout becomes a snapshot byte for byte; a failing command (exit 3 inside a pipeline) fails its item
 /// with its exit status and stderr and leaves no snapshot; excluded paths are left out of the
 /// volume's snapshot and everything else is in it.
 #[tokio::test]
@@ -130,7 +130,8 @@ async fn a_command_stream_is_backed_up_byte_for_byte_and_a_failed_command_leaves
         "broken-0",
         &[(
             "stowage.dev/backup-command",
-            "echo half a dump; echo 'pg_dump: connection refused' >&2; exit 3",
+            // The shape of `pg_dump | gzip`: the failure is inside the pipeline (pipefail).
+            "(echo half a dump; echo 'pg_dump: connection refused' >&2; exit 3) | cat",
         )],
     )
     .await;

@@ -701,3 +701,68 @@ async fn lock_gauges_follow_a_waiting_run_and_figures_arrive_between_runs() {
     );
     stowage_tests::promtool_check(&text);
 }
+
+/// Retention never forgets an identity's newest complete snapshot because newer partial ones
+/// exist (a busy volume makes them routinely): `keepLast: 2` over three newer partial snapshots
+/// keeps the two newest and the newest complete one; the older ones go.
+#[tokio::test]
+async fn retention_keeps_the_newest_complete_snapshot_behind_partial_ones() {
+    let (cluster, client, ns, repo) = setup("retention-partial").await;
+    stowage_tests::restic::init(&repo, PASSWORD);
+    let src = tempfile::tempdir().expect("tmp");
+    let now = Utc::now();
+    // Oldest first: two complete, then three partial.
+    for (n, partial) in [false, false, true, true, true].into_iter().enumerate() {
+        std::fs::write(src.path().join("f"), format!("{n}")).expect("write");
+        let time = (now - chrono::Duration::hours(10 - n as i64))
+            .format("%Y-%m-%d %H:%M:%S")
+            .to_string();
+        let mut args = vec![
+            "backup".to_string(),
+            src.path().display().to_string(),
+            "--host".into(),
+            format!("{ns}/c"),
+            "--tag".into(),
+            format!("stowage.dev/namespace={ns}"),
+            "--tag".into(),
+            "stowage.dev/pvc=c".into(),
+            "--time".into(),
+            time,
+        ];
+        if partial {
+            args.extend(["--tag".into(), "stowage.dev/partial=true".into()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = stowage_tests::restic::run(
+            &repo.display().to_string(),
+            PASSWORD,
+            &[("TZ", "UTC")],
+            &args,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut by_age = identity_snapshots(&repo, &ns, "c");
+    by_age.sort_by_key(|(_, t)| *t);
+    let ids: Vec<String> = by_age.into_iter().map(|(id, _)| id).collect();
+    let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let p = stowage_tests::coordinator::run_to_end::<Prune>(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Prune",
+            "metadata": {"name": "keep-two"},
+            "spec": {"backend": local_backend(&repo), "retention": {"keepLast": 2}}}),
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(p["status"]["phase"], "Succeeded", "{p:#}");
+    let kept: BTreeSet<String> = identity_snapshots(&repo, &ns, "c")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let want: BTreeSet<String> = [&ids[1], &ids[3], &ids[4]].into_iter().cloned().collect();
+    assert_eq!(kept, want, "the two newest and the newest complete one");
+}

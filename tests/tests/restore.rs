@@ -553,7 +553,8 @@ async fn a_command_snapshot_is_streamed_into_the_restore_command() {
         &env.client,
         &env.ns,
         "db-0",
-        serde_json::json!({"stowage.dev/restore-command": "cat > /dev/null; echo 'psql: relation exists' >&2; exit 4"}),
+        // A failure inside a pipeline (`gunzip | psql`) is the command's failure (pipefail).
+        serde_json::json!({"stowage.dev/restore-command": "(cat > /dev/null; echo 'psql: relation exists' >&2; exit 4) | cat"}),
     )
     .await;
     // The annotation reaches the coordinator's cache through its watch.
@@ -620,5 +621,203 @@ async fn a_cross_namespace_command_restore_streams_into_the_restore_namespace_on
     assert!(
         !exec_dir(&source.ns).join("restored.bin").exists(),
         "the source namespace's pod of the same name received the restore"
+    );
+}
+
+/// The full id of the newest snapshot in `repo`.
+fn newest_id(repo: &std::path::Path) -> String {
+    let snaps = stowage_tests::restic::snapshots(&repo.display().to_string(), PASSWORD);
+    snaps
+        .iter()
+        .max_by_key(|s| s["time"].as_str().unwrap_or_default().to_string())
+        .and_then(|s| s["id"].as_str())
+        .expect("a snapshot")
+        .to_string()
+}
+
+/// A newer snapshot that lacks a file and is tagged partial (its backup could not read the file)
+/// is passed over by `latest`: a Replace restore brings the file back from the newest complete
+/// snapshot, and says so. Asked for with allowPartial, the partial one is restored and marked.
+#[tokio::test]
+async fn latest_passes_over_partial_snapshots_unless_allowed() {
+    let env = setup("restore-partial").await;
+    let dir = env.mounted("vol", "node-1").await;
+    std::fs::write(dir.join("a.txt"), b"complete").expect("a");
+    std::fs::write(dir.join("b.txt"), b"b").expect("b");
+    let _c = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    env.backup("full", local_backend(&env.repo)).await;
+    let complete = newest_id(&env.repo);
+    let partial = stowage_tests::restic::later_snapshot(
+        &env.repo,
+        PASSWORD,
+        &complete,
+        "a.txt",
+        Duration::from_secs(3600),
+        true,
+    );
+    std::fs::remove_file(dir.join("a.txt")).expect("damage");
+    std::fs::write(dir.join("after.txt"), b"new").expect("after");
+
+    let r = env
+        .restore(
+            "replace-latest",
+            serde_json::json!({"source": {"pvc": "vol"}, "target": {"mode": "Replace"}}),
+        )
+        .await;
+    succeeded(&r);
+    assert_eq!(
+        r["status"]["restore"]["snapshotId"],
+        complete.as_str(),
+        "{r:#}"
+    );
+    assert_eq!(r["status"]["restore"]["partial"], false, "{r:#}");
+    assert_eq!(
+        std::fs::read(dir.join("a.txt")).expect("a.txt"),
+        b"complete"
+    );
+    assert!(!dir.join("after.txt").exists());
+
+    let r = env
+        .restore(
+            "merge-partial",
+            serde_json::json!({"source": {"pvc": "vol", "allowPartial": true}}),
+        )
+        .await;
+    succeeded(&r);
+    assert_eq!(
+        r["status"]["restore"]["snapshotId"],
+        partial.as_str(),
+        "{r:#}"
+    );
+    assert_eq!(r["status"]["restore"]["partial"], true, "{r:#}");
+}
+
+/// Incompressible bytes, so a download limit makes a restore of them take a while.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The local backend with restic's download limit: 5 MB take ~10 s to restore, time enough to
+/// kill the coordinator in the middle.
+fn slow_backend(repo: &std::path::Path) -> serde_json::Value {
+    let mut b = local_backend(repo);
+    b["limitDownloadKiB"] = serde_json::json!(512);
+    b
+}
+
+/// Waits until the Restore has recorded its snapshot and is still running: the moment to kill the
+/// coordinator mid-restore.
+async fn recorded_and_running(env: &Env, name: &str) -> serde_json::Value {
+    wait_json::<Restore>(
+        &env.client,
+        &env.ns,
+        name,
+        RUN_TIMEOUT,
+        "the snapshot recorded while running",
+        |v| v["status"]["restore"]["snapshotId"].is_string() && v["status"]["phase"] == "Running",
+    )
+    .await
+}
+
+/// The leading coordinator is killed mid-restore, and a backup is taken before another one leads
+/// (perhaps of the very damage being repaired). The resumed Restore restores exactly the snapshot
+/// it had recorded, not the newer one.
+#[tokio::test]
+async fn a_resumed_volume_restore_restores_the_recorded_snapshot() {
+    let env = setup("restore-resume").await;
+    let dir = env.mounted("vol", "node-2").await;
+    std::fs::write(dir.join("a.txt"), b"good").expect("a");
+    std::fs::write(dir.join("big.bin"), noise(5 << 20)).expect("big");
+    let mut first = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    env.backup("good", local_backend(&env.repo)).await;
+    let good = newest_id(&env.repo);
+    std::fs::write(dir.join("a.txt"), b"damaged").expect("damage");
+
+    env.create_restore(
+        "repair",
+        serde_json::json!({"backend": slow_backend(&env.repo),
+            "source": {"pvc": "vol"}, "target": {"mode": "Replace"}}),
+    )
+    .await;
+    let r = recorded_and_running(&env, "repair").await;
+    assert_eq!(r["status"]["restore"]["snapshotId"], good.as_str());
+    first.kill();
+    // A backup taken meanwhile, which lost a.txt: `latest` now.
+    let newer = stowage_tests::restic::later_snapshot(
+        &env.repo,
+        PASSWORD,
+        &good,
+        "a.txt",
+        Duration::from_secs(3600),
+        false,
+    );
+    assert_eq!(newest_id(&env.repo), newer);
+    let _second = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    let r = wait_json::<Restore>(
+        &env.client,
+        &env.ns,
+        "repair",
+        RUN_TIMEOUT,
+        "a finished phase",
+        finished,
+    )
+    .await;
+    succeeded(&r);
+    assert_eq!(r["status"]["restore"]["snapshotId"], good.as_str(), "{r:#}");
+    assert_eq!(std::fs::read(dir.join("a.txt")).expect("a.txt"), b"good");
+    assert_eq!(
+        std::fs::metadata(dir.join("big.bin")).expect("big").len(),
+        5 << 20
+    );
+}
+
+/// A command restore interrupted by a coordinator restart is never streamed again: the command
+/// may have applied part of the dump. The resumed run fails and says so.
+#[tokio::test]
+async fn an_interrupted_command_restore_is_not_resumed() {
+    let env = setup("restore-cmd-resume").await;
+    env.mounted("db", "node-3").await;
+    annotate(
+        &env.client,
+        &env.ns,
+        "db-0",
+        serde_json::json!({
+            "stowage.dev/backup-command": STREAM,
+            "stowage.dev/restore-command": "cat > restored.bin",
+        }),
+    )
+    .await;
+    let mut first = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    env.backup("dump", local_backend(&env.repo)).await;
+    env.create_restore(
+        "load",
+        serde_json::json!({"backend": slow_backend(&env.repo),
+            "source": {"command": {"owner": "Pod/db-0"}}}),
+    )
+    .await;
+    recorded_and_running(&env, "load").await;
+    first.kill();
+    let _second = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
+    let r = wait_json::<Restore>(
+        &env.client,
+        &env.ns,
+        "load",
+        RUN_TIMEOUT,
+        "a finished phase",
+        finished,
+    )
+    .await;
+    failed_with(
+        &r,
+        "CommandRestoreInterrupted",
+        "may have applied part of the dump",
     );
 }

@@ -9,7 +9,7 @@ use chrono::{DateTime, FixedOffset};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use stowage_common::contract::{
-    ANNOTATION_BACKUP_CONTAINER, ANNOTATION_BACKUP_TIMEOUT, ANNOTATION_RESTORE_COMMAND,
+    ANNOTATION_BACKUP_CONTAINER, ANNOTATION_BACKUP_TIMEOUT, ANNOTATION_RESTORE_COMMAND, TAG_PARTIAL,
 };
 use stowage_proto::v1::{self as pb, RestoreCommandRequest, RestoreRequest, SnapshotsRequest};
 
@@ -29,6 +29,7 @@ pub const TARGET_NOT_FOUND: &str = "TargetNotFound";
 pub const SNAPSHOT_NOT_FOUND: &str = "SnapshotNotFound";
 pub const NO_RESTORE_COMMAND: &str = "NoRestoreCommand";
 pub const RESTORE_FAILED: &str = "RestoreFailed";
+pub const COMMAND_NOT_RESUMED: &str = "CommandRestoreInterrupted";
 
 /// Which snapshot, as asked for.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +73,8 @@ pub struct Checked {
     pub source_namespace: String,
     pub what: What,
     pub wanted: Wanted,
+    /// `latest` and `before` may choose a partial snapshot (`spec.source.allowPartial`).
+    pub allow_partial: bool,
 }
 
 /// A path inside a volume, as users write it (`/pgdata/base` or `pgdata/base`), made relative.
@@ -189,32 +192,54 @@ pub fn check(r: &Restore, namespace: &str, cross_namespace: bool) -> Result<Chec
         source_namespace,
         what,
         wanted,
+        allow_partial: s.allow_partial == Some(true),
     })
 }
 
+/// Whether a snapshot's backup could not read every file (restic exit 3).
+pub fn is_partial(s: &pb::Snapshot) -> bool {
+    s.tags.iter().any(|t| t == TAG_PARTIAL)
+}
+
 /// The snapshot `wanted` names among `snaps` (one identity's): the newest, the one with that id,
-/// or the newest taken at or before the time.
-pub fn choose<'a>(snaps: &'a [pb::Snapshot], wanted: &Wanted) -> Option<&'a pb::Snapshot> {
+/// or the newest taken at or before the time. `latest` and `before` pass over partial snapshots
+/// unless `allow_partial`; an id is taken as named.
+pub fn choose<'a>(
+    snaps: &'a [pb::Snapshot],
+    wanted: &Wanted,
+    allow_partial: bool,
+) -> Option<&'a pb::Snapshot> {
     let time = |s: &pb::Snapshot| DateTime::parse_from_rfc3339(&s.time).ok();
+    let eligible = |s: &&pb::Snapshot| allow_partial || !is_partial(s);
     match wanted {
         Wanted::Latest => snaps
             .iter()
+            .filter(eligible)
             .filter(|s| time(s).is_some())
             .max_by_key(|s| time(s)),
         Wanted::Id(id) => snaps.iter().find(|s| s.id.starts_with(id.as_str())),
         Wanted::Before(t) => snaps
             .iter()
+            .filter(eligible)
             .filter(|s| time(s).is_some_and(|st| st <= *t))
             .max_by_key(|s| time(s)),
     }
 }
 
-fn describe(wanted: &Wanted) -> String {
-    match wanted {
-        Wanted::Latest => "no snapshot".into(),
-        Wanted::Id(id) => format!("no snapshot {id}"),
-        Wanted::Before(t) => format!("no snapshot taken at or before {}", t.to_rfc3339()),
+/// Why nothing was chosen, with the partial snapshots passed over and the remedy.
+fn describe(snaps: &[pb::Snapshot], wanted: &Wanted, allow_partial: bool) -> String {
+    let what = match wanted {
+        Wanted::Latest => "no complete snapshot".into(),
+        Wanted::Id(id) => return format!("no snapshot {id}"),
+        Wanted::Before(t) => format!("no complete snapshot taken at or before {}", t.to_rfc3339()),
+    };
+    let partial = snaps.iter().filter(|s| is_partial(s)).count();
+    if allow_partial || partial == 0 {
+        return what.replacen("complete ", "", 1);
     }
+    format!(
+        "{what} ({partial} partial snapshot(s) passed over: their backups could not read every file; set spec.source.allowPartial: true, or name one in spec.source.snapshot, to restore one)"
+    )
 }
 
 pub async fn execute(ctx: Arc<Ctx>, run: Arc<Restore>) -> Result<(), kube::Error> {
@@ -245,7 +270,28 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Restore>) -> Result<(), kube::Error
 
 async fn restore(ctx: &Arc<Ctx>, run: &Arc<Restore>, begun: &Begun) -> Result<Finding, Finding> {
     let namespace = run.namespace().unwrap_or_default();
-    let checked = check(run, &namespace, ctx.config.allow_cross_namespace_restore)?;
+    let mut checked = check(run, &namespace, ctx.config.allow_cross_namespace_restore)?;
+    // A run resumed after a coordinator restart. Its snapshot, once recorded, is the one restored:
+    // resolving `latest` again could pick a backup taken meanwhile, of the very damage being
+    // repaired.
+    let recorded = begun
+        .resumed
+        .then(|| begun.before.restore.as_ref()?.snapshot_id.clone())
+        .flatten();
+    if let Some(id) = recorded {
+        if matches!(checked.what, What::Command(_)) {
+            // The dump may have been streamed in part: a database that applied part of it must
+            // not receive it all again.
+            return Err(Finding::new(
+                COMMAND_NOT_RESUMED,
+                format!(
+                    "the coordinator restarted while this command restore ran; the restore command may have applied part of the dump of snapshot {id}, so it is not streamed again: check the target, then create a new Restore"
+                ),
+            ));
+        }
+        checked.wanted = Wanted::Id(id);
+        checked.allow_partial = true;
+    }
     let mut repository = begun.repository.clone();
     // Never create a repository to restore from.
     repository.auto_init = false;
@@ -263,9 +309,10 @@ async fn resolve(
     status: &StatusHandle,
     node: &str,
     req: SnapshotsRequest,
-    wanted: &Wanted,
+    checked: &Checked,
     whose: &str,
 ) -> Result<pb::Snapshot, Finding> {
+    let (wanted, allow_partial) = (&checked.wanted, checked.allow_partial);
     let snaps = dispatch::snapshots(&ctx.agents, node, req, SNAPSHOTS_TIMEOUT)
         .await
         .map_err(|e| {
@@ -274,21 +321,24 @@ async fn resolve(
                 format!("listing the snapshots of {whose}: {e}"),
             )
         })?;
-    let chosen = choose(&snaps, wanted).cloned().ok_or_else(|| {
-        Finding::new(
-            SNAPSHOT_NOT_FOUND,
-            format!(
-                "spec.source: {} of {whose} in the repository ({} snapshot(s) of it)",
-                describe(wanted),
-                snaps.len()
-            ),
-        )
-    })?;
-    let (id, time) = (chosen.short_id.clone(), chosen.time.clone());
+    let chosen = choose(&snaps, wanted, allow_partial)
+        .cloned()
+        .ok_or_else(|| {
+            Finding::new(
+                SNAPSHOT_NOT_FOUND,
+                format!(
+                    "spec.source: {} of {whose} in the repository ({} snapshot(s) of it)",
+                    describe(&snaps, wanted, allow_partial),
+                    snaps.len()
+                ),
+            )
+        })?;
+    let (id, time, partial) = (chosen.id.clone(), chosen.time.clone(), is_partial(&chosen));
     status.run(move |s| {
         let r = s.restore.get_or_insert_with(Default::default);
         r.snapshot_id = Some(id);
         r.snapshot_time = Some(time);
+        r.partial = Some(partial);
     });
     status.flush().await.map_err(|e| {
         Finding::new(
@@ -441,7 +491,7 @@ async fn restore_volume(
             identity: Some(identity.clone()),
             command: None,
         },
-        &checked.wanted,
+        checked,
         &whose,
     )
     .await?;
@@ -671,7 +721,7 @@ async fn restore_command(
             identity: None,
             command: Some(source.clone()),
         },
-        &checked.wanted,
+        checked,
         &whose,
     )
     .await?;
@@ -882,22 +932,64 @@ mod tests {
             snap("cccccccc33", "2026-11-20T08:00:00+09:00"), // 23:00Z on the 19th
             snap("dddddddd44", "2026-11-21T00:00:00Z"),
         ];
-        assert_eq!(choose(&snaps, &Wanted::Latest).unwrap().id, "dddddddd44");
         assert_eq!(
-            choose(&snaps, &Wanted::Id("bbbbbbbb".into())).unwrap().id,
+            choose(&snaps, &Wanted::Latest, false).unwrap().id,
+            "dddddddd44"
+        );
+        assert_eq!(
+            choose(&snaps, &Wanted::Id("bbbbbbbb".into()), false)
+                .unwrap()
+                .id,
             "bbbbbbbb22"
         );
         let before = |t: &str| Wanted::Before(DateTime::parse_from_rfc3339(t).unwrap());
         assert_eq!(
-            choose(&snaps, &before("2026-11-20T00:00:00Z")).unwrap().id,
+            choose(&snaps, &before("2026-11-20T00:00:00Z"), false)
+                .unwrap()
+                .id,
             "cccccccc33"
         );
         assert_eq!(
-            choose(&snaps, &before("2026-11-19T22:30:00Z")).unwrap().id,
+            choose(&snaps, &before("2026-11-19T22:30:00Z"), false)
+                .unwrap()
+                .id,
             "bbbbbbbb22",
             "at or before"
         );
-        assert!(choose(&snaps, &before("2026-11-01T00:00:00Z")).is_none());
-        assert!(choose(&snaps, &Wanted::Id("eeeeeeee".into())).is_none());
+        assert!(choose(&snaps, &before("2026-11-01T00:00:00Z"), false).is_none());
+        assert!(choose(&snaps, &Wanted::Id("eeeeeeee".into()), false).is_none());
+    }
+
+    #[test]
+    fn latest_and_before_pass_over_partial_snapshots_unless_allowed() {
+        let mut partial = snap("eeeeeeee55", "2026-11-22T00:00:00Z");
+        partial.tags = vec![TAG_PARTIAL.into()];
+        let snaps = vec![snap("dddddddd44", "2026-11-21T00:00:00Z"), partial];
+        assert_eq!(
+            choose(&snaps, &Wanted::Latest, false).unwrap().id,
+            "dddddddd44"
+        );
+        assert_eq!(
+            choose(&snaps, &Wanted::Latest, true).unwrap().id,
+            "eeeeeeee55"
+        );
+        let before = Wanted::Before(DateTime::parse_from_rfc3339("2026-11-23T00:00:00Z").unwrap());
+        assert_eq!(choose(&snaps, &before, false).unwrap().id, "dddddddd44");
+        // Named, a partial snapshot is taken as named.
+        assert_eq!(
+            choose(&snaps, &Wanted::Id("eeeeeeee".into()), false)
+                .unwrap()
+                .id,
+            "eeeeeeee55"
+        );
+        let only_partial = &snaps[1..];
+        assert!(choose(only_partial, &Wanted::Latest, false).is_none());
+        let why = describe(only_partial, &Wanted::Latest, false);
+        assert!(
+            why.starts_with("no complete snapshot (1 partial snapshot(s) passed over")
+                && why.contains("spec.source.allowPartial: true"),
+            "{why}"
+        );
+        assert_eq!(describe(&[], &Wanted::Latest, false), "no snapshot");
     }
 }
