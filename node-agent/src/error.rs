@@ -32,8 +32,24 @@ pub enum AgentError {
         "the volume directory {dir} is no longer a mount point (the volume is being unmounted?); not backing up what is left behind"
     )]
     NotMounted { dir: String },
+    #[error(
+        "the volume directory {dir} is not a mount point (the pod went away, or the volume is being unmounted); restoring there would write into the node's own disk, so nothing was written"
+    )]
+    RestoreTargetNotMounted { dir: String },
     #[error("restore target {dir} is not empty (mode IntoEmpty)")]
     TargetNotEmpty { dir: String },
+    #[error(
+        "include path /{path} is not in snapshot {snapshot}; nothing was changed (a Replace would otherwise have deleted it)"
+    )]
+    IncludeNotInSnapshot { path: String, snapshot: String },
+    #[error(
+        "snapshot {snapshot} needs {needed} to restore, and every restore stages it inside the target volume first, but the volume has {free} free; restore into a larger PVC (target.pvc), free space in this one, or restore only some paths (include)"
+    )]
+    NoSpace {
+        snapshot: String,
+        needed: String,
+        free: String,
+    },
     #[error(transparent)]
     Path(#[from] SafeFsError),
     #[error(transparent)]
@@ -99,9 +115,11 @@ impl From<AgentError> for Status {
             AgentError::Path(SafeFsError::Conflict { .. }) => Code::FailedPrecondition,
             AgentError::Path(SafeFsError::Io { .. }) | AgentError::Io { .. } => Code::Internal,
             AgentError::SnapshotOfOtherVolume { .. } => Code::PermissionDenied,
-            AgentError::TargetNotEmpty { .. } | AgentError::NotMounted { .. } => {
-                Code::FailedPrecondition
-            }
+            AgentError::TargetNotEmpty { .. }
+            | AgentError::NotMounted { .. }
+            | AgentError::RestoreTargetNotMounted { .. }
+            | AgentError::IncludeNotInSnapshot { .. }
+            | AgentError::NoSpace { .. } => Code::FailedPrecondition,
             AgentError::ShuttingDown => Code::Unavailable,
             AgentError::Cancelled => Code::Cancelled,
             AgentError::Restic(r) => match r {

@@ -49,7 +49,6 @@ pub struct RestorePlan {
 pub fn plan(ctx: &AgentContext, req: RestoreRequest) -> Result<RestorePlan, AgentError> {
     let source = Identity::from_proto(req.source.as_ref(), false)?;
     let repo = repository::from_proto(req.repository.as_ref(), &ctx.local_roots)?;
-    let mut includes = Vec::new();
     let mut include_parts = Vec::new();
     for inc in &req.include {
         let parts = safe_fs::relative_components(inc)?;
@@ -58,9 +57,15 @@ pub fn plan(ctx: &AgentContext, req: RestoreRequest) -> Result<RestorePlan, Agen
                 "include path {inc:?} names nothing"
             )));
         }
-        includes.push(format!("/{}", parts.join("/")));
         include_parts.push(parts);
     }
+    let include_parts = outermost(include_parts);
+    // Literal paths, as users mean them and as `Replace` displaces them: restic's glob characters
+    // are escaped, so `/data*` restores `data*`, not everything starting with `data`.
+    let includes = include_parts
+        .iter()
+        .map(|p| format!("/{}", escape_glob(&p.join("/"))))
+        .collect();
     let target_parts = safe_fs::relative_components(&req.target_path)?;
     let mode = RestoreMode::try_from(req.mode).unwrap_or(RestoreMode::Unspecified);
     let tref = req
@@ -111,7 +116,27 @@ pub async fn execute(
 
     // Open the target without following links; IntoEmpty refuses before anything is written.
     let root = safe_fs::open_root(&volume.data_dir)?;
+    check_mounted(&volume, &root)?;
     recover_leftovers(ctx, &root, &volume.data_dir.display().to_string());
+    // Every restore stages the whole snapshot inside the volume first: it must fit beside what is
+    // there, with a margin, or a restore could fill the disk under a running database. (With
+    // include paths only part of it is staged; restic's summary does not say how much.)
+    if includes.is_empty()
+        && let Some(needed) = snapshot.summary.as_ref().map(|s| s.total_bytes_processed)
+    {
+        let free = free_bytes(&root).map_err(|source| AgentError::Io {
+            context: format!("reading the free space of {}", volume.data_dir.display()),
+            source,
+        })?;
+        let with_margin = needed.saturating_add(needed / 20).saturating_add(1 << 20);
+        if free < with_margin {
+            return Err(AgentError::NoSpace {
+                snapshot: snapshot.short_id.clone(),
+                needed: human(needed),
+                free: human(free),
+            });
+        }
+    }
     if mode == RestoreMode::IntoEmpty {
         // A fresh ext4 volume's root holds `lost+found`, which mkfs made and fsck needs: a volume
         // with nothing else is empty.
@@ -179,6 +204,29 @@ pub async fn execute(
         Err(e) => return Err(e.into()),
     }
 
+    // An include that matches nothing in the snapshot must not become "0 files restored" (nor, in
+    // Replace, a deletion of that path).
+    for parts in &include_parts {
+        let (name, parent) = parts.split_last().unwrap_or((&parts[0], &[]));
+        let present = safe_fs::open_beneath(&staged_data, parent, false)
+            .ok()
+            .is_some_and(|dir| {
+                nix::sys::stat::fstatat(
+                    &dir,
+                    name.as_str(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .is_ok()
+            });
+        if !present {
+            return Err(AgentError::IncludeNotInSnapshot {
+                path: parts.join("/"),
+                snapshot: snapshot.short_id.clone(),
+            });
+        }
+    }
+    // The pod may have gone away while restic ran: check again just before anything moves.
+    check_mounted(&volume, &root)?;
     progress.phase(Phase::Finalizing, "moving restored files into place");
     let mut stats = MergeStats::default();
     safe_fs::count_tree(&staged_data, &mut stats)?;
@@ -217,6 +265,66 @@ pub async fn execute(
         target_dir: target_dir.display().to_string(),
         ..Default::default()
     })
+}
+
+/// The include paths without duplicates and without paths inside another include: `[a/b, a]` is
+/// `[a]` (the whole of `a` is restored, and displaced once).
+fn outermost(mut paths: Vec<Vec<String>>) -> Vec<Vec<String>> {
+    paths.sort();
+    paths.dedup();
+    let all = paths.clone();
+    paths.retain(|p| !all.iter().any(|q| q.len() < p.len() && p.starts_with(q)));
+    paths
+}
+
+/// A literal path as a restic filter pattern (`*`, `?`, `[` and `\` are special there).
+fn escape_glob(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        if matches!(c, '*' | '?' | '[' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `statvfs` of the directory: bytes an unprivileged writer may still use. The agent runs as root,
+/// whose reserve (ext4's 5%) is meant for the system, not for a restore into a tenant's volume.
+fn free_bytes(dir: &std::os::fd::OwnedFd) -> std::io::Result<u64> {
+    let st = nix::sys::statvfs::fstatvfs(dir).map_err(std::io::Error::from)?;
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// A CSI volume's directory must still be what the kubelet mounted; otherwise it is a directory on
+/// the node's own disk, and a restore would fill that and report success.
+fn check_mounted(volume: &VolumeEntry, root: &std::os::fd::OwnedFd) -> Result<(), AgentError> {
+    if volume.plugin == crate::inventory::scan::CSI_PLUGIN
+        && !crate::mountpoint::is_mount_root(root).map_err(|source| AgentError::Io {
+            context: format!("checking that {} is mounted", volume.data_dir.display()),
+            source,
+        })?
+    {
+        return Err(AgentError::RestoreTargetNotMounted {
+            dir: volume.data_dir.display().to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// One `restic restore` in the sandbox, its JSON progress turned into Progress events and metrics.

@@ -189,10 +189,65 @@ pub fn count_tree(dir: &OwnedFd, stats: &mut MergeStats) -> Result<()> {
     Ok(())
 }
 
+/// Where a committed `Replace` puts what stands in the snapshot's way: a non-empty directory where
+/// the snapshot has a file, or a name whose type changed while the merge ran (an application that
+/// recreates its directories, or a pod that races the swap on purpose). The snapshot wins; what it
+/// displaces goes to this directory (named `c<n>`), which the caller removes at the end.
+pub struct Displacer {
+    dir: OwnedFd,
+    next: std::cell::Cell<u64>,
+}
+
+impl Displacer {
+    pub fn new(dir: OwnedFd) -> Self {
+        Self {
+            dir,
+            next: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Moves `name` of `parent` out of the way.
+    fn take(&self, parent: &OwnedFd, name: &OsStr, path: &str) -> Result<()> {
+        let n = self.next.get();
+        self.next.set(n + 1);
+        renameat(parent, name, &self.dir, format!("c{n}").as_str()).map_err(io(path))
+    }
+}
+
+/// Renames `n` from `src` to `dst`; with a displacer, what took the name meanwhile in a way a rename
+/// cannot replace (a directory where a file goes, a non-empty directory) is displaced first.
+fn move_in(
+    src: &OwnedFd,
+    dst: &OwnedFd,
+    n: &OsStr,
+    path: &str,
+    displacer: Option<&Displacer>,
+) -> Result<()> {
+    match (renameat(src, n, dst, n), displacer) {
+        (Ok(()), _) => Ok(()),
+        (Err(Errno::EEXIST | Errno::ENOTEMPTY | Errno::EISDIR | Errno::ENOTDIR), Some(d)) => {
+            d.take(dst, n, path)?;
+            renameat(src, n, dst, n).map_err(io(path))
+        }
+        (Err(e), _) => Err(SafeFsError::Io {
+            path: path.into(),
+            source: e,
+        }),
+    }
+}
+
 /// Moves everything from `src` into `dst`: entries missing in `dst` are renamed in whole; directories
 /// present in both are merged recursively and get the snapshot's mode, owner and times; anything else
 /// in `dst` with the same name (file, symlink) is replaced atomically. `src` ends up empty.
-pub fn merge_into(src: &OwnedFd, dst: &OwnedFd, shown: &str) -> Result<()> {
+///
+/// A non-empty directory where the snapshot has a file is a [`SafeFsError::Conflict`] without a
+/// `displacer` (a `Merge`: nothing of the target is deleted); with one, it is displaced.
+pub fn merge_into(
+    src: &OwnedFd,
+    dst: &OwnedFd,
+    shown: &str,
+    displacer: Option<&Displacer>,
+) -> Result<()> {
     for name in entries(src, shown)? {
         let n = OsStr::from_bytes(&name);
         let path = format!("{shown}/{}", n.to_string_lossy());
@@ -205,27 +260,47 @@ pub fn merge_into(src: &OwnedFd, dst: &OwnedFd, shown: &str) -> Result<()> {
         match (kind(&s) == SFlag::S_IFDIR, d.as_ref().map(kind)) {
             (true, Some(SFlag::S_IFDIR)) => {
                 let sub_src = openat(src, n, dir_flags(), Mode::empty()).map_err(io(&path))?;
-                let sub_dst = openat(dst, n, dir_flags(), Mode::empty()).map_err(io(&path))?;
-                merge_into(&sub_src, &sub_dst, &path)?;
+                let sub_dst = match (openat(dst, n, dir_flags(), Mode::empty()), displacer) {
+                    (Ok(d), _) => d,
+                    // No longer a directory (changed since the stat): the snapshot's goes in whole.
+                    (Err(Errno::ENOTDIR | Errno::ELOOP | Errno::ENOENT), Some(d)) => {
+                        if fstatat(dst, n, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
+                            d.take(dst, n, &path)?;
+                        }
+                        move_in(src, dst, n, &path, displacer)?;
+                        continue;
+                    }
+                    (Err(e), _) => return Err(SafeFsError::Io { path, source: e }),
+                };
+                merge_into(&sub_src, &sub_dst, &path, displacer)?;
                 copy_dir_metadata(&s, &sub_dst, &path)?;
                 unlinkat(src, n, UnlinkatFlags::RemoveDir).map_err(io(&path))?;
             }
             (false, Some(SFlag::S_IFDIR)) => {
-                // Only an empty directory may give way to a file.
-                match unlinkat(dst, n, UnlinkatFlags::RemoveDir) {
-                    Ok(()) => renameat(src, n, dst, n).map_err(io(&path))?,
-                    Err(Errno::ENOTEMPTY | Errno::EEXIST) => {
+                // Only an empty directory may give way to a file (unless displaced).
+                match (unlinkat(dst, n, UnlinkatFlags::RemoveDir), displacer) {
+                    (Ok(()) | Err(Errno::ENOENT), _) => move_in(src, dst, n, &path, displacer)?,
+                    (Err(Errno::ENOTEMPTY | Errno::EEXIST), None) => {
                         return Err(SafeFsError::Conflict { path });
                     }
-                    Err(e) => return Err(SafeFsError::Io { path, source: e }),
+                    (Err(Errno::ENOTEMPTY | Errno::EEXIST | Errno::ENOTDIR), Some(d)) => {
+                        d.take(dst, n, &path)?;
+                        move_in(src, dst, n, &path, displacer)?;
+                    }
+                    (Err(e), _) => return Err(SafeFsError::Io { path, source: e }),
                 }
             }
             (true, Some(_)) => {
                 // A file or symlink where the snapshot has a directory: the snapshot wins.
-                unlinkat(dst, n, UnlinkatFlags::NoRemoveDir).map_err(io(&path))?;
-                renameat(src, n, dst, n).map_err(io(&path))?;
+                match unlinkat(dst, n, UnlinkatFlags::NoRemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT) => {}
+                    // It became a directory meanwhile.
+                    Err(Errno::EISDIR) if displacer.is_some() => {}
+                    Err(e) => return Err(SafeFsError::Io { path, source: e }),
+                }
+                move_in(src, dst, n, &path, displacer)?;
             }
-            (_, _) => renameat(src, n, dst, n).map_err(io(&path))?,
+            (_, _) => move_in(src, dst, n, &path, displacer)?,
         }
     }
     Ok(())
@@ -319,6 +394,32 @@ mod tests {
         ));
     }
 
+    /// After a Replace's commit the snapshot wins: a non-empty directory (planted where the snapshot
+    /// has a file) is displaced, not a reason to stop half-way.
+    #[test]
+    fn with_a_displacer_the_snapshot_wins_conflicts() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dst, aside) = (t.path().join("s"), t.path().join("d"), t.path().join("a"));
+        fs::create_dir_all(&src).unwrap();
+        fs::create_dir_all(dst.join("config.yaml")).unwrap();
+        fs::write(dst.join("config.yaml/x"), b"planted").unwrap();
+        fs::write(src.join("config.yaml"), b"from the snapshot").unwrap();
+        fs::create_dir_all(&aside).unwrap();
+        let d = Displacer::new(open_root(&aside).unwrap());
+        merge_into(
+            &open_root(&src).unwrap(),
+            &open_root(&dst).unwrap(),
+            ".",
+            Some(&d),
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read(dst.join("config.yaml")).unwrap(),
+            b"from the snapshot"
+        );
+        assert_eq!(fs::read(aside.join("c0/x")).unwrap(), b"planted");
+    }
+
     #[test]
     fn merge_replaces_planted_symlinks_instead_of_following_them() {
         let t = tempfile::tempdir().unwrap();
@@ -348,7 +449,7 @@ mod tests {
                 bytes: 8 + 3 + 1
             }
         );
-        merge_into(&s, &d, ".").unwrap();
+        merge_into(&s, &d, ".", None).unwrap();
 
         assert!(
             fs::read_dir(outside.path()).unwrap().next().is_none(),
@@ -370,7 +471,12 @@ mod tests {
         fs::write(src.join("x"), b"file").unwrap();
         fs::create_dir_all(dst.join("x")).unwrap();
         fs::write(dst.join("x/inner"), b"precious").unwrap();
-        let r = merge_into(&open_root(&src).unwrap(), &open_root(&dst).unwrap(), ".");
+        let r = merge_into(
+            &open_root(&src).unwrap(),
+            &open_root(&dst).unwrap(),
+            ".",
+            None,
+        );
         assert!(matches!(r, Err(SafeFsError::Conflict { .. })));
         assert_eq!(fs::read(dst.join("x/inner")).unwrap(), b"precious");
     }

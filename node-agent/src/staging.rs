@@ -32,6 +32,13 @@ const ASIDE: &str = "aside";
 const JOURNAL: &str = "journal";
 const COMMITTED: &str = "committed";
 const JOURNAL_MAGIC: &str = "stowage-replace 1";
+/// The largest journal written, and read back whole. A Replace that would need a larger one (several
+/// hundred thousand entries in one directory) is refused before anything moves; a larger file at
+/// recovery is not ours, and is left in place.
+const JOURNAL_MAX: usize = 64 << 20;
+/// Merge passes after the commit: each one displaces what stands in the snapshot's way, so a second
+/// is needed only when the target changes under the first.
+const COMMITTED_MERGE_ATTEMPTS: usize = 3;
 
 type Result<T> = std::result::Result<T, SafeFsError>;
 
@@ -178,7 +185,7 @@ impl Staging {
 
     /// `Merge`: moves the staged data into `target`.
     pub fn merge(&self, target: &OwnedFd) -> Result<()> {
-        safe_fs::merge_into(&self.data()?, target, ".")
+        safe_fs::merge_into(&self.data()?, target, ".", None)
     }
 
     /// `Replace`: moves what `displace` names out of `target` (journalled, so that it can be moved
@@ -204,7 +211,11 @@ impl Staging {
             }
             return Err(e);
         }
-        self.merge(target)
+        // Committed: from here the swap ends finished, or stays recoverable. Never deleted on error.
+        finish_committed(&self.dir, target).inspect_err(|e| {
+            self.keep.store(true, Ordering::Release);
+            tracing::error!(staging = %self.name, error = %e, "a committed swap could not be finished; its staging directory is kept and the agent finishes it at its next recovery pass");
+        })
     }
 
     fn write_journal(&self, target_parts: &[String], entries: &[Entry]) -> Result<()> {
@@ -214,6 +225,12 @@ impl Staging {
         );
         for e in entries {
             text.push_str(&format!("entry {}\n", e.encode()));
+            if text.len() > JOURNAL_MAX {
+                return Err(SafeFsError::InvalidPath {
+                    path: format!("{} entries", entries.len()),
+                    reason: "too many entries to replace at once; restore with include paths, or in Merge mode",
+                });
+            }
         }
         write_file(&self.dir, JOURNAL, text.as_bytes())?;
         mkdirat(&self.dir, ASIDE, Mode::from_bits_truncate(0o700)).map_err(io(ASIDE))
@@ -311,7 +328,33 @@ fn write_file(dir: &OwnedFd, name: &str, content: &[u8]) -> Result<()> {
         })
 }
 
-/// Moves every entry aside back to its place in `target`, replacing whatever took its name.
+/// Moves the staged data of a committed swap into `target`, the snapshot winning every conflict
+/// (what stands in its way goes to `aside/`, removed with the staging directory).
+fn finish_committed(staging: &OwnedFd, target: &OwnedFd) -> Result<()> {
+    let data = openat(staging, DATA, dir_flags(), Mode::empty()).map_err(io(DATA))?;
+    let aside = match mkdirat(staging, ASIDE, Mode::from_bits_truncate(0o700)) {
+        Ok(()) | Err(Errno::EEXIST) => {
+            openat(staging, ASIDE, dir_flags(), Mode::empty()).map_err(io(ASIDE))?
+        }
+        Err(e) => return Err(io(ASIDE)(e)),
+    };
+    let displacer = safe_fs::Displacer::new(aside);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match safe_fs::merge_into(&data, target, ".", Some(&displacer)) {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt >= COMMITTED_MERGE_ATTEMPTS => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "the target changed during a committed swap; merging again");
+            }
+        }
+    }
+}
+
+/// Moves every entry aside back to its place in `target`, replacing whatever took its name. In
+/// reverse order of moving aside: with entries `[a/b, a]`, `a` goes back first and then `a/b` into
+/// it. (Forwards, putting `a` back would replace the directory `a/b` had just been put into.)
 fn rollback(staging: &OwnedFd, target: &OwnedFd, entries: &[Entry]) -> Result<()> {
     let aside = match openat(staging, ASIDE, dir_flags(), Mode::empty()) {
         Ok(a) => a,
@@ -323,7 +366,7 @@ fn rollback(staging: &OwnedFd, target: &OwnedFd, entries: &[Entry]) -> Result<()
             });
         }
     };
-    for (i, e) in entries.iter().enumerate() {
+    for (i, e) in entries.iter().enumerate().rev() {
         let moved = i.to_string();
         match fstatat(&aside, moved.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(_) => {}
@@ -418,11 +461,23 @@ fn recover_one(root: &OwnedFd, name: &OsStr) -> Result<Recovered> {
             };
             let target = safe_fs::open_beneath(root, &target_parts, true)?;
             if committed {
-                let data = openat(&dir, DATA, dir_flags(), Mode::empty()).map_err(io(DATA))?;
-                safe_fs::merge_into(&data, &target, ".")?;
+                finish_committed(&dir, &target)?;
                 Recovered::Finished
             } else {
                 rollback(&dir, &target, &entries)?;
+                // Whatever is still aside, the journal does not account for: it may be someone's
+                // only copy, so the directory stays.
+                let left = match openat(&dir, ASIDE, dir_flags(), Mode::empty()) {
+                    Ok(aside) => safe_fs::entries(&aside, ASIDE)?.len(),
+                    Err(Errno::ENOENT) => 0,
+                    Err(e) => return Err(io(ASIDE)(e)),
+                };
+                if left > 0 {
+                    return Err(SafeFsError::InvalidPath {
+                        path: format!("{shown}/{ASIDE}"),
+                        reason: "holds entries the journal does not list after the originals were put back; left in place",
+                    });
+                }
                 Recovered::RolledBack
             }
         }
@@ -432,7 +487,8 @@ fn recover_one(root: &OwnedFd, name: &OsStr) -> Result<Recovered> {
     Ok(outcome)
 }
 
-/// Reads a small regular file (at most 16 MiB), never through a link; `None` when absent. Opened
+/// Reads a small regular file (at most `JOURNAL_MAX`, whole or not at all), never through a link;
+/// `None` when absent. Opened
 /// non-blocking and checked to be a regular file: a FIFO a tenant plants under the name must not
 /// hang the agent.
 fn read_small(dir: &OwnedFd, name: &str) -> Result<Option<String>> {
@@ -457,12 +513,19 @@ fn read_small(dir: &OwnedFd, name: &str) -> Result<Option<String>> {
     let mut text = String::new();
     use std::io::Read;
     std::fs::File::from(fd)
-        .take(16 << 20)
+        .take(JOURNAL_MAX as u64 + 1)
         .read_to_string(&mut text)
         .map_err(|_| SafeFsError::InvalidPath {
             path: name.into(),
             reason: "not a readable text file",
         })?;
+    // Never act on part of a journal: the originals listed after a cut would be deleted.
+    if text.len() > JOURNAL_MAX {
+        return Err(SafeFsError::InvalidPath {
+            path: name.into(),
+            reason: "larger than any journal the agent writes; left in place",
+        });
+    }
     Ok(Some(text))
 }
 
@@ -659,5 +722,50 @@ mod tests {
         assert!(vol.join(format!("{PREFIX}evil")).exists(), "left in place");
         assert_eq!(Entry::decode(&hex(b"../x")), None);
         assert_eq!(Entry::decode(&hex(b"/etc")), None);
+    }
+
+    /// Includes `[a/b, a]` moved aside in that order: `a/b` went first (aside/0), then the rest of
+    /// `a` (aside/1). Rolled back in reverse, `a` is back before `a/b` goes into it; forwards, putting
+    /// `a` back replaced the `a` that `a/b` had just been put into, and the original `a/b` was lost.
+    #[test]
+    fn rollback_puts_nested_entries_back_in_reverse_order() {
+        let t = tempfile::tempdir().unwrap();
+        let (target, staging) = (t.path().join("target"), t.path().join("staging"));
+        std::fs::create_dir_all(staging.join("aside/0")).unwrap();
+        std::fs::write(staging.join("aside/0/orig"), b"original a/b").unwrap();
+        std::fs::create_dir_all(staging.join("aside/1")).unwrap();
+        std::fs::write(staging.join("aside/1/g"), b"original a/g").unwrap();
+        std::fs::create_dir_all(&target).unwrap();
+        let entries = [
+            Entry {
+                parent: vec!["a".into()],
+                name: b"b".to_vec(),
+            },
+            Entry {
+                parent: Vec::new(),
+                name: b"a".to_vec(),
+            },
+        ];
+        let (s, d) = (
+            safe_fs::open_root(&staging).unwrap(),
+            safe_fs::open_root(&target).unwrap(),
+        );
+        rollback(&s, &d, &entries).unwrap();
+        assert_eq!(
+            std::fs::read(target.join("a/b/orig")).unwrap(),
+            b"original a/b"
+        );
+        assert_eq!(std::fs::read(target.join("a/g")).unwrap(), b"original a/g");
+    }
+
+    /// A journal larger than any the agent writes is refused whole, never acted on in part.
+    #[test]
+    fn an_oversized_journal_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(t.path().join(JOURNAL)).unwrap();
+        f.set_len(JOURNAL_MAX as u64 + 1).unwrap();
+        let dir = safe_fs::open_root(t.path()).unwrap();
+        let e = read_small(&dir, JOURNAL).unwrap_err();
+        assert!(e.to_string().contains("larger than any journal"), "{e}");
     }
 }

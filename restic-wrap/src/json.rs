@@ -131,6 +131,16 @@ pub struct Snapshot {
     pub hostname: String,
     pub username: String,
     pub tags: Vec<String>,
+    /// Written by restic 0.17 and later.
+    pub summary: Option<SnapshotSummary>,
+}
+
+/// The part of a snapshot's `summary` Stowage reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct SnapshotSummary {
+    /// Bytes of the files the backup read: what a full restore writes.
+    pub total_bytes_processed: u64,
 }
 
 impl Snapshot {

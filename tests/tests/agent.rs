@@ -1404,3 +1404,227 @@ async fn lost_and_found_is_neither_content_nor_displaced() {
         0o700
     );
 }
+
+/// Names of staging directories left at a volume root.
+fn staging_dirs(vol: &Path) -> Vec<String> {
+    std::fs::read_dir(vol)
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".stowage-restore-"))
+        .collect()
+}
+
+/// A pod races a Replace on purpose: the moment `config.yaml` is moved aside it makes a non-empty
+/// directory of that name (as a watcher reacting to IN_MOVED_FROM would, or an application that
+/// recreates its layout). The swap has committed by then: the snapshot wins, the restore succeeds
+/// and the volume equals the snapshot, with no staging directory left. (Before, the merge failed
+/// after the commit and the staging directory, holding the originals, was deleted.)
+#[tokio::test]
+async fn a_replace_after_its_commit_finishes_when_a_pod_races_it() {
+    let s = Setup::new();
+    let agent = s.agent().await;
+    let vol = csi_volume(&s.kubelet(), "uid-race", "pv-race");
+    std::fs::write(vol.join("config.yaml"), b"from the snapshot").expect("write");
+    for i in 0..200 {
+        std::fs::write(vol.join(format!("f{i:03}")), format!("{i}")).expect("write");
+    }
+    let repo = local_repo(&s.repo(), PW, true);
+    let mut client = agent.client(&s.pki).await;
+    backup(
+        &mut client,
+        volume_backup(repo.clone(), "uid-race", "pv-race", "shop", "race"),
+    )
+    .await
+    .result
+    .expect("backup");
+    let mut raced = 0;
+    for attempt in 0..8 {
+        std::fs::write(vol.join("config.yaml"), format!("edited {attempt}")).expect("edit");
+        std::fs::write(vol.join("not-in-snapshot"), b"x").expect("extra");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let racer = {
+            let (vol, stop) = (vol.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if !vol.join("config.yaml").exists()
+                        && std::fs::create_dir(vol.join("config.yaml")).is_ok()
+                    {
+                        std::fs::write(vol.join("config.yaml/x"), b"planted").expect("plant");
+                        return true;
+                    }
+                }
+                false
+            })
+        };
+        let req = RestoreRequest {
+            mode: RestoreMode::Replace.into(),
+            ..restore_req(repo.clone(), "race", "uid-race", "pv-race", "")
+        };
+        let r = restore(&mut client, req).await.result;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let won = racer.join().expect("racer");
+        let r = r.expect("the restore succeeds, raced or not");
+        assert_eq!(r.files_restored, 201);
+        assert_eq!(
+            std::fs::read(vol.join("config.yaml")).expect("config.yaml is a file"),
+            b"from the snapshot"
+        );
+        assert!(!vol.join("not-in-snapshot").exists());
+        assert_eq!(std::fs::read(vol.join("f199")).expect("f199"), b"199");
+        assert!(staging_dirs(&vol).is_empty(), "{:?}", staging_dirs(&vol));
+        if won {
+            raced += 1;
+            if raced >= 2 {
+                break;
+            }
+        }
+    }
+    assert!(
+        raced > 0,
+        "the racer never got between the commit and the merge"
+    );
+}
+
+/// Include paths are literal, as users write them: `data*` restores and replaces the entry named
+/// `data*`, not everything starting with `data`. Nested includes are one include. An include the
+/// snapshot does not have fails the restore and deletes nothing.
+#[tokio::test]
+async fn include_paths_are_literal_nested_ones_merge_and_missing_ones_fail() {
+    let s = Setup::new();
+    let agent = s.agent().await;
+    let vol = csi_volume(&s.kubelet(), "uid-inc", "pv-inc");
+    std::fs::write(vol.join("data*"), b"star v1").expect("write");
+    std::fs::create_dir_all(vol.join("database")).expect("mkdir");
+    std::fs::write(vol.join("database/x"), b"db v1").expect("write");
+    std::fs::create_dir_all(vol.join("a/b")).expect("mkdir");
+    std::fs::write(vol.join("a/b/f"), b"f v1").expect("write");
+    std::fs::write(vol.join("a/g"), b"g v1").expect("write");
+    let repo = local_repo(&s.repo(), PW, true);
+    let mut client = agent.client(&s.pki).await;
+    backup(
+        &mut client,
+        volume_backup(repo.clone(), "uid-inc", "pv-inc", "shop", "inc"),
+    )
+    .await
+    .result
+    .expect("backup");
+    std::fs::write(vol.join("data*"), b"star v2").expect("write");
+    std::fs::write(vol.join("database/x"), b"db v2").expect("write");
+    std::fs::write(vol.join("a/b/f"), b"f v2").expect("write");
+    std::fs::write(vol.join("a/new"), b"new").expect("write");
+
+    let replace = |include: &[&str]| RestoreRequest {
+        mode: RestoreMode::Replace.into(),
+        include: include.iter().map(|s| s.to_string()).collect(),
+        ..restore_req(repo.clone(), "inc", "uid-inc", "pv-inc", "")
+    };
+    restore(&mut client, replace(&["data*"]))
+        .await
+        .result
+        .expect("literal include");
+    assert_eq!(std::fs::read(vol.join("data*")).expect("data*"), b"star v1");
+    assert_eq!(
+        std::fs::read(vol.join("database/x")).expect("x"),
+        b"db v2",
+        "`data*` is not a pattern"
+    );
+
+    restore(&mut client, replace(&["a/b", "a"]))
+        .await
+        .result
+        .expect("nested includes");
+    assert_eq!(std::fs::read(vol.join("a/b/f")).expect("f"), b"f v1");
+    assert_eq!(std::fs::read(vol.join("a/g")).expect("g"), b"g v1");
+    assert!(!vol.join("a/new").exists(), "a is replaced as a whole");
+
+    std::fs::write(vol.join("nope"), b"live data").expect("write");
+    let st = restore(&mut client, replace(&["nope"]))
+        .await
+        .result
+        .expect_err("not in the snapshot");
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(st.message().contains("not in snapshot"), "{}", st.message());
+    assert_eq!(std::fs::read(vol.join("nope")).expect("kept"), b"live data");
+    assert!(staging_dirs(&vol).is_empty());
+}
+
+/// A snapshot larger than the target volume's free space is refused before anything is staged,
+/// naming both figures; a CSI volume directory that is no longer a mount point (the pod went away)
+/// is refused too, and nothing is written to the node's disk.
+#[tokio::test]
+async fn restores_refuse_a_volume_too_small_and_a_volume_no_longer_mounted() {
+    let s = Setup::new();
+    // The kubelet's directory of a CSI volume whose mount is gone, with what was under it (a plain
+    // directory on the node's disk; an empty one the agent does not even list).
+    let gone = s
+        .kubelet()
+        .join("pods/uid-gone/volumes/kubernetes.io~csi/pv-gone/mount");
+    std::fs::create_dir_all(&gone).expect("mkdir");
+    std::fs::write(gone.join("leftover"), b"node disk").expect("write");
+    let agent = s.agent().await;
+    let src = csi_volume(&s.kubelet(), "uid-big", "pv-big");
+    stowage_tests::fstree::write_random(&src.join("big.bin"), 8 * MB, 3);
+    let repo = local_repo(&s.repo(), PW, true);
+    let mut client = agent.client(&s.pki).await;
+    backup(
+        &mut client,
+        volume_backup(repo.clone(), "uid-big", "pv-big", "shop", "big"),
+    )
+    .await
+    .result
+    .expect("backup");
+
+    // A 4 MiB volume (tmpfs, as a size-limited CSI volume would be) with a file in it.
+    let small = s
+        .kubelet()
+        .join("pods/uid-small/volumes/kubernetes.io~csi/pv-small/mount");
+    std::fs::create_dir_all(&small).expect("mkdir");
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=4m",
+            "stowage-test",
+            &small.display().to_string(),
+        ])
+        .status()
+        .expect("mount");
+    assert!(mounted.success());
+    std::fs::write(small.join("db"), b"live").expect("write");
+    let st = restore(
+        &mut client,
+        restore_req(repo.clone(), "big", "uid-small", "pv-small", ""),
+    )
+    .await
+    .result
+    .expect_err("does not fit");
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    let m = st.message();
+    assert!(
+        m.contains("needs 8.0 MiB") && m.contains("4.0 MiB free") && m.contains("target.pvc"),
+        "{m}"
+    );
+    assert_eq!(std::fs::read(small.join("db")).expect("db"), b"live");
+    assert!(staging_dirs(&small).is_empty());
+
+    let st = restore(
+        &mut client,
+        restore_req(repo.clone(), "big", "uid-gone", "pv-gone", ""),
+    )
+    .await
+    .result
+    .expect_err("not mounted");
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(
+        st.message().contains("not a mount point"),
+        "{}",
+        st.message()
+    );
+    assert_eq!(
+        std::fs::read_dir(&gone).expect("ls").count(),
+        1,
+        "nothing written"
+    );
+}
