@@ -40,6 +40,8 @@ pub struct Ctx {
     pub inspector: Inspector,
     /// Slots for PreBackupPods starting at once (`--max-starting-prebackup-pods`).
     pub prebackup_starting: tokio::sync::Semaphore,
+    /// One volume restore at a time per target PVC (see [`RestoreTargets`]).
+    pub restore_targets: RestoreTargets,
     /// UIDs of runs this process is executing, so a reconcile never starts one twice.
     active: Mutex<HashSet<String>>,
     /// Repositories known to exist. Opening one costs a restic run (and its key derivation), so a
@@ -49,6 +51,54 @@ pub struct Ctx {
     /// hand a reconcile an object from its cache that predates our own status write; without this,
     /// missed fire times would be counted (and announced) twice.
     handled: Mutex<HashMap<(String, &'static str), DateTime<Utc>>>,
+}
+
+/// Volume restores into one PVC run one at a time, whichever node's agent runs them. A shared
+/// (RWX) volume is mounted on several nodes, and two Restores into it would each swap the same
+/// target. Every run goes through the one leading coordinator, so a lock here serialises them
+/// cluster-wide; a new leader resumes runs one at a time per PVC the same way.
+#[derive(Default)]
+pub struct RestoreTargets {
+    locks: Mutex<HashMap<(String, String), Turn>>,
+}
+
+/// One PVC's turn: held by the restore into it that runs.
+type Turn = Arc<tokio::sync::Mutex<()>>;
+
+/// Target PVCs with a lock at once; beyond it, idle locks are dropped.
+const RESTORE_TARGETS_MAX: usize = 4096;
+
+impl RestoreTargets {
+    /// Waits for the PVC's turn; the turn lasts as long as the guard.
+    pub async fn lock(&self, namespace: &str, pvc: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self
+                .locks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if locks.len() >= RESTORE_TARGETS_MAX {
+                locks.retain(|_, l| Arc::strong_count(l) > 1);
+            }
+            Arc::clone(
+                locks
+                    .entry((namespace.to_string(), pvc.to_string()))
+                    .or_default(),
+            )
+        };
+        lock.lock_owned().await
+    }
+
+    /// Whether another restore into the PVC holds its turn now.
+    pub fn busy(&self, namespace: &str, pvc: &str) -> bool {
+        self.locks
+            .lock()
+            .ok()
+            .and_then(|l| {
+                l.get(&(namespace.to_string(), pvc.to_string()))
+                    .map(|m| m.try_lock().is_err())
+            })
+            .unwrap_or(false)
+    }
 }
 
 impl Ctx {
@@ -74,6 +124,7 @@ impl Ctx {
             metrics,
             inspector: Inspector::default(),
             prebackup_starting,
+            restore_targets: RestoreTargets::default(),
             active: Mutex::new(HashSet::new()),
             known_repositories: Mutex::new(HashSet::new()),
             handled: Mutex::new(HashMap::new()),

@@ -112,7 +112,11 @@ impl From<AgentError> for Status {
             AgentError::Path(SafeFsError::InvalidPath { .. } | SafeFsError::Escapes { .. }) => {
                 Code::InvalidArgument
             }
-            AgentError::Path(SafeFsError::Conflict { .. }) => Code::FailedPrecondition,
+            AgentError::Path(
+                SafeFsError::Conflict { .. }
+                | SafeFsError::TooDeep { .. }
+                | SafeFsError::OverBudget { .. },
+            ) => Code::FailedPrecondition,
             AgentError::Path(SafeFsError::Io { .. }) | AgentError::Io { .. } => Code::Internal,
             AgentError::SnapshotOfOtherVolume { .. } => Code::PermissionDenied,
             AgentError::TargetNotEmpty { .. }

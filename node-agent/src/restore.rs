@@ -117,7 +117,20 @@ pub async fn execute(
     // Open the target without following links; IntoEmpty refuses before anything is written.
     let root = safe_fs::open_root(&volume.data_dir)?;
     check_mounted(&volume, &root)?;
-    recover_leftovers(ctx, &root, &volume.data_dir.display().to_string());
+    {
+        // Blocking work (a planted leftover can be a large tree), under this volume's lock only.
+        let (active, shown) = (ctx.staging.clone(), volume.data_dir.display().to_string());
+        let root = nix::unistd::dup(&root).map_err(|e| AgentError::Io {
+            context: format!("opening {shown}"),
+            source: e.into(),
+        })?;
+        tokio::task::spawn_blocking(move || recover_leftovers(&active, &root, &shown))
+            .await
+            .map_err(|e| AgentError::Io {
+                context: "recovering leftover staging directories".into(),
+                source: std::io::Error::other(e),
+            })?;
+    }
     // Every restore stages the whole snapshot inside the volume first: it must fit beside what is
     // there, with a margin, or a restore could fill the disk under a running database. (With
     // include paths only part of it is staged; restic's summary does not say how much.)
@@ -453,9 +466,12 @@ pub async fn resolve_snapshot(
 }
 
 /// Finishes or undoes what a killed agent left in this volume (restores running here are skipped).
-pub fn recover_leftovers(ctx: &AgentContext, root: &std::os::fd::OwnedFd, shown: &str) {
-    for (name, r) in staging::recover(root, &ctx.staging) {
+pub fn recover_leftovers(active: &staging::Active, root: &std::os::fd::OwnedFd, shown: &str) {
+    for (name, r) in staging::recover(root, active) {
         match r {
+            Ok(staging::Recovered::InUseElsewhere(node)) => {
+                tracing::info!(volume = %shown, staging = %name, owner = %node, "a restore staging directory of the live agent of another node (a shared volume): left alone")
+            }
             Ok(done) => {
                 tracing::info!(volume = %shown, staging = %name, outcome = ?done, "cleaned up a restore staging directory left by an earlier agent")
             }

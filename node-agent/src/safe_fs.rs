@@ -35,7 +35,17 @@ pub enum SafeFsError {
         "cannot merge {path:?}: the snapshot has a file where the target has a non-empty directory"
     )]
     Conflict { path: String },
+    #[error("{path:?} is more than {MAX_DEPTH} directories deep; left as it is")]
+    TooDeep { path: String },
+    #[error("{path:?}: stopped after {budget} entries; what is left stays for a later pass")]
+    OverBudget { path: String, budget: u64 },
 }
+
+/// How deep a walk goes into a tree a tenant can shape (a pod can plant a chain of 200,000
+/// directories). Walks are iterative, so the bound is about open descriptors (one or two per level,
+/// under the 1024 a container's soft limit often is), not the stack. Deeper trees are refused, never
+/// followed: a snapshot that deep is refused before a restore changes anything.
+pub const MAX_DEPTH: usize = 256;
 
 type Result<T> = std::result::Result<T, SafeFsError>;
 
@@ -168,23 +178,59 @@ pub struct MergeStats {
     pub bytes: u64,
 }
 
-/// Counts the tree below `dir` (files, directories, bytes of regular files), without following links.
+/// A directory being walked: its descriptor, its path for messages, and the names of its
+/// subdirectories still to visit.
+struct Level {
+    fd: OwnedFd,
+    path: String,
+    pending: Vec<Vec<u8>>,
+}
+
+/// Counts the tree below `dir` (files, directories, bytes of regular files), without following
+/// links. Iterative; at most [`MAX_DEPTH`] levels.
 pub fn count_tree(dir: &OwnedFd, stats: &mut MergeStats) -> Result<()> {
-    for name in entries(dir, ".")? {
-        let n = OsStr::from_bytes(&name);
-        let st = fstatat(dir, n, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(io(n.to_string_lossy()))?;
-        if kind(&st) == SFlag::S_IFDIR {
-            stats.dirs += 1;
-            let sub =
-                openat(dir, n, dir_flags(), Mode::empty()).map_err(io(n.to_string_lossy()))?;
-            count_tree(&sub, stats)?;
-        } else {
-            stats.files += 1;
-            if kind(&st) == SFlag::S_IFREG {
-                stats.bytes += u64::try_from(st.st_size).unwrap_or(0);
+    let mut stack = vec![Level {
+        fd: nix::unistd::dup(dir).map_err(io("."))?,
+        path: ".".into(),
+        pending: Vec::new(),
+    }];
+    let mut fresh = true;
+    loop {
+        let depth = stack.len();
+        let Some(top) = stack.last_mut() else { break };
+        if fresh {
+            for name in entries(&top.fd, &top.path)? {
+                let n = OsStr::from_bytes(&name);
+                let st = fstatat(&top.fd, n, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .map_err(io(format!("{}/{}", top.path, n.to_string_lossy())))?;
+                if kind(&st) == SFlag::S_IFDIR {
+                    stats.dirs += 1;
+                    top.pending.push(name);
+                } else {
+                    stats.files += 1;
+                    if kind(&st) == SFlag::S_IFREG {
+                        stats.bytes += u64::try_from(st.st_size).unwrap_or(0);
+                    }
+                }
             }
         }
+        let Some(name) = top.pending.pop() else {
+            stack.pop();
+            fresh = false;
+            continue;
+        };
+        let n = OsStr::from_bytes(&name);
+        let path = format!("{}/{}", top.path, n.to_string_lossy());
+        if depth >= MAX_DEPTH {
+            return Err(SafeFsError::TooDeep { path });
+        }
+        let fd = openat(&top.fd, n, dir_flags(), Mode::empty()).map_err(io(&path))?;
+        stack.push(Level {
+            fd,
+            path,
+            pending: Vec::new(),
+        });
+        fresh = true;
     }
     Ok(())
 }
@@ -248,6 +294,22 @@ pub fn merge_into(
     shown: &str,
     displacer: Option<&Displacer>,
 ) -> Result<()> {
+    merge_level(src, dst, shown, displacer, 0)
+}
+
+/// One level of [`merge_into`]. Recursive, but never deeper than [`MAX_DEPTH`]: a restore counts
+/// its staged tree first (refusing one that deep before anything moves), and recovery stops at the
+/// bound on a tree a tenant planted.
+fn merge_level(
+    src: &OwnedFd,
+    dst: &OwnedFd,
+    shown: &str,
+    displacer: Option<&Displacer>,
+    depth: usize,
+) -> Result<()> {
+    if depth >= MAX_DEPTH {
+        return Err(SafeFsError::TooDeep { path: shown.into() });
+    }
     for name in entries(src, shown)? {
         let n = OsStr::from_bytes(&name);
         let path = format!("{shown}/{}", n.to_string_lossy());
@@ -272,7 +334,7 @@ pub fn merge_into(
                     }
                     (Err(e), _) => return Err(SafeFsError::Io { path, source: e }),
                 };
-                merge_into(&sub_src, &sub_dst, &path, displacer)?;
+                merge_level(&sub_src, &sub_dst, &path, displacer, depth + 1)?;
                 copy_dir_metadata(&s, &sub_dst, &path)?;
                 unlinkat(src, n, UnlinkatFlags::RemoveDir).map_err(io(&path))?;
             }
@@ -307,25 +369,110 @@ pub fn merge_into(
 }
 
 /// Removes `name` below `dir` and everything in it, never following symlinks; absent is fine.
-pub fn remove_tree_at(dir: &OwnedFd, name: &OsStr) -> std::result::Result<(), Errno> {
+/// Iterative, at most [`MAX_DEPTH`] levels deep.
+pub fn remove_tree_at(dir: &OwnedFd, name: &OsStr) -> Result<()> {
+    remove_tree_within(dir, name, u64::MAX)
+}
+
+/// One directory being removed: a descriptor to unlink in, one read stream over its entries (kept
+/// open, never restarted: rereading a directory of millions of entries from its start after each
+/// batch would make the removal quadratic), its name in the level above and its path for messages.
+struct Removing {
+    fd: OwnedFd,
+    names: nix::dir::OwningIter,
+    name: Vec<u8>,
+    path: String,
+}
+
+impl Removing {
+    fn open(parent: &OwnedFd, name: &[u8], path: String) -> Result<Self> {
+        let fd = openat(parent, OsStr::from_bytes(name), dir_flags(), Mode::empty())
+            .map_err(io(&path))?;
+        let names = nix::dir::Dir::from_fd(nix::unistd::dup(&fd).map_err(io(&path))?)
+            .map_err(io(&path))?
+            .into_iter();
+        Ok(Self {
+            fd,
+            names,
+            name: name.to_vec(),
+            path,
+        })
+    }
+}
+
+/// [`remove_tree_at`] that stops after removing `budget` entries ([`SafeFsError::OverBudget`]),
+/// leaving the rest: a recovery pass over a planted tree of millions of entries ends, and the next
+/// pass goes on.
+pub fn remove_tree_within(dir: &OwnedFd, name: &OsStr, budget: u64) -> Result<()> {
+    let shown = name.to_string_lossy().into_owned();
     let st = match fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
         Ok(st) => st,
         Err(Errno::ENOENT) => return Ok(()),
-        Err(e) => return Err(e),
+        Err(e) => return Err(io(&shown)(e)),
     };
-    if kind(&st) == SFlag::S_IFDIR {
-        let sub = openat(dir, name, dir_flags(), Mode::empty())?;
-        let names = entries(&sub, ".").map_err(|e| match e {
-            SafeFsError::Io { source, .. } => source,
-            _ => Errno::EIO,
-        })?;
-        for n in names {
-            remove_tree_at(&sub, OsStr::from_bytes(&n))?;
-        }
-        unlinkat(dir, name, UnlinkatFlags::RemoveDir)
-    } else {
-        unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)
+    if kind(&st) != SFlag::S_IFDIR {
+        return unlinkat(dir, name, UnlinkatFlags::NoRemoveDir).map_err(io(&shown));
     }
+    let mut left = budget;
+    let mut stack = vec![Removing::open(dir, name.as_bytes(), shown)?];
+    loop {
+        let depth = stack.len();
+        let Some(top) = stack.last_mut() else { break };
+        let next = top.names.next();
+        if let Some(entry) = next {
+            let entry = entry.map_err(io(top.path.as_str()))?;
+            let n = entry.file_name().to_bytes();
+            if n == b"." || n == b".." {
+                continue;
+            }
+            let child = format!("{}/{}", top.path, String::from_utf8_lossy(n));
+            if left == 0 {
+                return Err(SafeFsError::OverBudget {
+                    path: child,
+                    budget,
+                });
+            }
+            match unlinkat(&top.fd, OsStr::from_bytes(n), UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => left -= 1,
+                Err(Errno::EISDIR) => {
+                    if depth >= MAX_DEPTH {
+                        return Err(SafeFsError::TooDeep { path: child });
+                    }
+                    let sub = Removing::open(&top.fd, n, child)?;
+                    stack.push(sub);
+                }
+                Err(e) => {
+                    return Err(SafeFsError::Io {
+                        path: child,
+                        source: e,
+                    });
+                }
+            }
+            continue;
+        }
+        // Read to its end: remove the directory itself from the level above.
+        let Some(done) = stack.pop() else { break };
+        let parent = stack.last().map_or(dir, |r| &r.fd);
+        match unlinkat(
+            parent,
+            OsStr::from_bytes(&done.name),
+            UnlinkatFlags::RemoveDir,
+        ) {
+            Ok(()) | Err(Errno::ENOENT) => left = left.saturating_sub(1),
+            // Something was added while it was read: read it again (within the budget).
+            Err(Errno::ENOTEMPTY | Errno::EEXIST) => {
+                let reopened = Removing::open(parent, &done.name, done.path)?;
+                stack.push(reopened);
+            }
+            Err(e) => {
+                return Err(SafeFsError::Io {
+                    path: done.path,
+                    source: e,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Gives `dst` the mode, owner and times recorded in `src` (the staged copy of the snapshot's directory).
@@ -392,6 +539,37 @@ mod tests {
             open_root(&root.join("link")),
             Err(SafeFsError::Escapes { .. })
         ));
+    }
+
+    /// Walks over a tree deeper than the bound stop there, iteratively; removal within a budget
+    /// stops after it, and the next call goes on.
+    #[test]
+    fn walks_are_bounded_in_depth_and_entries() {
+        let t = tempfile::tempdir().unwrap();
+        let mut deep = t.path().join("deep");
+        for _ in 0..MAX_DEPTH + 5 {
+            deep.push("d");
+        }
+        fs::create_dir_all(&deep).unwrap();
+        let root = open_root(t.path()).unwrap();
+        let e = remove_tree_at(&root, OsStr::new("deep")).unwrap_err();
+        assert!(matches!(e, SafeFsError::TooDeep { .. }), "{e}");
+        let mut stats = MergeStats::default();
+        let e = count_tree(&root, &mut stats).unwrap_err();
+        assert!(matches!(e, SafeFsError::TooDeep { .. }), "{e}");
+
+        fs::create_dir_all(t.path().join("many/sub")).unwrap();
+        for i in 0..10 {
+            fs::write(t.path().join(format!("many/f{i}")), b"").unwrap();
+            fs::write(t.path().join(format!("many/sub/g{i}")), b"").unwrap();
+        }
+        let e = remove_tree_within(&root, OsStr::new("many"), 15).unwrap_err();
+        assert!(
+            matches!(e, SafeFsError::OverBudget { budget: 15, .. }),
+            "{e}"
+        );
+        remove_tree_within(&root, OsStr::new("many"), 15).unwrap();
+        assert!(!t.path().join("many").exists());
     }
 
     /// After a Replace's commit the snapshot wins: a non-empty directory (planted where the snapshot

@@ -253,7 +253,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         parents: Default::default(),
         known_snapshots: Default::default(),
         kube,
-        staging: Default::default(),
+        staging: crate::staging::Active::for_node(&config.node_name),
     });
     probe_sandbox(&ctx).await?;
     // A restore interrupted by the last agent's death left staging in its volume: a swap that had
@@ -265,7 +265,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         for v in recovering.inventory.list() {
             if let Ok(root) = crate::safe_fs::open_root(&v.data_dir) {
                 crate::restore::recover_leftovers(
-                    &recovering,
+                    &recovering.staging,
                     &root,
                     &v.data_dir.display().to_string(),
                 );

@@ -5,13 +5,16 @@
 //! - `journal`: for `Replace`, written before anything in the target moves: the target directory
 //!   and every entry that will be moved aside;
 //! - `aside/<n>`: the original entries, moved out of the way (renames, same filesystem);
-//! - `committed`: created once every original entry is aside; from then on the swap finishes.
+//! - `committed`: created once every original entry is aside; from then on the swap finishes;
+//! - `owner`: the node and agent instance restoring, whose mtime is a heartbeat (touched every
+//!   few seconds while the restore lives). A shared (RWX) volume is mounted on several nodes: the
+//!   agent of another node leaves a staging directory alone while its owner's heartbeat is fresh.
 //!
 //! Until `committed` exists, a failure (or a killed agent, at its next start) moves the originals
 //! back: the target ends up as it was. After it, the staged data is moved in. Backups exclude the
 //! prefix, so a staging directory is never captured.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
@@ -31,6 +34,12 @@ const DATA: &str = "data";
 const ASIDE: &str = "aside";
 const JOURNAL: &str = "journal";
 const COMMITTED: &str = "committed";
+const OWNER: &str = "owner";
+/// How often a live restore touches its `owner` file.
+const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// A staging directory of another node whose heartbeat is older than this is a dead agent's: any
+/// agent that mounts the volume may recover it.
+const HEARTBEAT_STALE: std::time::Duration = std::time::Duration::from_secs(60);
 const JOURNAL_MAGIC: &str = "stowage-replace 1";
 /// The largest journal written, and read back whole. A Replace that would need a larger one (several
 /// hundred thousand entries in one directory) is refused before anything moves; a larger file at
@@ -44,17 +53,36 @@ type Result<T> = std::result::Result<T, SafeFsError>;
 
 use crate::safe_fs::{dir_flags, io};
 
+/// Entries one recovery pass removes from one leftover staging directory at most; the rest waits
+/// for the next pass (a restore into the volume, or the agent's next start).
+const RECOVERY_BUDGET: u64 = 1_000_000;
+/// Volumes with a recovery lock at once; beyond it, idle locks are dropped.
+const RECOVERY_LOCKS_MAX: usize = 4096;
+
 /// The staging directories this process is using, so that a recovery pass on a volume never
-/// touches a restore still in progress; and one lock for recovery passes, so that two of them (the
-/// start-up pass and a restore's, or two restores' into one volume) never undo the same leftover
-/// at once.
+/// touches a restore still in progress; and one lock per volume for recovery passes, so that two
+/// of them (the start-up pass and a restore's, or two restores' into one volume) never undo the
+/// same leftover at once, while a slow pass over one volume (a tenant's planted tree) holds up no
+/// other volume.
 #[derive(Default, Clone)]
 pub struct Active {
+    /// This agent's node: its own staging directories are always its to recover.
+    node: String,
     names: Arc<Mutex<HashSet<String>>>,
-    recovering: Arc<Mutex<()>>,
+    recovering: Arc<Mutex<HashMap<VolumeKey, Arc<Mutex<()>>>>>,
 }
 
+/// A volume root's device and inode.
+type VolumeKey = (u64, u64);
+
 impl Active {
+    pub fn for_node(node: &str) -> Self {
+        Self {
+            node: node.to_string(),
+            ..Default::default()
+        }
+    }
+
     fn insert(&self, name: &str) {
         if let Ok(mut s) = self.names.lock() {
             s.insert(name.to_string());
@@ -65,6 +93,20 @@ impl Active {
             s.remove(name);
         }
     }
+    /// The recovery lock of the volume whose root is `root` (by device and inode).
+    fn volume_lock(&self, root: &OwnedFd) -> Result<Arc<Mutex<()>>> {
+        let st = safe_fs::stat_fd(root, ".")?;
+        let key = (st.st_dev, st.st_ino);
+        let mut locks = self
+            .recovering
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if locks.len() >= RECOVERY_LOCKS_MAX {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        Ok(Arc::clone(locks.entry(key).or_default()))
+    }
+
     fn contains(&self, name: &[u8]) -> bool {
         self.names
             .lock()
@@ -139,6 +181,8 @@ pub struct Staging {
     dir: OwnedFd,
     active: Active,
     keep: AtomicBool,
+    /// Dropped with the staging: the heartbeat thread then ends.
+    _heartbeat: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl Staging {
@@ -167,13 +211,21 @@ impl Staging {
                 });
             }
         };
-        let staging = Self {
+        let mut staging = Self {
             root,
             name,
             dir,
             active: active.clone(),
             keep: AtomicBool::new(false),
+            _heartbeat: None,
         };
+        let owner = format!(
+            "node {}\ninstance {}-{nanos:x}\n",
+            hex(active.node.as_bytes()),
+            std::process::id()
+        );
+        write_file(&staging.dir, OWNER, owner.as_bytes())?;
+        staging._heartbeat = heartbeat(&staging.dir, &staging.name);
         mkdirat(&staging.dir, DATA, Mode::from_bits_truncate(0o700)).map_err(io(DATA))?;
         Ok(staging)
     }
@@ -282,6 +334,64 @@ impl Drop for Staging {
     }
 }
 
+/// Touches `owner` every [`HEARTBEAT_EVERY`] until the returned sender is dropped. A thread, not a
+/// task: a staging directory lives in blocking code as much as in async code.
+fn heartbeat(dir: &OwnedFd, shown: &str) -> Option<std::sync::mpsc::Sender<()>> {
+    let dir = nix::unistd::dup(dir).ok()?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let name = shown.to_string();
+    let started = std::thread::Builder::new()
+        .name("staging-heartbeat".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(HEARTBEAT_EVERY)
+            {
+                let flags = OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+                let touched = openat(&dir, OWNER, flags, Mode::empty()).and_then(|fd| {
+                    nix::sys::stat::futimens(
+                        &fd,
+                        &nix::sys::time::TimeSpec::UTIME_NOW,
+                        &nix::sys::time::TimeSpec::UTIME_NOW,
+                    )
+                });
+                if let Err(e) = touched {
+                    tracing::warn!(staging = %name, error = %e, "could not touch the staging directory's heartbeat");
+                }
+            }
+        });
+    match started {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!(staging = %shown, error = %e, "could not start the staging directory's heartbeat");
+            None
+        }
+    }
+}
+
+/// Whether another node's live agent owns the staging directory `dir`: its `owner` names another
+/// node and was touched within [`HEARTBEAT_STALE`]. An unreadable or absent owner is no one's.
+fn owned_elsewhere(dir: &OwnedFd, node: &str) -> Option<String> {
+    let text = read_small(dir, OWNER).ok()??;
+    let owner = text
+        .lines()
+        .find_map(|l| l.strip_prefix("node "))
+        .and_then(unhex)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())?;
+    if owner == node {
+        return None;
+    }
+    let st = fstatat(dir, OWNER, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
+    let touched = std::time::UNIX_EPOCH
+        + std::time::Duration::new(
+            u64::try_from(st.st_mtime).unwrap_or(0),
+            u32::try_from(st.st_mtime_nsec).unwrap_or(0),
+        );
+    let age = std::time::SystemTime::now()
+        .duration_since(touched)
+        .unwrap_or_default();
+    (age < HEARTBEAT_STALE).then_some(owner)
+}
+
 /// The filesystem's own directory at a volume root (ext4's mkfs makes it, fsck needs it): never
 /// displaced by a Replace at the root, never counted against IntoEmpty.
 pub const LOST_FOUND: &[u8] = b"lost+found";
@@ -380,7 +490,7 @@ fn rollback(staging: &OwnedFd, target: &OwnedFd, entries: &[Entry]) -> Result<()
         }
         let parent = safe_fs::open_beneath(target, &e.parent, true)?;
         let name = OsStr::from_bytes(&e.name);
-        safe_fs::remove_tree_at(&parent, name).map_err(io(e.shown()))?;
+        safe_fs::remove_tree_at(&parent, name)?;
         renameat(&aside, moved.as_str(), &parent, name).map_err(io(e.shown()))?;
     }
     Ok(())
@@ -395,6 +505,8 @@ pub enum Recovered {
     RolledBack,
     /// A swap had committed: the staged data was moved in.
     Finished,
+    /// A live restore of another node's agent (a shared volume): left alone.
+    InUseElsewhere(String),
 }
 
 /// Deals with the staging directories that a killed agent left at the root of a volume (not those
@@ -404,9 +516,12 @@ pub fn recover(
     root: &OwnedFd,
     active: &Active,
 ) -> Vec<(String, std::result::Result<Recovered, SafeFsError>)> {
+    let lock = match active.volume_lock(root) {
+        Ok(l) => l,
+        Err(e) => return vec![(".".into(), Err(e))],
+    };
     // Poisoned only by a panic elsewhere; the guard protects no data of its own.
-    let _one_at_a_time = active
-        .recovering
+    let _one_at_a_time = lock
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let names = match safe_fs::entries(root, ".") {
@@ -418,19 +533,22 @@ pub fn recover(
         .filter(|n| n.starts_with(PREFIX.as_bytes()) && !active.contains(n))
         .map(|n| {
             let shown = String::from_utf8_lossy(&n).into_owned();
-            let r = recover_one(root, OsStr::from_bytes(&n));
+            let r = recover_one(root, OsStr::from_bytes(&n), &active.node);
             (shown, r)
         })
         .collect()
 }
 
-fn recover_one(root: &OwnedFd, name: &OsStr) -> Result<Recovered> {
+fn recover_one(root: &OwnedFd, name: &OsStr, node: &str) -> Result<Recovered> {
     let shown = name.to_string_lossy().into_owned();
     let dir = match openat(root, name, dir_flags(), Mode::empty()) {
+        Ok(d) if let Some(owner) = owned_elsewhere(&d, node) => {
+            return Ok(Recovered::InUseElsewhere(owner));
+        }
         Ok(d) => d,
         // Not a directory (a planted file or link): not ours, but named like ours; remove it.
         Err(Errno::ENOTDIR | Errno::ELOOP) => {
-            safe_fs::remove_tree_at(root, name).map_err(io(&shown))?;
+            safe_fs::remove_tree_at(root, name)?;
             return Ok(Recovered::Removed);
         }
         Err(e) => {
@@ -483,7 +601,15 @@ fn recover_one(root: &OwnedFd, name: &OsStr) -> Result<Recovered> {
         }
     };
     drop(dir);
-    safe_fs::remove_tree_at(root, name).map_err(io(&shown))?;
+    // A planted tree of millions of entries takes more than one pass, so no pass holds the
+    // volume's restores for long.
+    safe_fs::remove_tree_within(root, name, RECOVERY_BUDGET).map_err(|e| match e {
+        SafeFsError::OverBudget { budget, .. } => SafeFsError::OverBudget {
+            path: shown.clone(),
+            budget,
+        },
+        e => e,
+    })?;
     Ok(outcome)
 }
 

@@ -1628,3 +1628,99 @@ async fn restores_refuse_a_volume_too_small_and_a_volume_no_longer_mounted() {
         "nothing written"
     );
 }
+
+/// Runs a Python snippet with `dir` as its argument (planting trees quickly: one syscall per entry).
+fn plant(dir: &Path, script: &str) {
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(dir)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A pod plants, at its volume's root, a staging-named directory 200,000 levels deep and another of
+/// 2,000,000 entries (the size the issue names; in a tmpfs volume, planting them takes ~15 s). The
+/// agent's recovery walks both: it neither overflows its stack nor stops serving. It leaves the deep
+/// tree, and half of the large one, for later and says so, while another volume is backed up and
+/// restored meanwhile.
+#[tokio::test]
+async fn planted_trees_neither_crash_the_agent_nor_hold_up_other_volumes() {
+    let s = Setup::new();
+    // A tmpfs, as a CSI volume may be: millions of entries are planted in seconds, not minutes.
+    let hostile = s
+        .kubelet()
+        .join("pods/uid-hostile/volumes/kubernetes.io~csi/pv-hostile/mount");
+    std::fs::create_dir_all(&hostile).expect("mkdir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1g", "stowage-test"])
+        .arg(&hostile)
+        .status()
+        .expect("mount");
+    assert!(mounted.success());
+    plant(
+        &hostile.join(".stowage-restore-deep"),
+        "import os,sys\nos.mkdir(sys.argv[1]); d=os.open(sys.argv[1],os.O_RDONLY)\nfor i in range(200000):\n    os.mkdir('d',dir_fd=d); n=os.open('d',os.O_RDONLY,dir_fd=d); os.close(d); d=n\n",
+    );
+    plant(
+        &hostile.join(".stowage-restore-many"),
+        "import os,sys\nos.mkdir(sys.argv[1]); d=os.open(sys.argv[1],os.O_RDONLY)\nfor i in range(2000000): os.mknod('f%d'%i, 0o100600, dir_fd=d)\n",
+    );
+    let good = csi_volume(&s.kubelet(), "uid-good", "pv-good");
+    std::fs::write(good.join("a.txt"), b"served").expect("write");
+    let mut agent = s.agent().await;
+    let repo = local_repo(&s.repo(), PW, true);
+    let mut client = agent.client(&s.pki).await;
+    backup(
+        &mut client,
+        volume_backup(repo.clone(), "uid-good", "pv-good", "shop", "good"),
+    )
+    .await
+    .result
+    .expect("backup of another volume");
+    std::fs::write(good.join("a.txt"), b"changed").expect("write");
+    let req = RestoreRequest {
+        mode: RestoreMode::Replace.into(),
+        ..restore_req(repo.clone(), "good", "uid-good", "pv-good", "")
+    };
+    restore(&mut client, req)
+        .await
+        .result
+        .expect("restore into another volume");
+    assert_eq!(std::fs::read(good.join("a.txt")).expect("a"), b"served");
+
+    wait_until(
+        "the recovery pass to report both planted trees",
+        Duration::from_secs(180),
+        || {
+            let log = agent.log_text();
+            log.contains("more than 256 directories deep")
+                && log.contains("stopped after 1000000 entries")
+        },
+    )
+    .await;
+    assert!(
+        agent.wait_exit(Duration::from_millis(10)).await.is_none(),
+        "the agent is up"
+    );
+    assert!(
+        hostile.join(".stowage-restore-deep").exists(),
+        "what could not be finished is left"
+    );
+    let left = std::fs::read_dir(hostile.join(".stowage-restore-many"))
+        .expect("ls")
+        .count();
+    assert_eq!(left, 1_000_000, "one pass removes its budget, no more");
+    // The test's own cleanup (Setup's drop unmounts it): std's remove_dir_all would recurse
+    // 200,000 levels; unmounting the tmpfs frees everything at once.
+    drop(agent);
+    let umount = std::process::Command::new("umount")
+        .arg(&hostile)
+        .status()
+        .expect("umount");
+    assert!(umount.success());
+}

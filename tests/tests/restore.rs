@@ -821,3 +821,82 @@ async fn an_interrupted_command_restore_is_not_resumed() {
         "may have applied part of the dump",
     );
 }
+
+/// Two nodes mount one ReadWriteMany volume. While node-1's agent restores into it (Replace), the
+/// agent of node-2 restarts (a DaemonSet rollout restarts them all): its start-up recovery finds
+/// node-1's staging directory in the shared volume, sees its owner's fresh heartbeat, and leaves it
+/// alone. The restore succeeds and the volume equals the snapshot.
+#[tokio::test]
+async fn a_restore_into_a_shared_volume_survives_the_other_nodes_agent_restarting() {
+    let env = setup("restore-rwx").await;
+    let rwx = ["--access-mode", "ReadWriteMany"];
+    let dir = env
+        .cluster
+        .volume(&env.ns, "app-0", "shared", "node-1", &rwx);
+    env.cluster
+        .volume(&env.ns, "app-1", "shared", "node-2", &rwx);
+    std::fs::write(dir.join(".mounted"), b"").expect("marker");
+    for (pod, node) in [("app-0", "node-1"), ("app-1", "node-2")] {
+        env.cluster
+            .wait_mounted(&env.client, &env.ns, pod, "shared", node, ".mounted")
+            .await;
+    }
+    std::fs::create_dir_all(dir.join("many")).expect("mkdir");
+    for i in 0..192u64 {
+        fstree::write_random(&dir.join(format!("many/f{i}")), 256 << 10, i);
+    }
+    let mut agents = PrivateAgents::start(
+        env.cluster,
+        &env.client,
+        &env.ns,
+        &[("node-1", "127.0.0.11"), ("node-2", "127.0.0.12")],
+        None,
+    )
+    .await;
+    let _c = Coordinator::start(env.cluster, agents.coordinator_options(&env.ns)).await;
+    env.backup("base", local_backend(&env.repo)).await;
+    let snapshot = fstree::snapshot(&dir);
+    std::fs::write(dir.join("many/f0"), b"changed").expect("write");
+    std::fs::write(dir.join("after.txt"), b"made after the snapshot").expect("write");
+
+    let mut slow = local_backend(&env.repo);
+    slow["limitDownloadKiB"] = serde_json::json!(4096);
+    env.create_restore(
+        "shared",
+        serde_json::json!({"backend": slow, "source": {"pvc": "shared"},
+            "target": {"mode": "Replace"}}),
+    )
+    .await;
+    let r = wait_json::<Restore>(
+        &env.client,
+        &env.ns,
+        "shared",
+        Duration::from_secs(60),
+        "restic writing into staging",
+        |v| {
+            v["status"]["restore"]["percentDone"]
+                .as_f64()
+                .is_some_and(|p| p > 0.0 && p < 80.0)
+        },
+    )
+    .await;
+    assert_eq!(r["status"]["restore"]["node"], "node-1", "{r:#}");
+    agents.agents[1].kill();
+    restart_agent(&env, &mut agents, 1, "node-2", "127.0.0.12").await;
+    let r = wait_json::<Restore>(
+        &env.client,
+        &env.ns,
+        "shared",
+        RUN_TIMEOUT,
+        "a finished phase",
+        finished,
+    )
+    .await;
+    succeeded(&r);
+    assert!(
+        agents.agents[1].log_text().contains("left alone"),
+        "node-2's agent saw the live staging directory: {}",
+        agents.agents[1].log_text()
+    );
+    fstree::assert_same(&snapshot, &fstree::snapshot(&dir));
+}

@@ -534,6 +534,13 @@ async fn restore_volume(
         target_path: path.clone(),
         mode: mode_proto.into(),
     };
+    // One restore at a time per PVC, cluster-wide (a shared volume is mounted on several nodes).
+    if ctx.restore_targets.busy(&namespace, target_pvc) {
+        let message = format!("waiting for another Restore into PVC {target_pvc} to finish");
+        status.run(move |s| s.message = Some(message));
+    }
+    let _turn = ctx.restore_targets.lock(&namespace, target_pvc).await;
+    status.run(|s| s.message = None);
     let mut inventory = mount_holder::InventoryWait::default();
     let result = loop {
         let r = dispatch::restore_volume(
