@@ -222,6 +222,30 @@ impl SecretReader {
     }
 }
 
+/// Where a block's repository is, from the spec alone (no Secret is read): the local path, the S3
+/// endpoint's host with bucket and prefix, or the REST URL without user info. Two blocks with the
+/// same location write into one repository.
+pub fn spec_location(spec: &BackendSpec) -> Option<String> {
+    let trim = |s: &str| s.trim_matches('/').to_string();
+    let host = |url: &str| {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+        trim(rest).to_ascii_lowercase()
+    };
+    if let Some(l) = &spec.local {
+        Some(format!("local:{}", l.path.trim_end_matches('/')))
+    } else if let Some(s) = &spec.s3 {
+        Some(format!(
+            "s3:{}/{}/{}",
+            host(&s.endpoint),
+            s.bucket,
+            trim(s.prefix.as_deref().unwrap_or(""))
+        ))
+    } else {
+        spec.rest.as_ref().map(|r| format!("rest:{}", host(&r.url)))
+    }
+}
+
 /// Where a repository is, as restic names it, without secrets (for caches and messages).
 pub fn location(r: &pb::Repository) -> String {
     stowage_common::contract::location(r).unwrap_or_default()

@@ -11,6 +11,8 @@ pub const READY: &str = "Ready";
 pub const SUCCEEDED: &str = "Succeeded";
 pub const VOLUMES_SELECTED: &str = "VolumesSelected";
 pub const REPOSITORY_HEALTHY: &str = "RepositoryHealthy";
+/// True when Schedules of other namespaces write to the same repository location.
+pub const SHARED_REPOSITORY: &str = "SharedRepository";
 
 /// What a controller found wrong (or right) with an object, in words a user can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -116,6 +116,11 @@ pub struct Config {
     )]
     pub mount_holder_image: String,
 
+    /// Taints mount-holder pods tolerate, as a JSON list of Kubernetes tolerations (default: none,
+    /// so a tenant's PVC never brings a pod onto nodes kept for others).
+    #[arg(long, env = "STOWAGE_MOUNT_HOLDER_TOLERATIONS", default_value = "[]", value_parser = parse_tolerations)]
+    pub mount_holder_tolerations: Tolerations,
+
     /// How long a mount-holder pod may take to be scheduled and running.
     #[arg(long, env = "STOWAGE_MOUNT_HOLDER_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
     pub mount_holder_timeout: Duration,
@@ -163,6 +168,16 @@ impl Config {
     }
 }
 
+/// A list of tolerations (a newtype, so clap takes the flag's value as one JSON document).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tolerations(pub Vec<k8s_openapi::api::core::v1::Toleration>);
+
+fn parse_tolerations(s: &str) -> Result<Tolerations, String> {
+    serde_json::from_str(s).map(Tolerations).map_err(|e| {
+        format!("not a JSON list of tolerations ({e}); e.g. [{{\"key\":\"dedicated\",\"operator\":\"Exists\"}}]")
+    })
+}
+
 /// "30s", "10m", "1h30m", "500ms".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     restic_wrap::lock::parse_go_duration(s)
@@ -188,5 +203,26 @@ mod tests {
         assert_eq!(c.missed_run_deadline, Duration::from_secs(90));
         assert_eq!(c.agent_port, 9443);
         assert!(parse_duration("soon").is_err());
+        assert!(c.mount_holder_tolerations.0.is_empty());
+        let t = Config::try_parse_from([
+            "c",
+            "--insecure-plaintext",
+            "--mount-holder-tolerations",
+            r#"[{"key":"stowage.dev/real-node","operator":"Exists"}]"#,
+        ])
+        .unwrap();
+        assert_eq!(
+            t.mount_holder_tolerations.0[0].key.as_deref(),
+            Some("stowage.dev/real-node")
+        );
+        assert!(
+            Config::try_parse_from([
+                "c",
+                "--insecure-plaintext",
+                "--mount-holder-tolerations",
+                "x"
+            ])
+            .is_err()
+        );
     }
 }

@@ -40,6 +40,9 @@ pub struct Ctx {
     pub inspector: Inspector,
     /// Slots for PreBackupPods starting at once (`--max-starting-prebackup-pods`).
     pub prebackup_starting: tokio::sync::Semaphore,
+    /// The Schedule controller's cache, set once it exists (the Schedule reconciler compares
+    /// repository locations across namespaces).
+    pub schedules: std::sync::OnceLock<kube::runtime::reflector::Store<crate::crd::Schedule>>,
     /// One volume restore at a time per target PVC (see [`RestoreTargets`]).
     pub restore_targets: RestoreTargets,
     /// UIDs of runs this process is executing, so a reconcile never starts one twice.
@@ -124,6 +127,7 @@ impl Ctx {
             metrics,
             inspector: Inspector::default(),
             prebackup_starting,
+            schedules: std::sync::OnceLock::new(),
             restore_targets: RestoreTargets::default(),
             active: Mutex::new(HashSet::new()),
             known_repositories: Mutex::new(HashSet::new()),

@@ -317,6 +317,7 @@ async fn lead(
 
     let schedules = Controller::new(api::<Schedule>(&client, ns), wc());
     let schedule_store = schedules.store();
+    let _ = ctx.schedules.set(schedule_store.clone());
     tokio::spawn(sweep_schedule_metrics(
         schedule_store.clone(),
         metrics.clone(),

@@ -7,6 +7,8 @@ pub const ITEM_ERROR_MAX: usize = 512;
 pub const CONDITION_MESSAGE_MAX: usize = 4096;
 /// Longest Event message (the events API keeps at most 1 KiB of a note).
 pub const EVENT_MESSAGE_MAX: usize = 1000;
+/// Longest command line shown in a status item (an annotation may hold 256 KiB; the pod has it all).
+pub const COMMAND_SHOWN_MAX: usize = 256;
 
 pub use stowage_common::kube_errors::sentence;
 

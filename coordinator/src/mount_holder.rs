@@ -20,6 +20,26 @@ use stowage_common::{hash, names};
 
 pub use stowage_common::contract::LABEL_MOUNT_HOLDER;
 
+/// How holders are made: the administrator's choices (`--mount-holder-*`).
+#[derive(Debug, Clone, Copy)]
+pub struct Settings<'a> {
+    pub image: &'a str,
+    pub timeout: Duration,
+    /// Taints a holder tolerates. None by default: a tenant's PVC must not bring a pod onto nodes
+    /// the administrator keeps for others (control plane, dedicated pools).
+    pub tolerations: &'a [Toleration],
+}
+
+impl<'a> Settings<'a> {
+    pub fn of(config: &'a crate::config::Config) -> Self {
+        Self {
+            image: &config.mount_holder_image,
+            timeout: config.mount_holder_timeout,
+            tolerations: &config.mount_holder_tolerations.0,
+        }
+    }
+}
+
 /// A running holder: where the volume can now be read.
 #[derive(Debug, Clone)]
 pub struct Held {
@@ -38,7 +58,7 @@ pub fn pod_name(run_uid: &str, pvc: &str) -> String {
 }
 
 /// The holder of `pvc` for `run` (a Backup mounts it read-only, a Restore read-write).
-pub fn pod_for<K>(run: &K, pvc: &str, image: &str, read_only: bool) -> Pod
+pub fn pod_for<K>(run: &K, pvc: &str, settings: &Settings<'_>, read_only: bool) -> Pod
 where
     K: Resource<DynamicType = ()>,
 {
@@ -75,14 +95,10 @@ where
             restart_policy: Some("Never".into()),
             termination_grace_period_seconds: Some(0),
             automount_service_account_token: Some(false),
-            // Wherever the volume can be attached is fine, tainted nodes included.
-            tolerations: Some(vec![Toleration {
-                operator: Some("Exists".into()),
-                ..Default::default()
-            }]),
+            tolerations: (!settings.tolerations.is_empty()).then(|| settings.tolerations.to_vec()),
             containers: vec![Container {
                 name: "hold".into(),
-                image: Some(image.into()),
+                image: Some(settings.image.into()),
                 volume_mounts: Some(vec![VolumeMount {
                     name: "data".into(),
                     mount_path: "/data".into(),
@@ -158,20 +174,38 @@ pub async fn hold<K>(
     pods: &Store<Pod>,
     run: &K,
     pvc: &str,
-    image: &str,
-    timeout: Duration,
+    settings: &Settings<'_>,
     read_only: bool,
 ) -> Result<Held, String>
 where
     K: Resource<DynamicType = ()>,
 {
     let ns = run.namespace().unwrap_or_default();
+    let timeout = settings.timeout;
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let pod = pod_for(run, pvc, image, read_only);
+    let pod = pod_for(run, pvc, settings, read_only);
     let name = pod.name_any();
     match api.create(&PostParams::default(), &pod).await {
         Ok(_) => tracing::info!(namespace = %ns, pvc, pod = %name, "created mount holder"),
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        // An earlier attempt of this run made it: adopt it. Anyone else's pod of that name (a
+        // tenant can create pods in the namespace) is never used as this run's holder.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let existing = api
+                .get_opt(&name)
+                .await
+                .map_err(|e| format!("reading pod {ns}/{name}: {}", crate::errors::sentence(&e)))?;
+            let run_uid = run.uid().unwrap_or_default();
+            let ours = existing.as_ref().is_some_and(|p| {
+                p.owner_references()
+                    .iter()
+                    .any(|o| o.uid == run_uid && o.controller == Some(true))
+            });
+            if !ours {
+                return Err(format!(
+                    "a pod named {ns}/{name} exists and is not this run's mount holder; it is not used (delete it, or let the run fail)"
+                ));
+            }
+        }
         Err(e) => {
             return Err(format!(
                 "creating mount holder pod {ns}/{name} for PVC {pvc}: {}",
@@ -274,8 +308,37 @@ mod tests {
         let name = pod_name("uid-1", &long);
         assert!(name.len() <= 63, "{name}");
         assert_ne!(pod_name("uid-1", "db"), pod_name("uid-2", "db"));
-        let pod = pod_for(&run, "db", "pause", true);
+        let none = Settings {
+            image: "pause",
+            timeout: Duration::from_secs(1),
+            tolerations: &[],
+        };
+        let pod = pod_for(&run, "db", &none, true);
         let spec = pod.spec.unwrap();
+        assert_eq!(
+            spec.tolerations, None,
+            "no taint is tolerated unless configured"
+        );
+        let storage = [Toleration {
+            key: Some("dedicated".into()),
+            operator: Some("Equal".into()),
+            value: Some("storage".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        }];
+        let with = pod_for(
+            &run,
+            "db",
+            &Settings {
+                tolerations: &storage,
+                ..none
+            },
+            true,
+        );
+        assert_eq!(
+            with.spec.unwrap().tolerations.as_deref(),
+            Some(&storage[..])
+        );
         let claim = spec.volumes.unwrap()[0]
             .persistent_volume_claim
             .clone()

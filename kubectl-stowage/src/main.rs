@@ -9,7 +9,10 @@ async fn main() -> anyhow::Result<()> {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             // A sentence for people, not a Debug dump.
-            eprintln!("error: {e}");
+            eprintln!(
+                "error: {}",
+                kubectl_stowage::output::terminal_safe(&e.to_string())
+            );
             std::process::exit(1)
         }
     }

@@ -19,8 +19,23 @@ pub fn print<T: Serialize + ?Sized>(
             serde_yaml::to_string(value).map_err(|e| PluginError::Output(e.to_string()))?
         }
     };
-    print!("{text}");
+    print!("{}", terminal_safe(&text));
     Ok(())
+}
+
+/// Text from the cluster (a command's stderr in a status, snapshot tags, host names) is written by
+/// pods and tenants: escape characters a terminal would act on (ESC sequences that move the cursor,
+/// rewrite the title or hide what follows), keeping newlines and tabs. `\x1b` is shown as `\u{1b}`.
+pub fn terminal_safe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Left-aligned columns separated by three spaces, as kubectl prints them.
@@ -60,6 +75,16 @@ pub fn or_dash(v: Option<impl ToString>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_text_kept() {
+        assert_eq!(
+            terminal_safe("ok\x1b]0;owned\x07\r\n\tnext \u{9b}2J é"),
+            "ok\\u{1b}]0;owned\\u{7}\\u{d}\n\tnext \\u{9b}2J é"
+        );
+    }
+
     #[test]
     fn columns_line_up() {
         let t = super::columns(&["A", "LONGER"], &[vec!["wide-cell".into(), "x".into()]]);

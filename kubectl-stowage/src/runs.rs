@@ -219,6 +219,7 @@ where
                 .map(|p| format!("{p:?}"))
                 .unwrap_or_else(|| "Pending".into())
         );
+        let line = crate::output::terminal_safe(&line);
         if line != last_line {
             let mut err = std::io::stderr();
             if tty {
@@ -266,7 +267,7 @@ fn finish(
     if st.phase == Some(RunPhase::Succeeded) {
         if format == Format::Table {
             println!("{kind} {} succeeded", done.name);
-            println!("{}", detail(st));
+            println!("{}", crate::output::terminal_safe(&detail(st)));
         }
         return Ok(0);
     }
@@ -277,12 +278,13 @@ fn finish(
         .map(|c| format!("{}: {}", c.reason, c.message))
         .unwrap_or_else(|| "no reason recorded".into());
     eprintln!(
-        "{kind} {} {:?}: {reason}",
+        "{kind} {} {:?}: {}",
         done.name,
-        st.phase.unwrap_or_default()
+        st.phase.unwrap_or_default(),
+        crate::output::terminal_safe(&reason)
     );
     if format == Format::Table {
-        eprintln!("{}", detail(st));
+        eprintln!("{}", crate::output::terminal_safe(&detail(st)));
     }
     Ok(1)
 }

@@ -87,10 +87,7 @@ pub fn plan(ctx: &AgentContext, req: BackupRequest) -> Result<CommandPlan, Agent
         &container,
         &cmd.pod,
     )?;
-    let timeout = match cmd.timeout_seconds {
-        0 => DEFAULT_TIMEOUT,
-        s => Duration::from_secs(u64::from(s)),
-    };
+    let timeout = ctx.command_timeout(cmd.timeout_seconds, DEFAULT_TIMEOUT);
     Ok(CommandPlan {
         run_id: req.run_id,
         extra_tags: req.extra_tags,

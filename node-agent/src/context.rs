@@ -81,6 +81,25 @@ impl ParentCache {
 }
 
 impl AgentContext {
+    /// A command's time limit: the one requested (0: `default`), never beyond `--max-duration`. A
+    /// command restore or backup command holds one of the node's slots while it runs; its limit
+    /// comes from a pod annotation, which must not let a tenant hold a slot for ever.
+    pub fn command_timeout(
+        &self,
+        requested_seconds: u32,
+        default: std::time::Duration,
+    ) -> std::time::Duration {
+        let wanted = match requested_seconds {
+            0 => default,
+            s => std::time::Duration::from_secs(u64::from(s)),
+        };
+        if self.limits.max.is_zero() {
+            wanted
+        } else {
+            wanted.min(self.limits.max)
+        }
+    }
+
     /// The volume, if it is on this node now.
     pub fn volume(&self, r: &stowage_proto::v1::VolumeRef) -> Result<VolumeEntry, AgentError> {
         self.inventory

@@ -42,10 +42,7 @@ pub async fn run(ctx: &AgentContext, req: HookRequest) -> Result<HookResult, Age
     };
     let pod = exec::pod_on_node(&client, &target, &ctx.node_name).await?;
     target.container = exec::container_of(&pod, &target.container)?;
-    let timeout = match req.timeout_seconds {
-        0 => DEFAULT_TIMEOUT,
-        s => Duration::from_secs(u64::from(s)),
-    };
+    let timeout = ctx.command_timeout(req.timeout_seconds, DEFAULT_TIMEOUT);
     let started = Instant::now();
     let mut command = exec::start(&client, &target, false).await?;
     // Hooks' output is not data: drain it so the stream never stalls.

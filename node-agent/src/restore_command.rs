@@ -63,10 +63,7 @@ pub fn plan(
         &source.container,
         &req.pod,
     )?;
-    let timeout = match req.timeout_seconds {
-        0 => DEFAULT_TIMEOUT,
-        s => Duration::from_secs(u64::from(s)),
-    };
+    let timeout = ctx.command_timeout(req.timeout_seconds, DEFAULT_TIMEOUT);
     Ok(RestoreCommandPlan {
         run_id: req.run_id,
         identity,

@@ -368,6 +368,12 @@ fn heartbeat(dir: &OwnedFd, shown: &str) -> Option<std::sync::mpsc::Sender<()>> 
     }
 }
 
+/// Whether a staging directory's part can be the agent's own: owned by the agent's user, and
+/// writable by no one else (the agent makes them 0700 and 0600).
+fn made_by_us(st: &nix::sys::stat::FileStat) -> bool {
+    st.st_uid == nix::unistd::geteuid().as_raw() && st.st_mode & 0o022 == 0
+}
+
 /// Whether another node's live agent owns the staging directory `dir`: its `owner` names another
 /// node and was touched within [`HEARTBEAT_STALE`]. An unreadable or absent owner is no one's.
 fn owned_elsewhere(dir: &OwnedFd, node: &str) -> Option<String> {
@@ -545,7 +551,36 @@ fn recover_one(root: &OwnedFd, name: &OsStr, node: &str) -> Result<Recovered> {
         Ok(d) if let Some(owner) = owned_elsewhere(&d, node) => {
             return Ok(Recovered::InUseElsewhere(owner));
         }
-        Ok(d) => d,
+        Ok(d) => {
+            // Only what this agent could have made is acted on: a pod that plants a journal, data
+            // or aside of its own must not get the agent, as root, to move or chown what it names.
+            // (`data/` is left out: restic may give it the snapshot root's mode.)
+            for part in [
+                None,
+                Some(JOURNAL),
+                Some(COMMITTED),
+                Some(OWNER),
+                Some(ASIDE),
+            ] {
+                let st = match part {
+                    None => safe_fs::stat_fd(&d, &shown).map(Some)?,
+                    Some(p) => match fstatat(&d, p, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                        Ok(st) => Some(st),
+                        Err(Errno::ENOENT) => None,
+                        Err(e) => return Err(io(format!("{shown}/{p}"))(e)),
+                    },
+                };
+                if let Some(st) = st
+                    && !made_by_us(&st)
+                {
+                    return Err(SafeFsError::InvalidPath {
+                        path: format!("{shown}/{}", part.unwrap_or("")),
+                        reason: "not made by the agent (another owner, or writable by group or others); left in place, untouched",
+                    });
+                }
+            }
+            d
+        }
         // Not a directory (a planted file or link): not ours, but named like ours; remove it.
         Err(Errno::ENOTDIR | Errno::ELOOP) => {
             safe_fs::remove_tree_at(root, name)?;

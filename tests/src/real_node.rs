@@ -59,7 +59,8 @@ impl RealNode {
                 "logJson: false\n\
                  agent:\n  nodeSelector: {{stowage.dev/real-node: \"true\"}}\n  localRepositoryRoots: [{REPO_ROOT}]\n\
                  coordinator:\n  replicas: 1\n  watchNamespace: {app}\n  nodeSelector: {{stowage.dev/real-node: \"true\"}}\n  \
-                 tolerations: [{{key: stowage.dev/real-node, operator: Exists}}]\n"
+                 tolerations: [{{key: stowage.dev/real-node, operator: Exists}}]\n  \
+                 mountHolderTolerations: [{{key: stowage.dev/real-node, operator: Exists}}]\n"
             ),
         )
         .expect("write values");

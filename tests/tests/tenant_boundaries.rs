@@ -273,3 +273,51 @@ async fn runs_and_schedules_cannot_send_unlabelled_secrets_to_a_tenant_endpoint(
         listener.requests()
     );
 }
+
+/// A tenant who can create pods learns a Backup's uid and creates a pod under the name its mount
+/// holder will have (a pod of its own making, with whatever it likes mounted). The coordinator does
+/// not adopt a pod it did not make: the item fails, saying so.
+#[tokio::test]
+async fn a_pod_named_like_a_mount_holder_is_not_adopted() {
+    use k8s_openapi::api::core::v1::Pod;
+    use stowage_coordinator::crd::Backup;
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, "tenant-holder").await;
+    secret(&client, &ns, "backup-repo", &[("password", "pw")]).await;
+    let dir = cluster.volume(&ns, "unused", "idle", "node-1", &["--no-pod"]);
+    std::fs::write(dir.join("data"), b"x").expect("write");
+    let repo = cluster.dir.join("repos").join(&ns);
+    let backup: Backup = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+            "metadata": {"name": "nightly"},
+            "spec": {"backend": stowage_tests::coordinator::local_backend(&repo)}}),
+    )
+    .await;
+    let uid = backup.metadata.uid.clone().expect("uid");
+    let name = stowage_coordinator::mount_holder::pod_name(&uid, "idle");
+    let _: Pod = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "busybox"}]}}),
+    )
+    .await;
+    let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let b = wait_json::<Backup>(
+        &client,
+        &ns,
+        "nightly",
+        RUN_TIMEOUT,
+        "finished",
+        stowage_tests::coordinator::finished,
+    )
+    .await;
+    assert_eq!(b["status"]["phase"], "Failed", "{b:#}");
+    let error = b["status"]["items"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("is not this run's mount holder"), "{error}");
+}

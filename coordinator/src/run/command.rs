@@ -31,7 +31,7 @@ impl CommandTask {
             command: Some(CommandItem {
                 owner: format!("{}/{}", job.owner_kind, job.owner_name),
                 container: job.container.clone(),
-                command: job.command.clone(),
+                command: crate::errors::bounded(&job.command, crate::errors::COMMAND_SHOWN_MAX),
                 ..Default::default()
             }),
             ..Default::default()

@@ -404,6 +404,11 @@ fn mounted_by(ctx: &Ctx, namespace: &str, pvc: &str) -> Option<(String, String, 
         .iter()
         .map(|p| crate::run::backup::pod_info(p))
         .filter(|p| p.namespace == namespace && p.running && p.claims.iter().any(|c| c == pvc))
+        // Another run's holder mounts the volume read-only (a backup's), or is about to go away.
+        .filter(|p| {
+            !p.labels
+                .contains_key(crate::mount_holder::LABEL_MOUNT_HOLDER)
+        })
         .filter_map(|p| Some((p.node?, p.name, p.uid)))
         .collect();
     users.sort_by_key(|(node, name, _)| (!ready.contains(node), name.clone()));
@@ -504,8 +509,7 @@ async fn restore_volume(
                 &ctx.stores.pods,
                 run.as_ref(),
                 target_pvc,
-                &ctx.config.mount_holder_image,
-                ctx.config.mount_holder_timeout,
+                &mount_holder::Settings::of(&ctx.config),
                 false,
             )
             .await
@@ -706,7 +710,7 @@ async fn restore_command(
     let item = CommandItem {
         owner: format!("{owner_kind}/{owner_name}"),
         container: container.clone(),
-        command: command.clone(),
+        command: crate::errors::bounded(&command, crate::errors::COMMAND_SHOWN_MAX),
         ..Default::default()
     };
     {

@@ -144,8 +144,7 @@ impl VolumeTask {
                     &ctx.stores.pods,
                     self.run.as_ref(),
                     &self.pvc,
-                    &ctx.config.mount_holder_image,
-                    ctx.config.mount_holder_timeout,
+                    &mount_holder::Settings::of(&ctx.config),
                     true,
                 )
                 .await

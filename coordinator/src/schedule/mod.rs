@@ -168,6 +168,39 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<Ctx>) -> Result<Action, kube::
             ctx.notifier.warn(s.as_ref(), "Validate", sel).await;
         }
     }
+    // Snapshot ownership is restic tags: whoever has a repository's password can write snapshots
+    // that claim any namespace. Schedules of other namespaces at the same location share a trust
+    // domain, which deserves a warning (docs/security.md, "Shared repositories").
+    let others = ctx
+        .schedules
+        .get()
+        .map(|store| sharing_namespaces(&s, &store.state()))
+        .unwrap_or_default();
+    // The condition exists only while the location is shared (a warning, not a state to track).
+    if others.is_empty() {
+        status
+            .conditions
+            .retain(|c| c.type_ != conditions::SHARED_REPOSITORY);
+    } else {
+        let shared = Finding::new(
+            "SharedRepository",
+            format!(
+                "Schedules of {} other namespace(s) ({}) use this repository location: anyone with its password can read every namespace's snapshots and write snapshots that claim any namespace; give each trust domain its own repository",
+                others.len(),
+                crate::errors::joined_within(&others, 512)
+            ),
+        );
+        if conditions::set(
+            &mut status.conditions,
+            conditions::SHARED_REPOSITORY,
+            true,
+            shared.reason,
+            &shared.message,
+            generation,
+        ) {
+            ctx.notifier.warn(s.as_ref(), "Validate", &shared).await;
+        }
+    }
     status.observed_generation = generation;
 
     // History and last success.
@@ -259,10 +292,57 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<Ctx>) -> Result<Action, kube::
     Ok(Action::requeue(wait.max(Duration::from_millis(200))))
 }
 
+/// The other namespaces whose Schedules use `s`'s repository location (sorted, each once).
+fn sharing_namespaces(s: &Schedule, all: &[Arc<Schedule>]) -> Vec<String> {
+    let ns = s.namespace().unwrap_or_default();
+    let Some(mine) = crate::backend::spec_location(&s.spec.backend) else {
+        return Vec::new();
+    };
+    let mut others: Vec<String> = all
+        .iter()
+        .filter(|o| o.namespace().is_some_and(|n| n != ns))
+        .filter(|o| crate::backend::spec_location(&o.spec.backend).as_deref() == Some(&mine))
+        .filter_map(|o| o.namespace())
+        .collect();
+    others.sort();
+    others.dedup();
+    others
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn schedules_of_other_namespaces_at_the_same_location_share_it() {
+        let schedule = |ns: &str, backend: serde_json::Value| -> Arc<Schedule> {
+            Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+                    "metadata": {"name": "nightly", "namespace": ns},
+                    "spec": {"backend": backend}
+                }))
+                .unwrap(),
+            )
+        };
+        let s3 = |endpoint: &str, prefix: &str| {
+            serde_json::json!({"repoPasswordSecretRef": {"name": "r", "key": "k"},
+                "s3": {"endpoint": endpoint, "bucket": "b", "prefix": prefix,
+                       "accessKeyIDSecretRef": {"name": "r", "key": "a"},
+                       "secretAccessKeySecretRef": {"name": "r", "key": "s"}}})
+        };
+        let mine = schedule("shop", s3("https://S3.example.com/", "/team/"));
+        let all = vec![
+            mine.clone(),
+            schedule("bank", s3("https://s3.example.com", "team")),
+            schedule("bank", s3("https://s3.example.com", "team")),
+            schedule("blog", s3("https://s3.example.com", "blog")),
+            schedule("shop", s3("https://s3.example.com", "team")),
+        ];
+        assert_eq!(sharing_namespaces(&mine, &all), ["bank"]);
+        assert!(sharing_namespaces(&all[3], &all).is_empty());
+    }
 
     #[test]
     fn run_names_are_per_fire_time_and_labels_fit() {
