@@ -150,6 +150,12 @@ pub struct Config {
     #[arg(long, env = "STOWAGE_MAX_STARTING_PREBACKUP_PODS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_starting_prebackup_pods: u32,
 
+    /// Let PreBackupPods ask for privileged containers, added capabilities beyond Pod Security's
+    /// baseline, hostPath volumes, the host's namespaces or a ServiceAccount other than `default`.
+    /// Off by default: their pods are created with the coordinator's rights.
+    #[arg(long, env = "STOWAGE_ALLOW_PRIVILEGED_PREBACKUP_PODS")]
+    pub allow_privileged_prebackup_pods: bool,
+
     /// How long a PreBackupPod may take to be scheduled and ready.
     #[arg(long, env = "STOWAGE_PREBACKUP_POD_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
     pub prebackup_pod_timeout: Duration,

@@ -17,6 +17,7 @@
 //! - [`agents`]: finding agent pods and dialling them with mutual TLS;
 //! - [`mount_holder`]: pods that mount otherwise unmounted PVCs so they can be read;
 //! - [`prebackup_pod`]: the helper pods of PreBackupPods, started and deleted around their command;
+//!   [`prebackup_policy`]: what their templates may ask for;
 //! - [`errors`]: errors as bounded sentences;
 //! - [`leader`]: leader election; [`controller`]: the wiring.
 
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod mount_holder;
 pub mod plan;
 pub mod prebackup_pod;
+pub mod prebackup_policy;
 pub mod restic_fields;
 pub mod run;
 pub mod runs;

@@ -114,7 +114,9 @@ fn ready(p: &Pod) -> bool {
 }
 
 /// Starts the pod of `pbp` for `run` under one of the cluster-wide `starting` slots (held until
-/// it is ready or has failed), and waits at most `timeout` for it.
+/// it is ready or has failed), and waits at most `timeout` for it. Unless `privileged_allowed`, a
+/// template asking for rights a pod creator would need (see `prebackup_policy`) is refused first.
+#[allow(clippy::too_many_arguments)]
 pub async fn start(
     client: &Client,
     pods: &Store<Pod>,
@@ -123,7 +125,18 @@ pub async fn start(
     pbp: &PreBackupPod,
     nodes: &[String],
     timeout: Duration,
+    privileged_allowed: bool,
 ) -> Result<Started, String> {
+    if !privileged_allowed
+        && let Some(why) = pbp
+            .spec
+            .pod
+            .spec
+            .as_ref()
+            .and_then(crate::prebackup_policy::refusal)
+    {
+        return Err(format!("PreBackupPod {}: {why}", pbp.name_any()));
+    }
     let _slot = starting
         .acquire()
         .await

@@ -124,12 +124,14 @@ pub async fn execute(
             context: format!("opening {shown}"),
             source: e.into(),
         })?;
-        tokio::task::spawn_blocking(move || recover_leftovers(&active, &root, &shown))
-            .await
-            .map_err(|e| AgentError::Io {
-                context: "recovering leftover staging directories".into(),
-                source: std::io::Error::other(e),
-            })?;
+        tokio::task::spawn_blocking(move || {
+            recover_leftovers(&active, &root, &shown);
+        })
+        .await
+        .map_err(|e| AgentError::Io {
+            context: "recovering leftover staging directories".into(),
+            source: std::io::Error::other(e),
+        })?;
     }
     // Every restore stages the whole snapshot inside the volume first: it must fit beside what is
     // there, with a margin, or a restore could fill the disk under a running database. (With
@@ -466,11 +468,19 @@ pub async fn resolve_snapshot(
 }
 
 /// Finishes or undoes what a killed agent left in this volume (restores running here are skipped).
-pub fn recover_leftovers(active: &staging::Active, root: &std::os::fd::OwnedFd, shown: &str) {
+/// One recovery pass over a volume's root (logged). Returns whether a staging directory was left
+/// to a live owner, so that a start-up pass can look again once that heartbeat may have stopped.
+pub fn recover_leftovers(
+    active: &staging::Active,
+    root: &std::os::fd::OwnedFd,
+    shown: &str,
+) -> bool {
+    let mut left_to_owner = false;
     for (name, r) in staging::recover(root, active) {
         match r {
             Ok(staging::Recovered::InUseElsewhere(node)) => {
-                tracing::info!(volume = %shown, staging = %name, owner = %node, "a restore staging directory of the live agent of another node (a shared volume): left alone")
+                left_to_owner = true;
+                tracing::info!(volume = %shown, staging = %name, owner = %node, "a restore staging directory whose agent is alive (its heartbeat is fresh): left alone")
             }
             Ok(done) => {
                 tracing::info!(volume = %shown, staging = %name, outcome = ?done, "cleaned up a restore staging directory left by an earlier agent")
@@ -480,4 +490,5 @@ pub fn recover_leftovers(active: &staging::Active, root: &std::os::fd::OwnedFd, 
             }
         }
     }
+    left_to_owner
 }

@@ -260,18 +260,37 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
     // not committed is rolled back (the original data returns), one that had is finished. In the
     // background, so that a large or hostile volume never delays serving; a restore into a volume
     // runs the same pass first, and the passes take turns (`staging::Active`).
+    // A staging directory whose heartbeat is still fresh may be a just-killed agent's: it is looked
+    // at again once the heartbeat has had time to go stale (a few passes, then the next restore
+    // into the volume or the next start takes over).
+    // A thread of its own, not the runtime's blocking pool: the runtime would wait for its sleeps
+    // at shutdown.
     let recovering = Arc::clone(&ctx);
-    tokio::task::spawn_blocking(move || {
-        for v in recovering.inventory.list() {
-            if let Ok(root) = crate::safe_fs::open_root(&v.data_dir) {
-                crate::restore::recover_leftovers(
-                    &recovering.staging,
-                    &root,
-                    &v.data_dir.display().to_string(),
-                );
+    let spawned = std::thread::Builder::new()
+        .name("recovery".into())
+        .spawn(move || {
+            let mut volumes = recovering.inventory.list();
+            for pass in 0..4 {
+                if pass > 0 {
+                    std::thread::sleep(crate::staging::HEARTBEAT_STALE + Duration::from_secs(2));
+                }
+                volumes.retain(|v| {
+                    crate::safe_fs::open_root(&v.data_dir).is_ok_and(|root| {
+                        crate::restore::recover_leftovers(
+                            &recovering.staging,
+                            &root,
+                            &v.data_dir.display().to_string(),
+                        )
+                    })
+                });
+                if volumes.is_empty() {
+                    break;
+                }
             }
-        }
-    });
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start the recovery pass; restores still recover their volume first");
+    }
     let tasks = TaskTracker::new();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)

@@ -7,8 +7,9 @@
 //! - `aside/<n>`: the original entries, moved out of the way (renames, same filesystem);
 //! - `committed`: created once every original entry is aside; from then on the swap finishes;
 //! - `owner`: the node and agent instance restoring, whose mtime is a heartbeat (touched every
-//!   few seconds while the restore lives). A shared (RWX) volume is mounted on several nodes: the
-//!   agent of another node leaves a staging directory alone while its owner's heartbeat is fresh.
+//!   few seconds while the restore lives). A shared (RWX) volume is mounted on several nodes, and a
+//!   DaemonSet update with surge runs two agents on one node for a while: no agent recovers a
+//!   staging directory of another instance while that instance's heartbeat is fresh.
 //!
 //! Until `committed` exists, a failure (or a killed agent, at its next start) moves the originals
 //! back: the target ends up as it was. After it, the staged data is moved in. Backups exclude the
@@ -36,10 +37,10 @@ const JOURNAL: &str = "journal";
 const COMMITTED: &str = "committed";
 const OWNER: &str = "owner";
 /// How often a live restore touches its `owner` file.
-const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
-/// A staging directory of another node whose heartbeat is older than this is a dead agent's: any
-/// agent that mounts the volume may recover it.
-const HEARTBEAT_STALE: std::time::Duration = std::time::Duration::from_secs(60);
+const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
+/// A staging directory whose heartbeat is older than this is a dead agent's: any agent that
+/// mounts the volume may recover it. Several missed beats, so a busy node is not taken for dead.
+pub const HEARTBEAT_STALE: std::time::Duration = std::time::Duration::from_secs(20);
 const JOURNAL_MAGIC: &str = "stowage-replace 1";
 /// The largest journal written, and read back whole. A Replace that would need a larger one (several
 /// hundred thousand entries in one directory) is refused before anything moves; a larger file at
@@ -374,18 +375,17 @@ fn made_by_us(st: &nix::sys::stat::FileStat) -> bool {
     st.st_uid == nix::unistd::geteuid().as_raw() && st.st_mode & 0o022 == 0
 }
 
-/// Whether another node's live agent owns the staging directory `dir`: its `owner` names another
-/// node and was touched within [`HEARTBEAT_STALE`]. An unreadable or absent owner is no one's.
-fn owned_elsewhere(dir: &OwnedFd, node: &str) -> Option<String> {
+/// The live owner of a staging directory this process is not using: its `owner` file was touched
+/// within [`HEARTBEAT_STALE`], by another agent on this node (a DaemonSet update with surge) or on
+/// another node (a shared volume). Returns the owner's node. An unreadable or absent owner, or a
+/// stale heartbeat, is no one's: a dead agent's leftover.
+fn live_owner(dir: &OwnedFd) -> Option<String> {
     let text = read_small(dir, OWNER).ok()??;
     let owner = text
         .lines()
         .find_map(|l| l.strip_prefix("node "))
         .and_then(unhex)
         .map(|b| String::from_utf8_lossy(&b).into_owned())?;
-    if owner == node {
-        return None;
-    }
     let st = fstatat(dir, OWNER, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
     let touched = std::time::UNIX_EPOCH
         + std::time::Duration::new(
@@ -511,7 +511,8 @@ pub enum Recovered {
     RolledBack,
     /// A swap had committed: the staged data was moved in.
     Finished,
-    /// A live restore of another node's agent (a shared volume): left alone.
+    /// A live restore of another agent (another node's on a shared volume, or another instance on
+    /// this node): left alone. Holds the owner's node.
     InUseElsewhere(String),
 }
 
@@ -539,16 +540,16 @@ pub fn recover(
         .filter(|n| n.starts_with(PREFIX.as_bytes()) && !active.contains(n))
         .map(|n| {
             let shown = String::from_utf8_lossy(&n).into_owned();
-            let r = recover_one(root, OsStr::from_bytes(&n), &active.node);
+            let r = recover_one(root, OsStr::from_bytes(&n));
             (shown, r)
         })
         .collect()
 }
 
-fn recover_one(root: &OwnedFd, name: &OsStr, node: &str) -> Result<Recovered> {
+fn recover_one(root: &OwnedFd, name: &OsStr) -> Result<Recovered> {
     let shown = name.to_string_lossy().into_owned();
     let dir = match openat(root, name, dir_flags(), Mode::empty()) {
-        Ok(d) if let Some(owner) = owned_elsewhere(&d, node) => {
+        Ok(d) if let Some(owner) = live_owner(&d) => {
             return Ok(Recovered::InUseElsewhere(owner));
         }
         Ok(d) => {
@@ -736,6 +737,24 @@ mod tests {
     }
 
     /// A volume with originals, and a staging directory whose data is the "snapshot".
+    /// The agent dies: its heartbeat stops, and (for the test) is made as old as a dead one's.
+    fn die(mut staging: Staging) {
+        drop(staging._heartbeat.take());
+        let old =
+            std::time::SystemTime::now() - HEARTBEAT_STALE - std::time::Duration::from_secs(1);
+        let since = old.duration_since(std::time::UNIX_EPOCH).unwrap();
+        let t = nix::sys::time::TimeSpec::new(since.as_secs() as i64, 0);
+        nix::sys::stat::utimensat(
+            &staging.dir,
+            OWNER,
+            &t,
+            &t,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+        std::mem::forget(staging);
+    }
+
     fn setup() -> (tempfile::TempDir, OwnedFd, Staging, Active) {
         let t = tempfile::tempdir().unwrap();
         let vol = t.path();
@@ -804,7 +823,17 @@ mod tests {
         staging.move_aside(&root, &entries).unwrap();
         // The pod wrote something meanwhile, under an original name.
         fs::write(t.path().join("a"), "written during the swap").unwrap();
-        std::mem::forget(staging); // the agent dies here
+        let name = staging.name.clone();
+        let owner_dir = safe_fs::open_root(&t.path().join(&name)).unwrap();
+        // Another agent (another node's, or a second one on this node) sees a live owner.
+        let seen = recover(&root, &Active::default());
+        assert_eq!(
+            seen[0].1.as_ref().unwrap(),
+            &Recovered::InUseElsewhere(String::new()),
+            "a live restore is left alone"
+        );
+        drop(owner_dir);
+        die(staging); // the agent dies here
         let done = recover(&root, &Active::default());
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].1.as_ref().unwrap(), &Recovered::RolledBack);
@@ -818,7 +847,7 @@ mod tests {
         staging.write_journal(&[], &entries).unwrap();
         staging.move_aside(&root, &entries).unwrap();
         staging.commit().unwrap();
-        std::mem::forget(staging);
+        die(staging);
         let done = recover(&root, &Active::default());
         assert_eq!(done[0].1.as_ref().unwrap(), &Recovered::Finished);
         let got = tree(t.path());

@@ -460,7 +460,8 @@ async fn replace_and_a_replace_whose_agent_dies() {
     restart_agent(&env, &mut agents, 0, "node-3", "127.0.0.13").await;
     wait_for(
         "the staging directory removed",
-        Duration::from_secs(30),
+        // The killed agent's heartbeat must first go stale (20 s) before the new one takes over.
+        Duration::from_secs(60),
         || async { staged() == 0 },
     )
     .await;
@@ -899,4 +900,48 @@ async fn a_restore_into_a_shared_volume_survives_the_other_nodes_agent_restartin
         agents.agents[1].log_text()
     );
     fstree::assert_same(&snapshot, &fstree::snapshot(&dir));
+}
+
+/// A tenant's restore command that never ends (`sleep infinity`), with a time limit of days in its
+/// annotation, holds a node slot only until the agent's --max-duration: the restore fails saying
+/// so, and the node's slots are free for everyone's backups again.
+#[tokio::test]
+async fn a_restore_command_that_sleeps_is_stopped_at_the_agents_max_duration() {
+    let env = setup("restore-sleeps").await;
+    env.mounted("db", "node-1").await;
+    annotate(
+        &env.client,
+        &env.ns,
+        "db-0",
+        serde_json::json!({
+            "stowage.dev/backup-command": "echo dump",
+            "stowage.dev/restore-command": "sleep 3600",
+            "stowage.dev/backup-timeout": "72h",
+        }),
+    )
+    .await;
+    let agents = PrivateAgents::start_with_args(
+        env.cluster,
+        &env.client,
+        &env.ns,
+        &[("node-1", "127.0.0.11")],
+        None,
+        &["--max-duration", "4s"],
+    )
+    .await;
+    let _c = Coordinator::start(env.cluster, agents.coordinator_options(&env.ns)).await;
+    env.backup("dump", local_backend(&env.repo)).await;
+    let started = std::time::Instant::now();
+    let r = env
+        .restore(
+            "load",
+            serde_json::json!({"source": {"command": {"owner": "Pod/db-0"}}}),
+        )
+        .await;
+    failed_with(&r, "RestoreFailed", "did not finish within 4s");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "stopped at the cap, not at the annotation's 72h: {:?}",
+        started.elapsed()
+    );
 }

@@ -321,3 +321,54 @@ async fn a_pod_named_like_a_mount_holder_is_not_adopted() {
         .unwrap_or_default();
     assert!(error.contains("is not this run's mount holder"), "{error}");
 }
+
+/// A user who may create PreBackupPods, not pods, asks for a privileged pod with the node's root
+/// filesystem mounted. The coordinator would create it with its own rights: it refuses, naming the
+/// field, and no pod is created.
+#[tokio::test]
+async fn a_prebackup_pod_cannot_borrow_the_coordinators_right_to_create_privileged_pods() {
+    use k8s_openapi::api::core::v1::Pod;
+    use stowage_coordinator::crd::{Backup, PreBackupPod};
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, "tenant-pbp").await;
+    secret(&client, &ns, "backup-repo", &[("password", "pw")]).await;
+    let _: PreBackupPod = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "PreBackupPod",
+            "metadata": {"name": "rootfs"},
+            "spec": {"backupCommand": "tar c /host/etc",
+                     "pod": {"spec": {
+                        "containers": [{"name": "c", "image": "busybox",
+                            "securityContext": {"privileged": true},
+                            "volumeMounts": [{"name": "host", "mountPath": "/host"}]}],
+                        "volumes": [{"name": "host", "hostPath": {"path": "/"}}]}}}}),
+    )
+    .await;
+    let repo = cluster.dir.join("repos").join(&ns);
+    let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let b = run_to_end::<Backup>(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+            "metadata": {"name": "nightly"},
+            "spec": {"backend": stowage_tests::coordinator::local_backend(&repo)}}),
+        RUN_TIMEOUT,
+    )
+    .await;
+    assert_eq!(b["status"]["phase"], "Failed", "{b:#}");
+    let error = b["status"]["items"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        error.contains("spec.pod.spec.volumes[0].hostPath")
+            && error.contains("--allow-privileged-prebackup-pods"),
+        "{error}"
+    );
+    let pods = kube::Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&kube::api::ListParams::default())
+        .await
+        .expect("pods");
+    assert!(pods.items.is_empty(), "no pod was created");
+}

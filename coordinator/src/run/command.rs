@@ -56,6 +56,7 @@ impl CommandTask {
             pbp.as_ref(),
             &ctx.agents.ready_nodes(),
             ctx.config.prebackup_pod_timeout,
+            ctx.config.allow_privileged_prebackup_pods,
         )
         .await;
         match started {
