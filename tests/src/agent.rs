@@ -30,6 +30,8 @@ pub struct AgentOptions {
     /// The gRPC port (default: a free one).
     pub grpc_port: Option<u16>,
     pub extra_args: Vec<String>,
+    /// The agent's API access (`KUBECONFIG`): none by default, so commands cannot run.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -48,6 +50,7 @@ impl AgentOptions {
                 .collect(),
             grpc_port: None,
             extra_args: Vec::new(),
+            kubeconfig: None,
         }
     }
 }
@@ -106,6 +109,11 @@ impl Agent {
                     .flat_map(|r| ["--local-repository-root".as_ref(), r.as_os_str()]),
             )
             .args(&opts.extra_args)
+            .envs(
+                opts.kubeconfig
+                    .iter()
+                    .map(|k| ("KUBECONFIG", k.as_os_str())),
+            )
             .env("RUST_LOG", "info,stowage_agent=debug,restic_wrap=debug")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))

@@ -459,6 +459,8 @@ impl PrivateAgents {
             opts.bwrap = bwrap.clone();
             opts.extra_args = agent_args.iter().map(|a| a.to_string()).collect();
             opts.local_roots = vec![cluster.dir.join("repos"), std::env::temp_dir()];
+            // The cluster's agents' API identity (tests/cluster/stowage-up), so commands run.
+            opts.kubeconfig = Some(cluster.dir.join("agent.kubeconfig"));
             agents.push(crate::agent::Agent::start(opts, &pki).await);
         }
         PrivateAgents {
