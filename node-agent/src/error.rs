@@ -36,6 +36,10 @@ pub enum AgentError {
         "the volume directory {dir} is not a mount point (the pod went away, or the volume is being unmounted); restoring there would write into the node's own disk, so nothing was written"
     )]
     RestoreTargetNotMounted { dir: String },
+    #[error(
+        "{dir} holds the restore staging directory of another agent whose heartbeat is fresh: another restore into this volume is running, or an agent stopped less than {stale_after}s ago with its swap half done; nothing was written. Try again in a minute: a stopped agent's leftover is put right first"
+    )]
+    VolumeBusy { dir: String, stale_after: u64 },
     #[error("restore target {dir} is not empty (mode IntoEmpty)")]
     TargetNotEmpty { dir: String },
     #[error(
@@ -122,6 +126,7 @@ impl From<AgentError> for Status {
             AgentError::TargetNotEmpty { .. }
             | AgentError::NotMounted { .. }
             | AgentError::RestoreTargetNotMounted { .. }
+            | AgentError::VolumeBusy { .. }
             | AgentError::IncludeNotInSnapshot { .. }
             | AgentError::NoSpace { .. } => Code::FailedPrecondition,
             AgentError::ShuttingDown => Code::Unavailable,

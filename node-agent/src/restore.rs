@@ -124,14 +124,23 @@ pub async fn execute(
             context: format!("opening {shown}"),
             source: e.into(),
         })?;
-        tokio::task::spawn_blocking(move || {
-            recover_leftovers(&active, &root, &shown);
-        })
-        .await
-        .map_err(|e| AgentError::Io {
-            context: "recovering leftover staging directories".into(),
-            source: std::io::Error::other(e),
-        })?;
+        let left_to_owner =
+            tokio::task::spawn_blocking(move || recover_leftovers(&active, &root, &shown))
+                .await
+                .map_err(|e| AgentError::Io {
+                    context: "recovering leftover staging directories".into(),
+                    source: std::io::Error::other(e),
+                })?;
+        // A staging directory with a fresh heartbeat is another agent's restore into this volume,
+        // or the leftover of an agent that stopped seconds ago, whose originals may be aside. A
+        // restore now would take the target as it is for the original, and that leftover's rollback
+        // would later undo part of it: refuse, until it is finished or stale.
+        if left_to_owner {
+            return Err(AgentError::VolumeBusy {
+                dir: volume.data_dir.display().to_string(),
+                stale_after: crate::staging::HEARTBEAT_STALE.as_secs(),
+            });
+        }
     }
     // Every restore stages the whole snapshot inside the volume first: it must fit beside what is
     // there, with a margin, or a restore could fill the disk under a running database. (With

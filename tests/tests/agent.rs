@@ -1724,3 +1724,58 @@ async fn planted_trees_neither_crash_the_agent_nor_hold_up_other_volumes() {
         .expect("umount");
     assert!(umount.success());
 }
+
+/// A staging directory whose owner's heartbeat is fresh (another agent's restore into a shared
+/// volume, or an agent that stopped seconds ago with its originals aside) makes a restore into the
+/// volume wait its turn: it is refused, and nothing is touched. Once the heartbeat is stale, the
+/// next restore first puts that leftover right, then restores.
+#[tokio::test]
+async fn a_restore_waits_while_another_agents_staging_is_alive() {
+    let s = Setup::new();
+    let agent = s.agent().await;
+    let vol = csi_volume(&s.kubelet(), "uid-busy", "pv-busy");
+    std::fs::write(vol.join("a.txt"), b"snapshot").expect("write");
+    let repo = local_repo(&s.repo(), PW, true);
+    let mut client = agent.client(&s.pki).await;
+    backup(
+        &mut client,
+        volume_backup(repo.clone(), "uid-busy", "pv-busy", "shop", "busy"),
+    )
+    .await
+    .result
+    .expect("backup");
+    // Another agent's live staging directory, as it writes one: root-owned, 0700, an owner file.
+    let other = vol.join(".stowage-restore-shop-other-1");
+    std::fs::create_dir(&other).expect("mkdir");
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let hex: String = b"node-2".iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(other.join("owner"), format!("node {hex}\ninstance 1-1\n")).expect("owner");
+    std::fs::set_permissions(other.join("owner"), std::fs::Permissions::from_mode(0o600))
+        .expect("chmod");
+    std::fs::create_dir(other.join("data")).expect("data");
+    std::fs::write(vol.join("a.txt"), b"changed").expect("write");
+    let req = || RestoreRequest {
+        mode: RestoreMode::Replace.into(),
+        ..restore_req(repo.clone(), "busy", "uid-busy", "pv-busy", "")
+    };
+    let st = restore(&mut client, req()).await.result.expect_err("busy");
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(
+        st.message().contains("heartbeat is fresh"),
+        "{}",
+        st.message()
+    );
+    assert_eq!(std::fs::read(vol.join("a.txt")).expect("a"), b"changed");
+    assert!(other.exists());
+    // Its agent is gone: the heartbeat ages past the bound.
+    let old = std::time::SystemTime::now() - Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(other.join("owner"))
+        .expect("owner")
+        .set_modified(old)
+        .expect("mtime");
+    restore(&mut client, req()).await.result.expect("restored");
+    assert_eq!(std::fs::read(vol.join("a.txt")).expect("a"), b"snapshot");
+    assert!(!other.exists(), "the stale leftover was put right first");
+}
