@@ -43,15 +43,17 @@ pub fn refusal(spec: &PodSpec) -> Option<String> {
             return why(format!("{at}.{name}"), "shares a namespace of the node");
         }
     }
-    if let Some(sa) = spec
-        .service_account_name
-        .as_deref()
-        .filter(|s| !s.is_empty() && *s != "default")
-    {
-        return why(
-            format!("{at}.serviceAccountName"),
-            &format!("runs as ServiceAccount {sa:?} and would receive its token"),
-        );
+    // `serviceAccount` is the deprecated alias the API server still honours.
+    for (field, value) in [
+        ("serviceAccountName", spec.service_account_name.as_deref()),
+        ("serviceAccount", spec.service_account.as_deref()),
+    ] {
+        if let Some(sa) = value.filter(|s| !s.is_empty() && *s != "default") {
+            return why(
+                format!("{at}.{field}"),
+                &format!("runs as ServiceAccount {sa:?} and would receive its token"),
+            );
+        }
     }
     for (i, v) in spec.volumes.iter().flatten().enumerate() {
         if v.host_path.is_some() {
@@ -136,6 +138,10 @@ mod tests {
             (
                 serde_json::json!({"serviceAccountName": "admin", "containers": [{"name": "c"}]}),
                 "spec.pod.spec.serviceAccountName",
+            ),
+            (
+                serde_json::json!({"serviceAccount": "admin", "containers": [{"name": "c"}]}),
+                "spec.pod.spec.serviceAccount",
             ),
             (
                 serde_json::json!({"containers": [{"name": "c"}],
