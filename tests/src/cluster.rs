@@ -60,6 +60,26 @@ impl Cluster {
         Path::new(&self.env["STOWAGE_CLUSTER_BIN"]).join("kubectl")
     }
 
+    /// Waits (at most `timeout`) until every pod of DaemonSet `name` is updated and ready. A Helm
+    /// `--wait` is not enough: it asks a DaemonSet for only desired - maxUnavailable ready pods,
+    /// which is none on a one-node cluster with the chart's `maxUnavailable: 1`.
+    pub fn wait_daemonset_ready(&self, namespace: &str, name: &str, timeout: &str) {
+        let out = Command::new(self.kubectl())
+            .args(["-n", namespace, "rollout", "status"])
+            .arg(format!("daemonset/{name}"))
+            .arg(format!("--timeout={timeout}"))
+            .env("KUBECONFIG", self.kubeconfig())
+            .output()
+            .expect("kubectl rollout status");
+        assert!(
+            out.status.success(),
+            "DaemonSet {namespace}/{name} never became ready: {}{} (logs in {}/logs)",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.dir.display()
+        );
+    }
+
     pub fn node_names(&self) -> Vec<String> {
         self.env["STOWAGE_CLUSTER_NODES"]
             .split_whitespace()

@@ -88,6 +88,7 @@ impl RealNode {
             String::from_utf8_lossy(&out.stderr),
             cluster.dir.display()
         );
+        cluster.wait_daemonset_ready(&rn.sys, &format!("{}-stowage-agent", rn.release), "4m");
         rn
     }
 

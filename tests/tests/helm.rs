@@ -192,6 +192,7 @@ async fn the_chart_installs_a_stowage_that_backs_up_and_restores_in_place() {
         ],
     );
 
+    cluster.wait_daemonset_ready(&sys, &format!("{fullname}-agent"), "3m");
     // One ready agent per node and two ready coordinators, one of them leading.
     let agents = pods(&client, &sys, "app.kubernetes.io/name=stowage-agent").await;
     let mut nodes: Vec<String> = agents
