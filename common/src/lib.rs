@@ -3,10 +3,12 @@
 //! - [`contract`]: the label, annotation and snapshot-tag keys, and a repository's location;
 //! - [`names`]: object names and label values bounded to Kubernetes' limits, with [`hash`];
 //! - [`kube_errors`]: Kubernetes API errors as sentences;
-//! - [`runtime`]: TLS files, shutdown signals, the metrics endpoint and logging.
+//! - [`runtime`]: TLS files, shutdown signals, the metrics endpoint and logging;
+//! - [`tls_files`]: TLS files that change under a running process (certificate renewal).
 
 pub mod contract;
 pub mod hash;
 pub mod kube_errors;
 pub mod names;
 pub mod runtime;
+pub mod tls_files;

@@ -1,9 +1,12 @@
 //! Finding the node agents: they are the pods of the agent DaemonSet (selected by label). A
 //! reflector keeps node name → pod IP current; the coordinator dials `podIP:port` with mutual TLS.
-//! No address is configured by hand.
+//! No address is configured by hand. The client certificate, key and CA are re-read when their
+//! files change (cert-manager renews them under a running coordinator): channels made after the
+//! change dial with the new ones.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -71,10 +74,14 @@ fn not_ready(pod: &Pod) -> Option<String> {
     None
 }
 
+/// How often the TLS files are compared even without an inotify event.
+const TLS_POLL: Duration = Duration::from_secs(60);
+
 pub struct AgentDirectory {
     store: Store<Pod>,
     port: u16,
-    tls: Option<ClientTlsConfig>,
+    /// `None` in plaintext mode; else the newest good client configuration.
+    tls: Option<RwLock<ClientTlsConfig>>,
     timeout: Duration,
     channels: Mutex<HashMap<String, Channel>>,
 }
@@ -113,11 +120,54 @@ impl AgentDirectory {
         let dir = Arc::new(Self {
             store,
             port: config.agent_port,
-            tls: tls_config(config)?,
+            tls: tls_config(config)?.map(RwLock::new),
             timeout: config.agent_timeout,
             channels: Mutex::new(HashMap::new()),
         });
+        let changes = (!config.insecure_plaintext).then(|| {
+            let paths: Vec<PathBuf> = [&config.tls_ca, &config.tls_cert, &config.tls_key]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            stowage_common::tls_files::watch(paths, TLS_POLL)
+        });
+        let server_name = config.agent_tls_server_name.clone();
+        let weak = Arc::downgrade(&dir);
+        let reload = async move {
+            let Some(mut changes) = changes else { return };
+            while changes.changed().await.is_ok() {
+                let Some(dir) = weak.upgrade() else { return };
+                let contents = changes.borrow_and_update().clone();
+                dir.reload_tls(&contents, server_name.as_deref());
+            }
+        };
+        let driver = async move {
+            futures::future::join(driver, reload).await;
+        };
         Ok((dir, driver))
+    }
+
+    /// Takes new TLS files (CA, certificate, key) if they make a usable configuration, and forgets
+    /// the channels made with the old one so that the next calls dial anew. Calls in flight keep
+    /// their connection (a renewed certificate's predecessor is still valid).
+    fn reload_tls(&self, contents: &[Vec<u8>], server_name: Option<&str>) {
+        let Some(current) = &self.tls else { return };
+        let [ca, cert, key] = contents else { return };
+        match client_tls(ca, cert, key, server_name) {
+            Ok(tls) => {
+                *current.write().unwrap_or_else(PoisonError::into_inner) = tls;
+                self.channels
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clear();
+                tracing::info!(
+                    "TLS files changed: new agent connections use the new CA, certificate and key"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e,
+                "TLS files changed but do not make a usable configuration; still using the previous one"),
+        }
     }
 
     /// Waits for the first full list of agent pods.
@@ -204,9 +254,8 @@ impl AgentDirectory {
             .keep_alive_timeout(self.timeout)
             .keep_alive_while_idle(true);
         if let Some(tls) = &self.tls {
-            endpoint = endpoint
-                .tls_config(tls.clone())
-                .map_err(|e| bad(e.to_string()))?;
+            let tls = tls.read().unwrap_or_else(PoisonError::into_inner).clone();
+            endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
         }
         let ch = endpoint.connect_lazy();
         channels.insert(ep.uri.clone(), ch.clone());
@@ -218,25 +267,44 @@ fn tls_config(config: &Config) -> Result<Option<ClientTlsConfig>, TlsError> {
     if config.insecure_plaintext {
         return Ok(None);
     }
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read_pem(
-            "the CA certificate (--tls-ca)",
-            config.tls_ca.as_deref(),
-        )?))
-        .identity(Identity::from_pem(
-            read_pem(
-                "the coordinator's certificate (--tls-cert)",
-                config.tls_cert.as_deref(),
-            )?,
-            read_pem(
-                "the coordinator's key (--tls-key)",
-                config.tls_key.as_deref(),
-            )?,
-        ));
-    if let Some(name) = &config.agent_tls_server_name {
-        tls = tls.domain_name(name.clone());
+    let ca = read_pem("the CA certificate (--tls-ca)", config.tls_ca.as_deref())?;
+    let cert = read_pem(
+        "the coordinator's certificate (--tls-cert)",
+        config.tls_cert.as_deref(),
+    )?;
+    let key = read_pem(
+        "the coordinator's key (--tls-key)",
+        config.tls_key.as_deref(),
+    )?;
+    Ok(Some(build_tls(
+        &ca,
+        &cert,
+        &key,
+        config.agent_tls_server_name.as_deref(),
+    )))
+}
+
+fn build_tls(ca: &[u8], cert: &[u8], key: &[u8], server_name: Option<&str>) -> ClientTlsConfig {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key));
+    match server_name {
+        Some(name) => tls.domain_name(name),
+        None => tls,
     }
-    Ok(Some(tls))
+}
+
+/// [`build_tls`], checked by building a connector with it (which parses the PEM): a half-written
+/// file is refused here, not at the next call.
+fn client_tls(
+    ca: &[u8],
+    cert: &[u8],
+    key: &[u8],
+    server_name: Option<&str>,
+) -> Result<ClientTlsConfig, tonic::transport::Error> {
+    let tls = build_tls(ca, cert, key, server_name);
+    Endpoint::from_static("https://agent.invalid").tls_config(tls.clone())?;
+    Ok(tls)
 }
 
 #[cfg(test)]

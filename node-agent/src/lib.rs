@@ -17,7 +17,8 @@
 //! - [`safe_fs`]: symlink-safe path resolution and the staging merge used by restores;
 //! - [`service`]: the gRPC service and its error codes;
 //! - [`metrics`]: the Prometheus registry and HTTP endpoint;
-//! - [`server`]: wiring, TLS, health, reflection and graceful shutdown.
+//! - [`tls_listener`]: the gRPC listener's mutual TLS, re-read when its files change;
+//! - [`server`]: wiring, health, reflection and graceful shutdown.
 
 pub mod authz;
 pub mod backup;
@@ -45,3 +46,4 @@ pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod staging;
+pub mod tls_listener;

@@ -16,9 +16,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
-use stowage_common::runtime::{RuntimeError, read_pem, serve_http, shutdown_signal};
+use stowage_common::runtime::{RuntimeError, serve_http, shutdown_signal};
 
 use crate::authz::ClientIdentity;
 use crate::config::Config;
@@ -27,6 +27,7 @@ use crate::inventory::{Inventory, watch};
 use crate::limiter::Limiter;
 use crate::metrics::{Metrics, MetricsError};
 use crate::service::AgentService;
+use crate::tls_listener::{ReloadingConfig, TlsFiles};
 
 /// How long shutdown waits for running operations to stop their restic.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -70,20 +71,25 @@ pub enum ServerError {
     },
     #[error("watching the kubelet directory: {0}")]
     Watch(#[from] notify::Error),
+    #[error("the agent's TLS files: {0}")]
+    Tls(#[from] crate::tls_listener::StartError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-fn tls_config(config: &Config) -> Result<ServerTlsConfig, ServerError> {
-    let cert = read_pem("the agent's certificate", config.tls_cert.as_deref())?;
-    let key = read_pem("the agent's key", config.tls_key.as_deref())?;
-    let ca = read_pem("the client CA", config.tls_client_ca.as_deref())?;
-    // client_auth_optional defaults to false: a client without a certificate from this CA is refused.
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(ca)))
+/// The TLS files named by the flags, all three required.
+fn tls_files(config: &Config) -> Result<TlsFiles, ServerError> {
+    let required = |what, path: &Option<PathBuf>| {
+        path.clone()
+            .ok_or(ServerError::Runtime(RuntimeError::MissingFile { what }))
+    };
+    Ok(TlsFiles {
+        cert: required("the agent's certificate", &config.tls_cert)?,
+        key: required("the agent's key", &config.tls_key)?,
+        client_ca: required("the client CA", &config.tls_client_ca)?,
+    })
 }
 
 pub async fn run(config: Config) -> Result<(), ServerError> {
@@ -203,7 +209,10 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         );
         None
     } else {
-        Some(tls_config(&config)?)
+        Some(ReloadingConfig::start(
+            &tls_files(&config)?,
+            shutdown.clone(),
+        )?)
     };
 
     std::fs::create_dir_all(&config.cache_dir).map_err(|source| ServerError::CacheDir {
@@ -298,22 +307,29 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         .build_v1()?;
     health.set_serving::<AgentServer<AgentService>>().await;
 
-    let mut builder = Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
-    let stop = shutdown.clone();
-    builder
+    let router = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(authorized(
             AgentServer::new(AgentService::new(ctx, tasks.clone())),
             &config,
-        ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
-            stop.cancelled().await;
-        })
-        .await?;
+        ));
+    let stop = shutdown.clone();
+    let stopped = async move { stop.cancelled().await };
+    match tls {
+        // client_auth is required: a client without a certificate from the CA is refused.
+        Some(tls) => {
+            let incoming = crate::tls_listener::incoming(grpc_listener, tls, shutdown.clone());
+            router
+                .serve_with_incoming_shutdown(incoming, stopped)
+                .await?
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stopped)
+                .await?
+        }
+    }
 
     // Stop accepting queued work; running operations see the cancelled token and stop restic.
     tracing::info!("shutting down: cancelling running operations");

@@ -16,6 +16,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::tls::{Pem, Pki};
 
+#[derive(Clone)]
 pub struct AgentOptions {
     pub node: String,
     pub ip: String,

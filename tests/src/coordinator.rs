@@ -390,6 +390,7 @@ pub async fn wait_event(
 /// ((name, address) pairs), all on one port, with a PKI of their own.
 pub struct PrivateAgents {
     pub agents: Vec<crate::agent::Agent>,
+    options: Vec<crate::agent::AgentOptions>,
     pub pki: crate::tls::Pki,
     pub port: u16,
     _dir: tempfile::TempDir,
@@ -450,7 +451,7 @@ impl PrivateAgents {
         let dir = tempfile::tempdir().expect("tmp");
         let pki = crate::tls::Pki::create(dir.path());
         let port = crate::free_port("127.0.0.11");
-        let mut agents = Vec::new();
+        let (mut agents, mut options) = (Vec::new(), Vec::new());
         for (node, ip) in nodes {
             let mut opts = crate::agent::AgentOptions::new(&cluster.kubelet_dir(node));
             opts.node = node.to_string();
@@ -461,14 +462,23 @@ impl PrivateAgents {
             opts.local_roots = vec![cluster.dir.join("repos"), std::env::temp_dir()];
             // The cluster's agents' API identity (tests/cluster/stowage-up), so commands run.
             opts.kubeconfig = Some(cluster.dir.join("agent.kubeconfig"));
+            options.push(opts.clone());
             agents.push(crate::agent::Agent::start(opts, &pki).await);
         }
         PrivateAgents {
             agents,
+            options,
             pki,
             port,
             _dir: dir,
         }
+    }
+
+    /// Stops agent `i` (SIGKILL) and starts it again with the same options and the current PKI
+    /// files, on the same address.
+    pub async fn restart(&mut self, i: usize) {
+        self.agents[i].kill();
+        self.agents[i] = crate::agent::Agent::start(self.options[i].clone(), &self.pki).await;
     }
 
     /// Options for a coordinator in `ns` that discovers these agents.

@@ -43,6 +43,24 @@ fn leaf(issuer: &CertifiedIssuer<'static, KeyPair>, cn: &str, sans: &[&str]) -> 
 impl Pki {
     /// Creates the PKI and writes ca.pem, server.pem, server-key.pem, client.pem and client-key.pem
     /// into `dir`.
+    /// A whole new PKI (CA and certificates) in place of this one, as a renewal under running
+    /// processes sees it: each file is replaced by a rename, one after another. Returns the old one.
+    pub fn rotate(&mut self) -> Pki {
+        let next = self.dir.join(".next");
+        let mut new = Pki::create(&next);
+        for f in [
+            "ca.pem",
+            "server.pem",
+            "server-key.pem",
+            "client.pem",
+            "client-key.pem",
+        ] {
+            std::fs::rename(next.join(f), self.dir.join(f)).expect("replace a PKI file");
+        }
+        new.dir = self.dir.clone();
+        std::mem::replace(self, new)
+    }
+
     pub fn create(dir: &Path) -> Pki {
         let ca = new_ca("stowage test CA");
         let rogue = new_ca("some other CA");

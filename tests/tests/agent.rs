@@ -684,6 +684,52 @@ async fn clients_without_the_right_certificate_are_refused() {
     );
 }
 
+/// cert-manager renews the agent's certificate (here with a whole new CA, so that nothing of the
+/// old files could still pass) while it runs: new connections are served with the new files, and
+/// clients of the old CA are refused, without a restart.
+#[tokio::test]
+async fn renewed_tls_files_are_served_without_a_restart() {
+    let mut s = Setup::new();
+    let agent = s.agent().await;
+    let pid = agent.pid();
+    let mut old = agent.client(&s.pki).await;
+    old.list_volumes(v1::ListVolumesRequest {})
+        .await
+        .expect("the first PKI works");
+    let old_pki = s.pki.rotate();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let renewed = loop {
+        if let Ok(mut c) = agent.connect(&s.pki, Some(&s.pki.client)).await
+            && c.list_volumes(v1::ListVolumesRequest {}).await.is_ok()
+        {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        renewed,
+        "the new PKI is accepted within 20 s: {}",
+        agent.log_text()
+    );
+    let refused = match agent.connect(&old_pki, Some(&old_pki.client)).await {
+        Err(_) => true,
+        Ok(mut c) => c.list_volumes(v1::ListVolumesRequest {}).await.is_err(),
+    };
+    assert!(
+        refused,
+        "a client of the replaced CA is refused on a new connection"
+    );
+    assert_eq!(agent.pid(), pid, "the same process");
+    assert!(
+        agent.log_text().contains("TLS files changed"),
+        "{}",
+        agent.log_text()
+    );
+}
+
 /// The most restic processes seen at once under `pods`, sampled every 10 ms until they have come
 /// and gone (2 minutes at most).
 async fn most_restics_at_once(pods: PathBuf) -> usize {

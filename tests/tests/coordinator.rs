@@ -987,6 +987,41 @@ async fn an_agent_dying_mid_backup_fails_only_its_volume() {
     );
 }
 
+/// Both sides' TLS files are renewed under a running pair (a whole new CA, so the old files cannot
+/// pass anywhere). The agent is then restarted, which closes the coordinator's open connection:
+/// only a coordinator that re-read its files can reach it again, and its next backup succeeds.
+#[tokio::test]
+async fn a_running_coordinator_and_agent_take_renewed_certificates() {
+    let env = setup("certrenew").await;
+    let _data = env.mounted_volume("data", "node-1").await;
+    let mut private = PrivateAgents::start(
+        env.cluster,
+        &env.client,
+        &env.ns,
+        &[("node-1", "127.0.0.11")],
+        None,
+    )
+    .await;
+    let coordinator = Coordinator::start(env.cluster, private.coordinator_options(&env.ns)).await;
+    let run = env.backup("before", serde_json::json!({})).await;
+    assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
+
+    private.pki.rotate();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !coordinator.log_text().contains("TLS files changed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the coordinator never saw the new files: {}",
+            coordinator.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    private.restart(0).await;
+    let run = env.backup("after", serde_json::json!({})).await;
+    assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
+    assert_eq!(item(&run, "data")["phase"], "Succeeded");
+}
+
 #[tokio::test]
 async fn a_hung_agent_fails_its_volume_after_the_agent_timeout() {
     let env = setup("agenthangs").await;
