@@ -90,7 +90,13 @@ pub async fn execute(
     } = plan;
     let repo_spec = req.repository.as_ref();
     let _slot = ctx
-        .slot(Operation::Backup, &repo, &progress, &cancel)
+        .slot(
+            Operation::Backup,
+            &identity.namespace,
+            &repo,
+            &progress,
+            &cancel,
+        )
         .await?;
     let started = Instant::now();
 

@@ -133,7 +133,13 @@ pub async fn execute(
     target.container = exec::container_of(&pod, &target.container)?;
     identity.container = target.container.clone();
     let _slot = ctx
-        .slot(Operation::Backup, &repo, &progress, &cancel)
+        .slot(
+            Operation::Backup,
+            &identity.namespace,
+            &repo,
+            &progress,
+            &cancel,
+        )
         .await?;
     let started = Instant::now();
 

@@ -67,8 +67,13 @@ pub struct Config {
     pub insecure_plaintext: bool,
 
     /// Volume operations run at once on this node; further requests queue (never dropped).
-    #[arg(long, env = "STOWAGE_MAX_CONCURRENT", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(long, env = "STOWAGE_MAX_CONCURRENT", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub max_concurrent: u32,
+
+    /// Of those, how many one namespace may hold at once (0: all but one, at least one); a
+    /// namespace's requests beyond its share queue in their own FIFO, behind no other namespace's.
+    #[arg(long, env = "STOWAGE_MAX_CONCURRENT_PER_NAMESPACE", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=256))]
+    pub max_concurrent_per_namespace: u32,
 
     /// Memory for restic processes on this node, in MiB (0: no bound). Each operation reserves
     /// restic's estimated peak for its repository (a fixed part plus a multiple of the index size;
@@ -129,6 +134,16 @@ pub struct Config {
     /// Log as JSON lines.
     #[arg(long, env = "STOWAGE_LOG_JSON")]
     pub log_json: bool,
+}
+
+impl Config {
+    /// A namespace's share of the node's slots: as set, or all but one (at least one).
+    pub fn namespace_share(&self) -> u32 {
+        match self.max_concurrent_per_namespace {
+            0 => self.max_concurrent.saturating_sub(1).max(1),
+            n => n.min(self.max_concurrent),
+        }
+    }
 }
 
 /// Parses "90s", "5m", "2h", "1500ms" or a plain number of seconds.

@@ -117,21 +117,22 @@ impl AgentContext {
         memory::estimate_mib(op, memory::index_bytes(repo, &self.cache_for(repo)))
     }
 
-    /// Waits for a slot under the node's limits (count and memory budget), telling the client
-    /// when and why it has to queue.
+    /// Waits for a slot under the node's limits (`namespace`'s share, count and memory budget),
+    /// telling the client when and why it has to queue.
     pub async fn slot(
         &self,
         op: Operation,
+        namespace: &str,
         repo: &Repository,
         progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<Slot, AgentError> {
         let need = self.memory_estimate(op, repo);
-        if let Some(why) = self.limiter.would_wait(need) {
+        if let Some(why) = self.limiter.would_wait(namespace, need) {
             progress.phase(Phase::Queued, why);
         }
         tokio::select! {
-            slot = self.limiter.acquire(need) => slot.ok_or(AgentError::ShuttingDown),
+            slot = self.limiter.acquire(namespace, need) => slot.ok_or(AgentError::ShuttingDown),
             _ = cancel.cancelled() => Err(AgentError::Cancelled),
         }
     }

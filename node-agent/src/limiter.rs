@@ -1,9 +1,16 @@
-//! The per-node bounds on restic processes: at most `--max-concurrent` at once, and, with a
-//! `--memory-budget`, at most as many as their estimated memory fits (see [`crate::memory`]).
-//! Requests beyond either wait in FIFO order (tokio's semaphores are fair); none is dropped. The
-//! queue, the running operations and the memory reserved are exported as gauges.
+//! The per-node bounds on restic processes: at most `--max-concurrent` at once, at most
+//! `--max-concurrent-per-namespace` of them for one namespace, and, with a `--memory-budget`, at
+//! most as many as their estimated memory fits (see [`crate::memory`]). Requests beyond any of them
+//! wait in FIFO order (tokio's semaphores are fair); none is dropped. The queue, the running
+//! operations and the memory reserved are exported as gauges.
+//!
+//! A request takes its namespace's share first, then a node slot: a namespace's requests beyond
+//! its share wait in their own queue, never in front of another namespace's in the node's. So one
+//! tenant (two restore commands that sleep for an hour, a run of a thousand volumes) never holds
+//! every slot of a node.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -15,15 +22,58 @@ struct Budget {
     total: u32,
 }
 
+/// The namespaces' shares: one FIFO queue per namespace with a request in flight. Entries of
+/// namespaces with nothing in flight are dropped whenever one is added, so the map holds at most
+/// the namespaces with work on this node, plus one.
+struct Shares {
+    per_namespace: usize,
+    queues: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Shares {
+    fn queue(&self, namespace: &str) -> Arc<Semaphore> {
+        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(q) = queues.get(namespace) {
+            return Arc::clone(q);
+        }
+        // Held only by the map: no request of that namespace runs or waits.
+        queues.retain(|_, q| Arc::strong_count(q) > 1);
+        let q = Arc::new(Semaphore::new(self.per_namespace));
+        queues.insert(namespace.to_string(), Arc::clone(&q));
+        q
+    }
+
+    fn busy(&self, namespace: &str) -> bool {
+        self.queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(namespace)
+            .is_some_and(|q| q.available_permits() == 0)
+    }
+
+    fn close(&self) {
+        for q in self
+            .queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            q.close();
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Limiter {
     slots: Arc<Semaphore>,
+    shares: Arc<Shares>,
     budget: Option<Arc<Budget>>,
     metrics: Metrics,
 }
 
 /// A running operation's place (and its share of the memory budget); freed on drop.
 pub struct Slot {
+    _share: OwnedSemaphorePermit,
     _permit: OwnedSemaphorePermit,
     _memory: Option<OwnedSemaphorePermit>,
     _running: GaugeGuard,
@@ -31,8 +81,15 @@ pub struct Slot {
 }
 
 impl Limiter {
-    /// `memory_budget_mib` 0 means no memory bound (only the count).
-    pub fn new(max_concurrent: u32, memory_budget_mib: u32, metrics: Metrics) -> Self {
+    /// `memory_budget_mib` 0 means no memory bound (only the count); `per_namespace` is clamped to
+    /// 1..=`max_concurrent`.
+    pub fn new(
+        max_concurrent: u32,
+        per_namespace: u32,
+        memory_budget_mib: u32,
+        metrics: Metrics,
+    ) -> Self {
+        let max = usize::try_from(max_concurrent).unwrap_or(1).max(1);
         let budget = (memory_budget_mib > 0).then(|| {
             metrics
                 .memory_budget
@@ -43,9 +100,11 @@ impl Limiter {
             })
         });
         Self {
-            slots: Arc::new(Semaphore::new(
-                usize::try_from(max_concurrent).unwrap_or(1).max(1),
-            )),
+            slots: Arc::new(Semaphore::new(max)),
+            shares: Arc::new(Shares {
+                per_namespace: usize::try_from(per_namespace).unwrap_or(1).clamp(1, max),
+                queues: Mutex::new(HashMap::new()),
+            }),
             budget,
             metrics,
         }
@@ -62,9 +121,20 @@ impl Limiter {
         })
     }
 
-    /// Why an operation estimated at `need_mib` would queue now, for the client; `None` if it
-    /// would start at once.
-    pub fn would_wait(&self, need_mib: u64) -> Option<String> {
+    /// Why an operation of `namespace` estimated at `need_mib` would queue now, for the client;
+    /// `None` if it would start at once.
+    pub fn would_wait(&self, namespace: &str, need_mib: u64) -> Option<String> {
+        if self.shares.busy(namespace) {
+            return Some(format!(
+                "waiting for a slot of namespace {}'s share on this node ({} at once, --max-concurrent-per-namespace)",
+                if namespace.is_empty() {
+                    "(none)"
+                } else {
+                    namespace
+                },
+                self.shares.per_namespace
+            ));
+        }
         if self.slots.available_permits() == 0 {
             return Some("waiting for a free slot on this node (--max-concurrent)".into());
         }
@@ -79,10 +149,12 @@ impl Limiter {
         })
     }
 
-    /// Waits for a slot and for `need_mib` of the memory budget; `None` once the agent is shutting
-    /// down. Cancel-safe: dropping the future leaves the queue.
-    pub async fn acquire(&self, need_mib: u64) -> Option<Slot> {
+    /// Waits for a place in `namespace`'s share (operations that belong to no namespace share
+    /// the empty one), then for a slot and for `need_mib` of the memory budget; `None` once the
+    /// agent is shutting down. Cancel-safe: dropping the future leaves the queues.
+    pub async fn acquire(&self, namespace: &str, need_mib: u64) -> Option<Slot> {
         let queued = GaugeGuard::new(&self.metrics.queued);
+        let share = self.shares.queue(namespace).acquire_owned().await.ok()?;
         let permit = Arc::clone(&self.slots).acquire_owned().await.ok()?;
         let (memory, reserved) = match self.reservation(need_mib) {
             Some((b, n)) => {
@@ -94,6 +166,7 @@ impl Limiter {
         };
         drop(queued);
         Some(Slot {
+            _share: share,
             _permit: permit,
             _memory: memory,
             _running: GaugeGuard::new(&self.metrics.running),
@@ -103,6 +176,7 @@ impl Limiter {
 
     /// Refuses every queued and future request (shutdown).
     pub fn close(&self) {
+        self.shares.close();
         self.slots.close();
         if let Some(b) = &self.budget {
             b.mib.close();
@@ -118,12 +192,12 @@ mod tests {
     #[tokio::test]
     async fn never_more_than_max_and_queue_is_counted() {
         let m = Metrics::new("n", "0.19.1").unwrap();
-        let l = Limiter::new(2, 0, m.clone());
-        let a = l.acquire(500).await.unwrap();
-        let _b = l.acquire(500).await.unwrap();
-        assert!(l.would_wait(1).is_some());
+        let l = Limiter::new(2, 2, 0, m.clone());
+        let a = l.acquire("a", 500).await.unwrap();
+        let _b = l.acquire("a", 500).await.unwrap();
+        assert!(l.would_wait("a", 1).is_some());
         let l2 = l.clone();
-        let waiter = tokio::spawn(async move { l2.acquire(1).await });
+        let waiter = tokio::spawn(async move { l2.acquire("a", 1).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(m.queued.get(), 1);
         assert_eq!(m.running.get(), 2);
@@ -136,24 +210,24 @@ mod tests {
         assert_eq!(m.queued.get(), 0);
         assert_eq!(m.running.get(), 2);
         l.close();
-        assert!(l.acquire(1).await.is_none());
+        assert!(l.acquire("a", 1).await.is_none());
         assert_eq!(m.queued.get(), 0);
     }
 
     #[tokio::test]
     async fn the_memory_budget_queues_what_does_not_fit_and_runs_the_oversized_alone() {
         let m = Metrics::new("n", "0.19.1").unwrap();
-        let l = Limiter::new(8, 1000, m.clone());
-        let a = l.acquire(600).await.unwrap();
+        let l = Limiter::new(8, 8, 1000, m.clone());
+        let a = l.acquire("a", 600).await.unwrap();
         assert_eq!(m.memory_reserved.get(), 600 << 20);
-        let why = l.would_wait(500).unwrap();
+        let why = l.would_wait("a", 500).unwrap();
         assert!(
             why.contains("500 MiB") && why.contains("600 of the 1000 MiB"),
             "{why}"
         );
-        assert!(l.would_wait(400).is_none());
+        assert!(l.would_wait("a", 400).is_none());
         let l2 = l.clone();
-        let waiter = tokio::spawn(async move { l2.acquire(500).await });
+        let waiter = tokio::spawn(async move { l2.acquire("a", 500).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiter.is_finished());
         assert_eq!(m.queued.get(), 1);
@@ -166,10 +240,45 @@ mod tests {
         drop(b);
         assert_eq!(m.memory_reserved.get(), 0);
         // Larger than the whole budget: it reserves all of it and runs alone.
-        let huge = l.acquire(5000).await.unwrap();
+        let huge = l.acquire("a", 5000).await.unwrap();
         assert_eq!(m.memory_reserved.get(), 1000 << 20);
-        assert!(l.would_wait(1).is_some());
+        assert!(l.would_wait("a", 1).is_some());
         drop(huge);
-        assert!(l.would_wait(1000).is_none());
+        assert!(l.would_wait("a", 1000).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_namespace_beyond_its_share_waits_in_its_own_queue_and_others_go_first() {
+        let m = Metrics::new("n", "0.19.1").unwrap();
+        let l = Limiter::new(3, 2, 0, m.clone());
+        let a1 = l.acquire("a", 1).await.unwrap();
+        let _a2 = l.acquire("a", 1).await.unwrap();
+        let why = l.would_wait("a", 1).unwrap();
+        assert!(why.contains("namespace a's share"), "{why}");
+        let l2 = l.clone();
+        let a3 = tokio::spawn(async move { l2.acquire("a", 1).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!a3.is_finished(), "a's third waits for its share");
+        // The node still has a slot, and b takes it although a asked first.
+        assert!(l.would_wait("b", 1).is_none());
+        let b1 = tokio::time::timeout(Duration::from_secs(2), l.acquire("b", 1))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.running.get(), 3);
+        drop(b1);
+        // The node has a free slot again, but a's share is still full.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!a3.is_finished());
+        drop(a1);
+        let _a3 = tokio::time::timeout(Duration::from_secs(2), a3)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        // Namespaces with nothing in flight are forgotten when another one comes.
+        let _c = l.acquire("c", 1).await;
+        let queues = l.shares.queues.lock().unwrap();
+        assert!(queues.contains_key("a") && !queues.contains_key("b"));
     }
 }

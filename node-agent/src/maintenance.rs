@@ -43,6 +43,8 @@ pub enum MaintenancePlan {
     Prune {
         repo: restic_wrap::Repository,
         spec: stowage_proto::v1::Repository,
+        /// The namespace whose snapshots it considers (and whose share of the node it uses).
+        namespace: String,
         forget: ForgetOptions,
         prune: PruneOptions,
     },
@@ -108,6 +110,7 @@ pub fn plan_prune(
     Ok(MaintenancePlan::Prune {
         repo,
         spec: req.repository.unwrap_or_default(),
+        namespace: req.namespace.clone(),
         forget: ForgetOptions {
             retention,
             tags: vec![format!("{TAG_NAMESPACE}={}", req.namespace)],
@@ -212,7 +215,12 @@ pub async fn execute(
         MaintenancePlan::Check { repo, .. } => (Operation::Check, repo),
         MaintenancePlan::Prune { repo, .. } => (Operation::Prune, repo),
     };
-    let _slot = ctx.slot(op, repo, &progress, &cancel).await?;
+    // A prune considers one namespace's snapshots; a check belongs to none (the empty share).
+    let namespace = match &plan {
+        MaintenancePlan::Prune { namespace, .. } => namespace.clone(),
+        MaintenancePlan::Check { .. } => String::new(),
+    };
+    let _slot = ctx.slot(op, &namespace, repo, &progress, &cancel).await?;
     let started = Instant::now();
     let work = async {
         match plan {
@@ -232,6 +240,7 @@ pub async fn execute(
                 spec,
                 forget,
                 prune,
+                ..
             } => {
                 let restic = ctx.restic(repo, Some(&spec), Some(progress.clone()));
                 restic.ensure_repository(false).await?;

@@ -102,8 +102,14 @@ pub async fn execute(
         volume,
     } = plan;
     let repo_spec = req.repository.as_ref();
+    // The share of the namespace restored into (the Restore's own), else the source's.
+    let charged = if req.target_namespace.is_empty() {
+        source.namespace.clone()
+    } else {
+        req.target_namespace.clone()
+    };
     let _slot = ctx
-        .slot(Operation::Restore, &repo, &progress, &cancel)
+        .slot(Operation::Restore, &charged, &repo, &progress, &cancel)
         .await?;
     let started = Instant::now();
     let restic = ctx.restic(repo, repo_spec, Some(progress.clone()));

@@ -99,7 +99,13 @@ pub async fn execute(
     let pod = exec::pod_on_node(&client, &target, &ctx.node_name).await?;
     target.container = exec::container_of(&pod, &target.container)?;
     let _slot = ctx
-        .slot(Operation::Restore, &repo, &progress, &cancel)
+        .slot(
+            Operation::Restore,
+            &target.namespace,
+            &repo,
+            &progress,
+            &cancel,
+        )
         .await?;
     let started = Instant::now();
     let restic = ctx.restic(repo, Some(&spec), Some(progress.clone()));

@@ -237,7 +237,12 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         grpc = %config.grpc_listen, metrics = %config.metrics_listen, "agent ready"
     );
 
-    let limiter = Limiter::new(config.max_concurrent, config.memory_budget, metrics.clone());
+    let limiter = Limiter::new(
+        config.max_concurrent,
+        config.namespace_share(),
+        config.memory_budget,
+        metrics.clone(),
+    );
     let kube = kubernetes_client().await;
     let ctx = Arc::new(AgentContext {
         node_name: config.node_name.clone(),

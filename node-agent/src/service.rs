@@ -80,10 +80,12 @@ impl AgentService {
     async fn slot(
         &self,
         op: Operation,
+        namespace: &str,
         repo: &restic_wrap::Repository,
     ) -> Result<crate::limiter::Slot, Status> {
         let need = self.ctx.memory_estimate(op, repo);
-        match tokio::time::timeout(self.ctx.limits.stall, self.ctx.limiter.acquire(need)).await {
+        let acquire = self.ctx.limiter.acquire(namespace, need);
+        match tokio::time::timeout(self.ctx.limits.stall, acquire).await {
             Ok(Some(slot)) => Ok(slot),
             Ok(None) => Err(AgentError::ShuttingDown.into()),
             Err(_) => Err(Status::resource_exhausted(format!(
@@ -345,7 +347,12 @@ impl Agent for AgentService {
             (None, None) => Vec::new(),
         };
         // Through the node's limiter like every restic: a resumed 500-volume run asks for many.
-        let _slot = self.slot(Operation::Read, &repo).await?;
+        let namespace = match (&req.identity, &req.command) {
+            (Some(id), _) => id.namespace.as_str(),
+            (None, Some(c)) => c.namespace.as_str(),
+            (None, None) => "",
+        };
+        let _slot = self.slot(Operation::Read, namespace, &repo).await?;
         let restic = self.ctx.restic(repo, req.repository.as_ref(), None);
         let opts = restic_wrap::options::SnapshotsOptions {
             tags,
@@ -402,7 +409,7 @@ impl Agent for AgentService {
         let repo = repository::from_proto(req.repository.as_ref(), &self.ctx.local_roots)
             .map_err(AgentError::from)?;
         let auto_init = req.repository.as_ref().is_some_and(|r| r.auto_init);
-        let _slot = self.slot(Operation::Read, &repo).await?;
+        let _slot = self.slot(Operation::Read, "", &repo).await?;
         self.ctx
             .restic(repo, req.repository.as_ref(), None)
             .ensure_repository(auto_init)
@@ -433,7 +440,7 @@ impl Agent for AgentService {
         let restic = self.ctx.restic(repo.clone(), req.repository.as_ref(), None);
         let (locks, unread_locks) = inspect::locks(&restic).await?;
         let figures = if req.figures {
-            let _slot = self.slot(Operation::Read, &repo).await?;
+            let _slot = self.slot(Operation::Read, "", &repo).await?;
             Some(inspect::figures(&restic.with_lock_wait(inspect::FIGURES_LOCK_WAIT)).await?)
         } else {
             None

@@ -41,7 +41,7 @@ impl AgentOptions {
             node: "node-1".into(),
             ip: "127.0.0.1".into(),
             kubelet_dir: kubelet_dir.to_path_buf(),
-            max_concurrent: 2,
+            max_concurrent: 3,
             restic: None,
             bwrap: None,
             local_roots: kubelet_dir

@@ -810,10 +810,96 @@ async fn a_memory_budget_that_fits_one_restic_runs_backups_one_at_a_time() {
     );
 }
 
+/// Namespace a asks for two slow backups on a node with two slots and a share of one per
+/// namespace: its second waits in a's own queue, told why, and namespace b's backup, asked for
+/// last, takes the free slot and ends while a's first still runs. Without shares a's two backups
+/// would hold both slots and b would wait for one of them.
+#[tokio::test]
+async fn one_namespace_cannot_hold_every_slot_of_a_node() {
+    let s = Setup::new();
+    let agent = s
+        .agent_with(|o| {
+            o.max_concurrent = 2;
+            o.extra_args = vec!["--max-concurrent-per-namespace".into(), "1".into()];
+        })
+        .await;
+    restic::init(&s.repo(), PW);
+    for (uid, size) in [
+        ("uid-a1", 6 * MB),
+        ("uid-a2", 6 * MB),
+        ("uid-b1", 64 * 1024),
+    ] {
+        let vol = csi_volume(&s.kubelet(), uid, &format!("pv-{uid}"));
+        fstree::write_random(&vol.join("data"), size, size as u64);
+    }
+    let client = agent.client(&s.pki).await;
+    // 1 MiB/s: a's backups take seconds each.
+    let mut slow = local_repo(&s.repo(), PW, false);
+    slow.limit_upload_kib = 1024;
+    let call = |uid: &str, ns: &str, repo: v1::Repository| {
+        let mut c = client.clone();
+        let req = volume_backup(repo, uid, &format!("pv-{uid}"), ns, &format!("pvc-{uid}"));
+        tokio::spawn(async move {
+            let out = backup(&mut c, req).await;
+            (out, Instant::now())
+        })
+    };
+    let a1 = call("uid-a1", "a", slow.clone());
+    stowage_tests::cluster::wait_for("a's first backup runs", Duration::from_secs(30), || async {
+        agent.metric("stowage_agent_running_operations").await == Some(1.0)
+    })
+    .await;
+    let a2 = call("uid-a2", "a", slow);
+    stowage_tests::cluster::wait_for(
+        "a's second backup queues",
+        Duration::from_secs(30),
+        || async { agent.metric("stowage_agent_queued_operations").await == Some(1.0) },
+    )
+    .await;
+    let b1 = call("uid-b1", "b", local_repo(&s.repo(), PW, false));
+    let (b_out, b_done) = b1.await.expect("join");
+    assert_eq!(
+        b_out.result.expect("b succeeds").outcome(),
+        POutcome::Succeeded
+    );
+    assert!(
+        !b_out.progress.iter().any(|p| p.phase() == Phase::Queued),
+        "b never queued: {:?}",
+        b_out.progress
+    );
+    let (a1_out, a1_done) = a1.await.expect("join");
+    let (a2_out, a2_done) = a2.await.expect("join");
+    for out in [&a1_out, &a2_out] {
+        assert_eq!(
+            out.result.as_ref().expect("a succeeds").outcome(),
+            POutcome::Succeeded
+        );
+    }
+    assert!(b_done < a1_done, "b ended while a's first still ran");
+    assert!(a1_done < a2_done, "a's second waited for a's first");
+    let why: Vec<&str> = a2_out
+        .progress
+        .iter()
+        .filter(|p| p.phase() == Phase::Queued)
+        .map(|p| p.message.as_str())
+        .collect();
+    assert!(
+        why.iter()
+            .any(|m| m.contains("namespace a's share")
+                && m.contains("--max-concurrent-per-namespace")),
+        "{why:?}"
+    );
+}
+
 #[tokio::test]
 async fn six_backups_with_max_concurrent_two_never_run_more_than_two_restics() {
     let s = Setup::new();
-    let agent = s.agent_with(|o| o.max_concurrent = 2).await;
+    let agent = s
+        .agent_with(|o| {
+            o.max_concurrent = 2;
+            o.extra_args = vec!["--max-concurrent-per-namespace".into(), "2".into()];
+        })
+        .await;
     restic::init(&s.repo(), PW);
     for i in 0..6 {
         let vol = csi_volume(&s.kubelet(), &format!("uid-{i}"), &format!("pv-{i}"));

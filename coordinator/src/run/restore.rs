@@ -537,6 +537,7 @@ async fn restore_volume(
         }),
         target_path: path.clone(),
         mode: mode_proto.into(),
+        target_namespace: namespace.clone(),
     };
     // One restore at a time per PVC, cluster-wide (a shared volume is mounted on several nodes).
     if ctx.restore_targets.busy(&namespace, target_pvc) {

@@ -151,6 +151,7 @@ async fn restore_throughput(
             }),
             target_path: format!("round-{r}"),
             mode: RestoreMode::IntoEmpty.into(),
+            ..Default::default()
         };
         // Each timed restore starts with no dirty pages of the previous one left to write back.
         let _ = Command::new("sync").status();
