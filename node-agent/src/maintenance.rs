@@ -45,7 +45,7 @@ pub enum MaintenancePlan {
         spec: stowage_proto::v1::Repository,
         /// The namespace whose snapshots it considers (and whose share of the node it uses).
         namespace: String,
-        forget: ForgetOptions,
+        forget: Box<ForgetOptions>,
         prune: PruneOptions,
     },
 }
@@ -111,7 +111,7 @@ pub fn plan_prune(
         repo,
         spec: req.repository.unwrap_or_default(),
         namespace: req.namespace.clone(),
-        forget: ForgetOptions {
+        forget: Box::new(ForgetOptions {
             retention,
             tags: vec![format!("{TAG_NAMESPACE}={}", req.namespace)],
             // The restic host is `<namespace>/<pvc>`: one group per volume identity, so each PVC
@@ -119,7 +119,7 @@ pub fn plan_prune(
             group_by: Some("host".into()),
             dry_run: req.dry_run,
             ..Default::default()
-        },
+        }),
         prune: PruneOptions {
             dry_run: req.dry_run,
             ..Default::default()
@@ -251,7 +251,7 @@ pub async fn execute(
                 let mut groups = restic
                     .forget(&ForgetOptions {
                         dry_run: true,
-                        ..forget
+                        ..*forget
                     })
                     .await?;
                 for g in &mut groups {
