@@ -150,6 +150,12 @@ pub struct Config {
     #[arg(long, env = "STOWAGE_MAX_STARTING_PREBACKUP_PODS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_starting_prebackup_pods: u32,
 
+    /// Of those, how many one namespace may have starting at once: a namespace whose PreBackupPods
+    /// never become ready holds no more than this, and its others wait in its own queue (at most
+    /// --prebackup-pod-timeout, then their items fail).
+    #[arg(long, env = "STOWAGE_MAX_STARTING_PREBACKUP_PODS_PER_NAMESPACE", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_starting_prebackup_pods_per_namespace: u32,
+
     /// Let PreBackupPods ask for privileged containers, added capabilities beyond Pod Security's
     /// baseline, hostPath volumes, the host's namespaces or a ServiceAccount other than `default`.
     /// Off by default: their pods are created with the coordinator's rights.

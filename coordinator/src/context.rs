@@ -38,8 +38,9 @@ pub struct Ctx {
     pub metrics: Metrics,
     /// Repository locks and figures between runs.
     pub inspector: Inspector,
-    /// Slots for PreBackupPods starting at once (`--max-starting-prebackup-pods`).
-    pub prebackup_starting: tokio::sync::Semaphore,
+    /// Slots for PreBackupPods starting at once (`--max-starting-prebackup-pods`), taken after
+    /// the namespace's share (`--max-starting-prebackup-pods-per-namespace`).
+    pub prebackup_starting: crate::prebackup_pod::StartSlots,
     /// The Schedule controller's cache, set once it exists (the Schedule reconciler compares
     /// repository locations across namespaces).
     pub schedules: std::sync::OnceLock<kube::runtime::reflector::Store<crate::crd::Schedule>>,
@@ -115,8 +116,10 @@ impl Ctx {
         notifier: Notifier,
         metrics: Metrics,
     ) -> Self {
-        let prebackup_starting =
-            tokio::sync::Semaphore::new(config.max_starting_prebackup_pods as usize);
+        let prebackup_starting = crate::prebackup_pod::StartSlots::new(
+            config.max_starting_prebackup_pods as usize,
+            config.max_starting_prebackup_pods_per_namespace as usize,
+        );
         Self {
             client,
             stores,

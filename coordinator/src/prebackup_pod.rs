@@ -2,8 +2,11 @@
 //! namespace (owned by the run, on a node whose agent is ready), waits until it is ready, lets the
 //! agent of its node stream the backup command, and deletes it. At most
 //! `--max-starting-prebackup-pods` start at once across the cluster, so many of them never hit the
-//! scheduler and the image registry at the same instant. A run deletes its pods when it ends, a
-//! resumed run included, so a coordinator restart leaves none behind.
+//! scheduler and the image registry at the same instant, and at most
+//! `--max-starting-prebackup-pods-per-namespace` of one namespace, so a namespace whose pods never
+//! become ready cannot hold every slot. The wait for the slots is bounded like the start itself. A
+//! run deletes its pods when it ends, a resumed run included, so a coordinator restart leaves none
+//! behind.
 
 use std::time::Duration;
 
@@ -15,13 +18,56 @@ use kube::api::PostParams;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use stowage_common::contract::{ANNOTATION_FULL_SUFFIX, LABEL_RUN};
+use stowage_common::shares::NamespaceShares;
 use stowage_common::{hash, names};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
 use crate::crd::{Backup, PreBackupPod};
 
 /// On the pods: the PreBackupPod they were made from.
 pub const LABEL_PREBACKUP_POD: &str = "stowage.dev/prebackup-pod";
+
+/// The start slots: each namespace's share first, then the cluster's.
+pub struct StartSlots {
+    cluster: Semaphore,
+    cluster_max: usize,
+    shares: NamespaceShares,
+}
+
+impl StartSlots {
+    pub fn new(cluster_max: usize, per_namespace: usize) -> Self {
+        Self {
+            cluster: Semaphore::new(cluster_max.max(1)),
+            cluster_max: cluster_max.max(1),
+            shares: NamespaceShares::new(per_namespace.min(cluster_max).max(1)),
+        }
+    }
+
+    /// Both slots for a pod of `namespace`, waiting at most `within`.
+    async fn acquire(
+        &self,
+        namespace: &str,
+        within: Duration,
+    ) -> Result<(OwnedSemaphorePermit, SemaphorePermit<'_>), String> {
+        let both = async {
+            let share = self.shares.acquire(namespace).await?;
+            let slot = self.cluster.acquire().await.ok()?;
+            Some((share, slot))
+        };
+        match tokio::time::timeout(within, both).await {
+            Ok(Some(slots)) => Ok(slots),
+            Ok(None) => Err("the coordinator is shutting down".into()),
+            Err(_) => Err(format!(
+                "no start slot within {}s: {} PreBackupPods of a namespace start at once \
+                 (--max-starting-prebackup-pods-per-namespace) and {} across the cluster \
+                 (--max-starting-prebackup-pods), and the earlier ones did not become ready",
+                within.as_secs(),
+                self.shares.per_namespace(),
+                self.cluster_max
+            )),
+        }
+    }
+}
 
 /// A started pod, ready for the command.
 #[derive(Debug, Clone)]
@@ -113,14 +159,14 @@ fn ready(p: &Pod) -> bool {
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// Starts the pod of `pbp` for `run` under one of the cluster-wide `starting` slots (held until
-/// it is ready or has failed), and waits at most `timeout` for it. Unless `privileged_allowed`, a
+/// Starts the pod of `pbp` for `run` under one of the `starting` slots (held until it is ready or
+/// has failed), and waits at most `timeout` for a slot, then at most `timeout` for the pod. Unless `privileged_allowed`, a
 /// template asking for rights a pod creator would need (see `prebackup_policy`) is refused first.
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     client: &Client,
     pods: &Store<Pod>,
-    starting: &Semaphore,
+    starting: &StartSlots,
     run: &Backup,
     pbp: &PreBackupPod,
     nodes: &[String],
@@ -137,11 +183,11 @@ pub async fn start(
     {
         return Err(format!("PreBackupPod {}: {why}", pbp.name_any()));
     }
-    let _slot = starting
-        .acquire()
-        .await
-        .map_err(|_| "the coordinator is shutting down".to_string())?;
     let ns = run.namespace().unwrap_or_default();
+    let _slots = starting
+        .acquire(&ns, timeout)
+        .await
+        .map_err(|why| format!("PreBackupPod {}: {why}", pbp.name_any()))?;
     let pod = pod_for(run, pbp, nodes);
     let name = pod.name_any();
     let container = pod

@@ -9,8 +9,9 @@
 //! tenant (two restore commands that sleep for an hour, a run of a thousand volumes) never holds
 //! every slot of a node.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+
+use stowage_common::shares::NamespaceShares;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -22,51 +23,10 @@ struct Budget {
     total: u32,
 }
 
-/// The namespaces' shares: one FIFO queue per namespace with a request in flight. Entries of
-/// namespaces with nothing in flight are dropped whenever one is added, so the map holds at most
-/// the namespaces with work on this node, plus one.
-struct Shares {
-    per_namespace: usize,
-    queues: Mutex<HashMap<String, Arc<Semaphore>>>,
-}
-
-impl Shares {
-    fn queue(&self, namespace: &str) -> Arc<Semaphore> {
-        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(q) = queues.get(namespace) {
-            return Arc::clone(q);
-        }
-        // Held only by the map: no request of that namespace runs or waits.
-        queues.retain(|_, q| Arc::strong_count(q) > 1);
-        let q = Arc::new(Semaphore::new(self.per_namespace));
-        queues.insert(namespace.to_string(), Arc::clone(&q));
-        q
-    }
-
-    fn busy(&self, namespace: &str) -> bool {
-        self.queues
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(namespace)
-            .is_some_and(|q| q.available_permits() == 0)
-    }
-
-    fn close(&self) {
-        for q in self
-            .queues
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-        {
-            q.close();
-        }
-    }
-}
-
 #[derive(Clone)]
 pub struct Limiter {
     slots: Arc<Semaphore>,
-    shares: Arc<Shares>,
+    shares: Arc<NamespaceShares>,
     budget: Option<Arc<Budget>>,
     metrics: Metrics,
 }
@@ -101,10 +61,9 @@ impl Limiter {
         });
         Self {
             slots: Arc::new(Semaphore::new(max)),
-            shares: Arc::new(Shares {
-                per_namespace: usize::try_from(per_namespace).unwrap_or(1).clamp(1, max),
-                queues: Mutex::new(HashMap::new()),
-            }),
+            shares: Arc::new(NamespaceShares::new(
+                usize::try_from(per_namespace).unwrap_or(1).clamp(1, max),
+            )),
             budget,
             metrics,
         }
@@ -132,7 +91,7 @@ impl Limiter {
                 } else {
                     namespace
                 },
-                self.shares.per_namespace
+                self.shares.per_namespace()
             ));
         }
         if self.slots.available_permits() == 0 {
@@ -154,7 +113,7 @@ impl Limiter {
     /// agent is shutting down. Cancel-safe: dropping the future leaves the queues.
     pub async fn acquire(&self, namespace: &str, need_mib: u64) -> Option<Slot> {
         let queued = GaugeGuard::new(&self.metrics.queued);
-        let share = self.shares.queue(namespace).acquire_owned().await.ok()?;
+        let share = self.shares.acquire(namespace).await?;
         let permit = Arc::clone(&self.slots).acquire_owned().await.ok()?;
         let (memory, reserved) = match self.reservation(need_mib) {
             Some((b, n)) => {
@@ -278,7 +237,6 @@ mod tests {
             .unwrap();
         // Namespaces with nothing in flight are forgotten when another one comes.
         let _c = l.acquire("c", 1).await;
-        let queues = l.shares.queues.lock().unwrap();
-        assert!(queues.contains_key("a") && !queues.contains_key("b"));
+        assert_eq!(l.shares.tracked(), 2, "a (still held) and c; b was idle");
     }
 }

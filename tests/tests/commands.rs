@@ -526,6 +526,96 @@ async fn a_prebackup_pod_is_cleaned_up_after_a_coordinator_restart() {
     .await;
 }
 
+/// Fifty PreBackupPods whose pods can never become ready (a node selector no node has) in one
+/// run: at most two of them are starting at once (--max-starting-prebackup-pods-per-namespace 2,
+/// below the cluster's 5), the others wait for a slot at most the timeout, and the run ends with
+/// every item failed and saying why, its pods deleted. A namespace cannot hold every start slot,
+/// nor a run wait for ever.
+#[tokio::test]
+async fn fifty_never_ready_prebackup_pods_hold_their_namespace_share_and_the_run_ends() {
+    let (cluster, client, ns, repo) = setup("prestuck").await;
+    for i in 0..50 {
+        let mut pbp = prebackup_pod(&format!("stuck-{i:02}"), "echo never");
+        pbp["spec"]["pod"]["spec"]["nodeSelector"] =
+            serde_json::json!({"stowage.dev/no-such-node": "true"});
+        let _: stowage_coordinator::crd::PreBackupPod = create(&client, &ns, pbp).await;
+    }
+    let mut opts = CoordinatorOptions::new(&ns);
+    opts.extra_args = [
+        "--max-starting-prebackup-pods",
+        "5",
+        "--max-starting-prebackup-pods-per-namespace",
+        "2",
+        "--prebackup-pod-timeout",
+        "3s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let _c = Coordinator::start(cluster, opts).await;
+    let (watch_client, watch_ns) = (client.clone(), ns.clone());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_watch = std::sync::Arc::clone(&stop);
+    let observer = tokio::spawn(async move {
+        let mut max = 0usize;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !stop_watch.load(std::sync::atomic::Ordering::SeqCst)
+            && std::time::Instant::now() < deadline
+        {
+            let starting = prebackup_pods(&watch_client, &watch_ns)
+                .await
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .count();
+            max = max.max(starting);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        max
+    });
+    let started = std::time::Instant::now();
+    let b = backup(&client, &ns, &repo, "stuck").await;
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let max = observer.await.expect("observer");
+    assert_eq!(b["status"]["phase"], "Failed", "{b:#}");
+    let items = b["status"]["items"].as_array().expect("items");
+    assert_eq!(items.len(), 50, "{b:#}");
+    let (mut not_ready, mut no_slot) = (0, 0);
+    for i in items {
+        assert_eq!(i["phase"], "Failed", "{i:#}");
+        let e = i["error"].as_str().expect("an error");
+        if e.contains("was not ready within 3s") {
+            not_ready += 1;
+        } else if e.contains("no start slot within 3s")
+            && e.contains("--max-starting-prebackup-pods-per-namespace")
+        {
+            no_slot += 1;
+        } else {
+            panic!("unexpected error: {e}");
+        }
+    }
+    assert!(
+        not_ready >= 2 && no_slot >= 1,
+        "{not_ready} not ready, {no_slot} without a slot"
+    );
+    assert!(
+        max <= 2,
+        "{max} PreBackupPod pods of the namespace existed at once"
+    );
+    assert!(max >= 1, "the observer saw none");
+    assert!(took < Duration::from_secs(60), "the run took {took:?}");
+    stowage_tests::cluster::wait_for("no PreBackupPod pods left", Duration::from_secs(30), || {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            prebackup_pods(&client, &ns)
+                .await
+                .iter()
+                .all(|p| p.metadata.deletion_timestamp.is_some())
+        }
+    })
+    .await;
+}
+
 /// Twenty PreBackupPods in one run with --max-starting-prebackup-pods 4: never more than four of
 /// their pods are starting (created, not yet ready) at once, and every command runs.
 #[tokio::test]
@@ -540,9 +630,14 @@ async fn twenty_prebackup_pods_start_at_most_four_at_a_time() {
         .await;
     }
     let mut opts = CoordinatorOptions::new(&ns);
-    opts.extra_args = ["--max-starting-prebackup-pods", "4"]
-        .map(String::from)
-        .to_vec();
+    opts.extra_args = [
+        "--max-starting-prebackup-pods",
+        "4",
+        "--max-starting-prebackup-pods-per-namespace",
+        "4",
+    ]
+    .map(String::from)
+    .to_vec();
     let _c = Coordinator::start(cluster, opts).await;
     let (watch_client, watch_ns) = (client.clone(), ns.clone());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
