@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client};
 use stowage_proto::v1::{self as pb, repository::Backend as PbBackend};
 
@@ -94,7 +94,7 @@ fn ref_ok(r: &SecretKeyRef, at: &str) -> Result<(), Finding> {
 #[derive(Clone)]
 pub enum Secrets {
     Api(Client),
-    Cache(Store<Secret>, Client),
+    Cache(crate::state::Cache<Secret>, Client),
 }
 
 /// Reads Secrets of one namespace, each at most once per resolution.
@@ -382,7 +382,7 @@ mod tests {
         let nobody =
             kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap()))
                 .unwrap();
-        let cache = Secrets::Cache(store, nobody);
+        let cache = Secrets::Cache(crate::state::Cache::new(vec![store]), nobody);
         assert!(
             resolve(&cache, &[], "shop", &local(), "spec.backend")
                 .await

@@ -13,9 +13,15 @@ use clap::Parser;
     about = "Stowage coordinator: turns Schedule, Backup, Check and Prune objects into work for the node agents"
 )]
 pub struct Config {
-    /// Watch only this namespace (default: every namespace).
-    #[arg(long, env = "STOWAGE_WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (repeat the flag, or separate with commas; default: every
+    /// namespace). With RBAC bound per namespace (the chart's `rbac.scope: namespaced`), list
+    /// exactly the namespaces bound.
+    #[arg(
+        long = "namespace",
+        env = "STOWAGE_WATCH_NAMESPACE",
+        value_delimiter = ','
+    )]
+    pub namespaces: Vec<String>,
 
     /// Namespace of the agent DaemonSet's pods.
     #[arg(

@@ -6,7 +6,6 @@ use chrono::{DateTime, Utc};
 use std::sync::{Arc, Mutex};
 
 use kube::Client;
-use kube::runtime::reflector::Store;
 
 use crate::agents::AgentDirectory;
 use crate::conditions::Notifier;
@@ -14,15 +13,15 @@ use crate::config::Config;
 use crate::crd::{Backup, Check, Prune, Restore};
 use crate::inspect::Inspector;
 use crate::metrics::Metrics;
-use crate::state::Stores;
+use crate::state::{Cache, Stores};
 
 /// The runs the coordinator watches (one shared watch per kind feeds these and the controllers).
 #[derive(Clone)]
 pub struct RunStores {
-    pub backups: Store<Backup>,
-    pub checks: Store<Check>,
-    pub prunes: Store<Prune>,
-    pub restores: Store<Restore>,
+    pub backups: Cache<Backup>,
+    pub checks: Cache<Check>,
+    pub prunes: Cache<Prune>,
+    pub restores: Cache<Restore>,
     /// Set when each run watch has delivered its first full list.
     pub ready: Vec<crate::state::Ready>,
 }
@@ -41,9 +40,9 @@ pub struct Ctx {
     /// Slots for PreBackupPods starting at once (`--max-starting-prebackup-pods`), taken after
     /// the namespace's share (`--max-starting-prebackup-pods-per-namespace`).
     pub prebackup_starting: crate::prebackup_pod::StartSlots,
-    /// The Schedule controller's cache, set once it exists (the Schedule reconciler compares
+    /// The Schedule controllers' caches, set once they exist (the Schedule reconciler compares
     /// repository locations across namespaces).
-    pub schedules: std::sync::OnceLock<kube::runtime::reflector::Store<crate::crd::Schedule>>,
+    pub schedules: std::sync::OnceLock<Cache<crate::crd::Schedule>>,
     /// One volume restore at a time per target PVC (see [`RestoreTargets`]).
     pub restore_targets: RestoreTargets,
     /// UIDs of runs this process is executing, so a reconcile never starts one twice.

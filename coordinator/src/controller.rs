@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 use crate::run;
 use crate::runs::{RunObject, is_terminal};
 use crate::schedule;
-use crate::state::{self, SyncTimeout};
+use crate::state::{self, Cache, SyncTimeout};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -251,39 +251,70 @@ pub async fn run(config: Config) -> Result<(), CoordinatorError> {
     }
 }
 
-/// What the leader does: fill the caches, then run the controllers.
+/// The watches of one watched namespace (or of the whole cluster): the caches, and the shared
+/// run watches with their subscribers.
+struct NamespaceWatches {
+    namespace: Option<String>,
+    stores: state::Stores,
+    secret_events: reflector::ReflectHandle<Secret>,
+    backups: SharedRuns<Backup>,
+    checks: SharedRuns<Check>,
+    prunes: SharedRuns<Prune>,
+    restores: SharedRuns<Restore>,
+}
+
+/// Starts the watches of `ns`; `None` only if a shared watch cannot be subscribed to, which
+/// happens only with a store made without a buffer (never here).
+fn watch_namespace(client: &Client, ns: Option<String>) -> Option<NamespaceWatches> {
+    let (_, secret_writer) = reflector::store_shared(SHARED_BUFFER);
+    let secret_events = secret_writer.subscribe()?;
+    let (stores, watches) = state::start(client, ns.as_deref(), secret_writer);
+    tokio::spawn(watches);
+    let w = NamespaceWatches {
+        stores,
+        secret_events,
+        backups: shared_runs::<Backup>(client, ns.as_deref())?,
+        checks: shared_runs::<Check>(client, ns.as_deref())?,
+        prunes: shared_runs::<Prune>(client, ns.as_deref())?,
+        restores: shared_runs::<Restore>(client, ns.as_deref())?,
+        namespace: ns,
+    };
+    Some(w)
+}
+
+/// What the leader does: fill the caches, then run the controllers: one set per watched
+/// namespace (a namespaced RBAC binding allows no cluster-wide watch), sharing one context.
 async fn lead(
     client: Client,
     config: Config,
     identity: String,
     metrics: Metrics,
 ) -> Result<(), CoordinatorError> {
-    let ns = config.namespace.clone();
-    let ns = ns.as_deref();
+    let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().cloned().map(Some).collect()
+    };
     let (agents, agent_watch) = AgentDirectory::start(client.clone(), &config, metrics.clone())?;
     tokio::spawn(agent_watch);
 
-    let (_, secret_writer) = reflector::store_shared(SHARED_BUFFER);
-    let secret_events = secret_writer.subscribe();
-    let (stores, watches) = state::start(&client, ns, secret_writer);
-    tokio::spawn(watches);
-    let (Some(backups), Some(checks), Some(prunes), Some(restores), Some(secret_events)) = (
-        shared_runs::<Backup>(&client, ns),
-        shared_runs::<Check>(&client, ns),
-        shared_runs::<Prune>(&client, ns),
-        shared_runs::<Restore>(&client, ns),
-        secret_events,
-    ) else {
-        // Subscribing only fails on a store made without a buffer, which this code never does.
-        tracing::error!("cannot subscribe to the shared watches");
-        return Ok(());
-    };
-    tokio::spawn(backups.drive);
-    tokio::spawn(checks.drive);
-    tokio::spawn(prunes.drive);
-    tokio::spawn(restores.drive);
-    // Restores are not a Schedule's: nobody else subscribes to their watch.
-    drop(restores.for_schedules);
+    let mut watched = Vec::new();
+    for ns in &namespaces {
+        let Some(mut w) = watch_namespace(&client, ns.clone()) else {
+            tracing::error!("cannot subscribe to the shared watches");
+            return Ok(());
+        };
+        // A shared watch waits for its subscribers to take events, so its drive starts now.
+        for drive in [
+            std::mem::replace(&mut w.backups.drive, futures::future::ready(()).boxed()),
+            std::mem::replace(&mut w.checks.drive, futures::future::ready(()).boxed()),
+            std::mem::replace(&mut w.prunes.drive, futures::future::ready(()).boxed()),
+            std::mem::replace(&mut w.restores.drive, futures::future::ready(()).boxed()),
+        ] {
+            tokio::spawn(drive);
+        }
+        watched.push(w);
+    }
     tokio::time::timeout(state::SYNC_TIMEOUT, agents.wait_synced())
         .await
         .map_err(|_| SyncTimeout::after(state::SYNC_TIMEOUT))?;
@@ -298,12 +329,23 @@ async fn lead(
         },
     );
     let runs = RunStores {
-        backups: backups.store.clone(),
-        checks: checks.store.clone(),
-        prunes: prunes.store.clone(),
-        restores: restores.store.clone(),
-        ready: vec![backups.ready, checks.ready, prunes.ready, restores.ready],
+        backups: watched.iter().map(|w| w.backups.store.clone()).collect(),
+        checks: watched.iter().map(|w| w.checks.store.clone()).collect(),
+        prunes: watched.iter().map(|w| w.prunes.store.clone()).collect(),
+        restores: watched.iter().map(|w| w.restores.store.clone()).collect(),
+        ready: watched
+            .iter()
+            .flat_map(|w| {
+                [
+                    w.backups.ready.clone(),
+                    w.checks.ready.clone(),
+                    w.prunes.ready.clone(),
+                    w.restores.ready.clone(),
+                ]
+            })
+            .collect(),
     };
+    let stores = state::Stores::merge(watched.iter().map(|w| w.stores.clone()).collect());
     let ctx = Arc::new(Ctx::new(
         client.clone(),
         stores,
@@ -315,91 +357,143 @@ async fn lead(
     ));
     let wc = watcher::Config::default;
 
-    let schedules = Controller::new(api::<Schedule>(&client, ns), wc());
-    let schedule_store = schedules.store();
-    let _ = ctx.schedules.set(schedule_store.clone());
+    let schedule_controllers: Vec<Controller<Schedule>> = namespaces
+        .iter()
+        .map(|ns| Controller::new(api::<Schedule>(&client, ns.as_deref()), wc()))
+        .collect();
+    let all_schedules: Cache<Schedule> = schedule_controllers.iter().map(|c| c.store()).collect();
+    let _ = ctx.schedules.set(all_schedules.clone());
     tokio::spawn(sweep_schedule_metrics(
-        schedule_store.clone(),
+        all_schedules.clone(),
         metrics.clone(),
     ));
     // The inspector reads repository figures between runs and asks for the Schedule's reconcile
-    // to write them, so the Schedule's status keeps one writer.
-    let (nudge, nudged) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(inspect::run(
-        Arc::clone(&ctx),
-        schedule_store.clone(),
-        nudge,
-    ));
-    let schedules = schedules
-        .reconcile_on(tokio_stream::wrappers::ReceiverStream::new(nudged))
-        .owns_shared_stream(phase_changes(backups.for_schedules))
-        .owns_shared_stream(phase_changes(checks.for_schedules))
-        .owns_shared_stream(phase_changes(prunes.for_schedules))
-        .watches_shared_stream(secret_events, move |secret: Arc<Secret>| {
-            schedules_using(&schedule_store, &secret)
-        })
-        .run(
-            |s, c| async move {
-                when_synced(&c).await?;
-                schedule::reconcile(s, c).await
-            },
-            error_policy,
-            Arc::clone(&ctx),
+    // to write them, so the Schedule's status keeps one writer: its namespace's controller.
+    let (nudge, mut nudged) = tokio::sync::mpsc::channel::<ObjectRef<Schedule>>(64);
+    tokio::spawn(inspect::run(Arc::clone(&ctx), all_schedules, nudge));
+    let mut nudges = HashMap::new();
+    let mut controllers: Vec<futures::future::BoxFuture<'static, ()>> = Vec::new();
+    for (w, schedules) in watched.into_iter().zip(schedule_controllers) {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        nudges.insert(w.namespace.clone(), tx);
+        let schedule_store = schedules.store();
+        let schedules = schedules
+            .reconcile_on(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .owns_shared_stream(phase_changes(w.backups.for_schedules))
+            .owns_shared_stream(phase_changes(w.checks.for_schedules))
+            .owns_shared_stream(phase_changes(w.prunes.for_schedules))
+            .watches_shared_stream(w.secret_events, move |secret: Arc<Secret>| {
+                schedules_using(&schedule_store, &secret)
+            })
+            .run(
+                |s, c| async move {
+                    when_synced(&c).await?;
+                    schedule::reconcile(s, c).await
+                },
+                error_policy,
+                Arc::clone(&ctx),
+            );
+        // Restores are not a Schedule's: nobody else subscribes to their watch.
+        drop(w.restores.for_schedules);
+        controllers.push(drain(schedules, "schedule").boxed());
+        controllers.push(
+            drain(
+                run_controller(
+                    w.backups.for_runs,
+                    w.backups.store,
+                    Arc::clone(&ctx),
+                    run::backup::execute,
+                ),
+                "backup",
+            )
+            .boxed(),
         );
-    let backup_runs = Controller::for_shared_stream(backups.for_runs, backups.store)
-        .reconcile_all_on(every(RUN_RECHECK))
-        .run(
-            |o, c| async move {
-                when_synced(&c).await?;
-                Ok::<_, kube::Error>(reconcile_run(o, c, run::backup::execute))
-            },
-            error_policy,
-            Arc::clone(&ctx),
+        controllers.push(
+            drain(
+                run_controller(
+                    w.checks.for_runs,
+                    w.checks.store,
+                    Arc::clone(&ctx),
+                    run::maintenance::execute_check,
+                ),
+                "check",
+            )
+            .boxed(),
         );
-    let check_runs = Controller::for_shared_stream(checks.for_runs, checks.store)
-        .reconcile_all_on(every(RUN_RECHECK))
-        .run(
-            |o, c| async move {
-                when_synced(&c).await?;
-                Ok::<_, kube::Error>(reconcile_run(o, c, run::maintenance::execute_check))
-            },
-            error_policy,
-            Arc::clone(&ctx),
+        controllers.push(
+            drain(
+                run_controller(
+                    w.prunes.for_runs,
+                    w.prunes.store,
+                    Arc::clone(&ctx),
+                    run::maintenance::execute_prune,
+                ),
+                "prune",
+            )
+            .boxed(),
         );
-    let prune_runs = Controller::for_shared_stream(prunes.for_runs, prunes.store)
-        .reconcile_all_on(every(RUN_RECHECK))
-        .run(
-            |o, c| async move {
-                when_synced(&c).await?;
-                Ok::<_, kube::Error>(reconcile_run(o, c, run::maintenance::execute_prune))
-            },
-            error_policy,
-            Arc::clone(&ctx),
+        controllers.push(
+            drain(
+                run_controller(
+                    w.restores.for_runs,
+                    w.restores.store,
+                    Arc::clone(&ctx),
+                    run::restore::execute,
+                ),
+                "restore",
+            )
+            .boxed(),
         );
-    let restore_runs = Controller::for_shared_stream(restores.for_runs, restores.store)
-        .reconcile_all_on(every(RUN_RECHECK))
-        .run(
-            |o, c| async move {
-                when_synced(&c).await?;
-                Ok::<_, kube::Error>(reconcile_run(o, c, run::restore::execute))
-            },
-            error_policy,
-            Arc::clone(&ctx),
-        );
-    tracing::info!(namespace = ns.unwrap_or("(all)"), "controllers running");
-    tokio::join!(
-        drain(schedules, "schedule"),
-        drain(backup_runs, "backup"),
-        drain(check_runs, "check"),
-        drain(prune_runs, "prune"),
-        drain(restore_runs, "restore"),
+    }
+    // Each nudge goes to the controller of the Schedule's namespace (the only one, when the whole
+    // cluster is watched).
+    tokio::spawn(async move {
+        while let Some(r) = nudged.recv().await {
+            let target = nudges
+                .get(&r.namespace)
+                .or_else(|| nudges.get(&None))
+                .cloned();
+            if let Some(tx) = target {
+                let _ = tx.try_send(r);
+            }
+        }
+    });
+    tracing::info!(
+        namespaces = %if namespaces == [None] { "(all)".to_string() } else { namespaces.iter().flatten().cloned().collect::<Vec<_>>().join(",") },
+        "controllers running"
     );
+    futures::future::join_all(controllers).await;
     Ok(())
+}
+
+/// The controller of one run kind in one namespace: started by each change of a run, and every
+/// `RUN_RECHECK` for every run it knows.
+fn run_controller<K, F, Fut>(
+    events: reflector::ReflectHandle<K>,
+    store: Store<K>,
+    ctx: Arc<Ctx>,
+    execute: F,
+) -> impl Stream<Item = Result<(ObjectRef<K>, Action), impl std::fmt::Display>> + Send + 'static
+where
+    K: RunObject,
+    F: FnOnce(Arc<Ctx>, Arc<K>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), kube::Error>> + Send + 'static,
+{
+    Controller::for_shared_stream(events, store)
+        .reconcile_all_on(every(RUN_RECHECK))
+        .run(
+            move |o, c| async move {
+                when_synced(&c).await?;
+                Ok::<_, kube::Error>(reconcile_run(o, c, execute))
+            },
+            error_policy,
+            ctx,
+        )
 }
 
 /// Deleted Schedules get no reconcile (there is nothing left to reconcile), so their metric series
 /// are swept against the Schedules the cache holds.
-async fn sweep_schedule_metrics(schedules: Store<Schedule>, metrics: Metrics) {
+async fn sweep_schedule_metrics(schedules: Cache<Schedule>, metrics: Metrics) {
     loop {
         tokio::time::sleep(Duration::from_secs(15)).await;
         let live = schedules

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use stowage_proto::v1::InspectResponse;
 use tokio::sync::{Notify, mpsc};
 
@@ -141,7 +141,7 @@ fn older_than(time: Option<&str>, age: Duration) -> bool {
 /// whose figures changed go to `nudge`, the Schedule controller's extra trigger.
 pub async fn run(
     ctx: Arc<Ctx>,
-    schedules: Store<Schedule>,
+    schedules: crate::state::Cache<Schedule>,
     nudge: mpsc::Sender<ObjectRef<Schedule>>,
 ) {
     tokio::join!(
@@ -150,7 +150,7 @@ pub async fn run(
     );
 }
 
-async fn lock_looks(ctx: Arc<Ctx>, schedules: Store<Schedule>) {
+async fn lock_looks(ctx: Arc<Ctx>, schedules: crate::state::Cache<Schedule>) {
     let every = ctx.config.lock_refresh_interval.max(Duration::from_secs(1));
     // When each Schedule was last looked at while waiting, so a waiting run costs one look per
     // interval however often runs end.
@@ -186,7 +186,7 @@ async fn lock_looks(ctx: Arc<Ctx>, schedules: Store<Schedule>) {
 
 async fn figure_looks(
     ctx: Arc<Ctx>,
-    schedules: Store<Schedule>,
+    schedules: crate::state::Cache<Schedule>,
     nudge: mpsc::Sender<ObjectRef<Schedule>>,
 ) {
     let every = ctx.config.figures_interval.max(Duration::from_secs(1));

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, PostParams};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use stowage_common::contract::{ANNOTATION_FULL_SUFFIX, LABEL_RUN};
@@ -171,7 +171,7 @@ fn pending_reason(pod: &Pod) -> String {
 /// waits until it runs on a node.
 pub async fn hold<K>(
     client: &Client,
-    pods: &Store<Pod>,
+    pods: &crate::state::Cache<Pod>,
     run: &K,
     pvc: &str,
     settings: &Settings<'_>,

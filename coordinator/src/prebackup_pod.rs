@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::PostParams;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 use stowage_common::contract::{ANNOTATION_FULL_SUFFIX, LABEL_RUN};
 use stowage_common::shares::NamespaceShares;
@@ -165,7 +165,7 @@ fn ready(p: &Pod) -> bool {
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     client: &Client,
-    pods: &Store<Pod>,
+    pods: &crate::state::Cache<Pod>,
     starting: &StartSlots,
     run: &Backup,
     pbp: &PreBackupPod,
@@ -244,7 +244,7 @@ pub async fn release(client: &Client, namespace: &str, pod: &str) {
 
 /// Deletes every PreBackupPod pod of `run` still in the cache: what a restarted coordinator's
 /// earlier attempt left behind.
-pub async fn release_all(client: &Client, pods: &Store<Pod>, run: &Backup) {
+pub async fn release_all(client: &Client, pods: &crate::state::Cache<Pod>, run: &Backup) {
     let uid = run.uid();
     let leftovers: Vec<(String, String)> = pods
         .state()

@@ -3,7 +3,6 @@
 
 use chrono::Utc;
 use kube::Resource;
-use kube::runtime::reflector::Store;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -36,7 +35,7 @@ pub trait RunObject:
     /// The run's complete spec: its own fields, the rest from `schedule`.
     fn resolve_with(&self, schedule: Option<&Schedule>) -> ResolvedSpec;
     /// The watch cache of this kind.
-    fn store(runs: &RunStores) -> &Store<Self>;
+    fn store(runs: &RunStores) -> &crate::state::Cache<Self>;
 }
 
 /// The repository of a run: its own, or its Schedule's with `initialize` decided. A Schedule that
@@ -67,7 +66,7 @@ pub fn never_succeeded(s: &Schedule) -> bool {
 }
 
 impl RunObject for Backup {
-    fn store(runs: &RunStores) -> &Store<Self> {
+    fn store(runs: &RunStores) -> &crate::state::Cache<Self> {
         &runs.backups
     }
     fn resolve_with(&self, schedule: Option<&Schedule>) -> ResolvedSpec {
@@ -99,7 +98,7 @@ impl RunObject for Backup {
 }
 
 impl RunObject for Check {
-    fn store(runs: &RunStores) -> &Store<Self> {
+    fn store(runs: &RunStores) -> &crate::state::Cache<Self> {
         &runs.checks
     }
     fn resolve_with(&self, schedule: Option<&Schedule>) -> ResolvedSpec {
@@ -125,7 +124,7 @@ impl RunObject for Check {
 }
 
 impl RunObject for Prune {
-    fn store(runs: &RunStores) -> &Store<Self> {
+    fn store(runs: &RunStores) -> &crate::state::Cache<Self> {
         &runs.prunes
     }
     fn resolve_with(&self, schedule: Option<&Schedule>) -> ResolvedSpec {
@@ -151,7 +150,7 @@ impl RunObject for Prune {
 }
 
 impl RunObject for Restore {
-    fn store(runs: &RunStores) -> &Store<Self> {
+    fn store(runs: &RunStores) -> &crate::state::Cache<Self> {
         &runs.restores
     }
     fn resolve_with(&self, schedule: Option<&Schedule>) -> ResolvedSpec {

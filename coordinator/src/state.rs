@@ -1,15 +1,18 @@
 //! What the coordinator knows of the cluster, from watches: PVCs, Pods and Secrets, each a
-//! reflector store fed by one watch. The planner and the reconcilers read these stores; nothing
+//! reflector store fed by one watch per watched namespace (or one for the whole cluster), read
+//! together as one [`Cache`]. The planner and the reconcilers read these stores; nothing
 //! LISTs per run or per reconcile. Secrets are cached as key names only: the values are replaced
 //! by a marker of whether each is empty, and a run reads the values it needs when it starts.
 
+use std::hash::Hash;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::crd::PreBackupPod;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use stowage_common::contract;
@@ -29,12 +32,59 @@ impl SyncTimeout {
     }
 }
 
+/// The reflector stores of one kind, one per watched namespace, read as one. With
+/// `--namespace` unset there is one store, of the whole cluster.
+pub struct Cache<K>(Vec<Store<K>>)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone;
+
+impl<K> Clone for Cache<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<K> Cache<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    pub fn new(stores: Vec<Store<K>>) -> Self {
+        Self(stores)
+    }
+
+    /// Every object of every store.
+    pub fn state(&self) -> Vec<Arc<K>> {
+        self.0.iter().flat_map(Store::state).collect()
+    }
+
+    /// The object `key` names, from whichever store holds its namespace.
+    pub fn get(&self, key: &ObjectRef<K>) -> Option<Arc<K>> {
+        self.0.iter().find_map(|s| s.get(key))
+    }
+}
+
+impl<K> FromIterator<Store<K>> for Cache<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    fn from_iter<I: IntoIterator<Item = Store<K>>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
 #[derive(Clone)]
 pub struct Stores {
-    pub pvcs: Store<PersistentVolumeClaim>,
-    pub pods: Store<Pod>,
-    pub secrets: Store<Secret>,
-    pub prebackup_pods: Store<PreBackupPod>,
+    pub pvcs: Cache<PersistentVolumeClaim>,
+    pub pods: Cache<Pod>,
+    pub secrets: Cache<Secret>,
+    pub prebackup_pods: Cache<PreBackupPod>,
     ready: Vec<Ready>,
 }
 
@@ -157,10 +207,10 @@ pub fn start(
     };
     (
         Stores {
-            pvcs,
-            pods,
-            secrets,
-            prebackup_pods,
+            pvcs: Cache::new(vec![pvcs]),
+            pods: Cache::new(vec![pods]),
+            secrets: Cache::new(vec![secrets]),
+            prebackup_pods: Cache::new(vec![prebackup_pods]),
             ready: vec![
                 pvcs_ready_rx,
                 pods_ready_rx,
@@ -173,6 +223,20 @@ pub fn start(
 }
 
 impl Stores {
+    /// The stores of several namespaces' watches, read as one.
+    pub fn merge(parts: Vec<Stores>) -> Stores {
+        Stores {
+            pvcs: parts.iter().flat_map(|p| p.pvcs.0.clone()).collect(),
+            pods: parts.iter().flat_map(|p| p.pods.0.clone()).collect(),
+            secrets: parts.iter().flat_map(|p| p.secrets.0.clone()).collect(),
+            prebackup_pods: parts
+                .iter()
+                .flat_map(|p| p.prebackup_pods.0.clone())
+                .collect(),
+            ready: parts.iter().flat_map(|p| p.ready.clone()).collect(),
+        }
+    }
+
     /// Waits until every store has had its first full list (bounded by [`SYNC_TIMEOUT`]).
     pub async fn synced(&self) -> Result<(), SyncTimeout> {
         wait_all(&self.ready).await

@@ -1221,6 +1221,72 @@ async fn fire_times_missed_while_down_are_counted_and_the_latest_runs_once() {
     assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
 }
 
+/// The chart's `rbac.scope: namespaced`: the coordinator's rules bound by RoleBindings in two
+/// namespaces (and in the agents' namespace), to a user with nothing else. A coordinator watching
+/// both (`--namespace a --namespace b`) backs up each, and a Backup in a third namespace, where it
+/// has no rights, is never touched.
+#[tokio::test]
+async fn a_coordinator_bound_in_two_namespaces_watches_and_serves_both() {
+    let a = setup("rbac-a").await;
+    let b = setup("rbac-b").await;
+    let c = setup("rbac-c").await;
+    let _da = a.mounted_volume("data", "node-1").await;
+    let _db = b.mounted_volume("data", "node-2").await;
+    let _dc = c.mounted_volume("data", "node-3").await;
+    let rbac = stowage_tests::workspace_root().join("deploy/daemonset/rbac/coordinator.yaml");
+    let out = std::process::Command::new(a.cluster.kubectl())
+        .env("KUBECONFIG", a.cluster.kubeconfig())
+        .args(["apply", "--server-side", "-f"])
+        .arg(&rbac)
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let user = format!("stowage-coordinator-{}", a.ns);
+    for ns in [a.ns.as_str(), b.ns.as_str(), "stowage-system"] {
+        let rb: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("coordinator-{}", a.ns)},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "stowage-coordinator"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+        }))
+        .expect("rolebinding");
+        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(a.client.clone(), ns)
+            .create(&Default::default(), &rb)
+            .await
+            .expect("create rolebinding");
+    }
+    let (cluster, mut opts) = a.env_coordinator("two-namespaces");
+    opts.kubeconfig = Some(a.cluster.user_kubeconfig(&user));
+    opts.extra_args = vec!["--namespace".into(), b.ns.clone()];
+    let coordinator = Coordinator::start(cluster, opts).await;
+    coordinator.wait_leading(Duration::from_secs(20)).await;
+    c.create_backup("ignored", local_backend(&c.repo), serde_json::json!({}))
+        .await;
+    for env in [&a, &b] {
+        let run = env.backup("both", serde_json::json!({})).await;
+        assert_eq!(run["status"]["phase"], "Succeeded", "{}: {run:#}", env.ns);
+        assert_eq!(item(&run, "data")["phase"], "Succeeded");
+    }
+    let ignored = Api::<Backup>::namespaced(c.client.clone(), &c.ns)
+        .get("ignored")
+        .await
+        .expect("the third namespace's Backup");
+    assert!(
+        ignored.status.is_none(),
+        "a namespace that is not watched is never touched: {:?}",
+        ignored.status
+    );
+    assert!(
+        coordinator
+            .log_text()
+            .contains(&format!("{},{}", a.ns, b.ns)),
+        "the log names both namespaces"
+    );
+}
+
 #[tokio::test]
 async fn a_coordinator_with_only_the_documented_rbac_does_everything() {
     let env = setup("rbac").await;

@@ -369,3 +369,121 @@ async fn the_chart_installs_a_stowage_that_backs_up_and_restores_in_place() {
     )
     .await;
 }
+
+/// `rbac.scope: namespaced`, rendered by Helm and applied: each ServiceAccount may do its work in
+/// the two watched namespaces and nothing of it elsewhere (another tenant's namespace,
+/// `kube-system`, cluster-wide), which the API server's authorizer confirms. The coordinator's
+/// Deployment is rendered to watch exactly those namespaces.
+#[tokio::test]
+async fn the_namespaced_rbac_mode_grants_nothing_outside_the_watched_namespaces() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let sys = fresh_namespace(&client, "nsrbac-sys").await;
+    let one = fresh_namespace(&client, "nsrbac-one").await;
+    let two = fresh_namespace(&client, "nsrbac-two").await;
+    let other = fresh_namespace(&client, "nsrbac-other").await;
+    let chart = stowage_tests::workspace_root().join("deploy/daemonset");
+    let render = |only: &str| {
+        run_helm(
+            cluster,
+            &[
+                "template",
+                &sys,
+                &chart.display().to_string(),
+                "--namespace",
+                &sys,
+                "--set",
+                "rbac.scope=namespaced",
+                "--set",
+                &format!("coordinator.watchNamespaces={{{one},{two}}}"),
+                "--show-only",
+                only,
+            ],
+        )
+    };
+    let deployment = render("templates/coordinator-deployment.yaml");
+    assert!(
+        deployment.contains(&format!("--namespace={one},{two}")),
+        "{deployment}"
+    );
+    let rbac = render("templates/rbac.yaml");
+    let file = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(file.path(), &rbac).expect("write");
+    let apply = |verb: &str| {
+        Command::new(cluster.kubectl())
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .args([verb, "-f"])
+            .arg(file.path())
+            .output()
+            .expect("kubectl")
+    };
+    let out = apply("apply");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fullname = format!("{sys}-stowage");
+    let (o, t, x, s) = (
+        Some(one.as_str()),
+        Some(two.as_str()),
+        Some(other.as_str()),
+        Some(sys.as_str()),
+    );
+    let ks = Some("kube-system");
+    let agent: Access = [
+        ("get", "", "pods", o),
+        ("create", "", "pods/exec", o),
+        ("get", "", "pods/exec", t),
+    ]
+    .into();
+    let agent_denied: Access = [
+        ("create", "", "pods/exec", x),
+        ("create", "", "pods/exec", ks),
+        ("get", "", "pods/exec", ks),
+        ("get", "", "pods", ks),
+        ("create", "", "pods/exec", None),
+        ("get", "", "secrets", o),
+    ]
+    .into();
+    check_access(
+        &client,
+        (&sys, &format!("{fullname}-agent")),
+        &agent,
+        &agent_denied,
+    )
+    .await;
+    let coordinator: Access = [
+        ("get", "", "secrets", o),
+        ("list", "", "secrets", t),
+        ("create", "", "pods", t),
+        ("watch", "stowage.dev", "backups", o),
+        ("patch", "stowage.dev", "backups/status", t),
+        ("create", "events.k8s.io", "events", o),
+        ("list", "", "pods", s),
+        ("patch", "coordination.k8s.io", "leases", s),
+    ]
+    .into();
+    let coordinator_denied: Access = [
+        ("get", "", "secrets", x),
+        ("get", "", "secrets", ks),
+        ("get", "", "secrets", s),
+        ("list", "", "secrets", None),
+        ("create", "", "pods", x),
+        ("create", "", "pods", ks),
+        ("create", "", "pods", s),
+        ("list", "", "pods", None),
+        ("watch", "stowage.dev", "backups", x),
+        ("create", "", "pods/exec", o),
+    ]
+    .into();
+    check_access(
+        &client,
+        (&sys, &format!("{fullname}-coordinator")),
+        &coordinator,
+        &coordinator_denied,
+    )
+    .await;
+    // The ClusterRoles are cluster-scoped: they would outlive the test's namespaces.
+    let _ = apply("delete");
+}

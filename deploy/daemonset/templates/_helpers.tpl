@@ -60,3 +60,15 @@ app.kubernetes.io/instance: {{ .Release.Name | trunc 63 | trimSuffix "-" | quote
 - name: POD_IP
   valueFrom: {fieldRef: {fieldPath: status.podIP}}
 {{- end -}}
+
+{{/* The watched namespaces, comma-separated ("" for every namespace): watchNamespace and
+watchNamespaces together, without repeats. rbac.scope=namespaced needs at least one. */}}
+{{- define "stowage.watchNamespaces" -}}
+{{- $c := .Values.coordinator -}}
+{{- $all := concat (list) ($c.watchNamespaces | default list) -}}
+{{- if $c.watchNamespace -}}{{- $all = append $all $c.watchNamespace -}}{{- end -}}
+{{- if and (eq (.Values.rbac | default dict).scope "namespaced") (empty $all) -}}
+{{- fail "rbac.scope=namespaced needs coordinator.watchNamespace or coordinator.watchNamespaces: the rights are bound in those namespaces only" -}}
+{{- end -}}
+{{- $all | uniq | join "," -}}
+{{- end -}}
