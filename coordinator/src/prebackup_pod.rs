@@ -173,6 +173,18 @@ pub async fn start(
     timeout: Duration,
     privileged_allowed: bool,
 ) -> Result<Started, String> {
+    // The cache holds PreBackupPods without their pod template: the template is read now.
+    let ns = run.namespace().unwrap_or_default();
+    let pbp = &Api::<PreBackupPod>::namespaced(client.clone(), &ns)
+        .get(&pbp.name_any())
+        .await
+        .map_err(|e| {
+            format!(
+                "PreBackupPod {}: reading it: {}",
+                pbp.name_any(),
+                crate::errors::sentence(&e)
+            )
+        })?;
     if !privileged_allowed
         && let Some(why) = pbp
             .spec
@@ -183,7 +195,6 @@ pub async fn start(
     {
         return Err(format!("PreBackupPod {}: {why}", pbp.name_any()));
     }
-    let ns = run.namespace().unwrap_or_default();
     let _slots = starting
         .acquire(&ns, timeout)
         .await

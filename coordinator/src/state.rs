@@ -125,6 +125,14 @@ pub fn observe<K>(
     futures::future::ready(())
 }
 
+/// Objects per page of a watch's initial list (and re-list). A page is held whole while it is
+/// decoded; small pages keep that peak small next to the slimmed cache (kube's default is 500).
+const WATCH_PAGE: u32 = 100;
+
+fn watch_config() -> watcher::Config {
+    watcher::Config::default().page_size(WATCH_PAGE)
+}
+
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
     K: Resource<Scope = kube::core::NamespaceResourceScope>,
@@ -142,6 +150,81 @@ fn slim<K: Resource>(obj: &mut K) {
     if let Some(a) = obj.meta_mut().annotations.as_mut() {
         a.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
+}
+
+/// What the coordinator reads of a pod: its identity, labels, annotations and owners; the node; the
+/// containers' names; the volumes' PVC claims; the phase and conditions. Everything else (images,
+/// commands, environment, probes, resources, container statuses) is dropped before caching: a
+/// cluster's pods are its largest objects, and the cache holds every one of the watched namespaces.
+fn slim_pod(p: &mut Pod) {
+    slim(p);
+    if let Some(spec) = p.spec.take() {
+        p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: spec.node_name,
+            containers: spec
+                .containers
+                .into_iter()
+                .map(|c| k8s_openapi::api::core::v1::Container {
+                    name: c.name,
+                    ..Default::default()
+                })
+                .collect(),
+            volumes: spec.volumes.map(|vs| {
+                vs.into_iter()
+                    .filter(|v| v.persistent_volume_claim.is_some())
+                    .map(|v| k8s_openapi::api::core::v1::Volume {
+                        name: v.name,
+                        persistent_volume_claim: v.persistent_volume_claim,
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+            ..Default::default()
+        });
+    }
+    if let Some(status) = p.status.take() {
+        p.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase,
+            conditions: status.conditions,
+            ..Default::default()
+        });
+    }
+}
+
+/// What the coordinator reads of a PVC: its identity, labels, annotations and bound volume.
+fn slim_pvc(p: &mut PersistentVolumeClaim) {
+    slim(p);
+    if let Some(spec) = p.spec.take() {
+        p.spec = Some(k8s_openapi::api::core::v1::PersistentVolumeClaimSpec {
+            volume_name: spec.volume_name,
+            ..Default::default()
+        });
+    }
+    p.status = None;
+}
+
+/// A PreBackupPod without its pod template, which a tenant may make as large as an object can be
+/// and which is read only when the pod is made (`prebackup_pod::start` fetches the object then):
+/// only the first container's name stays, since it names the command's identity.
+fn slim_prebackup(p: &mut PreBackupPod) {
+    slim(p);
+    let first = p
+        .spec
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .map(|c| c.name.clone());
+    p.spec.pod = k8s_openapi::api::core::v1::PodTemplateSpec {
+        metadata: None,
+        spec: first.map(|name| k8s_openapi::api::core::v1::PodSpec {
+            containers: vec![k8s_openapi::api::core::v1::Container {
+                name,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+    };
 }
 
 /// Secret values never enter the cache: a non-empty value becomes one byte, an empty one stays empty.
@@ -173,30 +256,28 @@ pub fn start(
     let (secrets_ready, secrets_ready_rx) = readiness();
     let (prebackup_pods, prebackup_writer) = reflector::store();
     let (prebackup_ready, prebackup_ready_rx) = readiness();
-    let prebackup_watch = watcher(
-        api::<PreBackupPod>(client, namespace),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(prebackup_writer)
-    .for_each(move |r| observe("prebackuppods", &prebackup_ready, r));
+    let prebackup_watch = watcher(api::<PreBackupPod>(client, namespace), watch_config())
+        .default_backoff()
+        .modify(slim_prebackup)
+        .reflect(prebackup_writer)
+        .for_each(move |r| observe("prebackuppods", &prebackup_ready, r));
     let pvc_watch = watcher(
         api::<PersistentVolumeClaim>(client, namespace),
-        watcher::Config::default(),
+        watch_config(),
     )
     .default_backoff()
-    .modify(slim)
+    .modify(slim_pvc)
     .reflect(pvc_writer)
     .for_each(move |r| observe("persistentvolumeclaims", &pvcs_ready, r));
-    let pod_watch = watcher(api::<Pod>(client, namespace), watcher::Config::default())
+    let pod_watch = watcher(api::<Pod>(client, namespace), watch_config())
         .default_backoff()
-        .modify(slim)
+        .modify(slim_pod)
         .reflect(pod_writer)
         .for_each(move |r| observe("pods", &pods_ready, r));
     // Only Secrets labelled as credentials are ever used, so only they are watched (and cached).
     let secret_watch = watcher(
         api::<Secret>(client, namespace),
-        watcher::Config::default().labels(contract::LABEL_CREDENTIALS_SELECTOR),
+        watch_config().labels(contract::LABEL_CREDENTIALS_SELECTOR),
     )
     .default_backoff()
     .modify(keys_only)
@@ -258,6 +339,42 @@ pub async fn wait_all(ready: &[Ready]) -> Result<(), SyncTimeout> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slimmed_pod_plans_exactly_like_the_full_one_and_is_much_smaller() {
+        let full: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "db-0", "namespace": "shop", "uid": "u1",
+                "creationTimestamp": "2026-12-01T00:00:00Z",
+                "labels": {"app": "db"}, "annotations": {"stowage.dev/backup-command": "pg_dumpall"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db",
+                                     "uid": "s1", "controller": true}],
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"nodeName": "node-1",
+                "containers": [{"name": "pg", "image": "postgres:17",
+                    "env": (0..200).map(|i| serde_json::json!({"name": format!("VAR_{i}"), "value": "x".repeat(100)})).collect::<Vec<_>>(),
+                    "command": ["postgres", "-c", "shared_buffers=1GB"]}],
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data-db-0"}},
+                            {"name": "config", "configMap": {"name": "db-config"}}],
+                "tolerations": [{"operator": "Exists"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.7",
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [{"name": "pg", "ready": true, "restartCount": 0,
+                    "image": "postgres:17", "imageID": "sha256:abc"}]}
+        }))
+        .unwrap();
+        let mut slimmed = full.clone();
+        slim_pod(&mut slimmed);
+        let info = |p: &Pod| format!("{:?}", crate::run::backup::pod_info(p));
+        assert_eq!(info(&slimmed), info(&full));
+        let size = |p: &Pod| serde_json::to_vec(p).unwrap().len();
+        assert!(
+            size(&slimmed) * 10 < size(&full),
+            "{} bytes of {}",
+            size(&slimmed),
+            size(&full)
+        );
+        assert!(slimmed.metadata.managed_fields.is_none());
+    }
 
     #[test]
     fn secret_values_never_reach_the_cache() {
