@@ -3,11 +3,11 @@
 
 use futures::StreamExt;
 use stowage_proto::v1::{
-    BackupRequest, BackupResult, CheckRequest, CommandSource, EnsureRepositoryRequest, HookRequest,
-    HookResult, InspectRequest, InspectResponse, MaintenanceResult, Progress, PruneRequest,
-    Repository, RestoreCommandRequest, RestoreEvent, RestoreRequest, RestoreResult, Snapshot,
-    SnapshotsRequest, VolumeIdentity, VolumeRef, VolumeSource, backup_event, backup_request,
-    maintenance_event, restore_event,
+    BackupRequest, BackupResult, CheckRequest, CommandIdentity, CommandSource,
+    EnsureRepositoryRequest, HookRequest, HookResult, InspectRequest, InspectResponse,
+    MaintenanceResult, Progress, PruneRequest, Repository, RestoreCommandRequest, RestoreEvent,
+    RestoreRequest, RestoreResult, Snapshot, SnapshotsRequest, VolumeIdentity, VolumeRef,
+    VolumeSource, backup_event, backup_request, maintenance_event, restore_event,
 };
 use tonic::Code;
 
@@ -283,6 +283,32 @@ pub async fn snapshots_of_run(
         }),
         command: None,
     };
+    of_run(agents, node, req, run_id).await
+}
+
+/// The command identity's snapshots made by run `run_id` (a resumed run does not run a command
+/// that already made its snapshot again).
+pub async fn command_snapshots_of_run(
+    agents: &AgentDirectory,
+    node: &str,
+    repository: &Repository,
+    identity: CommandIdentity,
+    run_id: &str,
+) -> Result<Vec<Snapshot>, DispatchError> {
+    let req = SnapshotsRequest {
+        repository: Some(repository.clone()),
+        identity: None,
+        command: Some(identity),
+    };
+    of_run(agents, node, req, run_id).await
+}
+
+async fn of_run(
+    agents: &AgentDirectory,
+    node: &str,
+    req: SnapshotsRequest,
+    run_id: &str,
+) -> Result<Vec<Snapshot>, DispatchError> {
     let tag = format!("{TAG_RUN}={run_id}");
     Ok(snapshots(agents, node, req, SNAPSHOTS_TIMEOUT)
         .await?

@@ -526,6 +526,83 @@ async fn a_prebackup_pod_is_cleaned_up_after_a_coordinator_restart() {
     .await;
 }
 
+/// A run resumed after a coordinator restart, whose PreBackupPod command had already made its
+/// snapshot (tagged with the run) before the restart: the command is not run again (no pod, no
+/// second dump into the database's neighbour), and the item records the earlier snapshot.
+#[tokio::test]
+async fn a_resumed_run_does_not_run_a_command_whose_snapshot_it_already_made() {
+    let (cluster, client, ns, repo) = setup("cmdresume").await;
+    let marker = cluster
+        .dir
+        .join(format!("cmdresume-{}", std::process::id()));
+    let _: stowage_coordinator::crd::PreBackupPod = create(
+        &client,
+        &ns,
+        prebackup_pod("dump", &format!("touch {}; echo dump", marker.display())),
+    )
+    .await;
+    // What the earlier leader's attempt left: the command's snapshot, tagged with the run.
+    let repo_s = repo.display().to_string();
+    let tags = [
+        format!("stowage.dev/namespace={ns}"),
+        "stowage.dev/owner=PreBackupPod/dump".into(),
+        "stowage.dev/container=dump".into(),
+        "stowage.dev/source=command".into(),
+        "stowage.dev/pod=dump-pre-0".into(),
+        format!("stowage.dev/run={ns}/resumed"),
+    ];
+    let mut args = vec![
+        "backup",
+        "--stdin-filename",
+        "dump.sql",
+        "--host",
+        "earlier",
+    ];
+    for t in &tags {
+        args.extend(["--tag", t.as_str()]);
+    }
+    args.extend(["--stdin-from-command", "--", "echo", "earlier dump"]);
+    stowage_tests::restic::ok(&repo_s, PASSWORD, &args);
+    let earlier = command_snapshots(&repo);
+    assert_eq!(earlier.len(), 1);
+    let earlier_id = earlier[0]["short_id"].as_str().expect("id").to_string();
+    let _: Backup = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+            "metadata": {"name": "resumed"}, "spec": {"backend": local_backend(&repo)}}),
+    )
+    .await;
+    Api::<Backup>::namespaced(client.clone(), &ns)
+        .patch_status(
+            "resumed",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {
+                "phase": "Running", "startTime": "2026-12-06T00:00:00Z"}})),
+        )
+        .await
+        .expect("the earlier leader's status");
+    let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let b = stowage_tests::coordinator::wait_json::<Backup>(
+        &client,
+        &ns,
+        "resumed",
+        Duration::from_secs(120),
+        "a finished phase",
+        stowage_tests::coordinator::finished,
+    )
+    .await;
+    assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
+    let i = item(&b, |i| i["command"]["owner"] == "PreBackupPod/dump");
+    assert_eq!(i["snapshotId"], earlier_id.as_str(), "{i:#}");
+    assert_eq!(command_snapshots(&repo).len(), 1, "no second dump");
+    assert!(!marker.exists(), "the command ran again");
+    assert!(
+        prebackup_pods(&client, &ns).await.is_empty(),
+        "no pod was started"
+    );
+}
+
 /// Fifty PreBackupPods whose pods can never become ready (a node selector no node has) in one
 /// run of namespace a: at most two of them are starting at once
 /// (--max-starting-prebackup-pods-per-namespace 2, below the cluster's 5), the others wait for a

@@ -372,3 +372,80 @@ async fn a_prebackup_pod_cannot_borrow_the_coordinators_right_to_create_privileg
         .expect("pods");
     assert!(pods.items.is_empty(), "no pod was created");
 }
+
+/// The most items a Backup may have, each with the longest names a tenant can give and long
+/// errors, written by the run's status writer to the real API server: without the status budget
+/// the object would be several MiB and refused (etcd stores at most 1.5 MiB); with it, the write
+/// lands and every item is there with its phase and snapshot.
+#[tokio::test]
+async fn a_run_of_the_most_items_with_the_longest_names_is_stored() {
+    use stowage_coordinator::crd::{Backup, CommandItem, ItemStatus, RunPhase, RunStatus};
+    use stowage_coordinator::run::backup::MAX_RUN_ITEMS;
+    use stowage_coordinator::run::status::StatusWriter;
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, "bigstatus").await;
+    let run: Backup = create(
+        &client,
+        &ns,
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
+            "metadata": {"name": "huge"}, "spec": {}}),
+    )
+    .await;
+    let long = |c: char, n: usize| std::iter::repeat_n(c, n).collect::<String>();
+    let (handle, writer) =
+        StatusWriter::<Backup>::spawn(client.clone(), &run, RunStatus::default());
+    for i in 0..MAX_RUN_ITEMS {
+        handle.item(ItemStatus {
+            namespace: ns.clone(),
+            pvc: if i % 2 == 0 {
+                format!("{}{i:04}", long('p', 249))
+            } else {
+                String::new()
+            },
+            pod: Some(long('o', 253)),
+            node: Some(long('d', 253)),
+            phase: if i % 3 == 0 {
+                RunPhase::Failed
+            } else {
+                RunPhase::Succeeded
+            },
+            snapshot_id: Some(format!("{i:08x}")),
+            error: Some(long('e', 10_000)),
+            message: Some(long('m', 2000)),
+            command: (i % 2 == 1).then(|| CommandItem {
+                owner: format!("StatefulSet/{}{i:04}", long('w', 249)),
+                container: long('c', 63),
+                command: long('x', 256),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    handle.flush().await.expect("the status fits and is stored");
+    drop(handle);
+    let _ = writer.await;
+    let stored = kube::Api::<Backup>::namespaced(client.clone(), &ns)
+        .get("huge")
+        .await
+        .expect("get");
+    let status = stored.status.expect("status");
+    assert_eq!(status.items.len(), MAX_RUN_ITEMS);
+    assert!(status.items.iter().all(|i| i.snapshot_id.is_some()));
+    assert_eq!(
+        status
+            .items
+            .iter()
+            .filter(|i| i.phase == RunPhase::Failed)
+            .count(),
+        MAX_RUN_ITEMS.div_ceil(3)
+    );
+    assert!(
+        status
+            .summary
+            .as_deref()
+            .is_some_and(|s| s.ends_with("(item details shortened to fit the status)")),
+        "{:?}",
+        status.summary
+    );
+}

@@ -35,6 +35,10 @@ pub const NOTHING_SELECTED: &str = "NothingSelected";
 /// A backup command's time limit unless annotated (1 h).
 const COMMAND_TIMEOUT_SECONDS: u32 = 3600;
 pub const INVALID_SELECTOR: &str = "InvalidSelector";
+pub const TOO_MANY_ITEMS: &str = "TooManyItems";
+/// The most items (volumes and commands) one Backup may have: its status must fit in one object
+/// with every item's identity, however long the names (see `status::STATUS_BUDGET`).
+pub const MAX_RUN_ITEMS: usize = 1000;
 
 /// One item of work a run found.
 enum Work {
@@ -432,6 +436,19 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
         begun.spec.selector.as_ref(),
         &selector_field,
     ) {
+        Ok(w) if w.len() > MAX_RUN_ITEMS => {
+            let f = Finding::new(
+                TOO_MANY_ITEMS,
+                format!(
+                    "{selector_field}: the run would back up {} volumes and commands, and a run holds at most {MAX_RUN_ITEMS} (its status must fit in one object); split namespace {namespace} between Schedules with selectors",
+                    w.len()
+                ),
+            );
+            begun
+                .finish(ctx.as_ref(), run.as_ref(), RunPhase::Failed, &f)
+                .await;
+            return Ok(());
+        }
         Ok(w) => w,
         Err(f) => {
             begun
@@ -547,6 +564,7 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
                     run: Arc::clone(&run),
                     job: *job,
                     prebackup,
+                    resumed: begun.resumed,
                 };
                 tasks.spawn(async move {
                     let outcome = task.run(ctx, limits, status.clone()).await;

@@ -1,6 +1,8 @@
 //! One backup command of a Backup run: the agent of the pod's node execs it and streams its stdout
 //! into a snapshot. Like a volume, it waits for the run's slots and always ends in an item; a
 //! command that did not exit 0 is a failed item with its exit status and stderr, and no snapshot.
+//! Like a volume, a command whose snapshot this run already made (before a coordinator restart)
+//! is not run again: a database dump runs once per run.
 
 use std::sync::Arc;
 
@@ -17,6 +19,8 @@ pub struct CommandTask {
     pub job: CommandJob,
     /// A PreBackupPod to start first (then the job's pod, node and container are its pod's).
     pub prebackup: Option<Arc<PreBackupPod>>,
+    /// The run resumed after a restart: look for a snapshot this run already made.
+    pub resumed: bool,
 }
 
 impl CommandTask {
@@ -44,6 +48,11 @@ impl CommandTask {
         limits: Arc<Limits>,
         status: StatusHandle,
     ) -> ItemStatus {
+        if self.resumed
+            && let Some(done) = self.already_done(&ctx).await
+        {
+            return done;
+        }
         let Some(pbp) = self.prebackup.clone() else {
             return self.stream(ctx, limits, status).await;
         };
@@ -75,6 +84,43 @@ impl CommandTask {
                 item
             }
         }
+    }
+
+    /// The item as this run already made it, if a snapshot of the command identity tagged with
+    /// the run exists (looked up through any ready agent: a PreBackupPod has no node yet).
+    async fn already_done(&self, ctx: &Ctx) -> Option<ItemStatus> {
+        let node = if self.job.node.is_empty() {
+            ctx.agents.ready_nodes().first()?.clone()
+        } else {
+            self.job.node.clone()
+        };
+        let identity = stowage_proto::v1::CommandIdentity {
+            namespace: self.job.namespace.clone(),
+            owner_kind: self.job.owner_kind.clone(),
+            owner_name: self.job.owner_name.clone(),
+            container: self.job.container.clone(),
+        };
+        let found = dispatch::command_snapshots_of_run(
+            &ctx.agents,
+            &node,
+            &self.job.repository,
+            identity,
+            &self.job.run_id,
+        )
+        .await;
+        let snaps = match found {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(run = %self.job.run_id, owner = %self.job.owner_name, error = %e, "could not look for an earlier snapshot; running the command");
+                return None;
+            }
+        };
+        let done = snaps.last()?;
+        tracing::info!(run = %self.job.run_id, namespace = %self.job.namespace, owner = %self.job.owner_name, snapshot = %done.id, "the command's snapshot was made by this run before the restart; not running it again");
+        let mut item = Self::item(&self.job);
+        item.phase = RunPhase::Succeeded;
+        item.snapshot_id = Some(done.short_id.clone());
+        Some(item)
     }
 
     /// The command in its pod, streamed by the agent of its node.

@@ -8,11 +8,18 @@ use std::time::Duration;
 use kube::{Api, ResourceExt};
 use tokio::sync::{mpsc, oneshot};
 
+#[cfg(test)]
+use crate::crd::CommandItem;
 use crate::crd::{ItemStatus, RunPhase, RunStatus};
 use crate::errors::{ITEM_ERROR_MAX, bounded};
 use crate::runs::RunObject;
 
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// A status larger than this (as JSON) is shortened before it is written: etcd keeps at most
+/// 1.5 MiB per object, and the run's spec and metadata need room too.
+pub const STATUS_BUDGET: usize = 1024 * 1024;
+/// Free text per item once a status had to be shortened.
+const SHORT_TEXT: usize = 128;
 /// A final write is retried this often before the run is left for the next leader to finish.
 const FINAL_ATTEMPTS: u32 = 5;
 
@@ -81,8 +88,9 @@ pub struct StatusWriter<K: RunObject> {
     dirty: bool,
 }
 
-/// Bounds what a status may hold: item errors are cut to `ITEM_ERROR_MAX`, so a run with thousands
-/// of failing volumes still fits in one object.
+/// Bounds what a status may hold: item errors are cut to `ITEM_ERROR_MAX`, and a status still
+/// larger than [`STATUS_BUDGET`] is shortened (see [`fit`]), so a run of the most items a run may
+/// have, each with the longest names a tenant can give, still fits in one object.
 pub fn bound(status: &mut RunStatus) {
     for i in &mut status.items {
         if let Some(e) = i.error.as_mut()
@@ -91,7 +99,97 @@ pub fn bound(status: &mut RunStatus) {
             *e = bounded(e, ITEM_ERROR_MAX);
         }
     }
-    status.summary = Some(summary(&status.items));
+    let shortened = !fits(status, STATUS_BUDGET);
+    if shortened {
+        fit(status, STATUS_BUDGET);
+    }
+    let mut s = summary(&status.items);
+    if shortened {
+        s.push_str(" (item details shortened to fit the status)");
+    }
+    status.summary = Some(s);
+}
+
+fn fits(status: &RunStatus, budget: usize) -> bool {
+    serde_json::to_vec(status).is_ok_and(|v| v.len() <= budget)
+}
+
+fn shorten(text: &mut Option<String>, max: usize) {
+    if let Some(t) = text.as_mut()
+        && t.len() > max
+    {
+        *t = bounded(t, max);
+    }
+}
+
+/// Shortens what people read, in steps, until the status fits `budget` bytes. Each item keeps its
+/// identity, phase, snapshot id and counts: nothing says an item succeeded that did not, and no
+/// item disappears. First every free text is cut to [`SHORT_TEXT`] bytes and the snapshot lists to
+/// ten; then items that succeeded lose their free text, pod, node and hooks; then every item does,
+/// keeping a shorter error; last, the errors go too (the Events and the log still have them).
+fn fit(status: &mut RunStatus, budget: usize) {
+    for i in &mut status.items {
+        shorten(&mut i.error, SHORT_TEXT);
+        shorten(&mut i.message, SHORT_TEXT);
+        shorten(&mut i.reason, SHORT_TEXT);
+        if let Some(c) = i.command.as_mut() {
+            c.command = bounded(&c.command, SHORT_TEXT / 2);
+        }
+        if let Some(h) = i.hooks.as_mut() {
+            for o in [h.pre.as_mut(), h.post.as_mut()].into_iter().flatten() {
+                shorten(&mut o.error, SHORT_TEXT);
+            }
+        }
+        i.kept_snapshots.truncate(10);
+        i.removed_snapshots.truncate(10);
+    }
+    if fits(status, budget) {
+        return;
+    }
+    for i in &mut status.items {
+        i.kept_snapshots.clear();
+        i.removed_snapshots.clear();
+        if i.phase.is_fine() {
+            i.error = None;
+            i.message = None;
+            i.hooks = None;
+            i.pod = None;
+            i.node = None;
+        }
+    }
+    if fits(status, budget) {
+        return;
+    }
+    // Then every item: its identity, phase, snapshot and counts, and a shorter error.
+    for i in &mut status.items {
+        i.message = None;
+        i.hooks = None;
+        i.pod = None;
+        i.node = None;
+        shorten(&mut i.error, SHORT_TEXT / 2);
+        if let Some(c) = i.command.as_mut() {
+            c.command.clear();
+        }
+    }
+    if fits(status, budget) {
+        return;
+    }
+    for i in &mut status.items {
+        i.error = None;
+    }
+}
+
+/// Whether a failed write was refused for the object's size (etcd's limit, or the API server's
+/// request limit): writing the same status again cannot succeed.
+pub fn too_large(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => {
+            s.code == 413
+                || s.message.contains("too large")
+                || s.message.contains("Request entity too large")
+        }
+        _ => false,
+    }
 }
 
 impl<K: RunObject> StatusWriter<K> {
@@ -138,6 +236,12 @@ impl<K: RunObject> StatusWriter<K> {
             }
             match self.write().await {
                 Ok(()) => break,
+                Err(e) if too_large(&e) => {
+                    // Never resumed to run its commands again, never left Running: it fails,
+                    // once, saying why; its items stay in the log.
+                    self.fail_unrecorded(&e).await;
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(run = %self.name, attempt, error = %crate::errors::sentence(&e), "writing the final run status");
                     tokio::time::sleep(FLUSH_INTERVAL * attempt).await;
@@ -145,6 +249,46 @@ impl<K: RunObject> StatusWriter<K> {
             }
         }
         self.status
+    }
+
+    /// The status without its items, Failed, with a condition that says why: what is left when the
+    /// whole status cannot be stored.
+    async fn fail_unrecorded(&mut self, e: &kube::Error) {
+        let why = crate::errors::sentence(e);
+        tracing::error!(run = %self.name, error = %why, summary = %summary(&self.status.items),
+            "the run's status is too large to store; recording it as failed without its items");
+        let mut minimal = RunStatus {
+            phase: Some(RunPhase::Failed),
+            start_time: self.status.start_time.clone(),
+            completion_time: self.status.completion_time.clone(),
+            summary: Some(bounded(
+                &format!("{} (items not recorded)", summary(&self.status.items)),
+                crate::errors::ITEM_ERROR_MAX,
+            )),
+            resolved: self.status.resolved.clone(),
+            ..Default::default()
+        };
+        crate::conditions::set(
+            &mut minimal.conditions,
+            crate::conditions::SUCCEEDED,
+            false,
+            "StatusNotRecorded",
+            &bounded(
+                &format!(
+                    "the run's status could not be stored ({why}), so its items are not recorded; the snapshots it made are in the repository (kubectl stowage snapshots)"
+                ),
+                crate::errors::CONDITION_MESSAGE_MAX,
+            ),
+            None,
+        );
+        match apply_status::<K>(&self.api, &self.name, &minimal, None).await {
+            Ok(()) => {
+                self.status = minimal;
+                self.dirty = false;
+            }
+            Err(e) => tracing::warn!(run = %self.name, error = %crate::errors::sentence(&e),
+                "writing even the shortened status failed; the next leader resumes the run"),
+        }
     }
 
     fn apply(&mut self, u: Update) {
@@ -216,6 +360,82 @@ pub fn summary(items: &[ItemStatus]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The most items a run may have, each with the longest names and texts a tenant can give:
+    /// shortened to fit, every item still there with its phase and snapshot.
+    #[test]
+    fn a_largest_run_with_hostile_names_fits_its_budget() {
+        let long = |c: char, n: usize| std::iter::repeat_n(c, n).collect::<String>();
+        let mut st = RunStatus {
+            items: (0..crate::run::backup::MAX_RUN_ITEMS)
+                .map(|i| ItemStatus {
+                    namespace: long('n', 63),
+                    pvc: format!("{}{i:04}", long('p', 249)),
+                    pod: Some(long('o', 253)),
+                    node: Some(long('d', 253)),
+                    phase: if i % 2 == 0 {
+                        RunPhase::Succeeded
+                    } else {
+                        RunPhase::Failed
+                    },
+                    snapshot_id: Some(format!("{i:08x}")),
+                    error: Some(long('e', 100_000)),
+                    message: Some(long('m', 4000)),
+                    command: Some(CommandItem {
+                        owner: long('w', 300),
+                        container: long('c', 63),
+                        command: long('x', 256),
+                        ..Default::default()
+                    }),
+                    kept_snapshots: vec![long('k', 8); 50],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        bound(&mut st);
+        let size = serde_json::to_vec(&st).unwrap().len();
+        assert!(size <= STATUS_BUDGET, "{size} bytes");
+        assert_eq!(st.items.len(), crate::run::backup::MAX_RUN_ITEMS);
+        assert!(st.items.iter().all(|i| i.snapshot_id.is_some()));
+        assert_eq!(
+            st.summary.as_deref(),
+            Some("500/1000 succeeded (item details shortened to fit the status)")
+        );
+        assert!(
+            st.items
+                .iter()
+                .all(|i| i.pvc.len() == 253 && i.namespace.len() == 63)
+        );
+    }
+
+    #[test]
+    fn a_refusal_for_size_is_told_from_a_passing_failure() {
+        let api = |code: u16, reason: &str, message: &str| {
+            kube::Error::Api(Box::new(
+                serde_json::from_value(serde_json::json!({
+                    "status": "Failure", "code": code, "reason": reason, "message": message
+                }))
+                .unwrap(),
+            ))
+        };
+        // As the API server answers a status of several MiB.
+        assert!(too_large(&api(
+            413,
+            "RequestEntityTooLarge",
+            "Request entity too large: limit is 3145728"
+        )));
+        assert!(too_large(&api(
+            500,
+            "InternalError",
+            "etcdserver: request is too large"
+        )));
+        assert!(!too_large(&api(
+            409,
+            "Conflict",
+            "the object has been modified"
+        )));
+    }
 
     #[test]
     fn a_thousand_long_errors_are_bounded() {
