@@ -39,11 +39,24 @@ pub struct ExecTarget {
     pub command: String,
 }
 
+/// How much of a command line a log line or an error shows: an annotation may hold 256 KiB.
+pub const COMMAND_SHOWN: usize = 256;
+
 impl ExecTarget {
+    /// The command (its first [`COMMAND_SHOWN`] bytes) and where it runs, for logs and errors.
     pub fn describe(&self) -> String {
+        let shown = if self.command.len() > COMMAND_SHOWN {
+            let mut end = COMMAND_SHOWN;
+            while !self.command.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{}… ({} bytes)", &self.command[..end], self.command.len())
+        } else {
+            self.command.clone()
+        };
         format!(
-            "`{}` in {}/{} (container {})",
-            self.command, self.namespace, self.pod, self.container
+            "`{shown}` in {}/{} (container {})",
+            self.namespace, self.pod, self.container
         )
     }
 }
@@ -383,6 +396,22 @@ impl Started {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_command_is_shown_cut_with_its_length() {
+        let t = ExecTarget {
+            namespace: "shop".into(),
+            pod: "db-0".into(),
+            container: "pg".into(),
+            command: format!("é{}", "x".repeat(200 * 1024)),
+        };
+        let d = t.describe();
+        assert!(d.len() < COMMAND_SHOWN + 100, "{} bytes", d.len());
+        assert!(
+            d.contains("… (204802 bytes)` in shop/db-0 (container pg)"),
+            "{d}"
+        );
+    }
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{StatusCause, StatusDetails};
 
     fn failure(message: &str, cause: Option<&str>) -> Option<Status> {

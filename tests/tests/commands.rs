@@ -526,6 +526,49 @@ async fn a_prebackup_pod_is_cleaned_up_after_a_coordinator_restart() {
     .await;
 }
 
+/// A pod whose backup-command annotation is 200 KiB (Linux refuses one argument above 128 KiB, so
+/// the command cannot even start): the run ends, the item fails with a bounded sentence, the
+/// status shows 256 bytes of the command, and no log line of the coordinator or the agent carries
+/// more than a few hundred bytes of it.
+#[tokio::test]
+async fn a_200_kib_backup_command_is_bounded_in_status_and_logs() {
+    let (cluster, client, ns, repo) = setup("hugecmd").await;
+    cluster.volume(&ns, "huge-0", "data-huge-0", "node-1", &[]);
+    let command = format!(": {}; echo dump", "x".repeat(200 * 1024));
+    annotate(
+        &client,
+        &ns,
+        "huge-0",
+        &[("stowage.dev/backup-command", &command)],
+    )
+    .await;
+    let c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
+    let b = backup(&client, &ns, &repo, "huge").await;
+    let i = item(&b, |i| i["command"].is_object());
+    let shown = i["command"]["command"].as_str().expect("the command shown");
+    assert!(shown.len() <= 260, "{} bytes shown", shown.len());
+    assert_eq!(i["phase"], "Failed", "{i:#}");
+    let error = i["error"].as_str().expect("error");
+    assert!(error.len() <= 520, "{} bytes of error", error.len());
+    let status = serde_json::to_vec(&b["status"]).expect("json").len();
+    assert!(status < 8 * 1024, "the status is {status} bytes");
+    let longest_run = |text: &str| {
+        text.split(|c| c != 'x')
+            .map(str::len)
+            .max()
+            .unwrap_or_default()
+    };
+    let agent_log = std::fs::read_to_string(cluster.dir.join("logs/agent-node-1.log"))
+        .expect("the agent's log");
+    for (who, log) in [("coordinator", c.log_text()), ("agent", agent_log)] {
+        let run = longest_run(&log);
+        assert!(
+            run <= 300,
+            "the {who}'s log holds {run} bytes of the command"
+        );
+    }
+}
+
 /// A run resumed after a coordinator restart, whose PreBackupPod command had already made its
 /// snapshot (tagged with the run) before the restart: the command is not run again (no pod, no
 /// second dump into the database's neighbour), and the item records the earlier snapshot.
