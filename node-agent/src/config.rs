@@ -117,6 +117,20 @@ pub struct Config {
     )]
     pub cache_dir: PathBuf,
 
+    /// A repository's cache unused for this long is removed (the node no longer backs it up).
+    /// Keep it above --max-duration: an operation marks its cache used when it starts.
+    #[arg(long, env = "STOWAGE_CACHE_MAX_AGE", default_value = "720h", value_parser = parse_duration)]
+    pub cache_max_age: Duration,
+
+    /// The most restic's caches may hold on this node together, in MiB (0: no bound); the least
+    /// recently used go first, never one used within --max-duration.
+    #[arg(long, env = "STOWAGE_CACHE_MAX_SIZE_MIB", default_value_t = 0)]
+    pub cache_max_size_mib: u64,
+
+    /// How often the caches are swept (and `stowage_agent_cache_bytes` measured).
+    #[arg(long, env = "STOWAGE_CACHE_SWEEP_INTERVAL", default_value = "1h", value_parser = parse_duration)]
+    pub cache_sweep_interval: Duration,
+
     /// A repository lock older than this gets one plain `restic unlock`, which removes it if restic
     /// too judges it stale (not refreshed for 30 minutes; live holders refresh every 5).
     #[arg(long, env = "STOWAGE_STALE_LOCK_AGE", default_value = "30m", value_parser = parse_duration)]

@@ -177,10 +177,12 @@ impl AgentContext {
             progress,
         });
         let cache_dir = self.cache_for(&repo);
+        crate::cache::touch(&cache_dir);
         Restic::new(&self.restic_bin, repo)
             .with_limits(self.limits)
             .with_global(GlobalOptions {
                 cache_dir: Some(cache_dir),
+                cleanup_cache: true,
                 limit_upload: Some(limits.0),
                 limit_download: Some(limits.1),
                 ..Default::default()

@@ -12,6 +12,7 @@
 //! - [`backup`] / [`restore`]: the operations, driving restic-wrap;
 //! - [`exec`], [`command`], [`hook`]: commands in pods on this node (exec API): a command's stdout
 //!   streamed into restic, and pre/post-backup hooks;
+//! - [`cache`]: restic's caches on the node, expired by age and size;
 //! - [`known_snapshots`]: snapshots already listed, so a restore's ownership check need not list again;
 //! - [`maintenance`] / [`inspect`]: check and prune; reading locks and figures;
 //! - [`safe_fs`]: symlink-safe path resolution and the staging merge used by restores;
@@ -22,6 +23,7 @@
 
 pub mod authz;
 pub mod backup;
+pub mod cache;
 pub mod command;
 pub mod config;
 pub mod context;

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub last_success: GaugeVec,
     pub running: IntGauge,
     pub queued: IntGauge,
+    pub cache_bytes: IntGauge,
     pub memory_budget: IntGauge,
     pub memory_reserved: IntGauge,
     pub lock_removals: IntCounter,
@@ -100,6 +101,10 @@ impl Metrics {
             "stowage_agent_queued_operations",
             "Operations waiting for a slot under --max-concurrent or for room in --memory-budget.",
         )?;
+        let cache_bytes = IntGauge::new(
+            "stowage_agent_cache_bytes",
+            "Bytes in restic's caches on this node, as of the last sweep (--cache-sweep-interval).",
+        )?;
         let memory_budget = IntGauge::new(
             "stowage_agent_memory_budget_bytes",
             "The --memory-budget for restic processes on this node (0: none).",
@@ -168,6 +173,7 @@ impl Metrics {
         registry.register(Box::new(last_success.clone()))?;
         registry.register(Box::new(running.clone()))?;
         registry.register(Box::new(queued.clone()))?;
+        registry.register(Box::new(cache_bytes.clone()))?;
         registry.register(Box::new(memory_budget.clone()))?;
         registry.register(Box::new(memory_reserved.clone()))?;
         registry.register(Box::new(lock_removals.clone()))?;
@@ -214,6 +220,7 @@ impl Metrics {
             last_success,
             running,
             queued,
+            cache_bytes,
             memory_budget,
             memory_reserved,
             lock_removals,

@@ -305,6 +305,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "could not start the recovery pass; restores still recover their volume first");
     }
+    spawn_cache_sweeps(&config, metrics.clone(), shutdown.clone());
     let tasks = TaskTracker::new();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -380,6 +381,38 @@ impl tonic::service::Interceptor for AllowAll {
             AllowAll::Only(id) => id.call(req),
         }
     }
+}
+
+/// Sweeps restic's caches (see [`crate::cache`]) every `--cache-sweep-interval`, the first time a
+/// minute after start, and exports what they hold.
+fn spawn_cache_sweeps(config: &Config, metrics: Metrics, shutdown: CancellationToken) {
+    let root = config.cache_dir.clone();
+    let policy = crate::cache::Policy {
+        max_age: config.cache_max_age,
+        max_bytes: config.cache_max_size_mib.saturating_mul(1024 * 1024),
+        busy_within: config.max_duration,
+    };
+    let every = config.cache_sweep_interval.max(Duration::from_secs(1));
+    tokio::spawn(async move {
+        let mut wait = every.min(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = every;
+            let root = root.clone();
+            let swept = tokio::task::spawn_blocking(move || {
+                crate::cache::sweep(&root, policy, std::time::SystemTime::now())
+            })
+            .await;
+            if let Ok(swept) = swept {
+                metrics
+                    .cache_bytes
+                    .set(i64::try_from(swept.kept_bytes).unwrap_or(i64::MAX));
+            }
+        }
+    });
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {

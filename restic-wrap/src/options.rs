@@ -17,6 +17,9 @@ pub trait Subcommand {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GlobalOptions {
     pub cache_dir: Option<PathBuf>,
+    /// `--cleanup-cache`: restic removes its own old cache entries (those of repository ids not
+    /// used for 30 days) inside the cache directory.
+    pub cleanup_cache: bool,
     pub no_cache: bool,
     /// Take no repository lock (restores from a repository mounted read-only).
     pub no_lock: bool,
@@ -37,6 +40,9 @@ impl GlobalOptions {
         if let Some(dir) = &self.cache_dir {
             a.push("--cache-dir".into());
             a.push(dir.clone().into_os_string());
+        }
+        if self.cleanup_cache {
+            a.push("--cleanup-cache".into());
         }
         if self.no_cache {
             a.push("--no-cache".into());

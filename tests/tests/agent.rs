@@ -810,6 +810,74 @@ async fn a_memory_budget_that_fits_one_restic_runs_backups_one_at_a_time() {
     );
 }
 
+/// restic's caches on the node are bounded: an agent sweeping every second with
+/// `--cache-max-age 5s` removes the cache of a repository it no longer uses, keeps the one it just
+/// used, and `stowage_agent_cache_bytes` says what is left.
+#[tokio::test]
+async fn caches_of_repositories_no_longer_used_are_removed() {
+    let s = Setup::new();
+    let agent = s
+        .agent_with(|o| {
+            o.extra_args = ["--cache-max-age", "3s", "--cache-sweep-interval", "1s"]
+                .map(String::from)
+                .to_vec();
+        })
+        .await;
+    let (old_repo, new_repo) = (s.path("old-repo"), s.path("new-repo"));
+    restic::init(&old_repo, PW);
+    restic::init(&new_repo, PW);
+    let vol = csi_volume(&s.kubelet(), "uid-c", "pv-c");
+    fstree::write_random(&vol.join("data"), 2 * MB, 5);
+    let mut client = agent.client(&s.pki).await;
+    let req = |repo: &Path| {
+        volume_backup(
+            local_repo(repo, PW, false),
+            "uid-c",
+            "pv-c",
+            "shop",
+            "pvc-c",
+        )
+    };
+    let caches = s.pki.dir.join(format!("cache-{}", agent.grpc.port()));
+    let repo_caches = || -> Vec<PathBuf> {
+        std::fs::read_dir(&caches)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        !p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let first = backup(&mut client, req(&old_repo)).await;
+    assert_eq!(first.result.expect("backup").outcome(), POutcome::Succeeded);
+    let old_cache = repo_caches();
+    assert_eq!(old_cache.len(), 1, "{old_cache:?}");
+    // The old repository goes unused for longer than the age; the new one is used at the end.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let second = backup(&mut client, req(&new_repo)).await;
+    assert_eq!(
+        second.result.expect("backup").outcome(),
+        POutcome::Succeeded
+    );
+    stowage_tests::cluster::wait_for("the old cache removed", Duration::from_secs(10), || async {
+        !old_cache[0].exists()
+    })
+    .await;
+    let left = repo_caches();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_ne!(left[0], old_cache[0]);
+    let bytes = agent
+        .metric("stowage_agent_cache_bytes")
+        .await
+        .unwrap_or_default();
+    assert!(bytes > 0.0, "the new repository's cache is measured");
+    assert!(agent.log_text().contains("removed a restic cache"));
+}
+
 /// Namespace a asks for two slow backups on a node with two slots and a share of one per
 /// namespace: its second waits in a's own queue, told why, and namespace b's backup, asked for
 /// last, takes the free slot and ends while a's first still runs. Without shares a's two backups
