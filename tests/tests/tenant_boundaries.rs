@@ -449,3 +449,93 @@ async fn a_run_of_the_most_items_with_the_longest_names_is_stored() {
         status.summary
     );
 }
+
+/// Two namespaces' Schedules at one repository location, under one coordinator watching both:
+/// each gets `SharedRepository=True` naming the other namespace, and a Warning Event. A third
+/// namespace with a repository of its own gets no such condition, and once the second Schedule
+/// moves to its own location, its condition goes away.
+#[tokio::test]
+async fn schedules_of_two_namespaces_at_one_repository_are_warned() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let a = fresh_namespace(&client, "shared-a").await;
+    let b = fresh_namespace(&client, "shared-b").await;
+    let c = fresh_namespace(&client, "shared-c").await;
+    let shared = cluster.dir.join("repos").join(format!("{a}-shared"));
+    let own = cluster.dir.join("repos").join(format!("{c}-own"));
+    for ns in [&a, &b, &c] {
+        secret(&client, ns, "backup-repo", &[("password", "shared-secret")]).await;
+    }
+    let mut opts = CoordinatorOptions::new(&a);
+    opts.extra_args = vec![
+        "--namespace".into(),
+        b.clone(),
+        "--namespace".into(),
+        c.clone(),
+    ];
+    let _coordinator = Coordinator::start(cluster, opts).await;
+    let schedule = |repo: &std::path::Path| {
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+            "metadata": {"name": "nightly"},
+            "spec": {"backend": stowage_tests::coordinator::local_backend(repo),
+                     "backup": {"schedule": "@daily-random"}}})
+    };
+    for (ns, repo) in [(&a, &shared), (&b, &shared), (&c, &own)] {
+        let _: Schedule = create(&client, ns, schedule(repo)).await;
+    }
+    for (ns, other) in [(&a, &b), (&b, &a)] {
+        let v = wait_json::<Schedule>(
+            &client,
+            ns,
+            "nightly",
+            Duration::from_secs(60),
+            "SharedRepository",
+            |v| condition(v, "SharedRepository").is_some_and(|c| c["status"] == "True"),
+        )
+        .await;
+        let message = condition(&v, "SharedRepository").expect("condition")["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(message.contains(other.as_str()), "{message}");
+        wait_event(
+            &client,
+            ns,
+            "nightly",
+            "SharedRepository",
+            other,
+            Duration::from_secs(20),
+        )
+        .await;
+    }
+    let own_schedule = wait_json::<Schedule>(
+        &client,
+        &c,
+        "nightly",
+        Duration::from_secs(30),
+        "Ready",
+        |v| condition(v, "Ready").is_some(),
+    )
+    .await;
+    assert!(condition(&own_schedule, "SharedRepository").is_none());
+    // b moves to a repository of its own (a's warning goes at a's next periodic reconcile).
+    let b_own = cluster.dir.join("repos").join(format!("{b}-own"));
+    kube::Api::<Schedule>::namespaced(client.clone(), &b)
+        .patch(
+            "nightly",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"backend":
+                stowage_tests::coordinator::local_backend(&b_own)}})),
+        )
+        .await
+        .expect("move b");
+    wait_json::<Schedule>(
+        &client,
+        &b,
+        "nightly",
+        Duration::from_secs(30),
+        "b's warning gone",
+        |v| condition(v, "SharedRepository").is_none() && condition(v, "Ready").is_some(),
+    )
+    .await;
+}
