@@ -6,10 +6,12 @@
 //!   `--figures-interval`. They go into the Schedule's status through its own reconcile, which this
 //!   module nudges, so the Schedule's status keeps a single writer.
 //!
-//! One task does this for the whole coordinator, one repository at a time, each look bounded; any
-//! ready agent reads the repository (they all can).
+//! One task for locks and one for figures, each running up to [`LOOKS_AT_ONCE`] looks at a time,
+//! so a repository whose endpoint never answers (a tarpit) holds one look, not the others. Each
+//! look is bounded in total, whichever agents it tries: any ready agent reads the repository (they
+//! all can).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +35,8 @@ pub type Key = (String, String);
 /// index (and may wait up to a minute for a prune's exclusive lock).
 const LOCKS_WITHIN: Duration = Duration::from_secs(120);
 const FIGURES_WITHIN: Duration = Duration::from_secs(600);
+/// Looks of one kind running at once.
+const LOOKS_AT_ONCE: usize = 4;
 
 /// What runs and the Schedule reconcile share with the task.
 #[derive(Default)]
@@ -155,6 +159,7 @@ async fn lock_looks(ctx: Arc<Ctx>, schedules: crate::state::Cache<Schedule>) {
     // When each Schedule was last looked at while waiting, so a waiting run costs one look per
     // interval however often runs end.
     let mut looked: HashMap<Key, Instant> = HashMap::new();
+    let in_flight = InFlight::default();
     loop {
         tokio::select! {
             () = ctx.inspector.wake.notified() => {}
@@ -169,19 +174,37 @@ async fn lock_looks(ctx: Arc<Ctx>, schedules: crate::state::Cache<Schedule>) {
                 due.insert(key);
             }
         }
+        forget_gone(&mut looked, &schedules);
         for key in due {
             let Some(s) = schedules.get(&ObjectRef::new(&key.1).within(&key.0)) else {
                 continue;
             };
+            let Some(guard) = in_flight.start(&key) else {
+                continue;
+            };
             looked.insert(key.clone(), Instant::now());
-            match look(&ctx, &s, false).await {
-                Ok(r) => publish_locks(&ctx.metrics, &key.0, &key.1, &r),
-                Err(e) => {
-                    tracing::info!(namespace = %key.0, schedule = %key.1, error = %e, "could not read the repository's locks; trying again later");
+            let ctx = Arc::clone(&ctx);
+            tokio::spawn(async move {
+                let _guard = guard;
+                match look(&ctx, &s, false).await {
+                    Ok(r) => publish_locks(&ctx.metrics, &key.0, &key.1, &r),
+                    Err(e) => {
+                        tracing::info!(namespace = %key.0, schedule = %key.1, error = %e, "could not read the repository's locks; trying again later");
+                    }
                 }
-            }
+            });
         }
     }
+}
+
+fn key_of(s: &Schedule) -> Key {
+    (s.namespace().unwrap_or_default(), s.name_any())
+}
+
+/// Drops the entries of Schedules that no longer exist, so the maps stay as large as the cache.
+fn forget_gone(seen: &mut HashMap<Key, Instant>, schedules: &crate::state::Cache<Schedule>) {
+    let live: HashSet<Key> = schedules.state().iter().map(|s| key_of(s)).collect();
+    seen.retain(|k, _| live.contains(k));
 }
 
 async fn figure_looks(
@@ -192,41 +215,76 @@ async fn figure_looks(
     let every = ctx.config.figures_interval.max(Duration::from_secs(1));
     // A failed look (no repository yet, a prune holding the lock) is retried an interval later.
     let mut tried: HashMap<Key, Instant> = HashMap::new();
+    let in_flight = InFlight::default();
     loop {
         tokio::time::sleep(every.min(Duration::from_secs(60))).await;
         if ctx.synced().await.is_err() {
             continue;
         }
+        forget_gone(&mut tried, &schedules);
         for s in schedules.state() {
-            let key = (s.namespace().unwrap_or_default(), s.name_any());
+            let key = key_of(&s);
             if s.spec.paused
                 || tried.get(&key).is_some_and(|t| t.elapsed() < every)
                 || !older_than(figures_time(&ctx, &s, &key).as_deref(), every)
             {
                 continue;
             }
+            let Some(guard) = in_flight.start(&key) else {
+                continue;
+            };
             tried.insert(key.clone(), Instant::now());
-            match look(&ctx, &s, true).await {
-                Ok(r) => {
-                    publish_locks(&ctx.metrics, &key.0, &key.1, &r);
-                    if let Some(f) = r.figures {
-                        if let Ok(mut m) = ctx.inspector.figures.lock() {
-                            m.insert(
-                                key.clone(),
-                                RepositoryFigures {
-                                    snapshots: f.snapshots,
-                                    size_bytes: f.size_bytes,
-                                    time: Some(now_rfc3339()),
-                                },
-                            );
+            let (ctx, nudge) = (Arc::clone(&ctx), nudge.clone());
+            tokio::spawn(async move {
+                let _guard = guard;
+                match look(&ctx, &s, true).await {
+                    Ok(r) => {
+                        publish_locks(&ctx.metrics, &key.0, &key.1, &r);
+                        if let Some(f) = r.figures {
+                            if let Ok(mut m) = ctx.inspector.figures.lock() {
+                                m.insert(
+                                    key.clone(),
+                                    RepositoryFigures {
+                                        snapshots: f.snapshots,
+                                        size_bytes: f.size_bytes,
+                                        time: Some(now_rfc3339()),
+                                    },
+                                );
+                            }
+                            let _ = nudge.try_send(ObjectRef::from_obj(s.as_ref()));
                         }
-                        let _ = nudge.try_send(ObjectRef::from_obj(s.as_ref()));
+                    }
+                    Err(e) => {
+                        tracing::info!(namespace = %key.0, schedule = %key.1, error = %e, "could not read the repository's figures; trying again later");
                     }
                 }
-                Err(e) => {
-                    tracing::info!(namespace = %key.0, schedule = %key.1, error = %e, "could not read the repository's figures; trying again later");
-                }
-            }
+            });
+        }
+    }
+}
+
+/// The Schedules with a look of one kind running: at most one per Schedule, and at most
+/// [`LOOKS_AT_ONCE`] in all (a Schedule over the cap waits for the next turn).
+#[derive(Default, Clone)]
+struct InFlight(Arc<Mutex<HashSet<Key>>>);
+
+/// A running look's place; freed on drop (the look ended, or its task was dropped).
+struct Looking(InFlight, Key);
+
+impl InFlight {
+    fn start(&self, key: &Key) -> Option<Looking> {
+        let mut set = self.0.lock().ok()?;
+        if set.len() >= LOOKS_AT_ONCE || !set.insert(key.clone()) {
+            return None;
+        }
+        Some(Looking(self.clone(), key.clone()))
+    }
+}
+
+impl Drop for Looking {
+    fn drop(&mut self) {
+        if let Ok(mut set) = (self.0).0.lock() {
+            set.remove(&self.1);
         }
     }
 }
@@ -237,6 +295,8 @@ enum LookError {
     Backend(String),
     #[error("no ready agent")]
     NoAgent,
+    #[error("no agent could read the repository within {}s", .0.as_secs())]
+    TimedOut(Duration),
     #[error(transparent)]
     Dispatch(#[from] DispatchError),
 }
@@ -258,9 +318,16 @@ async fn look(ctx: &Ctx, s: &Schedule, figures: bool) -> Result<InspectResponse,
     } else {
         LOCKS_WITHIN
     };
+    // `within` bounds the whole look, however many agents it tries: a repository endpoint that
+    // never answers makes every agent wait alike.
+    let deadline = tokio::time::Instant::now() + within;
     let mut last = LookError::NoAgent;
     for node in ctx.agents.ready_nodes() {
-        match dispatch::inspect(&ctx.agents, &node, &repository, figures, within).await {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(LookError::TimedOut(within));
+        }
+        match dispatch::inspect(&ctx.agents, &node, &repository, figures, left).await {
             Ok(r) => return Ok(r),
             Err(e) if e.try_elsewhere() => last = e.into(),
             Err(e) => return Err(e.into()),

@@ -539,3 +539,89 @@ async fn schedules_of_two_namespaces_at_one_repository_are_warned() {
     )
     .await;
 }
+
+/// A tarpit: accepts connections and never answers, holding each open.
+struct Tarpit {
+    url: String,
+    connections: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Tarpit {
+    fn start() -> Tarpit {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}/", l.local_addr().expect("addr"));
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let held = connections.clone();
+        // Lives until the test process ends; it only ever listens on loopback.
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                held.lock().expect("lock").push(conn);
+            }
+        });
+        Tarpit { url, connections }
+    }
+
+    fn connected(&self) -> bool {
+        !self.connections.lock().expect("lock").is_empty()
+    }
+}
+
+/// A tenant's Schedule whose repository endpoint never answers holds its own look, not the
+/// inspector: another Schedule's figures, due after the tarpit's look started, arrive within
+/// seconds (looks run independently; each is bounded in total, not per agent).
+#[tokio::test]
+async fn a_tarpit_repository_does_not_hold_other_schedules_looks() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let ns = fresh_namespace(&client, "tarpit").await;
+    let tarpit = Tarpit::start();
+    secret(
+        &client,
+        &ns,
+        "tarpit",
+        &[("user", "u"), ("password", "tarpit-password")],
+    )
+    .await;
+    secret(
+        &client,
+        &ns,
+        "backup-repo",
+        &[("password", "healthy-password")],
+    )
+    .await;
+    let repo = cluster.dir.join("repos").join(format!("{ns}-healthy"));
+    stowage_tests::restic::init(&repo, "healthy-password");
+    let mut opts = CoordinatorOptions::new(&ns);
+    opts.extra_args = vec!["--figures-interval".into(), "1s".into()];
+    let _coordinator = Coordinator::start(cluster, opts).await;
+    let schedule = |name: &str, backend: serde_json::Value| {
+        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+            "metadata": {"name": name},
+            "spec": {"backend": backend, "backup": {"schedule": "@daily-random"}}})
+    };
+    let _: Schedule = create(
+        &client,
+        &ns,
+        schedule("tarpit", rest_backend(&tarpit.url, "tarpit")),
+    )
+    .await;
+    stowage_tests::wait_until(
+        "the tarpit's look to start",
+        Duration::from_secs(30),
+        || tarpit.connected(),
+    )
+    .await;
+    let healthy = stowage_tests::coordinator::local_backend(&repo);
+    let _: Schedule = create(&client, &ns, schedule("healthy", healthy)).await;
+    let v = wait_json::<Schedule>(
+        &client,
+        &ns,
+        "healthy",
+        Duration::from_secs(30),
+        "the healthy Schedule's figures",
+        |v| v["status"]["repository"]["snapshots"].is_number(),
+    )
+    .await;
+    assert_eq!(v["status"]["repository"]["snapshots"], 0, "{v:#}");
+    assert!(tarpit.connected());
+}
