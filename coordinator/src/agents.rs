@@ -243,7 +243,7 @@ impl AgentDirectory {
             .lock()
             .map_err(|_| bad("channel cache poisoned".into()))?;
         if let Some(ch) = channels.get(&ep.uri) {
-            return Ok(AgentClient::new(ch.clone()));
+            return Ok(bounded(AgentClient::new(ch.clone())));
         }
         let mut endpoint = Endpoint::from_shared(ep.uri.clone())
             .map_err(|e| bad(e.to_string()))?
@@ -259,8 +259,15 @@ impl AgentDirectory {
         }
         let ch = endpoint.connect_lazy();
         channels.insert(ep.uri.clone(), ch.clone());
-        Ok(AgentClient::new(ch))
+        Ok(bounded(AgentClient::new(ch)))
     }
+}
+
+/// A client whose messages are bounded both ways (an agent's snapshot list may exceed tonic's
+/// 4 MiB default, and nothing larger than the agent may send is ever decoded).
+fn bounded(c: AgentClient<Channel>) -> AgentClient<Channel> {
+    c.max_decoding_message_size(stowage_proto::MESSAGE_MAX)
+        .max_encoding_message_size(stowage_proto::MESSAGE_MAX)
 }
 
 fn tls_config(config: &Config) -> Result<Option<ClientTlsConfig>, TlsError> {

@@ -13,8 +13,20 @@ use std::sync::Mutex;
 
 use restic_wrap::json::Snapshot;
 
-/// Entries kept at most (about 0.5 KiB each); on overflow the record starts over.
-const MAX: usize = 20_000;
+/// Entries kept at most; on overflow the record starts over.
+const MAX: usize = 10_000;
+/// A snapshot whose tags, paths and host take more than this is not kept (a restore of it lists
+/// the repository again): with [`MAX`], the record holds at most about 20 MiB.
+const ENTRY_MAX: usize = 2048;
+
+/// The bytes a kept snapshot costs, roughly.
+fn weight(s: &Snapshot) -> usize {
+    s.id.len()
+        + s.short_id.len()
+        + s.hostname.len()
+        + s.tags.iter().map(String::len).sum::<usize>()
+        + s.paths.iter().map(String::len).sum::<usize>()
+}
 
 #[derive(Debug, Default)]
 pub struct KnownSnapshots(Mutex<HashMap<(String, String), Snapshot>>);
@@ -23,7 +35,7 @@ impl KnownSnapshots {
     /// Records what restic listed from the repository at `location`.
     pub fn remember<'a>(&self, location: &str, listed: impl IntoIterator<Item = &'a Snapshot>) {
         let Ok(mut m) = self.0.lock() else { return };
-        for s in listed {
+        for s in listed.into_iter().filter(|s| weight(s) <= ENTRY_MAX) {
             if m.len() >= MAX {
                 m.clear();
             }
@@ -51,6 +63,16 @@ mod tests {
             tags: tags.iter().map(|t| t.to_string()).collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_snapshot_heavier_than_an_entry_may_be_is_not_kept() {
+        let known = KnownSnapshots::default();
+        let id = "b".repeat(64);
+        let mut heavy = snap(&id, &["ns=a"]);
+        heavy.paths = vec!["p".repeat(ENTRY_MAX)];
+        known.remember("s3:one", [&heavy]);
+        assert!(known.get("s3:one", &id, &[]).is_none());
     }
 
     #[test]

@@ -317,7 +317,9 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(authorized(
-            AgentServer::new(AgentService::new(ctx, tasks.clone())),
+            AgentServer::new(AgentService::new(ctx, tasks.clone()))
+                .max_decoding_message_size(stowage_proto::REQUEST_MAX)
+                .max_encoding_message_size(stowage_proto::MESSAGE_MAX),
             &config,
         ));
     let stop = shutdown.clone();

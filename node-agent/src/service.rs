@@ -376,7 +376,18 @@ impl Agent for AgentService {
                 parent: s.parent.unwrap_or_default(),
             })
             .collect();
-        Ok(Response::new(SnapshotsResponse { snapshots }))
+        let response = SnapshotsResponse { snapshots };
+        // The answer is one gRPC message, bounded both ways (stowage_proto::MESSAGE_MAX).
+        let size = prost::Message::encoded_len(&response);
+        if size > stowage_proto::MESSAGE_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "the repository lists {} snapshots here ({} MiB), more than one answer may carry ({} MiB): select one identity, or forget old snapshots (a Prune)",
+                response.snapshots.len(),
+                size >> 20,
+                stowage_proto::MESSAGE_MAX >> 20
+            )));
+        }
+        Ok(Response::new(response))
     }
 
     type CheckStream = ReceiverStream<Result<MaintenanceEvent, Status>>;

@@ -12,3 +12,11 @@ pub mod agent {
 }
 
 pub use agent::v1;
+
+/// The largest message either side sends or decodes: a repository's snapshot list is the largest
+/// answer (about 300 bytes a snapshot), far above tonic's 4 MiB default for big repositories.
+pub const MESSAGE_MAX: usize = 32 * 1024 * 1024;
+
+/// The largest request the agent decodes: requests carry a repository, an identity and a command
+/// line or a few paths.
+pub const REQUEST_MAX: usize = 4 * 1024 * 1024;

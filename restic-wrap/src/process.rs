@@ -22,6 +22,11 @@ pub const TERMINATE_GRACE: Duration = Duration::from_millis(1500);
 const STDERR_TAIL_BYTES: usize = 16 * 1024;
 /// JSON item errors kept per run; a tree with a million unreadable files must not eat memory.
 const MAX_ITEM_ERRORS: usize = 100;
+/// The longest line of restic's stdout taken (`snapshots --json` is one line: 20,000 snapshots
+/// are about 20 MiB); a longer one is an error, not an allocation.
+pub const STDOUT_LINE_MAX: usize = 128 * 1024 * 1024;
+/// The longest stderr line kept; the rest of a longer one is read and dropped.
+const STDERR_LINE_MAX: usize = 64 * 1024;
 
 /// What restic wrote to stderr, bounded.
 #[derive(Debug, Default, Clone)]
@@ -113,10 +118,20 @@ impl ResticProcess {
     /// The next line of stdout (decoded lossily), or `None` at end of output.
     pub async fn next_line(&mut self) -> Result<Option<String>> {
         match &mut self.stdout {
-            Some(out) => read_line_lossy(out).await.map_err(|source| Error::Io {
-                context: "reading stdout",
-                source,
-            }),
+            Some(out) => match read_line_bounded(out, STDOUT_LINE_MAX).await {
+                Ok(Some((_, true))) => Err(Error::Io {
+                    context: "reading stdout",
+                    source: std::io::Error::other(format!(
+                        "a line of restic's output is longer than {} MiB",
+                        STDOUT_LINE_MAX >> 20
+                    )),
+                }),
+                Ok(line) => Ok(line.map(|(l, _)| l)),
+                Err(source) => Err(Error::Io {
+                    context: "reading stdout",
+                    source,
+                }),
+            },
             None => Ok(None),
         }
     }
@@ -210,22 +225,49 @@ async fn terminate_group(mut child: Child, pgid: Option<Pid>, grace: Duration) {
 
 /// One line, without its end, decoded lossily: restic prints file names as they are on disk, and a
 /// name that is not UTF-8 must not end the reading. `None` at end of stream.
-pub(crate) async fn read_line_lossy<R: AsyncBufRead + Unpin>(
+/// Reads one line, keeping at most `max` bytes of it: the rest of a longer line is read and
+/// dropped (so the pipe keeps draining), and the line comes back cut, with `true`. `None` at the end.
+pub(crate) async fn read_line_bounded<R: AsyncBufRead + Unpin>(
     r: &mut R,
-) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::new();
-    if r.read_until(b'\n', &mut buf).await? == 0 {
+    max: usize,
+) -> std::io::Result<Option<(String, bool)>> {
+    let (mut buf, mut cut, mut any) = (Vec::new(), false, false);
+    loop {
+        let chunk = r.fill_buf().await?;
+        if chunk.is_empty() {
+            break;
+        }
+        any = true;
+        let (take, end) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        let room = max.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..take.min(room)]);
+        cut |= take > room;
+        r.consume(take);
+        if end {
+            break;
+        }
+    }
+    if !any {
         return Ok(None);
     }
     while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         buf.pop();
     }
-    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
+    Ok(Some((String::from_utf8_lossy(&buf).into_owned(), cut)))
+}
+
+/// [`read_line_bounded`] without the mark, for tests of whole lines.
+#[cfg(test)]
+async fn read_line_lossy<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option<String>> {
+    Ok(read_line_bounded(r, usize::MAX).await?.map(|(l, _)| l))
 }
 
 async fn capture_stderr<R: AsyncRead + Unpin>(stream: R, sink: Arc<Mutex<StderrCapture>>) {
     let mut reader = BufReader::new(stream);
-    while let Ok(Some(line)) = read_line_lossy(&mut reader).await {
+    while let Ok(Some((line, _))) = read_line_bounded(&mut reader, STDERR_LINE_MAX).await {
         let Ok(mut cap) = sink.lock() else { return };
         if line.starts_with('{') {
             // Item errors (restic 0.14 writes backup item errors as JSON on stderr).
@@ -290,6 +332,19 @@ fn inherited_env() -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_overlong_line_is_cut_and_the_next_one_still_read() {
+        let mut data = vec![b'x'; 100];
+        data.extend_from_slice(b"\nnext\n");
+        // A small buffer, so the long line spans several fills.
+        let mut r = BufReader::with_capacity(8, data.as_slice());
+        let (line, cut) = read_line_bounded(&mut r, 10).await.unwrap().unwrap();
+        assert_eq!((line.len(), cut), (10, true));
+        let (line, cut) = read_line_bounded(&mut r, 10).await.unwrap().unwrap();
+        assert_eq!((line.as_str(), cut), ("next", false));
+        assert_eq!(read_line_bounded(&mut r, 10).await.unwrap(), None);
+    }
 
     #[tokio::test]
     async fn lines_that_are_not_utf8_do_not_stop_the_reading() {

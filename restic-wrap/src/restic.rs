@@ -548,6 +548,15 @@ impl Restic {
             while let Some(line) = process.next_line().await? {
                 out.push_str(&line);
                 out.push('\n');
+                if out.len() > crate::process::STDOUT_LINE_MAX {
+                    return Err(Error::Io {
+                        context: "reading stdout",
+                        source: std::io::Error::other(format!(
+                            "restic's output is longer than {} MiB",
+                            crate::process::STDOUT_LINE_MAX >> 20
+                        )),
+                    });
+                }
             }
             Ok::<_, Error>(out)
         };
