@@ -35,6 +35,8 @@ pub struct CoordinatorOptions {
     /// Default: the cluster admin's.
     pub kubeconfig: Option<PathBuf>,
     pub extra_args: Vec<String>,
+    /// Watch every namespace (the Lease stays in `namespace`): for a cluster of its own only.
+    pub all_namespaces: bool,
 }
 
 impl CoordinatorOptions {
@@ -45,6 +47,7 @@ impl CoordinatorOptions {
             agents: Agents::Shared,
             kubeconfig: None,
             extra_args: Vec::new(),
+            all_namespaces: false,
         }
     }
 }
@@ -79,8 +82,12 @@ impl Coordinator {
                 "RUST_LOG",
                 "info,stowage_coordinator=debug,kube_runtime=warn",
             )
-            .arg("--namespace")
-            .arg(&opts.namespace)
+            .args(
+                (!opts.all_namespaces)
+                    .then(|| ["--namespace".to_string(), opts.namespace.clone()])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--lease-namespace")
             .arg(&opts.namespace)
             .arg("--identity")
@@ -139,6 +146,10 @@ impl Coordinator {
         };
         crate::wait_healthy(&mut c.child, c.metrics, "coordinator", &c.log).await;
         c
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_text(&self) -> String {
