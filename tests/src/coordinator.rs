@@ -37,6 +37,9 @@ pub struct CoordinatorOptions {
     pub extra_args: Vec<String>,
     /// Watch every namespace (the Lease stays in `namespace`): for a cluster of its own only.
     pub all_namespaces: bool,
+    /// `--lease-duration`: short in tests (a standby takes over quickly); a loaded control plane
+    /// (the scale bench) needs the chart's.
+    pub lease_duration: String,
 }
 
 impl CoordinatorOptions {
@@ -48,6 +51,7 @@ impl CoordinatorOptions {
             kubeconfig: None,
             extra_args: Vec::new(),
             all_namespaces: false,
+            lease_duration: "3s".into(),
         }
     }
 }
@@ -94,7 +98,8 @@ impl Coordinator {
             .arg(&opts.identity)
             .arg("--metrics-listen")
             .arg(metrics.to_string())
-            .args(["--lease-duration", "3s"]);
+            .arg("--lease-duration")
+            .arg(&opts.lease_duration);
         match &opts.agents {
             Agents::Shared => {
                 let e = &cluster.env;

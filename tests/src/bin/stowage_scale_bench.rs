@@ -202,6 +202,15 @@ async fn main() {
 
     // The run's namespace: mounted volumes on the three nodes with agents.
     let ns = "scale-run";
+    // A re-run on the same cluster: the Secret and the runs of the last one go first.
+    let _ = Api::<Secret>::namespaced(client.clone(), ns)
+        .delete("backup-repo", &Default::default())
+        .await;
+    for name in ["probe", "thousand"] {
+        let _ = Api::<Backup>::namespaced(client.clone(), ns)
+            .delete(name, &Default::default())
+            .await;
+    }
     secret(&client, ns, "backup-repo", &[("password", "bench")]).await;
     let agent_nodes = ["node-1", "node-2", "node-3"];
     let mut pvs = Vec::new();
@@ -276,6 +285,8 @@ async fn main() {
     // The coordinator, watching every namespace.
     let mut opts = CoordinatorOptions::new(ns);
     opts.all_namespaces = true;
+    // The chart's: with 20,000 pods kwok keeps the API server busy, and a 3 s Lease is lost.
+    opts.lease_duration = "15s".into();
     let started = Instant::now();
     let coordinator = Coordinator::start(cluster, opts).await;
     coordinator.wait_leading(Duration::from_secs(60)).await;
@@ -310,6 +321,11 @@ async fn main() {
     let synced = started.elapsed();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (rss_synced, _) = rss_kib(pid);
+    eprintln!(
+        "caches filled in {:.1}s; coordinator RSS {} MiB",
+        synced.as_secs_f64(),
+        rss_synced / 1024
+    );
 
     let repo = cluster.dir.join("repos").join("scale-run");
     let created = Instant::now();
