@@ -125,13 +125,12 @@ where
 }
 
 /// One shared watch of a run kind: its store, a subscriber for its controller and one for the
-/// Schedule controller, and the future that drives the watch.
+/// Schedule controller. The watch runs from the moment it is made.
 struct SharedRuns<K: RunObject> {
     store: Store<K>,
     ready: state::Ready,
     for_runs: reflector::ReflectHandle<K>,
     for_schedules: reflector::ReflectHandle<K>,
-    drive: futures::future::BoxFuture<'static, ()>,
 }
 
 fn shared_runs<K>(client: &Client, ns: Option<&str>) -> Option<SharedRuns<K>>
@@ -142,17 +141,18 @@ where
     let for_runs = writer.subscribe()?;
     let for_schedules = writer.subscribe()?;
     let (ready_tx, ready) = state::readiness();
-    let drive = watcher(api::<K>(client, ns), watcher::Config::default())
-        .default_backoff()
-        .reflect_shared(writer)
-        .for_each(move |r| state::observe(K::ACTION, &ready_tx, r))
-        .boxed();
+    // A shared watch waits for its subscribers to take events, so it is driven from the start.
+    tokio::spawn(
+        watcher(api::<K>(client, ns), watcher::Config::default())
+            .default_backoff()
+            .reflect_shared(writer)
+            .for_each(move |r| state::observe(K::ACTION, &ready_tx, r)),
+    );
     Some(SharedRuns {
         store,
         ready,
         for_runs,
         for_schedules,
-        drive,
     })
 }
 
@@ -300,19 +300,10 @@ async fn lead(
 
     let mut watched = Vec::new();
     for ns in &namespaces {
-        let Some(mut w) = watch_namespace(&client, ns.clone()) else {
+        let Some(w) = watch_namespace(&client, ns.clone()) else {
             tracing::error!("cannot subscribe to the shared watches");
             return Ok(());
         };
-        // A shared watch waits for its subscribers to take events, so its drive starts now.
-        for drive in [
-            std::mem::replace(&mut w.backups.drive, futures::future::ready(()).boxed()),
-            std::mem::replace(&mut w.checks.drive, futures::future::ready(()).boxed()),
-            std::mem::replace(&mut w.prunes.drive, futures::future::ready(()).boxed()),
-            std::mem::replace(&mut w.restores.drive, futures::future::ready(()).boxed()),
-        ] {
-            tokio::spawn(drive);
-        }
         watched.push(w);
     }
     tokio::time::timeout(state::SYNC_TIMEOUT, agents.wait_synced())
@@ -396,54 +387,32 @@ async fn lead(
         // Restores are not a Schedule's: nobody else subscribes to their watch.
         drop(w.restores.for_schedules);
         controllers.push(drain(schedules, "schedule").boxed());
-        controllers.push(
-            drain(
-                run_controller(
-                    w.backups.for_runs,
-                    w.backups.store,
-                    Arc::clone(&ctx),
-                    run::backup::execute,
-                ),
-                "backup",
-            )
-            .boxed(),
-        );
-        controllers.push(
-            drain(
-                run_controller(
-                    w.checks.for_runs,
-                    w.checks.store,
-                    Arc::clone(&ctx),
-                    run::maintenance::execute_check,
-                ),
-                "check",
-            )
-            .boxed(),
-        );
-        controllers.push(
-            drain(
-                run_controller(
-                    w.prunes.for_runs,
-                    w.prunes.store,
-                    Arc::clone(&ctx),
-                    run::maintenance::execute_prune,
-                ),
-                "prune",
-            )
-            .boxed(),
-        );
-        controllers.push(
-            drain(
-                run_controller(
-                    w.restores.for_runs,
-                    w.restores.store,
-                    Arc::clone(&ctx),
-                    run::restore::execute,
-                ),
-                "restore",
-            )
-            .boxed(),
-        );
+        controllers.extend([
+            run_controller(
+                w.backups.for_runs,
+                w.backups.store,
+                &ctx,
+                run::backup::execute,
+            ),
+            run_controller(
+                w.checks.for_runs,
+                w.checks.store,
+                &ctx,
+                run::maintenance::execute_check,
+            ),
+            run_controller(
+                w.prunes.for_runs,
+                w.prunes.store,
+                &ctx,
+                run::maintenance::execute_prune,
+            ),
+            run_controller(
+                w.restores.for_runs,
+                w.restores.store,
+                &ctx,
+                run::restore::execute,
+            ),
+        ]);
     }
     // Each nudge goes to the controller of the Schedule's namespace (the only one, when the whole
     // cluster is watched).
@@ -466,20 +435,20 @@ async fn lead(
     Ok(())
 }
 
-/// The controller of one run kind in one namespace: started by each change of a run, and every
-/// `RUN_RECHECK` for every run it knows.
+/// The controller of one run kind in one namespace, to be driven: started by each change of a
+/// run, and every `RUN_RECHECK` for every run it knows.
 fn run_controller<K, F, Fut>(
     events: reflector::ReflectHandle<K>,
     store: Store<K>,
-    ctx: Arc<Ctx>,
+    ctx: &Arc<Ctx>,
     execute: F,
-) -> impl Stream<Item = Result<(ObjectRef<K>, Action), impl std::fmt::Display>> + Send + 'static
+) -> futures::future::BoxFuture<'static, ()>
 where
     K: RunObject,
     F: FnOnce(Arc<Ctx>, Arc<K>) -> Fut + Copy + Send + Sync + 'static,
     Fut: Future<Output = Result<(), kube::Error>> + Send + 'static,
 {
-    Controller::for_shared_stream(events, store)
+    let controller = Controller::for_shared_stream(events, store)
         .reconcile_all_on(every(RUN_RECHECK))
         .run(
             move |o, c| async move {
@@ -487,8 +456,9 @@ where
                 Ok::<_, kube::Error>(reconcile_run(o, c, execute))
             },
             error_policy,
-            ctx,
-        )
+            Arc::clone(ctx),
+        );
+    drain(controller, K::ACTION).boxed()
 }
 
 /// Deleted Schedules get no reconcile (there is nothing left to reconcile), so their metric series

@@ -9,7 +9,7 @@
 //! - [`schedule`]: the Schedule reconciler (validate, fire, next times and conditions, history);
 //! - [`backend`], [`endpoints`] and [`restic_fields`]: checks of the spec fields that reach restic
 //!   (credentials only from labelled Secrets, endpoints from the administrator's allow-list);
-//! - [`state`]: the watch caches (PVCs, Pods, Secrets by key name);
+//! - [`state`]: the watch caches (PVCs and Pods as compact [`records`], Secrets by key name);
 //! - [`plan`]: the pure planning of a backup run (which volume is read by which node's agent);
 //! - [`run`]: executing Backup, Check and Prune runs (`run::volume` is one volume's task,
 //!   `run::status` the run's one status writer); [`dispatch`] calls the agents;
@@ -41,6 +41,7 @@ pub mod mount_holder;
 pub mod plan;
 pub mod prebackup_pod;
 pub mod prebackup_policy;
+pub mod records;
 pub mod restic_fields;
 pub mod run;
 pub mod runs;

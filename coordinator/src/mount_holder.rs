@@ -12,7 +12,6 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, PostParams};
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use stowage_common::contract::{ANNOTATION_FULL_SUFFIX, LABEL_RUN};
@@ -149,29 +148,11 @@ where
     }
 }
 
-/// Why a holder pod is not running yet, for the error message.
-fn pending_reason(pod: &Pod) -> String {
-    let status = pod.status.as_ref();
-    let phase = status
-        .and_then(|s| s.phase.clone())
-        .unwrap_or_else(|| "Pending".into());
-    let why = status
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.status != "True"))
-        .and_then(|c| c.message.clone())
-        .unwrap_or_default();
-    if why.is_empty() {
-        phase
-    } else {
-        format!("{phase}: {why}")
-    }
-}
-
 /// Creates the holder for `pvc` (or adopts one left by an earlier attempt of the same run) and
 /// waits until it runs on a node.
 pub async fn hold<K>(
     client: &Client,
-    pods: &crate::state::Cache<Pod>,
+    pods: &crate::state::Records<crate::records::PodInfo>,
     run: &K,
     pvc: &str,
     settings: &Settings<'_>,
@@ -216,20 +197,17 @@ where
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::from("Pending");
     // Watched, not polled: the pod store sees the scheduler and the kubelet move it along.
-    let key = ObjectRef::new(&name).within(&ns);
     while tokio::time::Instant::now() < deadline {
-        match pods.get(&key) {
+        match pods.get(&ns, &name) {
             Some(p) => {
-                let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-                let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
-                if let (true, Some(node), Some(uid)) = (running, node, p.uid()) {
+                if let (true, Some(node)) = (p.running, p.node.clone()) {
                     return Ok(Held {
                         pod: name,
-                        uid,
+                        uid: p.uid.clone(),
                         node,
                     });
                 }
-                last = pending_reason(&p);
+                last = p.pending.clone().unwrap_or_else(|| "Pending".into());
             }
             None => last = "not seen yet".into(),
         }

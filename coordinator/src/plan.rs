@@ -15,62 +15,7 @@ use kube::core::{Expression, Selector, SelectorExt};
 
 pub use stowage_common::contract::ANNOTATION_BACKUP as BACKUP_ANNOTATION;
 
-#[derive(Debug, Clone, Default)]
-pub struct PvcInfo {
-    pub namespace: String,
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub annotations: BTreeMap<String, String>,
-    /// The bound PV, when bound.
-    pub volume_name: Option<String>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct PodInfo {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub node: Option<String>,
-    /// Running and not being deleted.
-    pub running: bool,
-    pub annotations: BTreeMap<String, String>,
-    /// Names of the PVCs its volumes claim.
-    pub claims: Vec<String>,
-    /// Running with every container ready (the Ready condition).
-    pub ready: bool,
-    /// Its creation time (RFC 3339), to choose among replicas.
-    pub created: String,
-    /// Its controller (`kind`, `name`) from its owner references.
-    pub controller: Option<(String, String)>,
-    pub labels: BTreeMap<String, String>,
-    /// Its containers' names, in order.
-    pub containers: Vec<String>,
-}
-
-/// The label the Deployment controller puts on its ReplicaSets' pods (and into their names).
-const POD_TEMPLATE_HASH: &str = "pod-template-hash";
-
-impl PodInfo {
-    /// Whose history a backup command of this pod is: the Deployment of a ReplicaSet's pod (the
-    /// ReplicaSet's name less its pod-template-hash, which changes with every rollout), else the
-    /// controller, else the pod itself.
-    pub fn owner(&self) -> (String, String) {
-        match &self.controller {
-            Some((kind, name)) if kind == "ReplicaSet" => {
-                match self
-                    .labels
-                    .get(POD_TEMPLATE_HASH)
-                    .and_then(|h| name.strip_suffix(&format!("-{h}")))
-                {
-                    Some(deployment) => ("Deployment".into(), deployment.into()),
-                    None => (kind.clone(), name.clone()),
-                }
-            }
-            Some((kind, name)) => (kind.clone(), name.clone()),
-            None => ("Pod".into(), self.name.clone()),
-        }
-    }
-}
+pub use crate::records::{PodInfo, PvcInfo};
 
 /// One backup command to run: in `pod`, for its owner.
 #[derive(Debug, Clone)]

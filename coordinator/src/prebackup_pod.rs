@@ -15,7 +15,6 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::PostParams;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 use stowage_common::contract::{ANNOTATION_FULL_SUFFIX, LABEL_RUN};
 use stowage_common::shares::NamespaceShares;
@@ -23,6 +22,7 @@ use stowage_common::{hash, names};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
 use crate::crd::{Backup, PreBackupPod};
+use crate::records::PodInfo;
 
 /// On the pods: the PreBackupPod they were made from.
 pub const LABEL_PREBACKUP_POD: &str = "stowage.dev/prebackup-pod";
@@ -151,21 +151,13 @@ pub fn pod_for(run: &Backup, pbp: &PreBackupPod, nodes: &[String]) -> Pod {
     }
 }
 
-fn ready(p: &Pod) -> bool {
-    let status = p.status.as_ref();
-    status.and_then(|s| s.phase.as_deref()) == Some("Running")
-        && status
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 /// Starts the pod of `pbp` for `run` under one of the `starting` slots (held until it is ready or
 /// has failed), and waits at most `timeout` for a slot, then at most `timeout` for the pod. Unless `privileged_allowed`, a
 /// template asking for rights a pod creator would need (see `prebackup_policy`) is refused first.
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     client: &Client,
-    pods: &crate::state::Cache<Pod>,
+    pods: &crate::state::Records<PodInfo>,
     starting: &StartSlots,
     run: &Backup,
     pbp: &PreBackupPod,
@@ -226,11 +218,10 @@ pub async fn start(
         }
     }
     let deadline = tokio::time::Instant::now() + timeout;
-    let key = ObjectRef::new(&name).within(&ns);
     while tokio::time::Instant::now() < deadline {
-        if let Some(p) = pods.get(&key)
-            && ready(&p)
-            && let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.clone())
+        if let Some(p) = pods.get(&ns, &name)
+            && p.ready
+            && let Some(node) = p.node.clone()
         {
             return Ok(Started {
                 pod: name,
@@ -255,18 +246,14 @@ pub async fn release(client: &Client, namespace: &str, pod: &str) {
 
 /// Deletes every PreBackupPod pod of `run` still in the cache: what a restarted coordinator's
 /// earlier attempt left behind.
-pub async fn release_all(client: &Client, pods: &crate::state::Cache<Pod>, run: &Backup) {
+pub async fn release_all(client: &Client, pods: &crate::state::Records<PodInfo>, run: &Backup) {
     let uid = run.uid();
     let leftovers: Vec<(String, String)> = pods
-        .state()
+        .in_namespace(&run.namespace().unwrap_or_default())
         .iter()
-        .filter(|p| p.labels().contains_key(LABEL_PREBACKUP_POD))
-        .filter(|p| {
-            p.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref())
-        })
-        .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
+        .filter(|p| p.labels.contains_key(LABEL_PREBACKUP_POD))
+        .filter(|p| p.controller_uid.is_some() && p.controller_uid == uid)
+        .map(|p| (p.namespace.clone(), p.name.clone()))
         .collect();
     for (ns, name) in leftovers {
         release(client, &ns, &name).await;

@@ -1,14 +1,22 @@
-//! What the coordinator knows of the cluster, from watches: PVCs, Pods and Secrets, each a
-//! reflector store fed by one watch per watched namespace (or one for the whole cluster), read
-//! together as one [`Cache`]. The planner and the reconcilers read these stores; nothing
-//! LISTs per run or per reconcile. Secrets are cached as key names only: the values are replaced
-//! by a marker of whether each is empty, and a run reads the values it needs when it starts.
+//! What the coordinator knows of the cluster, from watches: PVCs, Pods, Secrets and PreBackupPods,
+//! each fed by one watch per watched namespace (or one for the whole cluster) and read together.
+//! The planner and the reconcilers read these caches; nothing LISTs per run or per reconcile.
+//!
+//! - Pods and PVCs, a cluster's most numerous objects, are kept as compact [`Records`]
+//!   ([`crate::records`]), never whole.
+//! - Secrets (only those labelled as credentials) and PreBackupPods are kept in kube's reflector
+//!   stores ([`Cache`]), slimmed: Secrets as key names only (a value is replaced by a marker of
+//!   whether it is empty; a run reads the values it needs when it starts), PreBackupPods without
+//!   their pod template.
 
+use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::Arc;
+use std::marker::PhantomData;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use crate::crd::PreBackupPod;
+use crate::records::{PodInfo, PvcInfo};
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
@@ -79,10 +87,140 @@ where
     }
 }
 
+/// Records by name, of one namespace.
+type ByName<T> = HashMap<String, Arc<T>>;
+/// Records by namespace: what one watch has seen.
+type ByNamespace<T> = HashMap<String, ByName<T>>;
+
+/// Compact records ([`crate::records`]) of one kind, made from the objects of one watch per watched
+/// namespace (or one of the whole cluster), read as one. Pods and PVCs are cached this way rather
+/// than in kube's `Store`, which would hold each object whole.
+pub struct Records<T>(Vec<Arc<RwLock<ByNamespace<T>>>>);
+
+impl<T> Clone for Records<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+/// A map's readers never see a half-applied event (the writer holds the lock for one event), so
+/// a panic elsewhere while the lock was held leaves nothing to distrust: a poisoned lock is used.
+fn read<T>(map: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    map.read().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<T> Records<T> {
+    /// Every record.
+    pub fn state(&self) -> Vec<Arc<T>> {
+        self.0
+            .iter()
+            .flat_map(|m| {
+                read(m)
+                    .values()
+                    .flat_map(|by_name| by_name.values().cloned())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The records of one namespace.
+    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<T>> {
+        self.0
+            .iter()
+            .flat_map(|m| {
+                read(m)
+                    .get(namespace)
+                    .map(|by_name| by_name.values().cloned().collect::<Vec<_>>())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// The record of `namespace/name`.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<T>> {
+        self.0
+            .iter()
+            .find_map(|m| read(m).get(namespace)?.get(name).cloned())
+    }
+}
+
+/// Applies one watch's events to its map of records, as kube's reflector does to a store: a
+/// re-list is gathered apart and replaces the map whole when complete, so readers never see a
+/// half-listed namespace.
+pub struct RecordWriter<K, T> {
+    map: Arc<RwLock<ByNamespace<T>>>,
+    relist: Option<ByNamespace<T>>,
+    make: PhantomData<fn(&K) -> T>,
+}
+
+/// An empty cache of records and its writer.
+pub fn records<K, T>() -> (Records<T>, RecordWriter<K, T>) {
+    let map = Arc::new(RwLock::new(HashMap::new()));
+    (
+        Records(vec![Arc::clone(&map)]),
+        RecordWriter {
+            map,
+            relist: None,
+            make: PhantomData,
+        },
+    )
+}
+
+impl<K, T> RecordWriter<K, T>
+where
+    K: Resource,
+    T: for<'a> From<&'a K>,
+{
+    pub fn apply(&mut self, event: &Result<watcher::Event<K>, watcher::Error>) {
+        let key = |o: &K| {
+            (
+                o.meta().namespace.clone().unwrap_or_default(),
+                o.meta().name.clone().unwrap_or_default(),
+            )
+        };
+        match event {
+            Ok(watcher::Event::Init) => self.relist = Some(HashMap::new()),
+            Ok(watcher::Event::InitApply(o)) => {
+                let (ns, name) = key(o);
+                self.relist
+                    .get_or_insert_with(HashMap::new)
+                    .entry(ns)
+                    .or_default()
+                    .insert(name, Arc::new(T::from(o)));
+            }
+            Ok(watcher::Event::InitDone) => {
+                let listed = self.relist.take().unwrap_or_default();
+                *self.map.write().unwrap_or_else(|p| p.into_inner()) = listed;
+            }
+            Ok(watcher::Event::Apply(o)) => {
+                let (ns, name) = key(o);
+                let record = Arc::new(T::from(o));
+                self.map
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(ns)
+                    .or_default()
+                    .insert(name, record);
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                let (ns, name) = key(o);
+                let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+                if let Some(by_name) = map.get_mut(&ns) {
+                    by_name.remove(&name);
+                    if by_name.is_empty() {
+                        map.remove(&ns);
+                    }
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Stores {
-    pub pvcs: Cache<PersistentVolumeClaim>,
-    pub pods: Cache<Pod>,
+    pub pvcs: Records<PvcInfo>,
+    pub pods: Records<PodInfo>,
     pub secrets: Cache<Secret>,
     pub prebackup_pods: Cache<PreBackupPod>,
     ready: Vec<Ready>,
@@ -152,57 +290,6 @@ fn slim<K: Resource>(obj: &mut K) {
     }
 }
 
-/// What the coordinator reads of a pod: its identity, labels, annotations and owners; the node; the
-/// containers' names; the volumes' PVC claims; the phase and conditions. Everything else (images,
-/// commands, environment, probes, resources, container statuses) is dropped before caching: a
-/// cluster's pods are its largest objects, and the cache holds every one of the watched namespaces.
-fn slim_pod(p: &mut Pod) {
-    slim(p);
-    if let Some(spec) = p.spec.take() {
-        p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
-            node_name: spec.node_name,
-            containers: spec
-                .containers
-                .into_iter()
-                .map(|c| k8s_openapi::api::core::v1::Container {
-                    name: c.name,
-                    ..Default::default()
-                })
-                .collect(),
-            volumes: spec.volumes.map(|vs| {
-                vs.into_iter()
-                    .filter(|v| v.persistent_volume_claim.is_some())
-                    .map(|v| k8s_openapi::api::core::v1::Volume {
-                        name: v.name,
-                        persistent_volume_claim: v.persistent_volume_claim,
-                        ..Default::default()
-                    })
-                    .collect()
-            }),
-            ..Default::default()
-        });
-    }
-    if let Some(status) = p.status.take() {
-        p.status = Some(k8s_openapi::api::core::v1::PodStatus {
-            phase: status.phase,
-            conditions: status.conditions,
-            ..Default::default()
-        });
-    }
-}
-
-/// What the coordinator reads of a PVC: its identity, labels, annotations and bound volume.
-fn slim_pvc(p: &mut PersistentVolumeClaim) {
-    slim(p);
-    if let Some(spec) = p.spec.take() {
-        p.spec = Some(k8s_openapi::api::core::v1::PersistentVolumeClaimSpec {
-            volume_name: spec.volume_name,
-            ..Default::default()
-        });
-    }
-    p.status = None;
-}
-
 /// A PreBackupPod without its pod template, which a tenant may make as large as an object can be
 /// and which is read only when the pod is made (`prebackup_pod::start` fetches the object then):
 /// only the first container's name stays, since it names the command's identity.
@@ -248,8 +335,8 @@ pub fn start(
     namespace: Option<&str>,
     secret_events: reflector::store::Writer<Secret>,
 ) -> (Stores, impl Future<Output = ()> + Send + 'static) {
-    let (pvcs, pvc_writer) = reflector::store();
-    let (pods, pod_writer) = reflector::store();
+    let (pvcs, mut pvc_writer) = records::<PersistentVolumeClaim, PvcInfo>();
+    let (pods, mut pod_writer) = records::<Pod, PodInfo>();
     let secrets = secret_events.as_reader();
     let (pvcs_ready, pvcs_ready_rx) = readiness();
     let (pods_ready, pods_ready_rx) = readiness();
@@ -266,14 +353,16 @@ pub fn start(
         watch_config(),
     )
     .default_backoff()
-    .modify(slim_pvc)
-    .reflect(pvc_writer)
-    .for_each(move |r| observe("persistentvolumeclaims", &pvcs_ready, r));
+    .for_each(move |r| {
+        pvc_writer.apply(&r);
+        observe("persistentvolumeclaims", &pvcs_ready, r)
+    });
     let pod_watch = watcher(api::<Pod>(client, namespace), watch_config())
         .default_backoff()
-        .modify(slim_pod)
-        .reflect(pod_writer)
-        .for_each(move |r| observe("pods", &pods_ready, r));
+        .for_each(move |r| {
+            pod_writer.apply(&r);
+            observe("pods", &pods_ready, r)
+        });
     // Only Secrets labelled as credentials are ever used, so only they are watched (and cached).
     let secret_watch = watcher(
         api::<Secret>(client, namespace),
@@ -288,8 +377,8 @@ pub fn start(
     };
     (
         Stores {
-            pvcs: Cache::new(vec![pvcs]),
-            pods: Cache::new(vec![pods]),
+            pvcs,
+            pods,
             secrets: Cache::new(vec![secrets]),
             prebackup_pods: Cache::new(vec![prebackup_pods]),
             ready: vec![
@@ -307,8 +396,8 @@ impl Stores {
     /// The stores of several namespaces' watches, read as one.
     pub fn merge(parts: Vec<Stores>) -> Stores {
         Stores {
-            pvcs: parts.iter().flat_map(|p| p.pvcs.0.clone()).collect(),
-            pods: parts.iter().flat_map(|p| p.pods.0.clone()).collect(),
+            pvcs: Records(parts.iter().flat_map(|p| p.pvcs.0.clone()).collect()),
+            pods: Records(parts.iter().flat_map(|p| p.pods.0.clone()).collect()),
             secrets: parts.iter().flat_map(|p| p.secrets.0.clone()).collect(),
             prebackup_pods: parts
                 .iter()
@@ -340,40 +429,49 @@ pub async fn wait_all(ready: &[Ready]) -> Result<(), SyncTimeout> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_slimmed_pod_plans_exactly_like_the_full_one_and_is_much_smaller() {
-        let full: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "db-0", "namespace": "shop", "uid": "u1",
-                "creationTimestamp": "2026-12-01T00:00:00Z",
-                "labels": {"app": "db"}, "annotations": {"stowage.dev/backup-command": "pg_dumpall"},
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db",
-                                     "uid": "s1", "controller": true}],
-                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
-            "spec": {"nodeName": "node-1",
-                "containers": [{"name": "pg", "image": "postgres:17",
-                    "env": (0..200).map(|i| serde_json::json!({"name": format!("VAR_{i}"), "value": "x".repeat(100)})).collect::<Vec<_>>(),
-                    "command": ["postgres", "-c", "shared_buffers=1GB"]}],
-                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data-db-0"}},
-                            {"name": "config", "configMap": {"name": "db-config"}}],
-                "tolerations": [{"operator": "Exists"}]},
-            "status": {"phase": "Running", "podIP": "10.0.0.7",
-                "conditions": [{"type": "Ready", "status": "True"}],
-                "containerStatuses": [{"name": "pg", "ready": true, "restartCount": 0,
-                    "image": "postgres:17", "imageID": "sha256:abc"}]}
+    fn pvc(ns: &str, name: &str, pv: &str) -> PersistentVolumeClaim {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"volumeName": pv}
         }))
-        .unwrap();
-        let mut slimmed = full.clone();
-        slim_pod(&mut slimmed);
-        let info = |p: &Pod| format!("{:?}", crate::run::backup::pod_info(p));
-        assert_eq!(info(&slimmed), info(&full));
-        let size = |p: &Pod| serde_json::to_vec(p).unwrap().len();
-        assert!(
-            size(&slimmed) * 10 < size(&full),
-            "{} bytes of {}",
-            size(&slimmed),
-            size(&full)
-        );
-        assert!(slimmed.metadata.managed_fields.is_none());
+        .unwrap()
+    }
+
+    fn volume(records: &Records<PvcInfo>, ns: &str, name: &str) -> Option<String> {
+        records.get(ns, name).and_then(|p| p.volume_name.clone())
+    }
+
+    #[test]
+    fn records_follow_a_watch_and_a_relist_replaces_them_whole() {
+        use watcher::Event::*;
+        let (records, mut writer) = records::<PersistentVolumeClaim, PvcInfo>();
+        for e in [
+            Init,
+            InitApply(pvc("a", "x", "pv-1")),
+            InitApply(pvc("b", "y", "pv-2")),
+        ] {
+            writer.apply(&Ok(e));
+        }
+        // Not visible until the list is complete.
+        assert!(records.state().is_empty());
+        writer.apply(&Ok(InitDone));
+        assert_eq!(records.state().len(), 2);
+        assert_eq!(volume(&records, "a", "x").as_deref(), Some("pv-1"));
+        writer.apply(&Ok(Apply(pvc("a", "x", "pv-3"))));
+        writer.apply(&Ok(Apply(pvc("a", "z", "pv-4"))));
+        assert_eq!(volume(&records, "a", "x").as_deref(), Some("pv-3"));
+        assert_eq!(records.in_namespace("a").len(), 2);
+        writer.apply(&Ok(Delete(pvc("b", "y", "pv-2"))));
+        assert_eq!(records.get("b", "y").map(|_| ()), None);
+        assert!(records.in_namespace("b").is_empty());
+        // A re-list (after a watch expired) drops what it no longer lists, once it is complete.
+        writer.apply(&Ok(Init));
+        writer.apply(&Ok(InitApply(pvc("a", "z", "pv-4"))));
+        assert_eq!(records.state().len(), 2);
+        writer.apply(&Ok(InitDone));
+        assert_eq!(records.state().len(), 1);
+        assert_eq!(volume(&records, "a", "x"), None);
+        assert_eq!(volume(&records, "a", "z").as_deref(), Some("pv-4"));
     }
 
     #[test]

@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use stowage_proto::v1 as pb;
@@ -77,66 +76,6 @@ impl Work {
     }
 }
 
-fn pvc_info(p: &PersistentVolumeClaim) -> PvcInfo {
-    PvcInfo {
-        namespace: p.namespace().unwrap_or_default(),
-        name: p.name_any(),
-        labels: p.labels().clone(),
-        annotations: p.annotations().clone(),
-        volume_name: p
-            .spec
-            .as_ref()
-            .and_then(|s| s.volume_name.clone())
-            .filter(|v| !v.is_empty()),
-    }
-}
-
-pub(crate) fn pod_info(p: &Pod) -> PodInfo {
-    let running = p.metadata.deletion_timestamp.is_none()
-        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-    PodInfo {
-        namespace: p.namespace().unwrap_or_default(),
-        name: p.name_any(),
-        uid: p.uid().unwrap_or_default(),
-        node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
-        running,
-        annotations: p.annotations().clone(),
-        ready: running
-            && p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
-        created: p
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0.to_string())
-            .unwrap_or_default(),
-        controller: p
-            .owner_references()
-            .iter()
-            .find(|o| o.controller == Some(true))
-            .map(|o| (o.kind.clone(), o.name.clone())),
-        labels: p.labels().clone(),
-        containers: p
-            .spec
-            .as_ref()
-            .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
-            .unwrap_or_default(),
-        claims: p
-            .spec
-            .as_ref()
-            .and_then(|s| s.volumes.as_ref())
-            .map(|vs| {
-                vs.iter()
-                    .filter_map(|v| v.persistent_volume_claim.as_ref())
-                    .map(|c| c.claim_name.clone())
-                    .collect()
-            })
-            .unwrap_or_default(),
-    }
-}
-
 /// What to back up, or why nothing can be.
 fn select(
     ctx: &Ctx,
@@ -146,24 +85,21 @@ fn select(
     selector_field: &str,
 ) -> Result<Vec<Work>, Finding> {
     // From the watch caches: a run LISTs nothing, whatever its size.
-    let in_namespace = |ns: Option<String>| ns.as_deref() == Some(namespace);
     let pvcs: Vec<PvcInfo> = ctx
         .stores
         .pvcs
-        .state()
+        .in_namespace(namespace)
         .iter()
-        .filter(|p| in_namespace(p.namespace()))
-        .map(|p| pvc_info(p))
+        .map(|p| PvcInfo::clone(p))
         .collect();
     let pods: Vec<PodInfo> = ctx
         .stores
         .pods
-        .state()
+        .in_namespace(namespace)
         .iter()
-        .filter(|p| in_namespace(p.namespace()))
         // Another run's mount holder is not a workload.
-        .filter(|p| !p.labels().contains_key(mount_holder::LABEL_MOUNT_HOLDER))
-        .map(|p| pod_info(p))
+        .filter(|p| !p.labels.contains_key(mount_holder::LABEL_MOUNT_HOLDER))
+        .map(|p| PodInfo::clone(p))
         .collect();
     let ready = ctx.agents.ready_nodes();
     let ready: Vec<&str> = ready.iter().map(String::as_str).collect();

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use chrono::{DateTime, FixedOffset};
 use kube::ResourceExt;
-use kube::runtime::reflector::ObjectRef;
 use stowage_common::contract::{
     ANNOTATION_BACKUP_CONTAINER, ANNOTATION_BACKUP_TIMEOUT, ANNOTATION_RESTORE_COMMAND, TAG_PARTIAL,
 };
@@ -400,10 +399,10 @@ fn mounted_by(ctx: &Ctx, namespace: &str, pvc: &str) -> Option<(String, String, 
     let mut users: Vec<(String, String, String)> = ctx
         .stores
         .pods
-        .state()
-        .iter()
-        .map(|p| crate::run::backup::pod_info(p))
-        .filter(|p| p.namespace == namespace && p.running && p.claims.iter().any(|c| c == pvc))
+        .in_namespace(namespace)
+        .into_iter()
+        .map(|p| PodInfo::clone(&p))
+        .filter(|p| p.running && p.claims.iter().any(|c| c == pvc))
         // Another run's holder mounts the volume read-only (a backup's), or is about to go away.
         .filter(|p| {
             !p.labels
@@ -432,29 +431,18 @@ async fn restore_volume(
     } = what;
     let namespace = run.namespace().unwrap_or_default();
     let status = &begun.status;
-    let claim = ctx
-        .stores
-        .pvcs
-        .get(&ObjectRef::new(target_pvc).within(&namespace))
-        .ok_or_else(|| {
-            Finding::new(
-                TARGET_NOT_FOUND,
-                format!("spec.target.pvc: PVC {namespace}/{target_pvc} not found"),
-            )
-        })?;
-    let pv = claim
-        .spec
-        .as_ref()
-        .and_then(|s| s.volume_name.clone())
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| {
-            Finding::new(
-                TARGET_NOT_FOUND,
-                format!(
-                    "spec.target.pvc: PVC {namespace}/{target_pvc} is not bound to a volume yet"
-                ),
-            )
-        })?;
+    let claim = ctx.stores.pvcs.get(&namespace, target_pvc).ok_or_else(|| {
+        Finding::new(
+            TARGET_NOT_FOUND,
+            format!("spec.target.pvc: PVC {namespace}/{target_pvc} not found"),
+        )
+    })?;
+    let pv = claim.volume_name.clone().ok_or_else(|| {
+        Finding::new(
+            TARGET_NOT_FOUND,
+            format!("spec.target.pvc: PVC {namespace}/{target_pvc} is not bound to a volume yet"),
+        )
+    })?;
     let mounted = mounted_by(ctx, &namespace, target_pvc);
     let lister = match &mounted {
         Some((node, _, _)) => node.clone(),
@@ -660,10 +648,9 @@ async fn restore_command(
     let pods: Vec<PodInfo> = ctx
         .stores
         .pods
-        .state()
+        .in_namespace(&namespace)
         .iter()
-        .map(|p| crate::run::backup::pod_info(p))
-        .filter(|p| p.namespace == namespace)
+        .map(|p| PodInfo::clone(p))
         .collect();
     let pod = target_pod(&pods, owner_kind, owner_name, wanted_pod.as_deref())?;
     let command = pod

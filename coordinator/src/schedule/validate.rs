@@ -79,10 +79,12 @@ pub(super) async fn validate(
                 format!("spec.backup.{}: {}", e.field, e.reason),
             )),
             Ok(_) => {
-                let any = ctx.stores.pvcs.state().iter().any(|p| {
-                    p.namespace().as_deref() == Some(ns.as_str())
-                        && selector_matches(sel, p.labels()).unwrap_or(false)
-                });
+                let any = ctx
+                    .stores
+                    .pvcs
+                    .in_namespace(&ns)
+                    .iter()
+                    .any(|p| selector_matches(sel, &p.labels).unwrap_or(false));
                 selection = Some(if any {
                     Finding::new(
                         "Matched",
