@@ -14,35 +14,7 @@ pub const REPOSITORY_HEALTHY: &str = "RepositoryHealthy";
 /// True when Schedules of other namespaces write to the same repository location.
 pub const SHARED_REPOSITORY: &str = "SharedRepository";
 
-/// What a controller found wrong (or right) with an object, in words a user can act on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
-    /// PascalCase, e.g. `InvalidSchedule`.
-    pub reason: &'static str,
-    pub message: String,
-}
-
-impl Finding {
-    pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            reason,
-            message: message.into(),
-        }
-    }
-
-    /// All of `findings` as one: the first one's reason, every message. `None` when there are none.
-    pub fn joined(findings: &[Finding]) -> Option<Finding> {
-        let first = findings.first()?;
-        Some(Finding::new(
-            first.reason,
-            findings
-                .iter()
-                .map(|f| f.message.as_str())
-                .collect::<Vec<_>>()
-                .join("; "),
-        ))
-    }
-}
+pub use stowage_common::finding::Finding;
 
 /// Sets condition `type_` in `conditions`; returns whether anything a user would notice changed
 /// (status, reason or message), which is also when an Event is worth sending.

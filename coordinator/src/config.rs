@@ -150,7 +150,7 @@ pub struct Config {
     /// `*.domain[:port]`; repeat the flag, or separate with commas. A run whose endpoint is not
     /// listed fails before any Secret is read. Default: every endpoint.
     #[arg(long, env = "STOWAGE_ALLOWED_ENDPOINT", value_delimiter = ',')]
-    pub allowed_endpoint: Vec<crate::endpoints::EndpointPattern>,
+    pub allowed_endpoint: Vec<stowage_common::endpoints::EndpointPattern>,
 
     /// PreBackupPods starting (created, not yet ready) at once, across the cluster.
     #[arg(long, env = "STOWAGE_MAX_STARTING_PREBACKUP_PODS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]

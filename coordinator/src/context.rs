@@ -10,10 +10,10 @@ use kube::Client;
 use crate::agents::AgentDirectory;
 use crate::conditions::Notifier;
 use crate::config::Config;
-use crate::crd::{Backup, Check, Prune, Restore};
 use crate::inspect::Inspector;
 use crate::metrics::Metrics;
 use crate::state::{Cache, Stores};
+use stowage_api::{Backup, Check, Prune, Restore};
 
 /// The runs the coordinator watches (one shared watch per kind feeds these and the controllers).
 #[derive(Clone)]
@@ -42,7 +42,7 @@ pub struct Ctx {
     pub prebackup_starting: crate::prebackup_pod::StartSlots,
     /// The Schedule controllers' caches, set once they exist (the Schedule reconciler compares
     /// repository locations across namespaces).
-    pub schedules: std::sync::OnceLock<Cache<crate::crd::Schedule>>,
+    pub schedules: std::sync::OnceLock<Cache<stowage_api::Schedule>>,
     /// One volume restore at a time per target PVC (see [`RestoreTargets`]).
     pub restore_targets: RestoreTargets,
     /// UIDs of runs this process is executing, so a reconcile never starts one twice.

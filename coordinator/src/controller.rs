@@ -22,7 +22,6 @@ use crate::agents::AgentDirectory;
 use crate::conditions::Notifier;
 use crate::config::Config;
 use crate::context::{Ctx, RunStores};
-use crate::crd::{Backup, Check, Prune, Restore, RunPhase, Schedule};
 use crate::inspect;
 use crate::leader::{self, Elector, LeaderError};
 use crate::metrics::Metrics;
@@ -30,6 +29,7 @@ use crate::run;
 use crate::runs::{RunObject, is_terminal};
 use crate::schedule;
 use crate::state::{self, Cache, SyncTimeout};
+use stowage_api::{Backup, Check, Prune, Restore, RunPhase, Schedule};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {

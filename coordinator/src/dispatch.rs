@@ -15,7 +15,7 @@ use crate::agents::{AgentDirectory, AgentEndpoint, AgentUnavailable};
 
 /// The agent tags every snapshot with `stowage.dev/run=<run id>`, so a resumed run can tell what
 /// it already backed up.
-pub use stowage_common::contract::{TAG_PARTIAL, TAG_RUN};
+pub use stowage_api::contract::{TAG_PARTIAL, TAG_RUN};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {

@@ -20,13 +20,13 @@ use kube::runtime::reflector::ObjectRef;
 use stowage_proto::v1::InspectResponse;
 use tokio::sync::{Notify, mpsc};
 
-use crate::backend::{self, Secrets};
 use crate::context::Ctx;
-use crate::crd::{RepositoryFigures, RunPhase, RunStatus, Schedule};
 use crate::dispatch::{self, DispatchError};
 use crate::errors;
 use crate::metrics::Metrics;
 use crate::runs::{RunObject, now_rfc3339};
+use stowage_api::{RepositoryFigures, RunPhase, RunStatus, Schedule};
+use stowage_common::backend::{self, Secrets};
 
 /// A Schedule: `(namespace, name)`.
 pub type Key = (String, String);
@@ -94,9 +94,9 @@ fn waiting(ctx: &Ctx) -> BTreeSet<Key> {
         }
     }
     let mut out = BTreeSet::new();
-    of::<crate::crd::Backup>(ctx, &mut out);
-    of::<crate::crd::Check>(ctx, &mut out);
-    of::<crate::crd::Prune>(ctx, &mut out);
+    of::<stowage_api::Backup>(ctx, &mut out);
+    of::<stowage_api::Check>(ctx, &mut out);
+    of::<stowage_api::Prune>(ctx, &mut out);
     out
 }
 
@@ -339,7 +339,7 @@ async fn look(ctx: &Ctx, s: &Schedule, figures: bool) -> Result<InspectResponse,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::ItemStatus;
+    use stowage_api::ItemStatus;
     use stowage_proto::v1::RepositoryLock;
 
     #[test]

@@ -4,11 +4,12 @@
 //! Data flows top to bottom: Schedule → run (self-contained) → plan (from the watch caches) →
 //! volume tasks → agent → one status writer per run.
 //!
-//! - [`crd`]: the custom resource types; `crdgen` writes their YAML into the Helm chart;
+//! - the custom resource types are `stowage-api`'s (with `crdgen`, which writes them into the chart);
 //! - [`cron`] and [`firing`]: schedule expressions (stable `-random` variants) and when one is due;
 //! - [`schedule`]: the Schedule reconciler (validate, fire, next times and conditions, history);
-//! - [`backend`], [`endpoints`] and [`restic_fields`]: checks of the spec fields that reach restic
-//!   (credentials only from labelled Secrets, endpoints from the administrator's allow-list);
+//! - [`restic_fields`]: checks of the spec fields that reach restic as flags (the `backend` block
+//!   is resolved by `stowage_common::backend`, which the plugin shares: credentials only from
+//!   labelled Secrets, endpoints from the administrator's allow-list);
 //! - [`state`]: the watch caches (PVCs and Pods as compact [`records`], Secrets by key name);
 //! - [`plan`]: the pure planning of a backup run (which volume is read by which node's agent);
 //! - [`run`]: executing Backup, Check and Prune runs (`run::volume` is one volume's task,
@@ -23,15 +24,12 @@
 
 pub mod agents;
 pub mod apply;
-pub mod backend;
 pub mod conditions;
 pub mod config;
 pub mod context;
 pub mod controller;
-pub mod crd;
 pub mod cron;
 pub mod dispatch;
-pub mod endpoints;
 pub mod errors;
 pub mod firing;
 pub mod inspect;

@@ -14,10 +14,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 
-use stowage_common::contract::{ANNOTATION_FULL_SUFFIX, LABEL_RUN};
+use stowage_api::contract::{ANNOTATION_FULL_SUFFIX, LABEL_RUN};
 use stowage_common::{hash, names};
 
-pub use stowage_common::contract::LABEL_MOUNT_HOLDER;
+pub use stowage_api::contract::LABEL_MOUNT_HOLDER;
 
 /// How holders are made: the administrator's choices (`--mount-holder-*`).
 #[derive(Debug, Clone, Copy)]
@@ -275,7 +275,7 @@ pub async fn delete_pod(client: &Client, namespace: &str, pod: &str, what: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::Backup;
+    use stowage_api::Backup;
 
     #[test]
     fn holder_pods_are_read_only_owned_and_validly_named() {

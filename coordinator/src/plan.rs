@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{Expression, Selector, SelectorExt};
 
-pub use stowage_common::contract::ANNOTATION_BACKUP as BACKUP_ANNOTATION;
+pub use stowage_api::contract::ANNOTATION_BACKUP as BACKUP_ANNOTATION;
 
 pub use crate::records::{PodInfo, PvcInfo};
 

@@ -16,13 +16,13 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::PostParams;
 use kube::{Api, Client, Resource, ResourceExt};
-use stowage_common::contract::{ANNOTATION_FULL_SUFFIX, LABEL_RUN};
+use stowage_api::contract::{ANNOTATION_FULL_SUFFIX, LABEL_RUN};
 use stowage_common::shares::NamespaceShares;
 use stowage_common::{hash, names};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
-use crate::crd::{Backup, PreBackupPod};
 use crate::records::PodInfo;
+use stowage_api::{Backup, PreBackupPod};
 
 /// On the pods: the PreBackupPod they were made from.
 pub const LABEL_PREBACKUP_POD: &str = "stowage.dev/prebackup-pod";

@@ -3,7 +3,7 @@
 //! mistake was made. Each problem names its field.
 
 use crate::conditions::Finding;
-use crate::crd::Retention;
+use stowage_api::Retention;
 
 pub const INVALID_RETENTION: &str = "InvalidRetention";
 pub const INVALID_CHECK: &str = "InvalidCheck";

@@ -7,12 +7,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::context::RunStores;
-use crate::crd::{
+use stowage_api::{
     BackendSpec, Backup, Check, ItemStatus, Prune, ResolvedSpec, Restore, RunPhase, RunStatus,
     Schedule, ScheduleRef,
 };
 
-pub use stowage_common::contract::{LABEL_ACTION, LABEL_SCHEDULE};
+pub use stowage_api::contract::{LABEL_ACTION, LABEL_SCHEDULE};
 
 /// A run kind.
 pub trait RunObject:

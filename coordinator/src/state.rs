@@ -15,7 +15,6 @@ use std::marker::PhantomData;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
-use crate::crd::PreBackupPod;
 use crate::records::{PodInfo, PvcInfo};
 use futures::StreamExt;
 use k8s_openapi::ByteString;
@@ -23,7 +22,8 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
-use stowage_common::contract;
+use stowage_api::PreBackupPod;
+use stowage_api::contract;
 
 /// How long start-up waits for the first full list of every store.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
@@ -69,6 +69,11 @@ where
     /// Every object of every store.
     pub fn state(&self) -> Vec<Arc<K>> {
         self.0.iter().flat_map(Store::state).collect()
+    }
+
+    /// The stores themselves.
+    pub fn stores(&self) -> Vec<Store<K>> {
+        self.0.clone()
     }
 
     /// The object `key` names, from whichever store holds its namespace.

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 use kube::api::{Api, PostParams};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use stowage_coordinator::crd::{Backup, Restore, RunPhase, RunStatus};
+use stowage_api::{Backup, Restore, RunPhase, RunStatus};
 
 use crate::PluginError;
 use crate::cli::{BackupNowArgs, Format, RestoreArgs};

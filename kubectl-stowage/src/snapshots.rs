@@ -2,9 +2,9 @@ use kube::Api;
 use kube::api::ListParams;
 use restic_wrap::options::SnapshotsOptions;
 use serde::Serialize;
-use stowage_common::contract::{TAG_NAMESPACE, TAG_PVC};
-use stowage_coordinator::backend::{self, Secrets};
-use stowage_coordinator::crd::Schedule;
+use stowage_api::Schedule;
+use stowage_api::contract::{TAG_NAMESPACE, TAG_PVC};
+use stowage_common::backend::{self, Secrets};
 
 use crate::PluginError;
 use crate::cli::SnapshotsArgs;
@@ -75,11 +75,12 @@ pub async fn list(
         schedule: name.clone(),
         reason: f.message,
     })?;
-    let repo =
-        stowage_common::contract::repository(Some(&repo)).map_err(|e| PluginError::Repository {
+    let repo = stowage_common::repository::repository(Some(&repo)).map_err(|e| {
+        PluginError::Repository {
             schedule: name.clone(),
             reason: e.to_string(),
-        })?;
+        }
+    })?;
     let mut tags = vec![format!("{TAG_NAMESPACE}={}", conn.namespace)];
     if let Some(pvc) = &args.pvc {
         tags.push(format!("{TAG_PVC}={pvc}"));

@@ -4,7 +4,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
 use serde::Serialize;
-use stowage_coordinator::crd::{Backup, RunPhase, Schedule};
+use stowage_api::{Backup, RunPhase, Schedule};
 
 use crate::PluginError;
 use crate::connect::Connection;

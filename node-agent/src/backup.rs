@@ -22,7 +22,7 @@ use crate::inventory::scan::CSI_PLUGIN;
 use crate::memory::Operation;
 use crate::{follow, mountpoint, repository, safe_fs, sandbox};
 use restic_wrap::options::TagOptions;
-use stowage_common::contract::TAG_PARTIAL;
+use stowage_api::contract::TAG_PARTIAL;
 
 /// `skipped_reason` of a volume with nothing in it.
 pub const SKIPPED_EMPTY: &str = "EmptyVolume";

@@ -3,7 +3,7 @@
 
 use stowage_proto::v1::VolumeIdentity;
 
-pub use stowage_common::contract::{
+pub use stowage_api::contract::{
     TAG_CONTAINER, TAG_NAMESPACE, TAG_OWNER, TAG_POD, TAG_PVC, TAG_RUN, TAG_SOURCE_COMMAND,
     TAG_SOURCE_VOLUME,
 };
@@ -179,7 +179,7 @@ pub fn validate_extra_tag(tag: &str) -> Result<(), String> {
             "extra tag {tag:?} must be non-empty without commas or control characters"
         ));
     }
-    if tag.starts_with(stowage_common::contract::PREFIX) {
+    if tag.starts_with(stowage_api::contract::PREFIX) {
         return Err(format!(
             "extra tag {tag:?} uses the reserved stowage.dev/ prefix"
         ));

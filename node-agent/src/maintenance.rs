@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use restic_wrap::json::{ForgetGroup, Snapshot};
 use restic_wrap::options::{CheckOptions, ForgetOptions, PruneOptions, Retention};
-use stowage_common::contract::TAG_PARTIAL;
+use stowage_api::contract::TAG_PARTIAL;
 use stowage_proto::v1::{
     CheckRequest, IdentityRetention, MaintenanceEvent, MaintenanceResult, Phase, Progress,
     PruneRequest, RepositoryFigures, RetentionPolicy, maintenance_event::Event,

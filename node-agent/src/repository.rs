@@ -3,8 +3,8 @@
 use std::path::{Component, Path, PathBuf};
 
 use restic_wrap::{Backend, Repository};
-pub use stowage_common::contract::InvalidRepository;
-use stowage_common::contract::{self, invalid};
+pub use stowage_common::repository::InvalidRepository;
+use stowage_common::repository::invalid;
 use stowage_proto::v1;
 
 /// `path` must be absolute, plain (no `..`), strictly below one of `roots`, and stay below it once
@@ -81,7 +81,7 @@ pub fn from_proto(
     p: Option<&v1::Repository>,
     local_roots: &[PathBuf],
 ) -> Result<Repository, InvalidRepository> {
-    let repo = contract::repository(p)?;
+    let repo = stowage_common::repository::repository(p)?;
     if let Backend::Local { path } = &repo.backend {
         check_local_path(Path::new(path), local_roots)?;
     }

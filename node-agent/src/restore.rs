@@ -452,7 +452,7 @@ pub async fn resolve_snapshot(
         let complete = own.into_iter().filter(|s| {
             !s.tags
                 .iter()
-                .any(|t| t == stowage_common::contract::TAG_PARTIAL)
+                .any(|t| t == stowage_api::contract::TAG_PARTIAL)
         });
         return restic_wrap::json::Snapshot::newest(complete).ok_or_else(not_found);
     }

@@ -270,7 +270,7 @@ pub async fn fired_metadata(
     action: &str,
     name: &str,
 ) -> serde_json::Value {
-    let uid = Api::<stowage_coordinator::crd::Schedule>::namespaced(client.clone(), ns)
+    let uid = Api::<stowage_api::Schedule>::namespaced(client.clone(), ns)
         .get(schedule)
         .await
         .expect("schedule")

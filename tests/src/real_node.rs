@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use stowage_coordinator::crd::{Backup, Restore};
+use stowage_api::{Backup, Restore};
 
 use crate::cluster::{Cluster, fresh_namespace};
 use crate::coordinator::{run_to_end, secret};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use stowage_coordinator::crd::Backup;
+use stowage_api::Backup;
 use stowage_tests::cluster::{Cluster, fresh_namespace};
 use stowage_tests::coordinator::{
     Coordinator, CoordinatorOptions, create, finished, local_backend, run_to_end, secret, wait_json,
@@ -438,7 +438,7 @@ fn is_ready(p: &Pod) -> bool {
 #[tokio::test]
 async fn a_prebackup_pod_is_started_streamed_and_deleted() {
     let (cluster, client, ns, repo) = setup("prebackup").await;
-    let _: stowage_coordinator::crd::PreBackupPod = create(
+    let _: stowage_api::PreBackupPod = create(
         &client,
         &ns,
         prebackup_pod("mysqldump", "printf 'CREATE TABLE t (id int);\\n'"),
@@ -475,7 +475,7 @@ async fn a_prebackup_pod_is_started_streamed_and_deleted() {
 #[tokio::test]
 async fn a_prebackup_pod_is_cleaned_up_after_a_coordinator_restart() {
     let (cluster, client, ns, repo) = setup("prerestart").await;
-    let _: stowage_coordinator::crd::PreBackupPod = create(
+    let _: stowage_api::PreBackupPod = create(
         &client,
         &ns,
         prebackup_pod("slowdump", "sleep 4; echo done"),
@@ -578,7 +578,7 @@ async fn a_resumed_run_does_not_run_a_command_whose_snapshot_it_already_made() {
     let marker = cluster
         .dir
         .join(format!("cmdresume-{}", std::process::id()));
-    let _: stowage_coordinator::crd::PreBackupPod = create(
+    let _: stowage_api::PreBackupPod = create(
         &client,
         &ns,
         prebackup_pod("dump", &format!("touch {}; echo dump", marker.display())),
@@ -660,9 +660,9 @@ async fn fifty_never_ready_prebackup_pods_hold_their_namespace_share_and_the_run
         let mut pbp = prebackup_pod(&format!("stuck-{i:02}"), "echo never");
         pbp["spec"]["pod"]["spec"]["nodeSelector"] =
             serde_json::json!({"stowage.dev/no-such-node": "true"});
-        let _: stowage_coordinator::crd::PreBackupPod = create(&client, &ns, pbp).await;
+        let _: stowage_api::PreBackupPod = create(&client, &ns, pbp).await;
     }
-    let _: stowage_coordinator::crd::PreBackupPod =
+    let _: stowage_api::PreBackupPod =
         create(&client, &other, prebackup_pod("dump", "echo dump")).await;
     let mut opts = CoordinatorOptions::new(&ns);
     opts.extra_args = [
@@ -767,7 +767,7 @@ async fn fifty_never_ready_prebackup_pods_hold_their_namespace_share_and_the_run
 async fn twenty_prebackup_pods_start_at_most_four_at_a_time() {
     let (cluster, client, ns, repo) = setup("prelimit").await;
     for i in 0..20 {
-        let _: stowage_coordinator::crd::PreBackupPod = create(
+        let _: stowage_api::PreBackupPod = create(
             &client,
             &ns,
             prebackup_pod(&format!("dump-{i:02}"), "echo dump"),

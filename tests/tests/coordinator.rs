@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use stowage_coordinator::crd::{Backup, Check, Prune, Schedule};
+use stowage_api::{Backup, Check, Prune, Schedule};
 use stowage_tests::cluster::{Cluster, fresh_namespace, wait_for};
 use stowage_tests::coordinator::{
     Coordinator, CoordinatorOptions, Object, PrivateAgents, condition, create, finished,

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use stowage_coordinator::crd::{Backup, ItemStatus, RunPhase, RunStatus, Schedule};
+use stowage_api::{Backup, ItemStatus, RunPhase, RunStatus, Schedule};
 use stowage_coordinator::leader::{self, Elector};
 use stowage_coordinator::run::status::StatusWriter;
 use stowage_tests::cluster::{Cluster, fresh_namespace};

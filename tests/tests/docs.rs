@@ -37,7 +37,7 @@ fn every_crd_spec_field_is_in_the_crd_reference() {
     let docs = read("docs/crds.md");
     let mut missing = Vec::new();
     let mut checked = 0;
-    for (file, yaml) in stowage_coordinator::crd::rendered().expect("crds") {
+    for (file, yaml) in stowage_api::render::rendered().expect("crds") {
         let v: serde_json::Value = serde_yaml::from_str(&yaml).expect("yaml");
         let spec = &v["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
         let mut all = BTreeSet::new();
@@ -57,7 +57,7 @@ fn every_crd_spec_field_is_in_the_crd_reference() {
 
 #[test]
 fn every_annotation_is_in_the_commands_reference() {
-    let contract = read("common/src/contract.rs");
+    let contract = read("api/src/contract.rs");
     let docs = read("docs/commands.md") + &read("docs/crds.md");
     let annotations: Vec<&str> = contract
         .lines()

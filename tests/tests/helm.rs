@@ -16,7 +16,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
-use stowage_coordinator::crd::{Backup, Restore};
+use stowage_api::{Backup, Restore};
 use stowage_tests::cluster::{Cluster, fresh_namespace};
 use stowage_tests::coordinator::{run_to_end, secret};
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Utc};
 use kube::Api;
-use stowage_coordinator::crd::{Backup, Check, Prune, Schedule};
+use stowage_api::{Backup, Check, Prune, Schedule};
 use stowage_tests::cluster::{Cluster, fresh_namespace};
 use stowage_tests::coordinator::{
     Coordinator, CoordinatorOptions, condition, create, finished, fired_metadata, local_backend,
@@ -637,7 +637,7 @@ async fn lock_gauges_follow_a_waiting_run_and_figures_arrive_between_runs() {
     assert!(
         b.status
             .as_ref()
-            .is_some_and(|s| s.phase == Some(stowage_coordinator::crd::RunPhase::Running)),
+            .is_some_and(|s| s.phase == Some(stowage_api::RunPhase::Running)),
         "{b:?}"
     );
     std::fs::remove_file(repo.join("locks").join(&exclusive)).expect("the prune finishes");

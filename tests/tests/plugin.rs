@@ -54,7 +54,7 @@ async fn kubectl_stowage_backs_up_lists_restores_and_reports_failures() {
     let repo = cluster.dir.join("repos").join(&ns);
     stowage_tests::restic::init(&repo, PASSWORD);
     let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
-    let _: stowage_coordinator::crd::Schedule = create(
+    let _: stowage_api::Schedule = create(
         &client,
         &ns,
         serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",

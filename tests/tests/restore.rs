@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use stowage_coordinator::crd::{Backup, Restore};
+use stowage_api::{Backup, Restore};
 use stowage_tests::cluster::{Cluster, fresh_namespace, wait_for};
 use stowage_tests::coordinator::{
     Coordinator, CoordinatorOptions, PrivateAgents, condition, create, finished, local_backend,

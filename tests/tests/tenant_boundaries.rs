@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use stowage_coordinator::crd::{Check, Schedule};
+use stowage_api::{Check, Schedule};
 use stowage_tests::cluster::{Cluster, fresh_namespace};
 use stowage_tests::coordinator::{
     Coordinator, CoordinatorOptions, condition, create, run_to_end, secret, secret_with_labels,
@@ -280,7 +280,7 @@ async fn runs_and_schedules_cannot_send_unlabelled_secrets_to_a_tenant_endpoint(
 #[tokio::test]
 async fn a_pod_named_like_a_mount_holder_is_not_adopted() {
     use k8s_openapi::api::core::v1::Pod;
-    use stowage_coordinator::crd::Backup;
+    use stowage_api::Backup;
     let cluster = Cluster::shared();
     let client = cluster.client().await;
     let ns = fresh_namespace(&client, "tenant-holder").await;
@@ -328,7 +328,7 @@ async fn a_pod_named_like_a_mount_holder_is_not_adopted() {
 #[tokio::test]
 async fn a_prebackup_pod_cannot_borrow_the_coordinators_right_to_create_privileged_pods() {
     use k8s_openapi::api::core::v1::Pod;
-    use stowage_coordinator::crd::{Backup, PreBackupPod};
+    use stowage_api::{Backup, PreBackupPod};
     let cluster = Cluster::shared();
     let client = cluster.client().await;
     let ns = fresh_namespace(&client, "tenant-pbp").await;
@@ -379,7 +379,7 @@ async fn a_prebackup_pod_cannot_borrow_the_coordinators_right_to_create_privileg
 /// lands and every item is there with its phase and snapshot.
 #[tokio::test]
 async fn a_run_of_the_most_items_with_the_longest_names_is_stored() {
-    use stowage_coordinator::crd::{Backup, CommandItem, ItemStatus, RunPhase, RunStatus};
+    use stowage_api::{Backup, CommandItem, ItemStatus, RunPhase, RunStatus};
     use stowage_coordinator::run::backup::MAX_RUN_ITEMS;
     use stowage_coordinator::run::status::StatusWriter;
     let cluster = Cluster::shared();

@@ -17,15 +17,15 @@ use super::volume::{Limits, Source, VolumeTask};
 use super::{begin, run_id};
 use crate::conditions::Finding;
 use crate::context::Ctx;
-use crate::crd::{Backup, ItemStatus, PreBackupPod, RunPhase};
 use crate::dispatch::{self, CommandJob, DispatchError};
 use crate::errors;
 use crate::mount_holder;
 use crate::plan::{self, PodInfo, PvcInfo};
 use crate::prebackup_pod;
 use crate::runs::phase_of;
+use stowage_api::{Backup, ItemStatus, PreBackupPod, RunPhase};
 
-use stowage_common::contract::{
+use stowage_api::contract::{
     ANNOTATION_BACKUP_COMMAND, ANNOTATION_BACKUP_CONTAINER, ANNOTATION_BACKUP_TIMEOUT,
     ANNOTATION_EXCLUDE, ANNOTATION_FILE_EXTENSION,
 };
@@ -396,7 +396,7 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Backup>) -> Result<(), kube::Error>
     // One agent opens (or creates) the repository first: parallel first backups must not each
     // initialise it. An unreachable agent is skipped; if none answers, the volumes fail one by one
     // with the reason.
-    let location = crate::backend::location(&begun.repository);
+    let location = stowage_common::backend::location(&begun.repository);
     for node in ctx.agents.ready_nodes() {
         if ctx.repository_known(&location) {
             break;
@@ -634,7 +634,7 @@ fn repository_finding(e: &DispatchError, repository: &pb::Repository, at: &str) 
                  Schedule's first runs or with {at}.initialize: true, so that a mistyped location \
                  never starts a new, empty history. Correct the location, or set initialize to \
                  create a repository there.",
-                crate::backend::location(repository)
+                stowage_common::backend::location(repository)
             ),
         );
     }

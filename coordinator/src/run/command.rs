@@ -10,9 +10,9 @@ use super::status::StatusHandle;
 use super::volume::Limits;
 use crate::conditions::Finding;
 use crate::context::Ctx;
-use crate::crd::{Backup, CommandItem, ItemStatus, PreBackupPod, RunPhase};
 use crate::dispatch::{self, CommandJob};
 use crate::prebackup_pod;
+use stowage_api::{Backup, CommandItem, ItemStatus, PreBackupPod, RunPhase};
 
 pub struct CommandTask {
     pub run: Arc<Backup>,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use stowage_common::contract::{
+use stowage_api::contract::{
     ANNOTATION_HOOK_CONTAINER, ANNOTATION_HOOK_ON_ERROR, ANNOTATION_HOOK_TIMEOUT,
     ANNOTATION_POST_BACKUP_COMMAND, ANNOTATION_PRE_BACKUP_COMMAND,
 };
@@ -14,8 +14,8 @@ use stowage_proto::v1::HookRequest;
 use tokio::sync::OnceCell;
 
 use crate::context::Ctx;
-use crate::crd::HookOutcome;
 use crate::dispatch;
+use stowage_api::HookOutcome;
 
 /// A hook's time limit unless annotated.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);

@@ -10,10 +10,10 @@ use super::status::StatusHandle;
 use super::{Begun, begin, run_id};
 use crate::conditions::Finding;
 use crate::context::Ctx;
-use crate::crd::{Check, ItemStatus, Prune, RepositoryFigures, Retention, RunPhase};
 use crate::dispatch::{self, DispatchError, Maintenance};
 use crate::restic_fields;
 use crate::runs::{RunObject, now_rfc3339};
+use stowage_api::{Check, ItemStatus, Prune, RepositoryFigures, Retention, RunPhase};
 
 pub const NO_AGENT: &str = "NoReadyAgent";
 /// Snapshot ids listed per identity and kind in a Prune's status (the counts are exact).

@@ -16,13 +16,13 @@ use std::sync::Arc;
 use kube::{Api, ResourceExt};
 use stowage_proto::v1 as pb;
 
-use crate::backend::{self, Secrets};
 use crate::conditions::{self, Finding};
 use crate::context::Ctx;
-use crate::crd::{ResolvedSpec, RunPhase, RunStatus, Schedule};
 use crate::errors;
 use crate::runs::{RunObject, is_terminal, now_rfc3339, phase_label};
 use status::{StatusHandle, StatusWriter, apply_status};
+use stowage_api::{ResolvedSpec, RunPhase, RunStatus, Schedule};
+use stowage_common::backend::{self, Secrets};
 
 pub const SCHEDULE_NOT_FOUND: &str = "ScheduleNotFound";
 

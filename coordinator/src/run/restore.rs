@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, FixedOffset};
 use kube::ResourceExt;
-use stowage_common::contract::{
+use stowage_api::contract::{
     ANNOTATION_BACKUP_CONTAINER, ANNOTATION_BACKUP_TIMEOUT, ANNOTATION_RESTORE_COMMAND, TAG_PARTIAL,
 };
 use stowage_proto::v1::{self as pb, RestoreCommandRequest, RestoreRequest, SnapshotsRequest};
@@ -17,10 +17,10 @@ use super::status::StatusHandle;
 use super::{Begun, begin, run_id};
 use crate::conditions::Finding;
 use crate::context::Ctx;
-use crate::crd::{CommandItem, Restore, RestoreMode, RestoreOutcome, RunPhase};
 use crate::dispatch::{self, SNAPSHOTS_TIMEOUT};
 use crate::mount_holder;
 use crate::plan::PodInfo;
+use stowage_api::{CommandItem, Restore, RestoreMode, RestoreOutcome, RunPhase};
 
 pub const INVALID_RESTORE: &str = "InvalidRestore";
 pub const CROSS_NAMESPACE: &str = "CrossNamespaceRefused";
@@ -777,7 +777,7 @@ async fn restore_command(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{CommandSourceRef, RestoreSource, RestoreSpec, RestoreTarget};
+    use stowage_api::{CommandSourceRef, RestoreSource, RestoreSpec, RestoreTarget};
 
     fn restore(source: RestoreSource, target: RestoreTarget) -> Restore {
         Restore::new(

@@ -8,11 +8,11 @@ use std::time::Duration;
 use kube::{Api, ResourceExt};
 use tokio::sync::{mpsc, oneshot};
 
-#[cfg(test)]
-use crate::crd::CommandItem;
-use crate::crd::{ItemStatus, RunPhase, RunStatus};
 use crate::errors::{ITEM_ERROR_MAX, bounded};
 use crate::runs::RunObject;
+#[cfg(test)]
+use stowage_api::CommandItem;
+use stowage_api::{ItemStatus, RunPhase, RunStatus};
 
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 /// A status larger than this (as JSON) is shortened before it is written: etcd keeps at most

@@ -12,9 +12,9 @@ use super::hooks::PodHooks;
 use super::status::StatusHandle;
 use crate::conditions::Finding;
 use crate::context::Ctx;
-use crate::crd::{Backup, Concurrency, ItemStatus, RunPhase};
 use crate::dispatch::{self, TAG_PARTIAL, VolumeJob};
 use crate::mount_holder;
+use stowage_api::{Backup, Concurrency, ItemStatus, RunPhase};
 
 /// Where a selected volume will be read.
 #[derive(Debug, Clone)]

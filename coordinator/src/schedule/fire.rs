@@ -6,14 +6,14 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::PostParams;
 use kube::{Api, Resource, ResourceExt};
-use stowage_common::contract::ANNOTATION_FULL_SUFFIX;
+use stowage_api::contract::ANNOTATION_FULL_SUFFIX;
 use stowage_common::names;
 
 use super::rfc3339;
 use crate::conditions::Finding;
 use crate::context::Ctx;
-use crate::crd::{Backup, BackupSpec, Check, CheckSpec, Prune, PruneSpec, Schedule, ScheduleRef};
 use crate::runs::{LABEL_ACTION, LABEL_SCHEDULE, RunObject, is_terminal, never_succeeded};
+use stowage_api::{Backup, BackupSpec, Check, CheckSpec, Prune, PruneSpec, Schedule, ScheduleRef};
 
 /// `<schedule>-<action>-<yyyymmddhhmm>`: one object per fire time, so a repeated attempt to create
 /// it (after a restart) finds it instead of making a second run. A long Schedule name is shortened

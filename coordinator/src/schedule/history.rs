@@ -7,8 +7,8 @@ use kube::{Api, ResourceExt};
 
 use super::fire::runs_of;
 use crate::context::Ctx;
-use crate::crd::{Check, Prune, RepositoryFigures, RunPhase, Schedule};
 use crate::runs::{RunObject, is_terminal};
+use stowage_api::{Check, Prune, RepositoryFigures, RunPhase, Schedule};
 
 /// Deletes finished runs beyond `keep` (newest kept); returns the newest Succeeded completion time.
 pub(super) async fn prune_history<K: RunObject>(
@@ -85,7 +85,7 @@ pub(super) fn last_check_verdict(ctx: &Ctx, s: &Schedule) -> Option<CheckVerdict
 pub(super) fn last_figures(ctx: &Ctx, s: &Schedule) -> Option<RepositoryFigures> {
     let checks = runs_of::<Check>(ctx, s);
     let prunes = runs_of::<Prune>(ctx, s);
-    let figures = |st: Option<&crate::crd::RunStatus>| st.and_then(|st| st.repository.clone());
+    let figures = |st: Option<&stowage_api::RunStatus>| st.and_then(|st| st.repository.clone());
     checks
         .iter()
         .filter_map(|r| figures(r.status.as_ref()))

@@ -22,8 +22,8 @@ use kube::{Api, ResourceExt};
 
 use crate::conditions::{self, Finding};
 use crate::context::Ctx;
-use crate::crd::{ActionTimes, Backup, Check, Prune, Schedule};
 use crate::firing::due;
+use stowage_api::{ActionTimes, Backup, Check, Prune, Schedule};
 
 pub use fire::run_name;
 
@@ -295,13 +295,15 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<Ctx>) -> Result<Action, kube::
 /// The other namespaces whose Schedules use `s`'s repository location (sorted, each once).
 fn sharing_namespaces(s: &Schedule, all: &[Arc<Schedule>]) -> Vec<String> {
     let ns = s.namespace().unwrap_or_default();
-    let Some(mine) = crate::backend::spec_location(&s.spec.backend) else {
+    let Some(mine) = stowage_common::backend::spec_location(&s.spec.backend) else {
         return Vec::new();
     };
     let mut others: Vec<String> = all
         .iter()
         .filter(|o| o.namespace().is_some_and(|n| n != ns))
-        .filter(|o| crate::backend::spec_location(&o.spec.backend).as_deref() == Some(&mine))
+        .filter(|o| {
+            stowage_common::backend::spec_location(&o.spec.backend).as_deref() == Some(&mine)
+        })
         .filter_map(|o| o.namespace())
         .collect();
     others.sort();

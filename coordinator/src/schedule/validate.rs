@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 
 use super::{ACTIONS, expression};
-use crate::backend::{self, Secrets};
 use crate::conditions::Finding;
 use crate::context::Ctx;
-use crate::crd::{Retention, Schedule};
 use crate::cron::CronSchedule;
 use crate::plan::selector_matches;
 use crate::restic_fields;
+use stowage_api::{Retention, Schedule};
+use stowage_common::backend::{self, Secrets};
 
 /// Everything wrong with the spec, each naming its field.
 pub(super) async fn validate(
@@ -60,7 +60,7 @@ pub(super) async fn validate(
     {
         problems.push(f);
     }
-    let secrets = Secrets::Cache(ctx.stores.secrets.clone(), ctx.client.clone());
+    let secrets = Secrets::Cache(ctx.stores.secrets.stores(), ctx.client.clone());
     let allowed = &ctx.config.allowed_endpoint;
     let backend_ok =
         match backend::resolve(&secrets, allowed, &ns, &s.spec.backend, "spec.backend").await {

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kube::api::{Api, ListParams};
-use stowage_coordinator::crd::{Backup, Schedule};
+use stowage_api::{Backup, Schedule};
 use stowage_tests::cluster::{Cluster, fresh_namespace};
 use stowage_tests::coordinator::{Coordinator, PrivateAgents, create, local_backend, secret};
 
@@ -124,8 +124,7 @@ async fn measure(cluster: &Cluster, client: &kube::Client, pvcs: usize) -> (Coun
             b.status.as_ref().and_then(|s| s.phase).filter(|p| {
                 !matches!(
                     p,
-                    stowage_coordinator::crd::RunPhase::Pending
-                        | stowage_coordinator::crd::RunPhase::Running
+                    stowage_api::RunPhase::Pending | stowage_api::RunPhase::Running
                 )
             })
         });
@@ -140,7 +139,7 @@ async fn measure(cluster: &Cluster, client: &kube::Client, pvcs: usize) -> (Coun
     };
     assert_eq!(
         phase,
-        stowage_coordinator::crd::RunPhase::Succeeded,
+        stowage_api::RunPhase::Succeeded,
         "the run must succeed to count"
     );
     // Let the final status writes and the Schedule's last reconcile land.

@@ -8,7 +8,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use stowage_coordinator::crd::Backup;
+use stowage_api::Backup;
 use stowage_tests::bench::{Row, percentile, print_table};
 use stowage_tests::cluster::{Cluster, fresh_namespace};
 use stowage_tests::coordinator::{

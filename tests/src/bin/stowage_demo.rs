@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use stowage_coordinator::crd::Schedule;
+use stowage_api::Schedule;
 use stowage_tests::cluster::{Cluster, pod_running, pvc_bound, wait_for};
 
 const NS: &str = "demo-shop";

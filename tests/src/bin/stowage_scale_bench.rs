@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{
     Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
 };
 use kube::api::{Api, ListParams, PostParams};
-use stowage_coordinator::crd::Backup;
+use stowage_api::Backup;
 use stowage_tests::cluster::Cluster;
 use stowage_tests::coordinator::{Coordinator, CoordinatorOptions, create, local_backend, secret};
 
@@ -308,7 +308,7 @@ async fn main() {
         if probe
             .and_then(|b| b.status)
             .and_then(|s| s.phase)
-            .is_some_and(|p| p != stowage_coordinator::crd::RunPhase::Running)
+            .is_some_and(|p| p != stowage_api::RunPhase::Running)
         {
             break;
         }
@@ -350,15 +350,14 @@ async fn main() {
                 && st
                     .items
                     .iter()
-                    .all(|i| i.phase != stowage_coordinator::crd::RunPhase::Pending)
+                    .all(|i| i.phase != stowage_api::RunPhase::Pending)
             {
                 dispatched = Some(created.elapsed());
             }
             if let Some(p) = st.phase
                 && !matches!(
                     p,
-                    stowage_coordinator::crd::RunPhase::Pending
-                        | stowage_coordinator::crd::RunPhase::Running
+                    stowage_api::RunPhase::Pending | stowage_api::RunPhase::Running
                 )
             {
                 break (
@@ -366,7 +365,7 @@ async fn main() {
                     st.items.len(),
                     st.items
                         .iter()
-                        .filter(|i| i.phase == stowage_coordinator::crd::RunPhase::Succeeded)
+                        .filter(|i| i.phase == stowage_api::RunPhase::Succeeded)
                         .count(),
                 );
             }

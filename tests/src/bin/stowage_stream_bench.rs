@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use stowage_coordinator::crd::Backup;
+use stowage_api::Backup;
 use stowage_tests::cluster::{Cluster, fresh_namespace};
 use stowage_tests::coordinator::{
     Coordinator, CoordinatorOptions, create, finished, local_backend, secret, wait_json,

@@ -7,8 +7,8 @@
 
 use std::str::FromStr;
 
-use crate::conditions::Finding;
-use crate::crd::BackendSpec;
+use crate::finding::Finding;
+use stowage_api::BackendSpec;
 
 pub const ENDPOINT_NOT_ALLOWED: &str = "EndpointNotAllowed";
 
@@ -169,7 +169,7 @@ pub fn check(allowed: &[EndpointPattern], spec: &BackendSpec, at: &str) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{RestBackend, S3Backend};
+    use stowage_api::{RestBackend, S3Backend};
 
     fn p(s: &str) -> EndpointPattern {
         s.parse().unwrap()

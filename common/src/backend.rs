@@ -5,15 +5,15 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 use stowage_proto::v1::{self as pb, repository::Backend as PbBackend};
 
-use stowage_common::contract;
+use stowage_api::contract;
 
-use crate::conditions::Finding;
-use crate::crd::{BackendSpec, SecretKeyRef};
 use crate::endpoints::{self, EndpointPattern};
+use crate::finding::Finding;
+use stowage_api::{BackendSpec, SecretKeyRef};
 
 pub const INVALID_BACKEND: &str = "InvalidBackend";
 pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
@@ -54,7 +54,7 @@ pub fn validate(spec: &BackendSpec, at: &str) -> Result<(), Finding> {
             ));
         }
     }
-    // Required fields and path rules are the shared contract's (`stowage_common::contract`),
+    // Required fields and path rules are the shared contract's (`stowage_api::contract`),
     // checked by `resolve` once the block is a `Repository` message.
     ref_ok(
         &spec.repo_password_secret_ref,
@@ -94,7 +94,7 @@ fn ref_ok(r: &SecretKeyRef, at: &str) -> Result<(), Finding> {
 #[derive(Clone)]
 pub enum Secrets {
     Api(Client),
-    Cache(crate::state::Cache<Secret>, Client),
+    Cache(Vec<Store<Secret>>, Client),
 }
 
 /// Reads Secrets of one namespace, each at most once per resolution.
@@ -118,7 +118,7 @@ impl SecretReader {
                 "{at}: reading Secret {}/{}: {}",
                 self.namespace,
                 r.name,
-                crate::errors::sentence(e)
+                crate::kube_errors::sentence(e)
             ),
         )
     }
@@ -162,8 +162,11 @@ impl SecretReader {
                         .await
                         .map_err(|e| self.read_error(r, at, &e))?
                 }
-                Secrets::Cache(store, client) => {
-                    match store.get(&ObjectRef::new(&r.name).within(&self.namespace)) {
+                Secrets::Cache(stores, client) => {
+                    match stores
+                        .iter()
+                        .find_map(|s| s.get(&ObjectRef::new(&r.name).within(&self.namespace)))
+                    {
                         Some(s) => Some(s.as_ref().clone()),
                         None if self.exists_unlabelled(client, r, at).await? => {
                             return Err(self.unlabelled(r, at));
@@ -248,7 +251,7 @@ pub fn spec_location(spec: &BackendSpec) -> Option<String> {
 
 /// Where a repository is, as restic names it, without secrets (for caches and messages).
 pub fn location(r: &pb::Repository) -> String {
-    stowage_common::contract::location(r).unwrap_or_default()
+    crate::repository::location(r).unwrap_or_default()
 }
 
 /// The spec field (below the backend block) a field of the `Repository` message comes from.
@@ -336,7 +339,7 @@ pub async fn resolve(
         limit_download_kib: spec.limit_download_kib.unwrap_or(0),
     };
     // The agents check the same contract; checking it here names the spec field up front.
-    stowage_common::contract::repository(Some(&repository)).map_err(|e| {
+    crate::repository::repository(Some(&repository)).map_err(|e| {
         Finding::new(
             INVALID_BACKEND,
             format!("{at}.{}: {}", spec_field(e.field), e.reason),
@@ -348,7 +351,7 @@ pub async fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{LocalBackend, RestBackend, S3Backend};
+    use stowage_api::{LocalBackend, RestBackend, S3Backend};
 
     fn local() -> BackendSpec {
         BackendSpec {
@@ -363,7 +366,7 @@ mod tests {
         }
     }
 
-    /// Field rules of the shared contract (`stowage_common::contract`) are named as spec fields; the
+    /// Field rules of the shared contract (`stowage_api::contract`) are named as spec fields; the
     /// Secrets come from the watch cache, which holds no values.
     #[tokio::test]
     async fn the_shared_contract_is_checked_and_names_spec_fields() {
@@ -382,7 +385,7 @@ mod tests {
         let nobody =
             kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap()))
                 .unwrap();
-        let cache = Secrets::Cache(crate::state::Cache::new(vec![store]), nobody);
+        let cache = Secrets::Cache(vec![store], nobody);
         assert!(
             resolve(&cache, &[], "shop", &local(), "spec.backend")
                 .await
