@@ -10,7 +10,7 @@ use kube::Client;
 use crate::agents::AgentDirectory;
 use crate::conditions::Notifier;
 use crate::config::Config;
-use crate::inspect::Inspector;
+use crate::inspections::Inspector;
 use crate::metrics::Metrics;
 use crate::state::{Cache, Stores};
 use stowage_api::{Backup, Check, Prune, Restore};

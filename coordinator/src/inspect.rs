@@ -18,18 +18,16 @@ use std::time::{Duration, Instant};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use stowage_proto::v1::InspectResponse;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 
 use crate::context::Ctx;
 use crate::dispatch::{self, DispatchError};
 use crate::errors;
+use crate::inspections::Key;
 use crate::metrics::Metrics;
 use crate::runs::{RunObject, now_rfc3339};
 use stowage_api::{RepositoryFigures, RunPhase, RunStatus, Schedule};
 use stowage_common::backend::{self, Secrets};
-
-/// A Schedule: `(namespace, name)`.
-pub type Key = (String, String);
 
 /// How long one look may take: listing and reading locks is a few restic runs; figures load the
 /// index (and may wait up to a minute for a prune's exclusive lock).
@@ -37,39 +35,6 @@ const LOCKS_WITHIN: Duration = Duration::from_secs(120);
 const FIGURES_WITHIN: Duration = Duration::from_secs(600);
 /// Looks of one kind running at once.
 const LOOKS_AT_ONCE: usize = 4;
-
-/// What runs and the Schedule reconcile share with the task.
-#[derive(Default)]
-pub struct Inspector {
-    /// Schedules whose locks to read at the next turn (a run of theirs just ended).
-    pending: Mutex<BTreeSet<Key>>,
-    wake: Notify,
-    /// The newest figures this task read, per Schedule.
-    figures: Mutex<HashMap<Key, RepositoryFigures>>,
-}
-
-impl Inspector {
-    /// A run of `schedule` ended: read its repository's locks soon.
-    pub fn run_ended(&self, namespace: &str, schedule: &str) {
-        if let Ok(mut p) = self.pending.lock() {
-            p.insert((namespace.to_string(), schedule.to_string()));
-        }
-        self.wake.notify_one();
-    }
-
-    /// The newest figures this task read for the Schedule.
-    pub fn figures(&self, namespace: &str, schedule: &str) -> Option<RepositoryFigures> {
-        let key = (namespace.to_string(), schedule.to_string());
-        self.figures.lock().ok()?.get(&key).cloned()
-    }
-
-    fn take_pending(&self) -> BTreeSet<Key> {
-        self.pending
-            .lock()
-            .map(|mut p| std::mem::take(&mut *p))
-            .unwrap_or_default()
-    }
-}
 
 /// Whether the run waits for a repository lock now: the agents' "waiting for the repository lock
 /// held by ..." is the only message a running run or item carries.
@@ -162,7 +127,7 @@ async fn lock_looks(ctx: Arc<Ctx>, schedules: crate::state::Cache<Schedule>) {
     let in_flight = InFlight::default();
     loop {
         tokio::select! {
-            () = ctx.inspector.wake.notified() => {}
+            () = ctx.inspector.woken() => {}
             () = tokio::time::sleep(every) => {}
         }
         if ctx.synced().await.is_err() {
@@ -241,16 +206,14 @@ async fn figure_looks(
                     Ok(r) => {
                         publish_locks(&ctx.metrics, &key.0, &key.1, &r);
                         if let Some(f) = r.figures {
-                            if let Ok(mut m) = ctx.inspector.figures.lock() {
-                                m.insert(
-                                    key.clone(),
-                                    RepositoryFigures {
-                                        snapshots: f.snapshots,
-                                        size_bytes: f.size_bytes,
-                                        time: Some(now_rfc3339()),
-                                    },
-                                );
-                            }
+                            ctx.inspector.found(
+                                key.clone(),
+                                RepositoryFigures {
+                                    snapshots: f.snapshots,
+                                    size_bytes: f.size_bytes,
+                                    time: Some(now_rfc3339()),
+                                },
+                            );
                             let _ = nudge.try_send(ObjectRef::from_obj(s.as_ref()));
                         }
                     }

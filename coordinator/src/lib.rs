@@ -14,7 +14,8 @@
 //! - [`plan`]: the pure planning of a backup run (which volume is read by which node's agent);
 //! - [`run`]: executing Backup, Check and Prune runs (`run::volume` is one volume's task,
 //!   `run::status` the run's one status writer); [`dispatch`] calls the agents;
-//! - [`inspect`]: repository locks and figures between runs (gauges, Schedule status);
+//! - [`inspect`]: repository locks and figures between runs (gauges, Schedule status), with
+//!   [`inspections`], what it shares with runs and the Schedule reconciler;
 //! - [`agents`]: finding agent pods and dialling them with mutual TLS;
 //! - [`mount_holder`]: pods that mount otherwise unmounted PVCs so they can be read;
 //! - [`prebackup_pod`]: the helper pods of PreBackupPods, started and deleted around their command;
@@ -33,6 +34,7 @@ pub mod dispatch;
 pub mod errors;
 pub mod firing;
 pub mod inspect;
+pub mod inspections;
 pub mod leader;
 pub mod metrics;
 pub mod mount_holder;
