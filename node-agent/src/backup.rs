@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use restic_wrap::Error as ResticError;
 use restic_wrap::options::{BackupOptions, SnapshotsOptions};
-use restic_wrap::restic::BackupOutput;
+use restic_wrap::stream::BackupOutput;
 use stowage_proto::v1::{
     BackupEvent, BackupRequest, BackupResult, ItemError, Outcome, Phase, Progress,
     backup_event::Event, backup_request::Source,

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use restic_wrap::options::BackupOptions;
-use restic_wrap::restic::BackupOutput;
+use restic_wrap::stream::BackupOutput;
 use stowage_proto::v1::{
     BackupRequest, BackupResult, Outcome, Phase, Progress, backup_request::Source,
 };

@@ -7,6 +7,8 @@
 //! gzip's success over pg_dump's failure. The container's `sh` gets `-o pipefail` where it has it
 //! (busybox, bash as sh); where it has not (dash, as in Debian-based images), `bash -o pipefail`
 //! runs the command if the container has bash; only a container with neither runs it without.
+//!
+//! Length: over 500 lines with its unit tests; the code is under 400.
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! line into progress, and stopping restic when the operation is cancelled.
 
 use restic_wrap::Error as ResticError;
-use restic_wrap::restic::{StreamKind, StreamRun};
+use restic_wrap::stream::{StreamKind, StreamRun};
 use tokio_util::sync::CancellationToken;
 
 /// Feeds every status line of `run` to `on_status` until restic's output ends (then the caller

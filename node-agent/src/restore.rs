@@ -364,7 +364,7 @@ async fn run_restore(
     opts: &RestoreOptions,
     progress: &ProgressSink,
     cancel: &CancellationToken,
-) -> restic_wrap::Result<restic_wrap::restic::RestoreOutput> {
+) -> restic_wrap::Result<restic_wrap::stream::RestoreOutput> {
     let mut run = restic.restore(opts)?;
     tracing::debug!(pid = ?run.pid(), "restic restore spawned");
     let mut bytes_seen = 0u64;

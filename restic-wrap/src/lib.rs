@@ -17,9 +17,11 @@ pub mod process;
 pub mod repository;
 pub mod restic;
 pub mod sandbox;
+pub mod stream;
 
 pub use error::{Error, Result};
 pub use lock::{LockInfo, LockObserver, LockPolicy};
 pub use repository::{Backend, Repository};
-pub use restic::{BackupEvent, BackupRun, Limits, Restic, RestoreRun};
+pub use restic::Restic;
 pub use sandbox::Sandbox;
+pub use stream::{BackupEvent, BackupRun, Limits, RestoreRun};

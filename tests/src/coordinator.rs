@@ -1,5 +1,7 @@
 //! Starting a real `stowage-coordinator` process against the local control plane, and the helpers
 //! its tests share: repository Secrets, waiting for runs, reading Events.
+//!
+//! Length: the coordinator harness and its run and wait helpers, which every cluster suite uses.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

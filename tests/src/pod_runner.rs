@@ -18,6 +18,8 @@
 //!
 //! Not emulated: liveness probes, exec/TCP probes, resource limits, and token rotation (tokens live
 //! an hour, longer than any test).
+//!
+//! Length: a container runtime's whole pod lifecycle (sandbox, volumes, environment, probes, restarts) in one place.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;

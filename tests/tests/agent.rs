@@ -1,4 +1,6 @@
 //! The node agent over gRPC with mTLS, real restic, real directories laid out like the kubelet's.
+//!
+//! Length: one suite, one file; each test drives real agent processes and restic.
 
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,8 @@
 //! Application-aware backups on the local control plane, with the cluster's agents and real restic:
 //! backup commands exec'd through kube-apiserver (kwok runs them as local processes) and streamed
 //! into restic, excluded paths, pre/post hooks, and one command per owner of several replicas.
+//!
+//! Length: one suite, one file; each test is a scenario against the shared cluster.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

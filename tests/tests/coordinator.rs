@@ -1,6 +1,8 @@
 //! The coordinator against the local control plane: real API server, scheduler and controller
 //! manager, real agents (the cluster's DaemonSet, or a test's own) and real restic. Each test has
 //! its own namespace and its own coordinator process watching only that namespace.
+//!
+//! Length: one suite, one file; each test is a scenario against the shared cluster (issue #24 will share their setup).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

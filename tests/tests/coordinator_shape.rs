@@ -1,5 +1,7 @@
 //! The coordinator's shape (issue: runs that carry their own spec, state from watches, one writer,
 //! bounded everything), against the local control plane with real agents and real restic.
+//!
+//! Length: one suite, one file; each test is a scenario against the shared cluster.
 
 use std::time::{Duration, Instant};
 

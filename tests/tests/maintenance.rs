@@ -1,6 +1,8 @@
 //! Repository maintenance users can see (real restic, local control plane, the cluster's agents):
 //! check outcomes on the Schedule, retention by calendar per volume identity, dry runs, Prunes that
 //! wait for running backups, and stale locks removed with plain `restic unlock`.
+//!
+//! Length: one suite, one file; each test is a scenario against the shared cluster.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,8 @@
 //! Restore runs on the local control plane, with real agents and real restic: in place while the
 //! pod runs, through a mount holder, Replace (and a Replace whose agent dies), snapshot selection,
 //! refusals, and a backup command's dump streamed into a restore command.
+//!
+//! Length: one suite, one file; each test is a scenario against the shared cluster.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! A hostile tenant against the real coordinator, agents and restic: runs and Schedules that name
 //! Secrets and endpoints of the tenant's choosing (docs/security.md, "Repository credentials").
+//!
+//! Length: one suite, one file; each test is an attack through the real path.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

@@ -14,6 +14,8 @@
 //! Until `committed` exists, a failure (or a killed agent, at its next start) moves the originals
 //! back: the target ends up as it was. After it, the staged data is moved in. Backups exclude the
 //! prefix, so a staging directory is never captured.
+//!
+//! Length: over 500 lines with its unit tests (crashes at every step of a swap); the code is about 500.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -28,6 +30,12 @@ use nix::fcntl::{AtFlags, OFlag, openat, renameat};
 use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
 
 use crate::safe_fs::{self, SafeFsError};
+
+mod journal;
+mod recovery;
+
+use journal::{Entry, hex, parse_journal, unhex};
+pub use recovery::{Recovered, recover};
 
 /// Every staging directory's name starts with this (at the volume root).
 pub const PREFIX: &str = ".stowage-restore-";
@@ -113,58 +121,6 @@ impl Active {
             .lock()
             .is_ok_and(|s| s.iter().any(|n| n.as_bytes() == name))
     }
-}
-
-/// One entry to move aside: its directory below the target and its name there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Entry {
-    parent: Vec<String>,
-    name: Vec<u8>,
-}
-
-impl Entry {
-    fn shown(&self) -> String {
-        let mut parts = self.parent.clone();
-        parts.push(String::from_utf8_lossy(&self.name).into_owned());
-        parts.join("/")
-    }
-    fn encode(&self) -> String {
-        let mut raw = self.parent.join("/").into_bytes();
-        if !raw.is_empty() {
-            raw.push(b'/');
-        }
-        raw.extend_from_slice(&self.name);
-        hex(&raw)
-    }
-    fn decode(s: &str) -> Option<Self> {
-        let raw = unhex(s)?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (parent, name) = match raw.iter().rposition(|b| *b == b'/') {
-            Some(i) => (
-                String::from_utf8(raw[..i].to_vec()).ok()?,
-                raw[i + 1..].to_vec(),
-            ),
-            None => (String::new(), raw),
-        };
-        // The journal lives in a directory the tenant can write: never trust it beyond the volume.
-        let parent = safe_fs::relative_components(&parent).ok()?;
-        let name_ok = !name.is_empty() && name != b"." && name != b".." && !name.contains(&0);
-        (name_ok && !text.starts_with('/')).then_some(Self { parent, name })
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// What a `Replace` displaces: every entry of the target (but staging directories, when the target
@@ -502,153 +458,6 @@ fn rollback(staging: &OwnedFd, target: &OwnedFd, entries: &[Entry]) -> Result<()
     Ok(())
 }
 
-/// What a recovery pass did with one leftover staging directory.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Recovered {
-    /// No swap had started: only staged data, removed.
-    Removed,
-    /// A swap had not committed: the originals were put back.
-    RolledBack,
-    /// A swap had committed: the staged data was moved in.
-    Finished,
-    /// A live restore of another agent (another node's on a shared volume, or another instance on
-    /// this node): left alone. Holds the owner's node.
-    InUseElsewhere(String),
-}
-
-/// Deals with the staging directories that a killed agent left at the root of a volume (not those
-/// this process is using). The journal is read as untrusted input: a tenant can write it, so every
-/// path in it is resolved below the volume root, never through a link.
-pub fn recover(
-    root: &OwnedFd,
-    active: &Active,
-) -> Vec<(String, std::result::Result<Recovered, SafeFsError>)> {
-    let lock = match active.volume_lock(root) {
-        Ok(l) => l,
-        Err(e) => return vec![(".".into(), Err(e))],
-    };
-    // Poisoned only by a panic elsewhere; the guard protects no data of its own.
-    let _one_at_a_time = lock
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let names = match safe_fs::entries(root, ".") {
-        Ok(n) => n,
-        Err(e) => return vec![(".".into(), Err(e))],
-    };
-    names
-        .into_iter()
-        .filter(|n| n.starts_with(PREFIX.as_bytes()) && !active.contains(n))
-        .map(|n| {
-            let shown = String::from_utf8_lossy(&n).into_owned();
-            let r = recover_one(root, OsStr::from_bytes(&n));
-            (shown, r)
-        })
-        .collect()
-}
-
-fn recover_one(root: &OwnedFd, name: &OsStr) -> Result<Recovered> {
-    let shown = name.to_string_lossy().into_owned();
-    let dir = match openat(root, name, dir_flags(), Mode::empty()) {
-        Ok(d) if let Some(owner) = live_owner(&d) => {
-            return Ok(Recovered::InUseElsewhere(owner));
-        }
-        Ok(d) => {
-            // Only what this agent could have made is acted on: a pod that plants a journal, data
-            // or aside of its own must not get the agent, as root, to move or chown what it names.
-            // (`data/` is left out: restic may give it the snapshot root's mode.)
-            for part in [
-                None,
-                Some(JOURNAL),
-                Some(COMMITTED),
-                Some(OWNER),
-                Some(ASIDE),
-            ] {
-                let st = match part {
-                    None => safe_fs::stat_fd(&d, &shown).map(Some)?,
-                    Some(p) => match fstatat(&d, p, AtFlags::AT_SYMLINK_NOFOLLOW) {
-                        Ok(st) => Some(st),
-                        Err(Errno::ENOENT) => None,
-                        Err(e) => return Err(io(format!("{shown}/{p}"))(e)),
-                    },
-                };
-                if let Some(st) = st
-                    && !made_by_us(&st)
-                {
-                    return Err(SafeFsError::InvalidPath {
-                        path: format!("{shown}/{}", part.unwrap_or("")),
-                        reason: "not made by the agent (another owner, or writable by group or others); left in place, untouched",
-                    });
-                }
-            }
-            d
-        }
-        // Not a directory (a planted file or link): not ours, but named like ours; remove it.
-        Err(Errno::ENOTDIR | Errno::ELOOP) => {
-            safe_fs::remove_tree_at(root, name)?;
-            return Ok(Recovered::Removed);
-        }
-        Err(e) => {
-            return Err(SafeFsError::Io {
-                path: shown,
-                source: e,
-            });
-        }
-    };
-    let journal = read_small(&dir, JOURNAL)?;
-    let outcome = match journal {
-        None => Recovered::Removed,
-        Some(text) => {
-            let (target_parts, entries) =
-                parse_journal(&text).ok_or_else(|| SafeFsError::InvalidPath {
-                    path: format!("{shown}/{JOURNAL}"),
-                    reason: "unreadable restore journal; left in place",
-                })?;
-            let committed = match fstatat(&dir, COMMITTED, AtFlags::AT_SYMLINK_NOFOLLOW) {
-                Ok(_) => true,
-                Err(Errno::ENOENT) => false,
-                Err(e) => {
-                    return Err(SafeFsError::Io {
-                        path: shown,
-                        source: e,
-                    });
-                }
-            };
-            let target = safe_fs::open_beneath(root, &target_parts, true)?;
-            if committed {
-                finish_committed(&dir, &target)?;
-                Recovered::Finished
-            } else {
-                rollback(&dir, &target, &entries)?;
-                // Whatever is still aside, the journal does not account for: it may be someone's
-                // only copy, so the directory stays.
-                let left = match openat(&dir, ASIDE, dir_flags(), Mode::empty()) {
-                    Ok(aside) => safe_fs::entries(&aside, ASIDE)?.len(),
-                    Err(Errno::ENOENT) => 0,
-                    Err(e) => return Err(io(ASIDE)(e)),
-                };
-                if left > 0 {
-                    return Err(SafeFsError::InvalidPath {
-                        path: format!("{shown}/{ASIDE}"),
-                        reason: "holds entries the journal does not list after the originals were put back; left in place",
-                    });
-                }
-                Recovered::RolledBack
-            }
-        }
-    };
-    drop(dir);
-    // A planted tree of millions of entries takes more than one pass, so no pass holds the
-    // volume's restores for long.
-    safe_fs::remove_tree_within(root, name, RECOVERY_BUDGET).map_err(|e| match e {
-        SafeFsError::OverBudget { budget, .. } => SafeFsError::OverBudget {
-            path: shown.clone(),
-            budget,
-        },
-        e => e,
-    })?;
-    Ok(outcome)
-}
-
 /// Reads a small regular file (at most `JOURNAL_MAX`, whole or not at all), never through a link;
 /// `None` when absent. Opened
 /// non-blocking and checked to be a regular file: a FIFO a tenant plants under the name must not
@@ -689,18 +498,6 @@ fn read_small(dir: &OwnedFd, name: &str) -> Result<Option<String>> {
         });
     }
     Ok(Some(text))
-}
-
-fn parse_journal(text: &str) -> Option<(Vec<String>, Vec<Entry>)> {
-    let mut lines = text.lines();
-    (lines.next()? == JOURNAL_MAGIC).then_some(())?;
-    let target = lines.next()?.strip_prefix("target ")?;
-    let target = String::from_utf8(unhex(target)?).ok()?;
-    let target_parts = safe_fs::relative_components(&target).ok()?;
-    let entries = lines
-        .map(|l| Entry::decode(l.strip_prefix("entry ")?))
-        .collect::<Option<Vec<_>>>()?;
-    Some((target_parts, entries))
 }
 
 #[cfg(test)]
