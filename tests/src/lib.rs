@@ -6,7 +6,9 @@ pub mod bench;
 pub mod cluster;
 pub mod coordinator;
 pub mod csi_local;
+pub mod env;
 pub mod fstree;
+pub mod kubectl_stowage;
 pub mod kubelet_emu;
 pub mod moto;
 pub mod pod_runner;
@@ -48,7 +50,9 @@ fn running_as_test() -> bool {
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        if !running_as_test() {
+        // scripts/test builds them before any test starts (`STOWAGE_BINARIES_BUILT`), so that
+        // tests run in processes of their own (nextest) do not each ask cargo.
+        if !running_as_test() || std::env::var_os("STOWAGE_BINARIES_BUILT").is_some() {
             return;
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

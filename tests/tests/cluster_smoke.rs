@@ -8,7 +8,8 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, AttachParams, DeleteParams, PostParams};
-use stowage_tests::cluster::{Cluster, fresh_namespace, pod_running, pvc_bound, wait_for};
+use stowage_tests::cluster::{Cluster, pod_running, pvc_bound, wait_for};
+use stowage_tests::env::TestEnv;
 use tokio::io::AsyncReadExt;
 
 fn json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
@@ -17,9 +18,11 @@ fn json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
 
 #[tokio::test]
 async fn pods_run_on_kwok_nodes_and_exec_goes_through_the_apiserver() {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, "smoke").await;
+    let TestEnv {
+        cluster: _,
+        client,
+        ns,
+    } = TestEnv::bare("smoke").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pod: Pod = json(serde_json::json!({
         "metadata": {"name": "app"},
@@ -95,9 +98,11 @@ fn mounted(path: &Path) -> bool {
 
 #[tokio::test]
 async fn pvc_binds_and_its_data_is_bind_mounted_at_the_kubelet_path_while_the_pod_lives() {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, "vol").await;
+    let TestEnv {
+        cluster,
+        client,
+        ns,
+    } = TestEnv::bare("vol").await;
     let backing = cluster.volume(&ns, "db", "data", "node-3", &[]);
     std::fs::write(backing.join("hello.txt"), b"written by the fixture").expect("write");
 
@@ -168,9 +173,11 @@ async fn pvc_binds_and_its_data_is_bind_mounted_at_the_kubelet_path_while_the_po
 
 #[tokio::test]
 async fn a_daemonset_gets_a_pod_on_every_node() {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, "ds").await;
+    let TestEnv {
+        cluster,
+        client,
+        ns,
+    } = TestEnv::bare("ds").await;
     let dss: Api<DaemonSet> = Api::namespaced(client.clone(), &ns);
     let ds: DaemonSet = json(serde_json::json!({
         "metadata": {"name": "agent"},

@@ -11,21 +11,21 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use stowage_api::Backup;
-use stowage_tests::cluster::{Cluster, fresh_namespace};
+use stowage_tests::cluster::Cluster;
 use stowage_tests::coordinator::{
-    Coordinator, CoordinatorOptions, create, finished, local_backend, run_to_end, secret, wait_json,
+    Coordinator, CoordinatorOptions, create, finished, local_backend, run_to_end, wait_json,
 };
+use stowage_tests::env::{PASSWORD, TestEnv};
 
-const PASSWORD: &str = "correct horse battery staple";
-
-/// A fresh namespace with the repository password Secret and an initialised local repository.
+/// The shared test environment, taken apart, with its local repository initialised.
 async fn setup(prefix: &str) -> (&'static Cluster, kube::Client, String, PathBuf) {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, prefix).await;
-    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
-    let repo = cluster.dir.join("repos").join(&ns);
-    stowage_tests::restic::init(&repo, PASSWORD);
+    let env = TestEnv::new(prefix).await;
+    let repo = env.init_repo();
+    let TestEnv {
+        cluster,
+        client,
+        ns,
+    } = env;
     (cluster, client, ns, repo)
 }
 

@@ -4,80 +4,68 @@
 //!
 //! Length: one suite, one file; each test is a scenario against the shared cluster (issue #24 will share their setup).
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use stowage_api::{Backup, Check, Prune, Schedule};
-use stowage_tests::cluster::{Cluster, fresh_namespace, wait_for};
+use stowage_tests::cluster::{Cluster, wait_for};
 use stowage_tests::coordinator::{
-    Coordinator, CoordinatorOptions, Object, PrivateAgents, condition, create, finished,
-    fired_metadata, local_backend, partly_done, secret, wait_event, wait_json,
+    Coordinator, CoordinatorOptions, PrivateAgents, condition, create, finished, fired_metadata,
+    local_backend, partly_done, wait_event, wait_json,
 };
+use stowage_tests::env::{PASSWORD, TestEnv};
 use stowage_tests::restic;
 
-const PASSWORD: &str = "correct horse battery staple";
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// The shared test environment, with the path of the test's local repository (created by the
+/// first Backup: `initialize: true`).
 struct Env {
-    cluster: &'static Cluster,
-    client: kube::Client,
-    ns: String,
+    base: TestEnv,
     repo: PathBuf,
 }
 
-async fn setup(prefix: &str) -> Env {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, prefix).await;
-    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
-    let repo = cluster.dir.join("repos").join(&ns);
-    Env {
-        cluster,
-        client,
-        ns,
-        repo,
+impl Deref for Env {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.base
     }
+}
+
+async fn setup(prefix: &str) -> Env {
+    let base = TestEnv::new(prefix).await;
+    let repo = base.repo();
+    Env { base, repo }
 }
 
 impl Env {
     /// A PVC with files on `node` (mounted by pod `<pvc>-0` unless `--no-pod` is passed).
     fn volume_with_data(&self, pvc: &str, node: &str, extra: &[&str]) -> PathBuf {
-        let dir = self
-            .cluster
-            .volume(&self.ns, &format!("{pvc}-0"), pvc, node, extra);
-        std::fs::create_dir_all(dir.join("data")).expect("mkdir");
-        std::fs::write(dir.join("data/owner.txt"), format!("{}/{pvc}\n", self.ns)).expect("write");
-        stowage_tests::fstree::write_random(&dir.join("data/blob"), 64 * 1024, pvc.len() as u64);
+        let dir = self.volume(&format!("{pvc}-0"), pvc, node, extra);
+        self.write_data(&dir, pvc);
         dir
     }
 
-    /// `volume_with_data` for a pod-mounted PVC, returning once it is mounted.
+    /// A pod-mounted PVC with files on `node`, returned once it is mounted.
     async fn mounted_volume(&self, pvc: &str, node: &str) -> PathBuf {
-        let dir = self.volume_with_data(pvc, node, &[]);
-        self.cluster
-            .wait_mounted(
-                &self.client,
-                &self.ns,
-                &format!("{pvc}-0"),
-                pvc,
-                node,
-                "data/owner.txt",
-            )
-            .await;
+        let dir = self.mounted(pvc, node, "data/owner.txt").await;
+        self.write_data(&dir, pvc);
         dir
+    }
+
+    /// What every volume of this suite holds: its owner and 64 KiB of data of its own.
+    fn write_data(&self, dir: &Path, pvc: &str) {
+        std::fs::create_dir_all(dir.join("data")).expect("mkdir");
+        std::fs::write(dir.join("data/owner.txt"), format!("{}/{pvc}\n", self.ns)).expect("write");
+        stowage_tests::fstree::write_random(&dir.join("data/blob"), 64 * 1024, pvc.len() as u64);
     }
 
     /// Options for a coordinator of this test (shared agents) with its own identity.
     fn env_coordinator(&self, identity: &str) -> (&'static Cluster, CoordinatorOptions) {
-        (
-            self.cluster,
-            CoordinatorOptions {
-                identity: identity.into(),
-                ..CoordinatorOptions::new(&self.ns)
-            },
-        )
+        (self.cluster, self.coordinator_options(identity))
     }
 
     fn repo_str(&self) -> String {
@@ -88,7 +76,7 @@ impl Env {
     async fn backup(&self, name: &str, extra: serde_json::Value) -> serde_json::Value {
         self.create_backup(name, local_backend(&self.repo), extra)
             .await;
-        self.wait_run::<Backup>(name).await
+        self.wait_run::<Backup>(name, RUN_TIMEOUT).await
     }
 
     /// Creates Backup `name` whose uploads are limited to 1 MiB/s, so a few MiB take seconds: time
@@ -112,25 +100,7 @@ impl Env {
         if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
             s.extend(e.clone());
         }
-        let _: Backup = create(
-            &self.client,
-            &self.ns,
-            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
-                "metadata": {"name": name}, "spec": spec}),
-        )
-        .await;
-    }
-
-    async fn wait_run<K: Object>(&self, name: &str) -> serde_json::Value {
-        wait_json::<K>(
-            &self.client,
-            &self.ns,
-            name,
-            RUN_TIMEOUT,
-            "a finished phase",
-            finished,
-        )
-        .await
+        let _: Backup = self.create_run(name, spec).await;
     }
 
     /// A Backup that belongs to Schedule `schedule` (labels and owner), as a fired run would.
@@ -143,14 +113,10 @@ impl Env {
                 "metadata": metadata, "spec": {"scheduleRef": {"name": schedule}}}),
         )
         .await;
-        let run = self.wait_run::<Backup>(name).await;
+        let run = self.wait_run::<Backup>(name, RUN_TIMEOUT).await;
         // Distinct creation timestamps (second resolution) keep the age order unambiguous.
         tokio::time::sleep(Duration::from_millis(1100)).await;
         run
-    }
-
-    fn snapshots(&self) -> Vec<serde_json::Value> {
-        restic::snapshots(&self.repo_str(), PASSWORD)
     }
 }
 
@@ -269,7 +235,7 @@ async fn a_schedule_firing_every_minute_backs_up_pods_on_two_nodes() {
         (owner.kind.as_str(), owner.name.as_str()),
         ("Schedule", "every-minute")
     );
-    let run = env.wait_run::<Backup>(&name).await;
+    let run = env.wait_run::<Backup>(&name, RUN_TIMEOUT).await;
     assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
     assert_eq!(run["status"]["items"].as_array().expect("items").len(), 2);
     assert_eq!(item(&run, "web")["node"], "node-1");
@@ -282,7 +248,7 @@ async fn a_schedule_firing_every_minute_backs_up_pods_on_two_nodes() {
     }
 
     // One snapshot per PVC with the identity tags; each restores to the fixture's data.
-    let all = env.snapshots();
+    let all = env.snapshots(&env.repo);
     for (pvc, dir) in [("web", &web), ("db", &db)] {
         let snaps = snapshots_of(&all, &env.ns, pvc);
         assert_eq!(snaps.len(), 1, "{pvc}: {all:#?}");
@@ -367,7 +333,7 @@ async fn a_schedule_firing_every_minute_backs_up_pods_on_two_nodes() {
         serde_json::json!({"scheduleRef": {"name": "every-minute"}}),
     )
     .await;
-    let failed = env.wait_run::<Backup>("typo").await;
+    let failed = env.wait_run::<Backup>("typo", RUN_TIMEOUT).await;
     assert_eq!(failed["status"]["phase"], "Failed", "{failed:#}");
     let cond = condition(&failed, "Succeeded").expect("condition");
     assert_eq!(cond["reason"], "RepositoryNotFound", "{cond}");
@@ -484,7 +450,7 @@ async fn an_unmounted_pvc_is_backed_up_through_a_mount_holder_pod() {
     let holder = i["pod"].as_str().expect("pod");
     assert!(holder.starts_with("archive-hold-"), "{holder}");
     assert!(i["node"].as_str().is_some_and(|n| n.starts_with("node-")));
-    let snaps = snapshots_of(&env.snapshots(), &env.ns, "archive");
+    let snaps = snapshots_of(&env.snapshots(&env.repo), &env.ns, "archive");
     assert_eq!(snaps.len(), 1);
     assert_restores(
         &env,
@@ -646,7 +612,7 @@ async fn bad_input_gets_a_condition_and_an_event_naming_the_field() {
             "spec": {"backend": good.clone(), "retention": {"keepDaily": 0}}}),
     )
     .await;
-    let pruned = env.wait_run::<Prune>("zero-daily").await;
+    let pruned = env.wait_run::<Prune>("zero-daily", RUN_TIMEOUT).await;
     assert_eq!(pruned["status"]["phase"], "Failed", "{pruned:#}");
     let c = condition(&pruned, "Succeeded").expect("condition");
     assert_eq!(c["reason"], "InvalidRetention", "{c}");
@@ -868,7 +834,7 @@ async fn prune_keeps_each_pvcs_own_newest_snapshots_and_check_passes() {
             .await;
         assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
     }
-    let before = env.snapshots();
+    let before = env.snapshots(&env.repo);
     let newest = |all: &[serde_json::Value], pvc: &str, n: usize| {
         let mut s = snapshots_of(all, &env.ns, pvc);
         s.sort_by(|x, y| x["time"].as_str().cmp(&y["time"].as_str()));
@@ -889,7 +855,7 @@ async fn prune_keeps_each_pvcs_own_newest_snapshots_and_check_passes() {
             "spec": {"backend": local_backend(&env.repo), "retention": {"keepLast": 2}}}),
     )
     .await;
-    let run = env.wait_run::<Prune>("keep-2").await;
+    let run = env.wait_run::<Prune>("keep-2", RUN_TIMEOUT).await;
     assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
     for pvc in ["alpha", "bravo"] {
         let i = item(&run, pvc);
@@ -899,7 +865,7 @@ async fn prune_keeps_each_pvcs_own_newest_snapshots_and_check_passes() {
             "{i}"
         );
     }
-    let after = env.snapshots();
+    let after = env.snapshots(&env.repo);
     let mut kept_alpha = newest(&after, "alpha", 10);
     let mut kept_bravo = newest(&after, "bravo", 10);
     kept_alpha.sort();
@@ -918,7 +884,7 @@ async fn prune_keeps_each_pvcs_own_newest_snapshots_and_check_passes() {
             "spec": {"backend": local_backend(&env.repo)}}),
     )
     .await;
-    let run = env.wait_run::<Check>("healthy").await;
+    let run = env.wait_run::<Check>("healthy", RUN_TIMEOUT).await;
     assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
     let c = condition(&run, "Succeeded").expect("condition");
     assert!(
@@ -968,7 +934,7 @@ async fn an_agent_dying_mid_backup_fails_only_its_volume() {
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     private.agents[1].kill();
-    let run = env.wait_run::<Backup>("agent-dies").await;
+    let run = env.wait_run::<Backup>("agent-dies", RUN_TIMEOUT).await;
     assert_eq!(run["status"]["phase"], "PartiallyFailed", "{run:#}");
     assert_eq!(item(&run, "fast")["phase"], "Succeeded");
     let failed = item(&run, "slow");
@@ -984,7 +950,7 @@ async fn an_agent_dying_mid_backup_fails_only_its_volume() {
         "{c}"
     );
     assert!(
-        snapshots_of(&env.snapshots(), &env.ns, "slow").is_empty(),
+        snapshots_of(&env.snapshots(&env.repo), &env.ns, "slow").is_empty(),
         "no snapshot of the failed volume"
     );
 }
@@ -1059,7 +1025,7 @@ async fn a_hung_agent_fails_its_volume_after_the_agent_timeout() {
     let pid = nix::unistd::Pid::from_raw(private.agents[0].pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
     let stopped = std::time::Instant::now();
-    let run = env.wait_run::<Backup>("agent-hangs").await;
+    let run = env.wait_run::<Backup>("agent-hangs", RUN_TIMEOUT).await;
     let waited = stopped.elapsed();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
     assert_eq!(run["status"]["phase"], "Failed", "{run:#}");
@@ -1100,9 +1066,9 @@ async fn a_coordinator_killed_mid_run_resumes_without_duplicate_snapshots() {
     .await;
     first.kill();
     let second = start_coordinator(env.env_coordinator("second")).await;
-    let run = env.wait_run::<Backup>("interrupted").await;
+    let run = env.wait_run::<Backup>("interrupted", RUN_TIMEOUT).await;
     assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
-    let all = env.snapshots();
+    let all = env.snapshots(&env.repo);
     for pvc in ["one", "two", "three"] {
         assert_eq!(item(&run, pvc)["phase"], "Succeeded");
         assert_eq!(
@@ -1152,7 +1118,10 @@ async fn only_the_leader_dispatches_and_a_standby_takes_over() {
     let run = env.backup("second", serde_json::json!({})).await;
     assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
     assert_eq!(b.metric(dispatched).await, Some(1.0));
-    assert_eq!(snapshots_of(&env.snapshots(), &env.ns, "data").len(), 2);
+    assert_eq!(
+        snapshots_of(&env.snapshots(&env.repo), &env.ns, "data").len(),
+        2
+    );
 }
 
 #[tokio::test]
@@ -1219,7 +1188,7 @@ async fn fire_times_missed_while_down_are_counted_and_the_latest_runs_once() {
         Duration::from_secs(20),
     )
     .await;
-    let run = env.wait_run::<Backup>(&name).await;
+    let run = env.wait_run::<Backup>(&name, RUN_TIMEOUT).await;
     assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
 }
 
@@ -1387,10 +1356,10 @@ async fn a_coordinator_with_only_the_documented_rbac_does_everything() {
             "metadata": {"name": name}, "spec": {"scheduleRef": {"name": "nightly"}}});
         let run = if kind == "Prune" {
             let _: Prune = create(&env.client, &env.ns, obj).await;
-            env.wait_run::<Prune>(name).await
+            env.wait_run::<Prune>(name, RUN_TIMEOUT).await
         } else {
             let _: Check = create(&env.client, &env.ns, obj).await;
-            env.wait_run::<Check>(name).await
+            env.wait_run::<Check>(name, RUN_TIMEOUT).await
         };
         assert_eq!(run["status"]["phase"], "Succeeded", "{run:#}");
     }
@@ -1439,7 +1408,7 @@ async fn a_frozen_restic_fails_its_volume_after_the_stall_timeout_and_the_next_r
         nix::sys::signal::Signal::SIGSTOP,
     )
     .expect("SIGSTOP");
-    let run = env.wait_run::<Backup>("frozen").await;
+    let run = env.wait_run::<Backup>("frozen", RUN_TIMEOUT).await;
     assert_eq!(run["status"]["phase"], "Failed", "{run:#}");
     let error = item(&run, "stuck")["error"].as_str().expect("error");
     assert!(error.contains("made no progress for 6s"), "{error}");
@@ -1485,13 +1454,13 @@ async fn an_empty_volume_is_skipped_and_a_local_path_outside_the_roots_is_refuse
         Duration::from_secs(20),
     )
     .await;
-    assert!(snapshots_of(&env.snapshots(), &env.ns, "fresh").is_empty());
+    assert!(snapshots_of(&env.snapshots(&env.repo), &env.ns, "fresh").is_empty());
 
     // A local repository outside the agents' --local-repository-root: refused, naming the field.
     let outside = std::env::temp_dir().join(format!("stowage-not-a-root-{}", env.ns));
     env.create_backup("outside", local_backend(&outside), serde_json::json!({}))
         .await;
-    let refused = env.wait_run::<Backup>("outside").await;
+    let refused = env.wait_run::<Backup>("outside", RUN_TIMEOUT).await;
     assert_eq!(refused["status"]["phase"], "Failed", "{refused:#}");
     let cond = condition(&refused, "Succeeded").expect("condition");
     assert_eq!(cond["reason"], "LocalPathNotAllowed", "{cond}");

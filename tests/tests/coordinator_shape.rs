@@ -3,6 +3,7 @@
 //!
 //! Length: one suite, one file; each test is a scenario against the shared cluster.
 
+use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -12,70 +13,37 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use stowage_api::{Backup, ItemStatus, RunPhase, RunStatus, Schedule};
 use stowage_coordinator::leader::{self, Elector};
 use stowage_coordinator::run::status::StatusWriter;
-use stowage_tests::cluster::{Cluster, fresh_namespace};
 use stowage_tests::coordinator::{
-    Coordinator, CoordinatorOptions, condition, create, finished, local_backend, partly_done,
-    secret, wait_json,
+    Coordinator, condition, create, local_backend, partly_done, secret, wait_json,
 };
+use stowage_tests::env::{PASSWORD, TestEnv};
 use stowage_tests::restic;
 
-const PASSWORD: &str = "correct horse battery staple";
+/// The shared test environment.
+struct Env(TestEnv);
 
-struct Env {
-    cluster: &'static Cluster,
-    client: kube::Client,
-    ns: String,
+impl Deref for Env {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.0
+    }
 }
 
 async fn setup(prefix: &str) -> Env {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, prefix).await;
-    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
-    Env {
-        cluster,
-        client,
-        ns,
-    }
+    Env(TestEnv::new(prefix).await)
 }
 
 impl Env {
-    fn repo(&self, name: &str) -> std::path::PathBuf {
-        self.cluster
-            .dir
-            .join("repos")
-            .join(format!("{}-{name}", self.ns))
-    }
-
     /// Creates Backup `name` into the local repository `repo`.
     async fn create_backup(&self, name: &str, repo: &std::path::Path) -> Backup {
-        create(
-            &self.client,
-            &self.ns,
-            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
-                "metadata": {"name": name}, "spec": {"backend": local_backend(repo)}}),
-        )
-        .await
+        self.create_run(name, serde_json::json!({"backend": local_backend(repo)}))
+            .await
     }
 
     /// Waits (at most `secs`) for run `name` to finish; returns its JSON.
     async fn finished(&self, name: &str, secs: u64) -> serde_json::Value {
-        wait_json::<Backup>(
-            &self.client,
-            &self.ns,
-            name,
-            Duration::from_secs(secs),
-            "finished",
-            finished,
-        )
-        .await
-    }
-
-    fn coordinator(&self, identity: &str) -> CoordinatorOptions {
-        CoordinatorOptions {
-            identity: identity.into(),
-            ..CoordinatorOptions::new(&self.ns)
-        }
+        self.wait_run::<Backup>(name, Duration::from_secs(secs))
+            .await
     }
 }
 
@@ -121,8 +89,8 @@ async fn a_fired_run_keeps_what_it_was_fired_with_when_the_schedule_changes() {
         );
         stowage_tests::fstree::write_random(&dir.join("big"), 4 << 20, 100 + seed as u64);
     }
-    let original = env.repo("original");
-    let elsewhere = env.repo("elsewhere");
+    let original = env.repo_named("original");
+    let elsewhere = env.repo_named("elsewhere");
     let name = format!(
         "{}-nightly",
         "postgres-primary-database-offsite-s3-replica".repeat(4)
@@ -140,7 +108,7 @@ async fn a_fired_run_keeps_what_it_was_fired_with_when_the_schedule_changes() {
                                 "concurrency": {"cluster": 1}}}}),
     )
     .await;
-    let mut first = Coordinator::start(env.cluster, env.coordinator("first")).await;
+    let mut first = Coordinator::start(env.cluster, env.coordinator_options("first")).await;
     let label = stowage_common::names::label_value(&name);
     let run = fired_run(&env, &label).await;
     let run_name = run.metadata.name.clone().expect("name");
@@ -193,7 +161,7 @@ async fn a_fired_run_keeps_what_it_was_fired_with_when_the_schedule_changes() {
         .patch(&name, &PatchParams::default(), &Patch::Merge(&edit))
         .await
         .expect("edit the Schedule");
-    let _second = Coordinator::start(env.cluster, env.coordinator("second")).await;
+    let _second = Coordinator::start(env.cluster, env.coordinator_options("second")).await;
     let done = env.finished(&run_name, 90).await;
     assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
     for pvc in ["one", "two"] {
@@ -216,15 +184,15 @@ async fn a_restart_right_after_a_run_finished_does_not_touch_it() {
     let env = setup("finished").await;
     let dir = env.cluster.volume(&env.ns, "data-0", "data", "node-1", &[]);
     std::fs::write(dir.join("f"), b"data").expect("write");
-    let repo = env.repo("r");
-    let mut first = Coordinator::start(env.cluster, env.coordinator("first")).await;
+    let repo = env.repo_named("r");
+    let mut first = Coordinator::start(env.cluster, env.coordinator_options("first")).await;
     env.create_backup("done", &repo).await;
     let done = env.finished("done", 60).await;
     assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
     first.kill();
     let api: Api<Backup> = Api::namespaced(env.client.clone(), &env.ns);
     let before = api.get("done").await.expect("get");
-    let second = Coordinator::start(env.cluster, env.coordinator("second")).await;
+    let second = Coordinator::start(env.cluster, env.coordinator_options("second")).await;
     second.wait_leading(Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = api.get("done").await.expect("get");
@@ -244,8 +212,8 @@ async fn a_long_run_name_backs_up_through_a_mount_holder() {
         .cluster
         .volume(&env.ns, "unused", "idle", "node-2", &["--no-pod"]);
     std::fs::write(dir.join("f"), b"data").expect("write");
-    let repo = env.repo("r");
-    let _c = Coordinator::start(env.cluster, env.coordinator("c")).await;
+    let repo = env.repo_named("r");
+    let _c = Coordinator::start(env.cluster, env.coordinator_options("c")).await;
     let name = "postgres-primary-database-nightly-offsite-s3-replica-x-backup-202611251200";
     env.create_backup(name, &repo).await;
     let done = env.finished(name, 90).await;
@@ -276,8 +244,8 @@ async fn a_run_with_a_thousand_failing_volumes_records_its_final_status() {
         .buffer_unordered(32)
         .collect::<Vec<_>>()
         .await;
-    let repo = env.repo("r");
-    let _c = Coordinator::start(env.cluster, env.coordinator("c")).await;
+    let repo = env.repo_named("r");
+    let _c = Coordinator::start(env.cluster, env.coordinator_options("c")).await;
     env.create_backup("all-unbound", &repo).await;
     let done = env.finished("all-unbound", 120).await;
     assert_eq!(done["status"]["phase"], "Failed");
@@ -331,10 +299,10 @@ async fn a_run_with_a_thousand_failing_volumes_records_its_final_status() {
 #[tokio::test]
 async fn a_schedule_becomes_ready_within_seconds_of_its_secret_appearing() {
     let env = setup("latesecret").await;
-    let repo = env.repo("r");
+    let repo = env.repo_named("r");
     let mut backend = local_backend(&repo);
     backend["repoPasswordSecretRef"] = serde_json::json!({"name": "late", "key": "password"});
-    let _c = Coordinator::start(env.cluster, env.coordinator("c")).await;
+    let _c = Coordinator::start(env.cluster, env.coordinator_options("c")).await;
     let _: Schedule = create(
         &env.client,
         &env.ns,
@@ -537,7 +505,7 @@ async fn a_resumed_run_counts_a_partial_snapshot_as_partial() {
         Some(bwrap_without_dac(tmp.path())),
     )
     .await;
-    let repo = env.repo("r");
+    let repo = env.repo_named("r");
     env.create_backup("crashed", &repo).await;
     // What a leader that died mid-run leaves behind: the run Running, its volume Running.
     let api: Api<Backup> = Api::namespaced(env.client.clone(), &env.ns);
@@ -591,7 +559,7 @@ async fn a_taken_run_name_gets_a_second_name_and_the_run_still_happens() {
     let env = setup("taken").await;
     let dir = env.cluster.volume(&env.ns, "data-0", "data", "node-1", &[]);
     std::fs::write(dir.join("f"), b"data").expect("write");
-    let repo = env.repo("r");
+    let repo = env.repo_named("r");
     // Squat the names of the next two fire times (a per-minute cron) with hand-made runs that
     // have no backend (they fail at once, and are not the Schedule's).
     let now = chrono::Utc::now();
@@ -614,7 +582,7 @@ async fn a_taken_run_name_gets_a_second_name_and_the_run_still_happens() {
             "spec": {"backend": local_backend(&repo), "backup": {"schedule": "* * * * *"}}}),
     )
     .await;
-    let _c = Coordinator::start(env.cluster, env.coordinator("c")).await;
+    let _c = Coordinator::start(env.cluster, env.coordinator_options("c")).await;
     let run = fired_run(&env, "squatted").await;
     let name = run.metadata.name.clone().expect("name");
     assert!(

@@ -19,6 +19,7 @@ use kube::api::{ListParams, PostParams};
 use stowage_api::{Backup, Restore};
 use stowage_tests::cluster::{Cluster, fresh_namespace};
 use stowage_tests::coordinator::{run_to_end, secret};
+use stowage_tests::env::TestEnv;
 
 const PASSWORD: &str = "correct horse battery staple";
 const RUN_TIMEOUT: Duration = Duration::from_secs(150);
@@ -156,12 +157,14 @@ async fn check_access(
 
 #[tokio::test]
 async fn the_chart_installs_a_stowage_that_backs_up_and_restores_in_place() {
-    let cluster = Cluster::shared();
+    let TestEnv {
+        cluster,
+        client,
+        ns: app,
+    } = TestEnv::bare("helm-app").await;
     // The emulator runs the chart's images from these builds (tests/cluster/up --local-image).
     stowage_tests::binary("stowage-agent");
     stowage_tests::binary("stowage-coordinator");
-    let client = cluster.client().await;
-    let app = fresh_namespace(&client, "helm-app").await;
     let sys = fresh_namespace(&client, "helm-sys").await;
     // The release's objects are named `<sys>-stowage-*`; its coordinator watches only `app`, so it
     // leaves the other tests' namespaces alone.
@@ -376,9 +379,11 @@ async fn the_chart_installs_a_stowage_that_backs_up_and_restores_in_place() {
 /// Deployment is rendered to watch exactly those namespaces.
 #[tokio::test]
 async fn the_namespaced_rbac_mode_grants_nothing_outside_the_watched_namespaces() {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let sys = fresh_namespace(&client, "nsrbac-sys").await;
+    let TestEnv {
+        cluster,
+        client,
+        ns: sys,
+    } = TestEnv::bare("nsrbac-sys").await;
     let one = fresh_namespace(&client, "nsrbac-one").await;
     let two = fresh_namespace(&client, "nsrbac-two").await;
     let other = fresh_namespace(&client, "nsrbac-other").await;

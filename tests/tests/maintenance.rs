@@ -11,21 +11,23 @@ use std::time::Duration;
 use chrono::{DateTime, Datelike, Utc};
 use kube::Api;
 use stowage_api::{Backup, Check, Prune, Schedule};
-use stowage_tests::cluster::{Cluster, fresh_namespace};
+use stowage_tests::cluster::Cluster;
 use stowage_tests::coordinator::{
     Coordinator, CoordinatorOptions, condition, create, finished, fired_metadata, local_backend,
-    secret, wait_event, wait_json,
+    wait_event, wait_json,
 };
+use stowage_tests::env::{PASSWORD, TestEnv};
 
-const PASSWORD: &str = "correct horse battery staple";
-
-/// A fresh namespace with the repository password Secret, and the path of its local repository.
+/// The shared test environment, taken apart, with the path of its local repository (created by
+/// the first Backup).
 async fn setup(prefix: &str) -> (&'static Cluster, kube::Client, String, PathBuf) {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, prefix).await;
-    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
-    let repo = cluster.dir.join("repos").join(&ns);
+    let env = TestEnv::new(prefix).await;
+    let repo = env.repo();
+    let TestEnv {
+        cluster,
+        client,
+        ns,
+    } = env;
     (cluster, client, ns, repo)
 }
 

@@ -2,37 +2,9 @@
 //! control plane, with the real coordinator, agents and restic: status, snapshots, backup now and
 //! restore (including a failing one, whose exit code and message carry the reason).
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-use stowage_tests::cluster::{Cluster, fresh_namespace};
-use stowage_tests::coordinator::{Coordinator, CoordinatorOptions, create, local_backend, secret};
-
-const PASSWORD: &str = "correct horse battery staple";
-
-/// `kubectl stowage <args>` in namespace `ns`, with the plugin and the pinned restic on PATH.
-fn kubectl_stowage(cluster: &Cluster, ns: &str, args: &[&str]) -> Output {
-    let plugin_dir = stowage_tests::binary("kubectl-stowage")
-        .parent()
-        .expect("dir")
-        .to_path_buf();
-    let path = format!(
-        "{}:{}",
-        plugin_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    Command::new(cluster.kubectl())
-        .arg("stowage")
-        .args([
-            "--kubeconfig",
-            &cluster.kubeconfig().display().to_string(),
-            "-n",
-            ns,
-        ])
-        .args(args)
-        .env("PATH", path)
-        .output()
-        .expect("kubectl stowage")
-}
+use stowage_tests::env::TestEnv;
 
 fn ok(out: &Output) -> serde_json::Value {
     assert!(
@@ -47,41 +19,29 @@ fn ok(out: &Output) -> serde_json::Value {
 
 #[tokio::test]
 async fn kubectl_stowage_backs_up_lists_restores_and_reports_failures() {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, "plugin").await;
-    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
-    let repo = cluster.dir.join("repos").join(&ns);
-    stowage_tests::restic::init(&repo, PASSWORD);
-    let _c = Coordinator::start(cluster, CoordinatorOptions::new(&ns)).await;
-    let _: stowage_api::Schedule = create(
-        &client,
-        &ns,
-        serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
+    let env = TestEnv::new("plugin").await;
+    env.init_repo();
+    let _c = env.coordinator().await;
+    let _: stowage_api::Schedule = env
+        .create(
+            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
             "metadata": {"name": "nightly"},
-            "spec": {"backend": local_backend(&repo), "backup": {"schedule": "0 3 1 1 *"}}}),
-    )
-    .await;
-    let data = cluster.volume(&ns, "db-0", "data", "node-3", &[]);
-    std::fs::write(data.join("orders.csv"), b"1,apples\n2,pears\n").expect("write");
-    cluster
-        .wait_mounted(&client, &ns, "db-0", "data", "node-3", "orders.csv")
+            "spec": {"backend": env.local_backend(), "backup": {"schedule": "0 3 1 1 *"}}}),
+        )
         .await;
+    let data = env.mounted("data", "node-3", "orders.csv").await;
+    std::fs::write(data.join("orders.csv"), b"1,apples\n2,pears\n").expect("write");
 
     // backup now --wait: follows the run and exits 0 once it Succeeded.
-    let out = kubectl_stowage(
-        cluster,
-        &ns,
-        &[
-            "backup",
-            "now",
-            "--schedule",
-            "nightly",
-            "--wait",
-            "--timeout",
-            "120s",
-        ],
-    );
+    let out = env.kubectl_stowage(&[
+        "backup",
+        "now",
+        "--schedule",
+        "nightly",
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
     ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -90,7 +50,7 @@ async fn kubectl_stowage_backs_up_lists_restores_and_reports_failures() {
     );
 
     // status -o json: the Schedule, the volume's newest success, an agent on every node.
-    let status = ok(&kubectl_stowage(cluster, &ns, &["status", "-o", "json"]));
+    let status = ok(&env.kubectl_stowage(&["status", "-o", "json"]));
     assert_eq!(status["schedules"][0]["name"], "nightly", "{status:#}");
     let vol = &status["volumes"][0];
     assert_eq!(vol["name"], "data", "{status:#}");
@@ -104,11 +64,14 @@ async fn kubectl_stowage_backs_up_lists_restores_and_reports_failures() {
         .filter_map(|a| a["node"].as_str().map(String::from))
         .collect();
     assert!(
-        cluster.node_names().iter().all(|n| agent_nodes.contains(n)),
+        env.cluster
+            .node_names()
+            .iter()
+            .all(|n| agent_nodes.contains(n)),
         "{status:#}"
     );
     // The table names the same things.
-    let out = kubectl_stowage(cluster, &ns, &["status"]);
+    let out = env.kubectl_stowage(&["status"]);
     ok(&out);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -117,11 +80,7 @@ async fn kubectl_stowage_backs_up_lists_restores_and_reports_failures() {
     );
 
     // snapshots --pvc: read from the repository with restic, the same snapshot.
-    let snaps = ok(&kubectl_stowage(
-        cluster,
-        &ns,
-        &["snapshots", "--pvc", "data", "-o", "json"],
-    ));
+    let snaps = ok(&env.kubectl_stowage(&["snapshots", "--pvc", "data", "-o", "json"]));
     let ids: Vec<&str> = snaps
         .as_array()
         .expect("list")
@@ -132,11 +91,7 @@ async fn kubectl_stowage_backs_up_lists_restores_and_reports_failures() {
 
     // restore: the deleted file is back, the pod untouched.
     std::fs::remove_file(data.join("orders.csv")).expect("delete");
-    let out = kubectl_stowage(
-        cluster,
-        &ns,
-        &["restore", "--pvc", "data", "--timeout", "120s"],
-    );
+    let out = env.kubectl_stowage(&["restore", "--pvc", "data", "--timeout", "120s"]);
     ok(&out);
     assert_eq!(
         std::fs::read(data.join("orders.csv")).expect("restored"),
@@ -146,19 +101,15 @@ async fn kubectl_stowage_backs_up_lists_restores_and_reports_failures() {
     assert!(stderr.contains("100.0%"), "progress shown: {stderr}");
 
     // A snapshot that does not exist: exit 1, and the reason.
-    let out = kubectl_stowage(
-        cluster,
-        &ns,
-        &[
-            "restore",
-            "--pvc",
-            "data",
-            "--snapshot",
-            "deadbeef",
-            "--timeout",
-            "60s",
-        ],
-    );
+    let out = env.kubectl_stowage(&[
+        "restore",
+        "--pvc",
+        "data",
+        "--snapshot",
+        "deadbeef",
+        "--timeout",
+        "60s",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -167,7 +118,7 @@ async fn kubectl_stowage_backs_up_lists_restores_and_reports_failures() {
     );
 
     // Mistakes are sentences, not dumps.
-    let out = kubectl_stowage(cluster, &ns, &["backup", "now", "--schedule", "nope"]);
+    let out = env.kubectl_stowage(&["backup", "now", "--schedule", "nope"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

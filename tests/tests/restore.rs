@@ -4,6 +4,7 @@
 //!
 //! Length: one suite, one file; each test is a scenario against the shared cluster.
 
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,67 +12,40 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use stowage_api::{Backup, Restore};
-use stowage_tests::cluster::{Cluster, fresh_namespace, wait_for};
+use stowage_tests::cluster::wait_for;
 use stowage_tests::coordinator::{
-    Coordinator, CoordinatorOptions, PrivateAgents, condition, create, finished, local_backend,
-    run_to_end, secret, wait_event, wait_json,
+    Coordinator, CoordinatorOptions, PrivateAgents, condition, finished, local_backend, wait_event,
+    wait_json,
 };
+use stowage_tests::env::{PASSWORD, TestEnv};
 use stowage_tests::fstree;
 
-const PASSWORD: &str = "correct horse battery staple";
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The shared test environment, with the test's local repository initialised.
 struct Env {
-    cluster: &'static Cluster,
-    client: kube::Client,
-    ns: String,
+    base: TestEnv,
     repo: PathBuf,
 }
 
-async fn setup(prefix: &str) -> Env {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, prefix).await;
-    secret(&client, &ns, "backup-repo", &[("password", PASSWORD)]).await;
-    let repo = cluster.dir.join("repos").join(&ns);
-    stowage_tests::restic::init(&repo, PASSWORD);
-    Env {
-        cluster,
-        client,
-        ns,
-        repo,
+impl Deref for Env {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.base
     }
 }
 
-impl Env {
-    /// A PVC mounted by pod `<pvc>-0` on `node`; returns its backing directory once mounted.
-    async fn mounted(&self, pvc: &str, node: &str) -> PathBuf {
-        let dir = self
-            .cluster
-            .volume(&self.ns, &format!("{pvc}-0"), pvc, node, &[]);
-        std::fs::write(dir.join(".mounted"), b"").expect("marker");
-        self.cluster
-            .wait_mounted(
-                &self.client,
-                &self.ns,
-                &format!("{pvc}-0"),
-                pvc,
-                node,
-                ".mounted",
-            )
-            .await;
-        dir
-    }
+async fn setup(prefix: &str) -> Env {
+    let base = TestEnv::new(prefix).await;
+    let repo = base.init_repo();
+    Env { base, repo }
+}
 
+impl Env {
     async fn backup(&self, name: &str, backend: serde_json::Value) -> serde_json::Value {
-        let b = run_to_end::<Backup>(
-            &self.client,
-            &self.ns,
-            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Backup",
-                "metadata": {"name": name}, "spec": {"backend": backend}}),
-            RUN_TIMEOUT,
-        )
-        .await;
+        let b = self
+            .run::<Backup>(name, serde_json::json!({"backend": backend}), RUN_TIMEOUT)
+            .await;
         assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
         b
     }
@@ -81,26 +55,12 @@ impl Env {
         if spec.get("backend").is_none() {
             spec["backend"] = local_backend(&self.repo);
         }
-        let _: Restore = create(
-            &self.client,
-            &self.ns,
-            serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Restore",
-                "metadata": {"name": name}, "spec": spec}),
-        )
-        .await;
+        let _: Restore = self.create_run(name, spec).await;
     }
 
     async fn restore(&self, name: &str, spec: serde_json::Value) -> serde_json::Value {
         self.create_restore(name, spec).await;
-        wait_json::<Restore>(
-            &self.client,
-            &self.ns,
-            name,
-            RUN_TIMEOUT,
-            "a finished phase",
-            finished,
-        )
-        .await
+        self.wait_run::<Restore>(name, RUN_TIMEOUT).await
     }
 
     async fn pod_uid(&self, pod: &str) -> String {
@@ -135,7 +95,7 @@ fn failed_with(r: &serde_json::Value, reason: &str, needle: &str) {
 #[tokio::test]
 async fn merge_in_place_while_the_pod_runs_and_an_exact_copy_through_a_mount_holder() {
     let env = setup("restore-merge").await;
-    let dir = env.mounted("data", "node-1").await;
+    let dir = env.mounted("data", "node-1", ".mounted").await;
     let tree = dir.join("tree");
     fstree::populate(&tree, 3 << 20);
     std::fs::hard_link(tree.join("run.sh"), tree.join("run-hardlink.sh")).expect("hard link");
@@ -255,8 +215,8 @@ async fn merge_in_place_while_the_pod_runs_and_an_exact_copy_through_a_mount_hol
 #[tokio::test]
 async fn selection_include_path_and_refusals() {
     let env = setup("restore-select").await;
-    let a = env.mounted("alpha", "node-2").await;
-    let b = env.mounted("beta", "node-2").await;
+    let a = env.mounted("alpha", "node-2", ".mounted").await;
+    let b = env.mounted("beta", "node-2", ".mounted").await;
     std::fs::create_dir_all(a.join("db/base")).expect("mkdir");
     std::fs::write(a.join("db/base/table"), b"v1").expect("write");
     std::fs::write(a.join("top.txt"), b"alpha v1").expect("write");
@@ -388,7 +348,7 @@ async fn restart_agent(env: &Env, agents: &mut PrivateAgents, i: usize, node: &s
 #[tokio::test]
 async fn replace_and_a_replace_whose_agent_dies() {
     let env = setup("restore-replace").await;
-    let dir = env.mounted("vol", "node-3").await;
+    let dir = env.mounted("vol", "node-3", ".mounted").await;
     std::fs::create_dir_all(dir.join("keep")).expect("mkdir");
     std::fs::write(dir.join("keep/a.txt"), b"snapshot a").expect("write");
     // 48 MiB in many files, so that restic's restore progress (per file, once a pack is in)
@@ -513,7 +473,7 @@ async fn annotate(client: &kube::Client, ns: &str, pod: &str, annotations: serde
 #[tokio::test]
 async fn a_command_snapshot_is_streamed_into_the_restore_command() {
     let env = setup("restore-cmd").await;
-    env.mounted("db", "node-1").await;
+    env.mounted("db", "node-1", ".mounted").await;
     annotate(
         &env.client,
         &env.ns,
@@ -586,7 +546,7 @@ async fn a_cross_namespace_command_restore_streams_into_the_restore_namespace_on
     let source = setup("restore-xns-a").await;
     let target = setup("restore-xns-b").await;
     for env in [&source, &target] {
-        env.mounted("db", "node-2").await;
+        env.mounted("db", "node-2", ".mounted").await;
         annotate(
             &env.client,
             &env.ns,
@@ -644,7 +604,7 @@ fn newest_id(repo: &std::path::Path) -> String {
 #[tokio::test]
 async fn latest_passes_over_partial_snapshots_unless_allowed() {
     let env = setup("restore-partial").await;
-    let dir = env.mounted("vol", "node-1").await;
+    let dir = env.mounted("vol", "node-1", ".mounted").await;
     std::fs::write(dir.join("a.txt"), b"complete").expect("a");
     std::fs::write(dir.join("b.txt"), b"b").expect("b");
     let _c = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
@@ -736,7 +696,7 @@ async fn recorded_and_running(env: &Env, name: &str) -> serde_json::Value {
 #[tokio::test]
 async fn a_resumed_volume_restore_restores_the_recorded_snapshot() {
     let env = setup("restore-resume").await;
-    let dir = env.mounted("vol", "node-2").await;
+    let dir = env.mounted("vol", "node-2", ".mounted").await;
     std::fs::write(dir.join("a.txt"), b"good").expect("a");
     std::fs::write(dir.join("big.bin"), noise(5 << 20)).expect("big");
     let mut first = Coordinator::start(env.cluster, CoordinatorOptions::new(&env.ns)).await;
@@ -787,7 +747,7 @@ async fn a_resumed_volume_restore_restores_the_recorded_snapshot() {
 #[tokio::test]
 async fn an_interrupted_command_restore_is_not_resumed() {
     let env = setup("restore-cmd-resume").await;
-    env.mounted("db", "node-3").await;
+    env.mounted("db", "node-3", ".mounted").await;
     annotate(
         &env.client,
         &env.ns,
@@ -910,7 +870,7 @@ async fn a_restore_into_a_shared_volume_survives_the_other_nodes_agent_restartin
 #[tokio::test]
 async fn a_restore_command_that_sleeps_is_stopped_at_the_agents_max_duration() {
     let env = setup("restore-sleeps").await;
-    env.mounted("db", "node-1").await;
+    env.mounted("db", "node-1", ".mounted").await;
     annotate(
         &env.client,
         &env.ns,
@@ -946,7 +906,15 @@ async fn a_restore_command_that_sleeps_is_stopped_at_the_agents_max_duration() {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    assert!(m.contains("within 3s") || m.contains("within 4s"), "{m}");
+    // What is left of the 4 s depends on how long the restore took to start streaming (seconds
+    // on a loaded machine), so any limit up to the cap: never the annotation's 72 h.
+    let limit: u64 = m
+        .split("within ")
+        .nth(1)
+        .and_then(|rest| rest.split('s').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no limit in {m:?}"));
+    assert!(limit <= 4, "{m}");
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "stopped at the cap, not at the annotation's 72h: {:?}",

@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stowage_api::{Check, Schedule};
-use stowage_tests::cluster::{Cluster, fresh_namespace};
+use stowage_tests::cluster::fresh_namespace;
 use stowage_tests::coordinator::{
     Coordinator, CoordinatorOptions, condition, create, run_to_end, secret, secret_with_labels,
     wait_event, wait_json,
 };
+use stowage_tests::env::TestEnv;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 /// Values of Secrets the tenant may not read; none may ever reach the listener.
@@ -110,9 +111,11 @@ fn assert_failed(r: &serde_json::Value, reason: &str, needles: &[&str]) {
 /// no Secret is read at all (a Secret that does not exist is not even reported missing).
 #[tokio::test]
 async fn runs_and_schedules_cannot_send_unlabelled_secrets_to_a_tenant_endpoint() {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, "tenant-secrets").await;
+    let TestEnv {
+        cluster,
+        client,
+        ns,
+    } = TestEnv::bare("tenant-secrets").await;
     let listener = Listener::start();
     // The namespace's database credentials: not labelled as repository credentials.
     secret_with_labels(
@@ -283,9 +286,11 @@ async fn runs_and_schedules_cannot_send_unlabelled_secrets_to_a_tenant_endpoint(
 async fn a_pod_named_like_a_mount_holder_is_not_adopted() {
     use k8s_openapi::api::core::v1::Pod;
     use stowage_api::Backup;
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, "tenant-holder").await;
+    let TestEnv {
+        cluster,
+        client,
+        ns,
+    } = TestEnv::bare("tenant-holder").await;
     secret(&client, &ns, "backup-repo", &[("password", "pw")]).await;
     let dir = cluster.volume(&ns, "unused", "idle", "node-1", &["--no-pod"]);
     std::fs::write(dir.join("data"), b"x").expect("write");
@@ -331,9 +336,11 @@ async fn a_pod_named_like_a_mount_holder_is_not_adopted() {
 async fn a_prebackup_pod_cannot_borrow_the_coordinators_right_to_create_privileged_pods() {
     use k8s_openapi::api::core::v1::Pod;
     use stowage_api::{Backup, PreBackupPod};
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, "tenant-pbp").await;
+    let TestEnv {
+        cluster,
+        client,
+        ns,
+    } = TestEnv::bare("tenant-pbp").await;
     secret(&client, &ns, "backup-repo", &[("password", "pw")]).await;
     let _: PreBackupPod = create(
         &client,
@@ -384,9 +391,11 @@ async fn a_run_of_the_most_items_with_the_longest_names_is_stored() {
     use stowage_api::{Backup, CommandItem, ItemStatus, RunPhase, RunStatus};
     use stowage_coordinator::run::backup::MAX_RUN_ITEMS;
     use stowage_coordinator::run::status::StatusWriter;
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, "bigstatus").await;
+    let TestEnv {
+        cluster: _,
+        client,
+        ns,
+    } = TestEnv::bare("bigstatus").await;
     let run: Backup = create(
         &client,
         &ns,
@@ -458,9 +467,11 @@ async fn a_run_of_the_most_items_with_the_longest_names_is_stored() {
 /// moves to its own location, its condition goes away.
 #[tokio::test]
 async fn schedules_of_two_namespaces_at_one_repository_are_warned() {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let a = fresh_namespace(&client, "shared-a").await;
+    let TestEnv {
+        cluster,
+        client,
+        ns: a,
+    } = TestEnv::bare("shared-a").await;
     let b = fresh_namespace(&client, "shared-b").await;
     let c = fresh_namespace(&client, "shared-c").await;
     let shared = cluster.dir.join("repos").join(format!("{a}-shared"));
@@ -573,9 +584,11 @@ impl Tarpit {
 /// seconds (looks run independently; each is bounded in total, not per agent).
 #[tokio::test]
 async fn a_tarpit_repository_does_not_hold_other_schedules_looks() {
-    let cluster = Cluster::shared();
-    let client = cluster.client().await;
-    let ns = fresh_namespace(&client, "tarpit").await;
+    let TestEnv {
+        cluster,
+        client,
+        ns,
+    } = TestEnv::bare("tarpit").await;
     let tarpit = Tarpit::start();
     secret(
         &client,

@@ -29,23 +29,11 @@ fn step(n: usize, what: &str) {
     println!("\n[{n}] {what}");
 }
 
-/// `kubectl stowage ...` in the demo namespace, its output shown indented; fails unless it exits 0.
+/// `kubectl stowage ...` in the demo namespace (the runner the plugin's tests use), its output
+/// shown indented; fails unless it exits 0.
 fn kubectl_stowage(cluster: &Cluster, args: &[&str]) -> anyhow::Result<String> {
-    let dir = stowage_tests::target_dir();
-    let path = format!(
-        "{}:{}",
-        dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
     println!("    $ kubectl stowage -n {NS} {}", args.join(" "));
-    let out = Command::new(cluster.kubectl())
-        .arg("stowage")
-        .args(["-n", NS])
-        .args(args)
-        .env("PATH", path)
-        .env("KUBECONFIG", cluster.kubeconfig())
-        .output()
-        .context("running kubectl stowage")?;
+    let out = stowage_tests::kubectl_stowage::run(cluster, NS, args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     // The progress bar goes to stderr, a line per change when not on a terminal: show the last.
     let stderr = String::from_utf8_lossy(&out.stderr);
