@@ -56,22 +56,10 @@ pub fn binary(name: &str) -> PathBuf {
             return;
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        // A clean environment: the variables `cargo test` sets for test processes would change
-        // build-script fingerprints and make the next `cargo test` rebuild half the dependencies.
-        let keep = [
-            "PATH",
-            "HOME",
-            "CARGO_HOME",
-            "RUSTUP_HOME",
-            "RUSTUP_TOOLCHAIN",
-            "TMPDIR",
-            "CARGO_TARGET_DIR",
-            "CARGO_INCREMENTAL",
-        ];
         let status = std::process::Command::new(cargo)
             .args(["build", "--quiet", "--bins"])
             .env_clear()
-            .envs(std::env::vars().filter(|(k, _)| keep.contains(&k.as_str())))
+            .envs(user_env())
             .current_dir(workspace_root())
             .status()
             .expect("run cargo build");
@@ -80,6 +68,27 @@ pub fn binary(name: &str) -> PathBuf {
     let p = target_dir().join(name);
     assert!(p.exists(), "{} not built", p.display());
     p
+}
+
+/// The environment a user's shell would give a build: the variables `cargo test` and nextest set
+/// for test processes (`CARGO_*`, `NEXTEST_*`) left out, since they change build-script
+/// fingerprints and would make the next build from a shell rebuild half the dependencies.
+pub fn user_env() -> impl Iterator<Item = (String, String)> {
+    const KEEP: [&str; 12] = [
+        "PATH",
+        "HOME",
+        "CARGO_HOME",
+        "RUSTUP_HOME",
+        "RUSTUP_TOOLCHAIN",
+        "TMPDIR",
+        "CARGO_TARGET_DIR",
+        "CARGO_INCREMENTAL",
+        "STOWAGE_CACHE",
+        "GOCACHE",
+        "GOMODCACHE",
+        "GOFLAGS",
+    ];
+    std::env::vars().filter(|(k, _)| KEEP.contains(&k.as_str()))
 }
 
 /// The pinned Helm (scripts/install-helm builds it once); panics when it cannot be had.

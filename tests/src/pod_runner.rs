@@ -20,6 +20,8 @@
 //! an hour, longer than any test).
 //!
 //! Length: a container runtime's whole pod lifecycle (sandbox, volumes, environment, probes, restarts) in one place.
+//!
+//! Length: one emulated container runtime (sandbox, volumes, environment, probes, restarts) that the harness keeps in step with the kubelet's behaviour.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;

@@ -451,6 +451,7 @@ fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("signal");
 }
 
+/// Long (~40 s): it waits out a live lock (the lock wait), then a lock's ageing past the stale threshold, on 64 MB of data.
 #[tokio::test]
 async fn locked_repository_waits_then_succeeds_and_stale_locks_are_removed_and_counted() {
     use nix::sys::signal::Signal;
@@ -1346,6 +1347,7 @@ async fn a_frozen_restic_is_stopped_after_the_stall_timeout_and_the_next_backup_
     );
 }
 
+/// Long (~30 s): the endpoint must go silent mid-upload and the stall timeout run out, then the next backup succeed.
 #[tokio::test]
 async fn an_s3_endpoint_that_stops_answering_fails_the_backup_within_the_stall_timeout() {
     let moto = stowage_tests::moto::Moto::start();
@@ -1850,6 +1852,8 @@ fn plant(dir: &Path, script: &str) {
 /// agent's recovery walks both: it neither overflows its stack nor stops serving. It leaves the deep
 /// tree, and half of the large one, for later and says so, while another volume is backed up and
 /// restored meanwhile.
+///
+/// Long (~45 s): the trees must have the sizes the issue names, and planting them is most of the time.
 #[tokio::test]
 async fn planted_trees_neither_crash_the_agent_nor_hold_up_other_volumes() {
     let s = Setup::new();

@@ -251,6 +251,7 @@ async fn crds_from_a_directory_are_applied_and_established() {
     assert_eq!(names, ["clusterexecs.kwok.x-k8s.io", "execs.kwok.x-k8s.io"]);
 }
 
+/// Long (~30 s): it starts a second control plane of its own, to read its listeners and tear it down.
 #[tokio::test]
 async fn control_plane_listens_only_on_loopback_and_down_leaves_nothing() {
     // A second, private cluster on other ports, so stopping it cannot disturb the shared one.

@@ -177,6 +177,7 @@ fn assert_restores(env: &Env, snapshot: &str, pvc: &str, original: &Path) {
     );
 }
 
+/// Long (~75 s): it waits for a `* * * * *` Schedule to fire more than once; cron has no period under a minute.
 #[tokio::test]
 async fn a_schedule_firing_every_minute_backs_up_pods_on_two_nodes() {
     let env = setup("sched").await;
@@ -1040,6 +1041,7 @@ async fn a_hung_agent_fails_its_volume_after_the_agent_timeout() {
     );
 }
 
+/// Long (~30 s): three volumes at 1 MiB/s give the kill time to land mid-run; then the resumed run finishes them.
 #[tokio::test]
 async fn a_coordinator_killed_mid_run_resumes_without_duplicate_snapshots() {
     let env = setup("restart").await;

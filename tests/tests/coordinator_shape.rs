@@ -75,6 +75,8 @@ async fn fired_run(env: &Env, label: &str) -> Backup {
 /// A fired run carries its Schedule's backend and selector; editing the Schedule while the run is
 /// interrupted (coordinator killed) changes nothing about what the resumed run does. The Schedule's
 /// name is long: the run's name and labels stay within Kubernetes' limits.
+///
+/// Long (~70 s): it waits for a per-minute cron to fire, then for throttled (1 MiB/s) backups that are interrupted and resumed.
 #[tokio::test]
 async fn a_fired_run_keeps_what_it_was_fired_with_when_the_schedule_changes() {
     let env = setup("fired").await;
@@ -554,6 +556,8 @@ async fn a_resumed_run_counts_a_partial_snapshot_as_partial() {
 
 /// A fire time whose generated run name is already taken by an object the Schedule did not fire is
 /// not lost: the run is created under a second name unique to the Schedule.
+///
+/// Long (~45 s): it waits for a per-minute cron to fire; cron has no period under a minute.
 #[tokio::test]
 async fn a_taken_run_name_gets_a_second_name_and_the_run_still_happens() {
     let env = setup("taken").await;

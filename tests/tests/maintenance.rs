@@ -254,6 +254,8 @@ async fn prune(
 /// nothing; the real Prune leaves exactly the snapshots computed here, and the other PVC's are
 /// untouched. The status lists the snapshots per identity, the bytes freed and the repository's
 /// figures.
+///
+/// Long (~40 s): twelve backdated snapshots are made with restic one by one, then a dry run and a real Prune.
 #[tokio::test]
 async fn retention_by_calendar_per_identity_with_a_dry_run_first() {
     let (cluster, client, ns, repo) = setup("calendar").await;
@@ -347,6 +349,8 @@ async fn retention_by_calendar_per_identity_with_a_dry_run_first() {
 
 /// A Prune that starts while two (throttled) backups write to the repository waits for their
 /// locks, says so in its status, and then succeeds; nothing fails.
+///
+/// Long (~30 s): the Prune must start while two throttled backups hold their locks, and wait for both.
 #[tokio::test]
 async fn a_prune_waits_for_running_backups_then_succeeds() {
     let (cluster, client, ns, repo) = setup("waits").await;

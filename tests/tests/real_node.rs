@@ -44,6 +44,7 @@ fn files_below(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
+/// Long (~60 s): one install of the chart on the real kubelet serves every scenario below; an install each would take longer.
 #[tokio::test]
 async fn stowage_runs_for_real_on_a_kubelet_with_containerd() {
     let started = Instant::now();

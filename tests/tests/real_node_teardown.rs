@@ -110,6 +110,7 @@ impl Drop for DownOnDrop {
     }
 }
 
+/// Long (~30 s): it starts a control plane and a real node of its own, to tear them down.
 #[test]
 fn down_leaves_nothing_of_the_real_node_behind() {
     let dir = tempfile::Builder::new()

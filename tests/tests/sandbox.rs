@@ -124,6 +124,7 @@ fn count_canaries(dir: &Path) -> usize {
     n
 }
 
+/// Long (~40 s): the race must be seen to hit bare restic first, then four backups through the agent are each restored and searched.
 #[tokio::test]
 async fn a_symlink_race_during_backups_stores_nothing_from_outside_the_volume() {
     let s = Setup::new();

@@ -16,6 +16,8 @@
 //! prefix, so a staging directory is never captured.
 //!
 //! Length: over 500 lines with its unit tests (crashes at every step of a swap); the code is about 500.
+//!
+//! Length: ~500 lines of code (the swap, its heartbeat and its roll-back, which must be read together) and its tests.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
