@@ -162,6 +162,11 @@ pub struct RestoreSpec {
     pub source: RestoreSource,
     #[serde(default)]
     pub target: RestoreTarget,
+    /// Write nothing: resolve the snapshot as a restore would, compare it with the target volume
+    /// (read-only, on its node) and report in `status.restore.preview` what the restore would
+    /// add, change and (for Replace) delete. Volume restores only (`source.pvc`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<bool>,
 }
 
 /// Whose snapshot, and which one.

@@ -47,6 +47,34 @@ pub struct RestoreOutcome {
     pub command: Option<CommandItem>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A dry run's findings (`spec.dryRun`); nothing was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<RestorePreview>,
+}
+
+/// What a restore would do to its target (`spec.dryRun`), from comparing the snapshot with it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestorePreview {
+    /// Entries the target lacks: the restore writes them.
+    pub added: PreviewSet,
+    /// Files whose content differs: the restore overwrites them.
+    pub changed: PreviewSet,
+    /// Entries only the target has: a Replace removes them (always empty for other modes).
+    pub deleted: PreviewSet,
+    /// Entries already as in the snapshot (existing directories and symlinks included).
+    pub unchanged: u64,
+}
+
+/// One kind of change in a preview: how many entries, their bytes, and the first paths.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviewSet {
+    pub entries: u64,
+    pub bytes: u64,
+    /// The first paths (relative to the restore's target), at most 100; `entries` counts all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -107,6 +107,9 @@ pub struct RestoreArgs {
     /// The Schedule whose repository to use (default: the namespace's only Schedule).
     #[arg(long)]
     pub schedule: Option<String>,
+    /// Write nothing: show what the restore would add, change and (Replace) delete.
+    #[arg(long)]
+    pub dry_run: bool,
     /// How long to follow the restore.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub timeout: std::time::Duration,

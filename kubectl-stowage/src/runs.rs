@@ -133,7 +133,8 @@ pub async fn restore(
     let obj: Restore = serde_json::from_value(serde_json::json!({
         "apiVersion": "stowage.dev/v1alpha1", "kind": "Restore",
         "metadata": {"name": name, "labels": {"stowage.dev/created-by": "kubectl-stowage"}},
-        "spec": {"scheduleRef": {"name": s.metadata.name}, "source": source, "target": target}
+        "spec": {"scheduleRef": {"name": s.metadata.name}, "source": source, "target": target,
+                 "dryRun": args.dry_run}
     }))
     .map_err(|e| PluginError::Output(e.to_string()))?;
     let api: Api<Restore> = Api::namespaced(conn.client.clone(), &conn.namespace);
@@ -159,6 +160,9 @@ pub async fn restore(
     .await?;
     finish("restore", &done, format, |st| {
         let r = st.restore.clone().unwrap_or_default();
+        if let Some(p) = &r.preview {
+            return preview_table(&r, p);
+        }
         format!(
             "  snapshot {} ({}) into {}{} on {}: {} files, {} bytes in {:.1}s",
             r.snapshot_id.unwrap_or_default(),
@@ -171,6 +175,52 @@ pub async fn restore(
             r.duration_seconds.unwrap_or(0.0)
         )
     })
+}
+
+/// A dry run's findings as a table: per kind, the count, the bytes and the first paths (`-o json`
+/// gives every path the status holds).
+fn preview_table(r: &stowage_api::RestoreOutcome, p: &stowage_api::RestorePreview) -> String {
+    const SHOWN: usize = 5;
+    let mut out = format!(
+        "  dry run of snapshot {} into {}{} on {} ({}): nothing was written\n",
+        r.snapshot_id.as_deref().unwrap_or_default(),
+        r.pvc.as_deref().unwrap_or_default(),
+        r.path
+            .as_deref()
+            .map(|p| format!(":{p}"))
+            .unwrap_or_default(),
+        r.node.as_deref().unwrap_or_default(),
+        r.mode.map(|m| format!("{m:?}")).unwrap_or_default(),
+    );
+    out.push_str(&format!(
+        "  {:<10} {:>9} {:>12}  FIRST PATHS\n",
+        "WOULD", "ENTRIES", "BYTES"
+    ));
+    for (kind, set) in [
+        ("add", &p.added),
+        ("change", &p.changed),
+        ("delete", &p.deleted),
+    ] {
+        let mut shown = set
+            .paths
+            .iter()
+            .take(SHOWN)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if set.entries > SHOWN.min(set.paths.len()) as u64 {
+            shown.push_str(&format!(
+                " (and {} more)",
+                set.entries - SHOWN.min(set.paths.len()) as u64
+            ));
+        }
+        out.push_str(&format!(
+            "  {kind:<10} {:>9} {:>12}  {shown}\n",
+            set.entries, set.bytes
+        ));
+    }
+    out.push_str(&format!("  {:<10} {:>9}", "keep", p.unchanged));
+    out
 }
 
 /// A run object as followed: its name and last status.

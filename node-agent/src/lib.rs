@@ -40,6 +40,7 @@ pub mod maintenance;
 pub mod memory;
 pub mod metrics;
 pub mod mountpoint;
+pub mod preview;
 pub mod repository;
 pub mod restore;
 pub mod restore_command;

@@ -6,6 +6,8 @@
 //! inside the sandbox nothing else is writable ([`crate::sandbox`]). The staged tree is then merged
 //! into the target with descriptor-relative renames that never follow symlinks ([`safe_fs`]), or,
 //! for `Replace`, swapped in through a journal that a killed agent rolls back ([`staging`]).
+//!
+//! Length: one restore from request to reply (checks, staging, restic, merge or swap, result); the pieces it calls live in their own modules.
 
 use std::time::Instant;
 
@@ -123,7 +125,8 @@ pub async fn execute(
     // Open the target without following links; IntoEmpty refuses before anything is written.
     let root = safe_fs::open_root(&volume.data_dir)?;
     check_mounted(&volume, &root)?;
-    {
+    // A dry run writes nothing: not even the clean-up of an earlier agent's leftovers.
+    if !req.dry_run {
         // Blocking work (a planted leftover can be a large tree), under this volume's lock only.
         let (active, shown) = (ctx.staging.clone(), volume.data_dir.display().to_string());
         let root = nix::unistd::dup(&root).map_err(|e| AgentError::Io {
@@ -192,6 +195,41 @@ pub async fn execute(
             }) => {}
             Err(e) => return Err(e.into()),
         }
+    }
+    if req.dry_run {
+        let preview = crate::preview::run(
+            ctx,
+            &restic,
+            &root,
+            &target_parts,
+            crate::preview::Request {
+                snapshot: &snapshot.id,
+                includes: &includes,
+                include_parts: &include_parts,
+                replace: mode == RestoreMode::Replace,
+            },
+            &progress,
+            &cancel,
+        )
+        .await?;
+        tracing::info!(
+            run = %req.run_id, snapshot = %snapshot.id,
+            added = preview.added.as_ref().map_or(0, |s| s.entries),
+            changed = preview.changed.as_ref().map_or(0, |s| s.entries),
+            deleted = preview.deleted.as_ref().map_or(0, |s| s.entries),
+            "restore previewed (dry run: nothing written)"
+        );
+        return Ok(RestoreResult {
+            snapshot_id: snapshot.id,
+            duration_seconds: started.elapsed().as_secs_f64(),
+            target_dir: volume
+                .data_dir
+                .join(target_parts.join("/"))
+                .display()
+                .to_string(),
+            preview: Some(preview),
+            ..Default::default()
+        });
     }
     let target = safe_fs::open_beneath(&root, &target_parts, true)?;
     let target_dir = volume.data_dir.join(target_parts.join("/"));

@@ -109,6 +109,20 @@ pub fn for_restore(ctx: &AgentContext, staging: &OwnedFd, repo: &Repository) -> 
     sb
 }
 
+/// The sandbox of a restore's dry run: the target read-only at [`RESTORE_TARGET`] (absent when
+/// the target directory does not exist yet), the repository (read-only when local), and the read
+/// capability of a backup, since restic compares the target's files with the snapshot's.
+pub fn for_preview(ctx: &AgentContext, target: Option<&OwnedFd>, repo: &Repository) -> Sandbox {
+    let mut sb = ctx.sandbox().capabilities(BACKUP_CAPABILITIES);
+    if let Some(target) = target {
+        sb = sb.read_only(fd_path(target), RESTORE_TARGET);
+    }
+    if let Some(local) = AgentContext::local_repository(repo) {
+        sb = sb.read_only(&local, &local);
+    }
+    sb
+}
+
 /// The sandbox of a `restic dump` to stdout: the repository (read-only when local), nothing else
 /// and no capabilities.
 pub fn for_dump(ctx: &AgentContext, repo: &Repository) -> Sandbox {

@@ -88,7 +88,19 @@ pub enum RestoreMessage {
     Status(RestoreStatus),
     Summary(RestoreSummary),
     Error(BackupError),
-    VerboseStatus(serde_json::Value),
+    VerboseStatus(RestoreItem),
+}
+
+/// What `restic restore -vv --json` says it did (or, with `--dry-run`, would do) with one entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct RestoreItem {
+    /// `restored` (written: new, or a directory or symlink rewritten), `updated` (an existing
+    /// file's content changed), `unchanged`, or `deleted` (with `--delete`).
+    pub action: String,
+    /// The path inside the snapshot (`/dir/file`); for `deleted`, the path under the target.
+    pub item: String,
+    pub size: u64,
 }
 
 /// The figures of a restore: its status lines and its summary carry the same ones (the summary has no
@@ -300,6 +312,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(exit.code, 10);
+    }
+
+    #[test]
+    fn restic_019_dry_run_restore_lines() {
+        // Real `restic restore --dry-run -vv --delete --json` output (0.19.1).
+        let lines = [
+            r#"{"message_type":"verbose_status","action":"restored","item":"/a","size":2}"#,
+            r#"{"message_type":"verbose_status","action":"updated","item":"/b","size":2}"#,
+            r#"{"message_type":"verbose_status","action":"unchanged","item":"/sub/c","size":2}"#,
+            r#"{"message_type":"verbose_status","action":"deleted","item":"/tmp/dr/tgt/new","size":0}"#,
+        ];
+        let items: Vec<RestoreItem> = lines
+            .iter()
+            .map(|l| match serde_json::from_str(l) {
+                Ok(RestoreMessage::VerboseStatus(i)) => i,
+                other => panic!("{l}: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            items
+                .iter()
+                .map(|i| (i.action.as_str(), i.item.as_str(), i.size))
+                .collect::<Vec<_>>(),
+            [
+                ("restored", "/a", 2),
+                ("updated", "/b", 2),
+                ("unchanged", "/sub/c", 2),
+                ("deleted", "/tmp/dr/tgt/new", 0)
+            ]
+        );
     }
 
     #[test]

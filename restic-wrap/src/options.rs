@@ -165,6 +165,11 @@ pub struct RestoreOptions {
     pub verify: bool,
     /// Write runs of zeros as holes (`--sparse`), so sparse files stay sparse.
     pub sparse: bool,
+    /// Write nothing; report, file by file, what a restore would do (`--dry-run -vv`).
+    pub dry_run: bool,
+    /// Delete what the snapshot does not have, within `includes` (`--delete`). Only with
+    /// `dry_run` here: the agent makes a target equal to a snapshot by a swap of its own.
+    pub delete: bool,
 }
 
 impl Subcommand for RestoreOptions {
@@ -178,6 +183,13 @@ impl Subcommand for RestoreOptions {
         }
         if self.sparse {
             a.push("--sparse".into());
+        }
+        if self.dry_run {
+            // Twice verbose: one `verbose_status` line per entry, with its action.
+            a.extend(["--dry-run".into(), "-vv".into()]);
+            if self.delete {
+                a.push("--delete".into());
+            }
         }
         a.push("--".into());
         a.push((&self.snapshot).into());
@@ -554,6 +566,38 @@ mod tests {
             path: "/-rf.sql".into(),
         };
         assert_eq!(strs(d.args()), ["dump", "--", "abcdef12", "/-rf.sql"]);
+    }
+
+    #[test]
+    fn a_dry_run_restore_is_verbose_and_deletes_only_when_asked() {
+        let o = RestoreOptions {
+            snapshot: "abcdef12".into(),
+            target: "/t".into(),
+            dry_run: true,
+            delete: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            strs(o.args()),
+            [
+                "restore",
+                "--json",
+                "--target",
+                "/t",
+                "--dry-run",
+                "-vv",
+                "--delete",
+                "--",
+                "abcdef12"
+            ]
+        );
+        // `delete` never reaches a restore that writes.
+        let o = RestoreOptions { delete: true, ..o };
+        let o = RestoreOptions {
+            dry_run: false,
+            ..o
+        };
+        assert!(!strs(o.args()).contains(&"--delete".to_string()));
     }
 
     #[test]

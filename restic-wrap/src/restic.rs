@@ -21,7 +21,7 @@ use crate::options::{
 use crate::process::ResticProcess;
 use crate::repository::Repository;
 use crate::sandbox::Sandbox;
-use crate::stream::{BackupRun, DumpRun, Limits, RestoreRun, StreamRun};
+use crate::stream::{BackupRun, DumpRun, Limits, PreviewRun, RestoreRun, StreamRun};
 
 /// The oldest restic we support: 0.17 brought documented exit codes, `--stdin-from-command`,
 /// restore JSON progress and the REST credential variables.
@@ -375,6 +375,22 @@ impl Restic {
     /// Starts `restic restore --json`. Lock retries are the caller's, as for [`Restic::backup`].
     pub fn restore(&self, opts: &RestoreOptions) -> Result<RestoreRun> {
         let spec = self.spec(opts, None);
+        let process = ResticProcess::spawn(&spec, false)?;
+        Ok(StreamRun::new(
+            process,
+            self.repository.location(),
+            self.limits,
+        ))
+    }
+
+    /// Starts `restic restore --dry-run -vv --json` (`opts.dry_run` is forced on): what a restore
+    /// would do, entry by entry, with nothing written.
+    pub fn restore_preview(&self, opts: &RestoreOptions) -> Result<PreviewRun> {
+        let opts = RestoreOptions {
+            dry_run: true,
+            ..opts.clone()
+        };
+        let spec = self.spec(&opts, None);
         let process = ResticProcess::spawn(&spec, false)?;
         Ok(StreamRun::new(
             process,

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::json::{
-    BackupMessage, BackupStatus, BackupSummary, RestoreMessage, RestoreStatus, RestoreSummary,
+    BackupMessage, BackupStatus, BackupSummary, RestoreItem, RestoreMessage, RestoreStatus,
+    RestoreSummary,
 };
 use crate::process::{ResticProcess, StderrCapture};
 
@@ -91,8 +92,9 @@ pub trait StreamKind {
     type Summary;
     /// Classifies one stdout line.
     fn parse(line: &str) -> Line<Self::Status, Self::Summary>;
-    /// The figures whose change counts as progress (not the clock, which always moves).
-    fn progress(status: &Self::Status) -> [u64; 5];
+    /// The figures whose change counts as progress (not the clock, which always moves); `None`
+    /// for a line that is progress in itself (an entry reported done).
+    fn progress(status: &Self::Status) -> Option<[u64; 5]>;
 }
 
 /// One stdout line of a streamed run.
@@ -121,14 +123,14 @@ impl StreamKind for Backup {
             }
         }
     }
-    fn progress(s: &BackupStatus) -> [u64; 5] {
-        [
+    fn progress(s: &BackupStatus) -> Option<[u64; 5]> {
+        Some([
             s.files_done,
             s.bytes_done,
             s.total_files,
             s.total_bytes,
             s.error_count,
-        ]
+        ])
     }
 }
 
@@ -149,14 +151,53 @@ impl StreamKind for Restore {
             }
         }
     }
-    fn progress(s: &RestoreStatus) -> [u64; 5] {
-        [
-            s.files_restored + s.files_skipped,
-            s.bytes_restored + s.bytes_skipped,
-            s.total_files,
-            s.total_bytes,
-            s.files_deleted,
-        ]
+    fn progress(s: &RestoreStatus) -> Option<[u64; 5]> {
+        Some(restore_figures(s))
+    }
+}
+
+fn restore_figures(s: &RestoreStatus) -> [u64; 5] {
+    [
+        s.files_restored + s.files_skipped,
+        s.bytes_restored + s.bytes_skipped,
+        s.total_files,
+        s.total_bytes,
+        s.files_deleted,
+    ]
+}
+
+/// `restic restore --dry-run -vv --json`: progress, and one line per entry saying what a restore
+/// would do with it.
+#[derive(Debug)]
+pub struct RestorePreview;
+
+/// A line of a dry-run restore.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PreviewLine {
+    Progress(RestoreStatus),
+    Item(RestoreItem),
+}
+
+impl StreamKind for RestorePreview {
+    type Status = PreviewLine;
+    type Summary = RestoreSummary;
+    fn parse(line: &str) -> Line<PreviewLine, RestoreSummary> {
+        match serde_json::from_str::<RestoreMessage>(line) {
+            Ok(RestoreMessage::Status(s)) => Line::Status(PreviewLine::Progress(s)),
+            Ok(RestoreMessage::VerboseStatus(i)) => Line::Status(PreviewLine::Item(i)),
+            Ok(RestoreMessage::Summary(s)) => Line::Summary(s),
+            Ok(_) => Line::Activity,
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring unparsable restic line");
+                Line::Ignored
+            }
+        }
+    }
+    fn progress(line: &PreviewLine) -> Option<[u64; 5]> {
+        match line {
+            PreviewLine::Progress(s) => Some(restore_figures(s)),
+            PreviewLine::Item(_) => None,
+        }
     }
 }
 
@@ -228,6 +269,8 @@ pub struct StreamRun<K: StreamKind> {
 pub type BackupRun = StreamRun<Backup>;
 /// A running `restic restore`.
 pub type RestoreRun = StreamRun<Restore>;
+/// A running `restic restore --dry-run`.
+pub type PreviewRun = StreamRun<RestorePreview>;
 
 impl<K: StreamKind> StreamRun<K> {
     pub(crate) fn new(process: ResticProcess, location: String, limits: Limits) -> Self {
@@ -260,7 +303,10 @@ impl<K: StreamKind> StreamRun<K> {
             }
             match K::parse(&line) {
                 Line::Status(s) => {
-                    self.watchdog.figures(K::progress(&s));
+                    match K::progress(&s) {
+                        Some(figures) => self.watchdog.figures(figures),
+                        None => self.watchdog.progressed(),
+                    }
                     return Ok(Some(s));
                 }
                 Line::Summary(s) => {
@@ -343,22 +389,36 @@ impl RestoreRun {
     /// Waits for the end. Anything but exit 0 with a summary is an error: a restore that could not
     /// write some files is not a restore.
     pub async fn finish(self) -> Result<RestoreOutput> {
-        let location = self.location.clone();
-        let (code, summary, stderr, subcommand) = self.wait().await?;
-        match (code, summary) {
-            (0, Some(summary)) => Ok(RestoreOutput { summary }),
-            (0, None) => Err(Error::CommandFailed {
-                subcommand,
-                status: 0,
-                stderr_tail: "restic exited without a summary".into(),
-            }),
-            (code, _) => {
-                let mut text = stderr.tail;
-                for e in stderr.item_errors.iter().take(5) {
-                    text.push_str(&format!("\n{}: {}", e.item, e.message));
-                }
-                Err(Error::from_exit(&subcommand, code, &text, &location))
+        finish_restore(self).await
+    }
+}
+
+impl PreviewRun {
+    /// Waits for the end, as [`RestoreRun::finish`]: a preview that could not read some entries
+    /// is no preview.
+    pub async fn finish(self) -> Result<RestoreOutput> {
+        finish_restore(self).await
+    }
+}
+
+async fn finish_restore<K: StreamKind<Summary = RestoreSummary>>(
+    run: StreamRun<K>,
+) -> Result<RestoreOutput> {
+    let location = run.location.clone();
+    let (code, summary, stderr, subcommand) = run.wait().await?;
+    match (code, summary) {
+        (0, Some(summary)) => Ok(RestoreOutput { summary }),
+        (0, None) => Err(Error::CommandFailed {
+            subcommand,
+            status: 0,
+            stderr_tail: "restic exited without a summary".into(),
+        }),
+        (code, _) => {
+            let mut text = stderr.tail;
+            for e in stderr.item_errors.iter().take(5) {
+                text.push_str(&format!("\n{}: {}", e.item, e.message));
             }
+            Err(Error::from_exit(&subcommand, code, &text, &location))
         }
     }
 }

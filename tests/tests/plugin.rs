@@ -100,6 +100,50 @@ async fn kubectl_stowage_backs_up_lists_restores_and_reports_failures() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("100.0%"), "progress shown: {stderr}");
 
+    // restore --dry-run: a table of what a Replace would do, and nothing done.
+    std::fs::write(data.join("extra.csv"), b"made after the backup\n").expect("write");
+    let out = env.kubectl_stowage(&[
+        "restore",
+        "--pvc",
+        "data",
+        "--mode",
+        "Replace",
+        "--dry-run",
+        "--timeout",
+        "120s",
+    ]);
+    ok(&out);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        table.contains("nothing was written") && table.contains("WOULD"),
+        "{table}"
+    );
+    let delete_line = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("delete"))
+        .unwrap_or_default();
+    assert!(delete_line.contains("/extra.csv"), "{table}");
+    assert!(data.join("extra.csv").exists(), "a dry run deletes nothing");
+    // -o json: the preview in the Restore's status.
+    let json = ok(&env.kubectl_stowage(&[
+        "restore",
+        "--pvc",
+        "data",
+        "--mode",
+        "Replace",
+        "--dry-run",
+        "-o",
+        "json",
+        "--timeout",
+        "120s",
+    ]));
+    assert_eq!(
+        json["status"]["restore"]["preview"]["deleted"]["paths"],
+        serde_json::json!(["/extra.csv"]),
+        "{json:#}"
+    );
+    assert!(data.join("extra.csv").exists());
+
     // A snapshot that does not exist: exit 1, and the reason.
     let out = env.kubectl_stowage(&[
         "restore",

@@ -345,6 +345,8 @@ async fn restart_agent(env: &Env, agents: &mut PrivateAgents, i: usize, node: &s
 /// Replace removes what the snapshot does not have. A Replace whose agent is killed while restic
 /// writes leaves the original data (files made after the snapshot included), and the agent's next
 /// start removes the staging directory it left.
+///
+/// Long (~40 s): the second Replace must be caught while restic writes, so it restores enough data to be killed mid-way, then waits for the agent's restart.
 #[tokio::test]
 async fn replace_and_a_replace_whose_agent_dies() {
     let env = setup("restore-replace").await;
@@ -862,6 +864,122 @@ async fn a_restore_into_a_shared_volume_survives_the_other_nodes_agent_restartin
         agents.agents[1].log_text()
     );
     fstree::assert_same(&snapshot, &fstree::snapshot(&dir));
+}
+
+/// A dry run of a Replace reports exactly what the restore would add (a file deleted since the
+/// backup), change (a file edited since) and delete (what was created since, a directory with its
+/// file), and writes nothing: the volume's tree, modes, owners, contents and mtimes are the same
+/// afterwards. Then a real Replace does what the preview said.
+#[tokio::test]
+async fn a_dry_run_previews_a_replace_exactly_and_changes_nothing() {
+    let env = setup("restore-preview").await;
+    let dir = env.mounted("data", "node-2", ".mounted").await;
+    std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
+    std::fs::write(dir.join("keep.txt"), b"the same before and after").expect("write");
+    std::fs::write(dir.join("edited.txt"), b"version one").expect("write");
+    std::fs::write(dir.join("gone.txt"), b"deleted after the backup").expect("write");
+    std::fs::write(dir.join("sub/deep.txt"), b"unchanged, one level down").expect("write");
+    let _c = env.coordinator().await;
+    env.backup("base", local_backend(&env.repo)).await;
+
+    std::fs::remove_file(dir.join("gone.txt")).expect("rm");
+    std::fs::write(dir.join("edited.txt"), b"version two, longer").expect("write");
+    std::fs::create_dir_all(dir.join("newdir")).expect("mkdir");
+    std::fs::write(dir.join("newdir/x"), b"made after the backup").expect("write");
+    std::fs::write(dir.join("new.txt"), b"made after the backup").expect("write");
+    let before = fstree::snapshot(&dir);
+    let root_mtime = std::fs::metadata(&dir)
+        .expect("stat")
+        .modified()
+        .expect("mtime");
+
+    let r = env
+        .restore(
+            "preview",
+            serde_json::json!({"source": {"pvc": "data"}, "target": {"mode": "Replace"},
+                               "dryRun": true}),
+        )
+        .await;
+    succeeded(&r);
+    let c = condition(&r, "Succeeded").expect("condition");
+    assert_eq!(c["reason"], "Previewed", "{c}");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nothing written"),
+        "{c}"
+    );
+    let p = &r["status"]["restore"]["preview"];
+    let paths = |kind: &str| -> std::collections::BTreeSet<String> {
+        p[kind]["paths"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+    assert_eq!(paths("added"), set(&["/gone.txt"]), "{p:#}");
+    assert_eq!(paths("changed"), set(&["/edited.txt"]), "{p:#}");
+    assert_eq!(
+        paths("deleted"),
+        set(&["/new.txt", "/newdir", "/newdir/x"]),
+        "{p:#}"
+    );
+    assert_eq!(p["added"]["entries"], 1, "{p:#}");
+    assert_eq!(p["added"]["bytes"], 24, "{p:#}");
+    assert_eq!(p["changed"]["entries"], 1, "{p:#}");
+    assert_eq!(p["deleted"]["entries"], 3, "{p:#}");
+    // keep.txt, sub/deep.txt, the marker, and the existing directory sub.
+    assert!(p["unchanged"].as_u64().unwrap_or(0) >= 3, "{p:#}");
+    assert!(r["status"]["restore"]["filesRestored"].is_null(), "{r:#}");
+
+    // Nothing was written: not a file, a mode, an owner or an mtime, not even a staging
+    // directory.
+    fstree::assert_same(&before, &fstree::snapshot(&dir));
+    assert_eq!(
+        std::fs::metadata(&dir)
+            .expect("stat")
+            .modified()
+            .expect("mtime"),
+        root_mtime
+    );
+
+    // A Merge preview deletes nothing.
+    let m = env
+        .restore(
+            "preview-merge",
+            serde_json::json!({"source": {"pvc": "data"}, "dryRun": true}),
+        )
+        .await;
+    succeeded(&m);
+    assert_eq!(
+        m["status"]["restore"]["preview"]["deleted"]["entries"], 0,
+        "{m:#}"
+    );
+    assert_eq!(
+        m["status"]["restore"]["preview"]["added"]["entries"], 1,
+        "{m:#}"
+    );
+    fstree::assert_same(&before, &fstree::snapshot(&dir));
+
+    // The real Replace does what the preview said.
+    succeeded(
+        &env.restore(
+            "replace",
+            serde_json::json!({"source": {"pvc": "data"}, "target": {"mode": "Replace"}}),
+        )
+        .await,
+    );
+    assert!(dir.join("gone.txt").exists());
+    assert_eq!(
+        std::fs::read(dir.join("edited.txt")).expect("read"),
+        b"version one"
+    );
+    assert!(!dir.join("new.txt").exists() && !dir.join("newdir").exists());
 }
 
 /// A tenant's restore command that never ends (`sleep infinity`), with a time limit of days in its

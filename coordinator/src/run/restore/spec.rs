@@ -143,6 +143,12 @@ pub fn check(r: &Restore, namespace: &str, cross_namespace: bool) -> Result<Chec
                     format!("spec.source.command.owner: {:?} is not <Kind>/<name> (e.g. StatefulSet/pg)", c.owner),
                 )
             })?;
+            if r.spec.dry_run == Some(true) {
+                return Err(Finding::new(
+                    INVALID_RESTORE,
+                    "spec.dryRun: a dry run previews a volume restore (source.pvc); what a restore command would do with a dump cannot be known without running it",
+                ));
+            }
             if !s.include.is_empty() || t.path.is_some() || t.pvc.is_some() || t.mode.is_some() {
                 return Err(Finding::new(
                     INVALID_RESTORE,
@@ -293,6 +299,29 @@ mod tests {
             assert!(f.message.starts_with(field), "{field}: {}", f.message);
             assert_eq!(f.reason, INVALID_RESTORE);
         }
+    }
+
+    #[test]
+    fn a_dry_run_of_a_restore_command_is_refused_naming_the_field() {
+        let mut r = restore(
+            RestoreSource {
+                command: Some(CommandSourceRef {
+                    owner: "StatefulSet/pg".into(),
+                    container: None,
+                }),
+                ..Default::default()
+            },
+            RestoreTarget::default(),
+        );
+        assert!(check(&r, "shop", false).is_ok());
+        r.spec.dry_run = Some(true);
+        let f = refused(&r, false);
+        assert!(f.message.starts_with("spec.dryRun:"), "{}", f.message);
+        assert_eq!(f.reason, INVALID_RESTORE);
+        // A volume restore may be a dry run.
+        let mut v = restore(pvc_source("data"), RestoreTarget::default());
+        v.spec.dry_run = Some(true);
+        assert!(check(&v, "shop", false).is_ok());
     }
 
     #[test]

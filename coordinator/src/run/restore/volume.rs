@@ -13,7 +13,7 @@ use crate::dispatch;
 use crate::mount_holder;
 use crate::run::maintenance::human_bytes;
 use crate::run::{Begun, run_id};
-use stowage_api::{Restore, RestoreMode, RestoreOutcome};
+use stowage_api::{PreviewSet, Restore, RestoreMode, RestoreOutcome, RestorePreview};
 
 /// Where a PVC can be written: a running pod that mounts it (on a node with an agent, if any does).
 fn mounted_by(ctx: &Ctx, namespace: &str, pvc: &str) -> Option<(String, String, String)> {
@@ -52,6 +52,7 @@ pub(super) async fn restore_volume(
     } = what;
     let namespace = run.namespace().unwrap_or_default();
     let status = &begun.status;
+    let dry_run = run.spec.dry_run == Some(true);
     let claim = ctx.stores.pvcs.get(&namespace, target_pvc).ok_or_else(|| {
         Finding::new(
             TARGET_NOT_FOUND,
@@ -113,13 +114,14 @@ pub(super) async fn restore_volume(
     let (node, pod, pod_uid, holder) = match mounted {
         Some((node, pod, uid)) => (node, pod, uid, None),
         None => {
+            // A dry run reads the volume only: its holder mounts it read-only.
             let h = mount_holder::hold(
                 &ctx.client,
                 &ctx.stores.pods,
                 run.as_ref(),
                 target_pvc,
                 &mount_holder::Settings::of(&ctx.config),
-                false,
+                dry_run,
             )
             .await
             .map_err(|m| Finding::new(RESTORE_FAILED, m))?;
@@ -147,6 +149,7 @@ pub(super) async fn restore_volume(
         target_path: path.clone(),
         mode: mode_proto.into(),
         target_namespace: namespace.clone(),
+        dry_run,
     };
     // One restore at a time per PVC, cluster-wide (a shared volume is mounted on several nodes).
     if ctx.restore_targets.busy(&namespace, target_pvc) {
@@ -186,6 +189,40 @@ pub(super) async fn restore_volume(
         )
     })?;
     let shown_path = format!("/{path}");
+    if let Some(preview) = r.preview.filter(|_| dry_run) {
+        let preview = preview_status(preview);
+        let finding = Finding::new(
+            PREVIEWED,
+            format!(
+                "dry run, nothing written: restoring snapshot {} of {whose} into {namespace}/{target_pvc}:{shown_path} on {node} ({mode:?}) would add {} entr(ies) ({}), change {} file(s) ({}) and delete {} entr(ies); {} unchanged",
+                snapshot.short_id,
+                preview.added.entries,
+                human_bytes(preview.added.bytes),
+                preview.changed.entries,
+                human_bytes(preview.changed.bytes),
+                preview.deleted.entries,
+                preview.unchanged,
+            ),
+        );
+        status.run(move |s| {
+            let o = s.restore.get_or_insert_with(RestoreOutcome::default);
+            o.preview = Some(preview);
+            o.duration_seconds = Some(r.duration_seconds);
+            o.percent_done = Some(100.0);
+            s.summary = Some("previewed".into());
+            s.message = None;
+        });
+        return Ok(finding);
+    }
+    if dry_run {
+        // An agent that does not know dry runs would have restored: say so loudly.
+        return Err(Finding::new(
+            RESTORE_FAILED,
+            format!(
+                "spec.dryRun: the agent on {node} answered without a preview; it may predate dry runs (update the agents)"
+            ),
+        ));
+    }
     let finding = Finding::new(
         "Restored",
         format!(
@@ -209,3 +246,32 @@ pub(super) async fn restore_volume(
     });
     Ok(finding)
 }
+
+/// The reason of a dry run that found what a restore would do.
+pub const PREVIEWED: &str = "Previewed";
+
+/// The agent's preview as the Restore's status shows it (the agent bounds the path lists).
+fn preview_status(p: pb::RestorePreview) -> RestorePreview {
+    let set = |s: Option<pb::PreviewSet>| {
+        let s = s.unwrap_or_default();
+        PreviewSet {
+            entries: s.entries,
+            bytes: s.bytes,
+            paths: s
+                .paths
+                .iter()
+                .take(MAX_PREVIEW_PATHS)
+                .map(|p| crate::errors::bounded(p, 600))
+                .collect(),
+        }
+    };
+    RestorePreview {
+        added: set(p.added),
+        changed: set(p.changed),
+        deleted: set(p.deleted),
+        unchanged: p.unchanged,
+    }
+}
+
+/// Paths per kind in a preview's status, whatever an agent sends.
+const MAX_PREVIEW_PATHS: usize = 100;
