@@ -1,8 +1,10 @@
 //! Following a streamed restic run (backup or restore) until its output ends, turning each status
-//! line into progress, and stopping restic when the operation is cancelled.
+//! line into progress (a restore's with [`restore_progress`]), and stopping restic when the
+//! operation is cancelled.
 
 use restic_wrap::Error as ResticError;
 use restic_wrap::stream::{StreamKind, StreamRun};
+use stowage_proto::v1::{Phase, Progress};
 use tokio_util::sync::CancellationToken;
 
 /// Feeds every status line of `run` to `on_status` until restic's output ends (then the caller
@@ -36,5 +38,20 @@ pub async fn finish<T>(
     tokio::select! {
         out = finish => out,
         _ = cancel.cancelled() => Err(ResticError::Cancelled { subcommand: subcommand.into() }),
+    }
+}
+
+/// A restore's (or a dry run's) restic status line as progress: files and bytes done count the
+/// ones restic skipped as already there.
+pub fn restore_progress(s: &restic_wrap::json::RestoreStatus) -> Progress {
+    Progress {
+        phase: Phase::Running.into(),
+        percent_done: s.percent_done,
+        total_files: s.total_files,
+        files_done: s.files_restored + s.files_skipped,
+        total_bytes: s.total_bytes,
+        bytes_done: s.bytes_restored + s.bytes_skipped,
+        seconds_elapsed: s.seconds_elapsed,
+        ..Default::default()
     }
 }

@@ -10,7 +10,7 @@ use nix::errno::Errno;
 use restic_wrap::json::RestoreItem;
 use restic_wrap::options::{GlobalOptions, RestoreOptions};
 use restic_wrap::stream::PreviewLine;
-use stowage_proto::v1::{Phase, PreviewSet, Progress, RestorePreview};
+use stowage_proto::v1::{Phase, PreviewSet, RestorePreview};
 use tokio_util::sync::CancellationToken;
 
 use crate::context::{AgentContext, ProgressSink};
@@ -82,16 +82,7 @@ pub async fn run(
             let mut run = sandboxed.restore_preview(&opts)?;
             follow::follow(&mut run, cancel, "restore", |line| match line {
                 PreviewLine::Item(item) => tally.record(&item),
-                PreviewLine::Progress(s) => progress.send(Progress {
-                    phase: Phase::Running.into(),
-                    percent_done: s.percent_done,
-                    total_files: s.total_files,
-                    files_done: s.files_restored + s.files_skipped,
-                    total_bytes: s.total_bytes,
-                    bytes_done: s.bytes_restored + s.bytes_skipped,
-                    seconds_elapsed: s.seconds_elapsed,
-                    ..Default::default()
-                }),
+                PreviewLine::Progress(s) => progress.send(follow::restore_progress(&s)),
             })
             .await?;
             follow::finish(run.finish(), cancel, "restore").await?;

@@ -411,16 +411,7 @@ async fn run_restore(
             .restore_bytes
             .inc_by(s.bytes_restored.saturating_sub(bytes_seen));
         bytes_seen = bytes_seen.max(s.bytes_restored);
-        progress.send(Progress {
-            phase: Phase::Running.into(),
-            percent_done: s.percent_done,
-            total_files: s.total_files,
-            files_done: s.files_restored + s.files_skipped,
-            total_bytes: s.total_bytes,
-            bytes_done: s.bytes_restored + s.bytes_skipped,
-            seconds_elapsed: s.seconds_elapsed,
-            ..Default::default()
-        });
+        progress.send(follow::restore_progress(&s));
     })
     .await?;
     let out = follow::finish(run.finish(), cancel, "restore").await?;
