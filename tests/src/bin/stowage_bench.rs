@@ -13,6 +13,8 @@
 //!    plain `restic restore` of the same snapshot to the same disk, for both datasets of 1.
 //! 4. The sandbox's start-up cost: `restic version` in a sandbox built like a backup's, against the
 //!    same command run bare, p50 over 30 runs each.
+//! 6. With `STOWAGE_BENCH_ONLY=preview` (alone): a restore's dry run over a million files, the
+//!    agent's and restic's peak memory.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -193,6 +195,149 @@ async fn restore_throughput(
     }
 }
 
+/// Figure 6: a restore's dry run (Replace) over `STOWAGE_BENCH_PREVIEW_FILES` files (default one
+/// million, in directories of 1,000), with ten added, ten changed and ten deleted since the backup:
+/// the agent's peak RSS (it keeps counts and the first paths, whatever the volume holds), restic's
+/// peak RSS against the agent's memory estimate for a restore of that repository, and the time.
+async fn preview_memory(
+    client: &mut stowage_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
+    agent_pid: u32,
+    tmp: &Path,
+    kubelet: &Path,
+) -> Vec<Row> {
+    use stowage_proto::v1::{RestoreMode, RestoreRequest, VolumeIdentity, VolumeRef};
+    let files: usize = std::env::var("STOWAGE_BENCH_PREVIEW_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let vol = csi_volume(kubelet, "preview", "pv");
+    let started = Instant::now();
+    for d in 0..files.div_ceil(1000) {
+        let dir = vol.join(format!("d{d:04}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        for f in 0..1000.min(files - d * 1000) {
+            std::fs::write(dir.join(format!("f{f:04}")), [b'a' + (f % 26) as u8]).expect("write");
+        }
+    }
+    eprintln!("[bench] {files} files written in {:.0?}", started.elapsed());
+    let repo = tmp.join("repo-preview");
+    init(&repo);
+    let started = Instant::now();
+    backup(
+        client,
+        volume_backup(
+            local_repo(&repo, PW, false),
+            "preview",
+            "pv",
+            "bench",
+            "preview",
+        ),
+    )
+    .await
+    .result
+    .expect("backup of the files");
+    eprintln!("[bench] backed up in {:.0?}", started.elapsed());
+    for f in 0..10 {
+        std::fs::remove_file(vol.join(format!("d0000/f{f:04}"))).expect("rm");
+        std::fs::write(vol.join(format!("d0001/f{f:04}")), b"changed").expect("write");
+        std::fs::write(vol.join(format!("new-{f}")), b"new").expect("write");
+    }
+    let index_bytes: u64 = std::fs::read_dir(repo.join("index"))
+        .expect("index")
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let estimate =
+        stowage_agent::memory::estimate_mib(stowage_agent::memory::Operation::Restore, index_bytes);
+    // restic's resident peak, sampled from every restic process while the dry run lasts.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak_kib = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                    let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                    if comm.trim() == "restic" {
+                        peak_kib = peak_kib.max(status_kib(&p.path().join("status"), "VmHWM:"));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak_kib
+        })
+    };
+    let started = Instant::now();
+    let out = restore(
+        client,
+        RestoreRequest {
+            run_id: "bench/preview".into(),
+            repository: Some(local_repo(&repo, PW, false)),
+            source: Some(VolumeIdentity {
+                namespace: "bench".into(),
+                pvc: "preview".into(),
+                pod_name: String::new(),
+            }),
+            snapshot: "latest".into(),
+            target: Some(VolumeRef {
+                pod_uid: "preview".into(),
+                volume_name: "pv".into(),
+            }),
+            mode: RestoreMode::Replace.into(),
+            dry_run: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let restic_peak_mib = sampler.join().expect("sampler") / 1024;
+    let preview = out.result.expect("the dry run").preview.expect("a preview");
+    let count = |s: &Option<stowage_proto::v1::PreviewSet>| s.as_ref().map_or(0, |s| s.entries);
+    assert_eq!(
+        (
+            count(&preview.added),
+            count(&preview.changed),
+            count(&preview.deleted)
+        ),
+        (10, 10, 10),
+        "{preview:?}"
+    );
+    let agent_peak_mib =
+        status_kib(Path::new(&format!("/proc/{agent_pid}/status")), "VmHWM:") / 1024;
+    vec![
+        Row {
+            what: format!(
+                "dry run of a Replace over {files} files: the agent's peak RSS, MiB ({took:.0?}, {} unchanged)",
+                preview.unchanged
+            ),
+            value: agent_peak_mib.to_string(),
+            target: "<= 64".into(),
+            ok: agent_peak_mib <= 64,
+        },
+        Row {
+            what: format!(
+                "  restic's peak RSS in it, MiB, against the agent's estimate for a restore ({estimate} MiB, index {} KiB)",
+                index_bytes / 1024
+            ),
+            value: restic_peak_mib.to_string(),
+            target: format!("<= {estimate}"),
+            ok: restic_peak_mib <= estimate,
+        },
+    ]
+}
+
+/// A `kB` line of a `/proc/<pid>/status` file (0 when absent).
+fn status_kib(path: &Path, key: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -214,6 +359,16 @@ async fn main() {
 
     let agent = Agent::start(AgentOptions::new(&kubelet), &pki).await;
     let mut client = agent.client(&pki).await;
+
+    // `STOWAGE_BENCH_ONLY=preview`: the memory of a restore's dry run over a million files.
+    if std::env::var("STOWAGE_BENCH_ONLY").is_ok_and(|v| v == "preview") {
+        let rows = preview_memory(&mut client, agent.pid(), tmp.path(), &kubelet).await;
+        drop(client);
+        drop(agent);
+        stowage_tests::unmount_below(tmp.path());
+        print_table(&rows);
+        return;
+    }
 
     // 1. Overhead. The dataset is rewritten before every run, so each run does the same work.
     type Fill = fn(&Path, u64);
