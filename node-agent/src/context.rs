@@ -127,7 +127,22 @@ impl AgentContext {
         progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<Slot, AgentError> {
-        let need = self.memory_estimate(op, repo);
+        self.slot_with(op, 0, namespace, repo, progress, cancel)
+            .await
+    }
+
+    /// [`AgentContext::slot`] for an operation that needs `extra_mib` more than its estimate from
+    /// the index (a restore's tree).
+    pub async fn slot_with(
+        &self,
+        op: Operation,
+        extra_mib: u64,
+        namespace: &str,
+        repo: &Repository,
+        progress: &ProgressSink,
+        cancel: &CancellationToken,
+    ) -> Result<Slot, AgentError> {
+        let need = self.memory_estimate(op, repo).saturating_add(extra_mib);
         if let Some(why) = self.limiter.would_wait(namespace, need) {
             progress.phase(Phase::Queued, why);
         }

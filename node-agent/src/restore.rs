@@ -110,13 +110,30 @@ pub async fn execute(
     } else {
         req.target_namespace.clone()
     };
+    // restic holds the snapshot's tree while it restores: its entries count in the memory
+    // estimate when this agent knows them (the coordinator resolved the snapshot through it, the
+    // usual case); otherwise only the index does.
+    let whose = Whose::volume(&source);
+    let tree_mib = ctx
+        .known_snapshots
+        .get(&repo.location(), &req.snapshot, &whose.tags)
+        .and_then(|s| s.summary)
+        .map_or(0, |s| {
+            crate::memory::restore_tree_mib(s.entries(), req.dry_run)
+        });
     let _slot = ctx
-        .slot(Operation::Restore, &charged, &repo, &progress, &cancel)
+        .slot_with(
+            Operation::Restore,
+            tree_mib,
+            &charged,
+            &repo,
+            &progress,
+            &cancel,
+        )
         .await?;
     let started = Instant::now();
     let restic = ctx.restic(repo, repo_spec, Some(progress.clone()));
 
-    let whose = Whose::volume(&source);
     let snapshot = tokio::select! {
         s = resolve_snapshot(ctx, &restic, &whose, &req.snapshot) => s?,
         _ = cancel.cancelled() => return Err(AgentError::Cancelled),

@@ -153,6 +153,21 @@ pub struct Snapshot {
 pub struct SnapshotSummary {
     /// Bytes of the files the backup read: what a full restore writes.
     pub total_bytes_processed: u64,
+    /// Files (and other non-directory entries) in the snapshot.
+    pub total_files_processed: u64,
+    pub dirs_new: u64,
+    pub dirs_changed: u64,
+    pub dirs_unmodified: u64,
+}
+
+impl SnapshotSummary {
+    /// Every entry of the snapshot's tree: its files and its directories.
+    pub fn entries(&self) -> u64 {
+        self.total_files_processed
+            .saturating_add(self.dirs_new)
+            .saturating_add(self.dirs_changed)
+            .saturating_add(self.dirs_unmodified)
+    }
 }
 
 impl Snapshot {

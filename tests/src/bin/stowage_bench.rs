@@ -248,8 +248,28 @@ async fn preview_memory(
         .filter_map(|e| e.metadata().ok())
         .map(|m| m.len())
         .sum();
+    // The agent's estimate, as it makes it: the index, plus the snapshot's tree (its entries, from
+    // the snapshot's summary).
+    let snaps: Vec<restic_wrap::json::Snapshot> = serde_json::from_slice(
+        &Command::new("restic")
+            .arg("-r")
+            .arg(&repo)
+            .args(["snapshots", "--json"])
+            .env("RESTIC_PASSWORD", PW)
+            .output()
+            .expect("restic snapshots")
+            .stdout,
+    )
+    .expect("snapshots json");
+    let entries = snaps
+        .iter()
+        .filter_map(|s| s.summary.as_ref())
+        .map(|s| s.entries())
+        .max()
+        .unwrap_or(0);
     let estimate =
-        stowage_agent::memory::estimate_mib(stowage_agent::memory::Operation::Restore, index_bytes);
+        stowage_agent::memory::estimate_mib(stowage_agent::memory::Operation::Restore, index_bytes)
+            + stowage_agent::memory::restore_tree_mib(entries, true);
     // restic's resident peak, sampled from every restic process while the dry run lasts.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
@@ -268,18 +288,35 @@ async fn preview_memory(
             peak_kib
         })
     };
+    // As the coordinator does: the snapshot chosen from a listing through this agent, then named
+    // by its full id (so the agent knows its summary when it reserves memory).
+    let source = VolumeIdentity {
+        namespace: "bench".into(),
+        pvc: "preview".into(),
+        pod_name: String::new(),
+    };
+    let snapshot = client
+        .snapshots(stowage_proto::v1::SnapshotsRequest {
+            repository: Some(local_repo(&repo, PW, false)),
+            identity: Some(source.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("snapshots through the agent")
+        .into_inner()
+        .snapshots
+        .into_iter()
+        .max_by(|a, b| a.time.cmp(&b.time))
+        .expect("the agent's snapshot")
+        .id;
     let started = Instant::now();
     let out = restore(
         client,
         RestoreRequest {
             run_id: "bench/preview".into(),
             repository: Some(local_repo(&repo, PW, false)),
-            source: Some(VolumeIdentity {
-                namespace: "bench".into(),
-                pvc: "preview".into(),
-                pod_name: String::new(),
-            }),
-            snapshot: "latest".into(),
+            source: Some(source),
+            snapshot,
             target: Some(VolumeRef {
                 pod_uid: "preview".into(),
                 volume_name: "pv".into(),
@@ -318,7 +355,7 @@ async fn preview_memory(
         },
         Row {
             what: format!(
-                "  restic's peak RSS in it, MiB, against the agent's estimate for a restore ({estimate} MiB, index {} KiB)",
+                "  restic's peak RSS in it, MiB, against the agent's estimate for a restore ({estimate} MiB: index {} KiB, {entries} entries)",
                 index_bytes / 1024
             ),
             value: restic_peak_mib.to_string(),
