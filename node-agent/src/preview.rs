@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 
 use nix::errno::Errno;
 use restic_wrap::json::RestoreItem;
-use restic_wrap::options::{GlobalOptions, RestoreOptions};
+use restic_wrap::options::RestoreOptions;
 use restic_wrap::stream::PreviewLine;
 use stowage_proto::v1::{Phase, PreviewSet, RestorePreview};
 use tokio_util::sync::CancellationToken;
@@ -49,17 +49,10 @@ pub async fn run(
         }) => None,
         Err(e) => return Err(e.into()),
     };
-    let local = crate::context::AgentContext::local_repository(restic.repository()).is_some();
+    // Nothing in the sandbox is writable.
     let sandboxed = restic
         .clone()
-        .with_global(GlobalOptions {
-            // Nothing in the sandbox is writable: no cache, and no lock in a local repository
-            // (bound read-only).
-            cache_dir: None,
-            no_cache: true,
-            no_lock: local,
-            ..restic.global().clone()
-        })
+        .with_global(sandbox::read_only_globals(restic))
         .with_sandbox(sandbox::for_preview(
             ctx,
             target.as_ref(),
@@ -196,23 +189,8 @@ impl<'a> Tally<'a> {
         let Some(target) = self.target else {
             return false;
         };
-        let Ok(parts) = safe_fs::relative_components(path.trim_start_matches('/')) else {
-            return false;
-        };
-        let Some((name, parent)) = parts.split_last() else {
-            // The target itself.
-            return true;
-        };
-        safe_fs::open_beneath(target, parent, false)
-            .ok()
-            .is_some_and(|dir| {
-                nix::sys::stat::fstatat(
-                    &dir,
-                    name.as_str(),
-                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-                )
-                .is_ok()
-            })
+        safe_fs::relative_components(path.trim_start_matches('/'))
+            .is_ok_and(|parts| safe_fs::exists_beneath(target, &parts))
     }
 }
 

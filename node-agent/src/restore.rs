@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use nix::errno::Errno;
 use restic_wrap::json::Snapshot;
-use restic_wrap::options::{GlobalOptions, RestoreOptions, SnapshotsOptions};
+use restic_wrap::options::{RestoreOptions, SnapshotsOptions};
 use stowage_proto::v1::{
     Phase, Progress, RestoreEvent, RestoreMode, RestoreRequest, RestoreResult, restore_event::Event,
 };
@@ -268,17 +268,10 @@ pub async fn execute(
         sparse: true,
         ..Default::default()
     };
-    let local = AgentContext::local_repository(restic.repository()).is_some();
+    // Nothing writable in the sandbox but staging.
     let sandboxed = restic
         .clone()
-        .with_global(GlobalOptions {
-            // Nothing writable but staging in the sandbox: no cache, and a local repository is
-            // bound read-only, so it cannot take a lock there.
-            cache_dir: None,
-            no_cache: true,
-            no_lock: local,
-            ..restic.global().clone()
-        })
+        .with_global(sandbox::read_only_globals(&restic))
         .with_sandbox(sandbox::for_restore(ctx, &staged_data, restic.repository()));
     let restored = sandboxed
         .with_lock_retry(|| run_restore(ctx, &sandboxed, &opts, &progress, &cancel))
@@ -292,18 +285,7 @@ pub async fn execute(
     // An include that matches nothing in the snapshot must not become "0 files restored" (nor, in
     // Replace, a deletion of that path).
     for parts in &include_parts {
-        let (name, parent) = parts.split_last().unwrap_or((&parts[0], &[]));
-        let present = safe_fs::open_beneath(&staged_data, parent, false)
-            .ok()
-            .is_some_and(|dir| {
-                nix::sys::stat::fstatat(
-                    &dir,
-                    name.as_str(),
-                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-                )
-                .is_ok()
-            });
-        if !present {
+        if !safe_fs::exists_beneath(&staged_data, parts) {
             return Err(AgentError::IncludeNotInSnapshot {
                 path: parts.join("/"),
                 snapshot: snapshot.short_id.clone(),

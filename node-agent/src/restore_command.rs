@@ -122,15 +122,11 @@ pub async fn execute(
             snap.paths.len()
         )));
     };
-    let local = AgentContext::local_repository(restic.repository()).is_some();
     let restic = restic
         .clone()
         .with_global(GlobalOptions {
-            cache_dir: None,
-            no_cache: true,
-            no_lock: local,
             retry_lock: Some(ctx.lock_policy.max_wait),
-            ..restic.global().clone()
+            ..sandbox::read_only_globals(&restic)
         })
         .with_sandbox(sandbox::for_dump(ctx, restic.repository()));
     let mut dump = restic.dump(&DumpOptions {

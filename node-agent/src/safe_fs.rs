@@ -148,6 +148,22 @@ pub fn open_beneath(root_fd: &OwnedFd, components: &[String], create: bool) -> R
     Ok(fd)
 }
 
+/// Whether an entry exists at `components` below `root` (the root itself for none), looked up
+/// without following any link: a symlink on the way reads as absent, one at the end is the entry.
+pub fn exists_beneath(root: &OwnedFd, components: &[String]) -> bool {
+    let Some((name, parent)) = components.split_last() else {
+        return true;
+    };
+    open_beneath(root, parent, false).is_ok_and(|dir| {
+        nix::sys::stat::fstatat(
+            &dir,
+            name.as_str(),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .is_ok()
+    })
+}
+
 /// Names in a directory, without "." and "..".
 pub fn entries(dir: &OwnedFd, shown: &str) -> Result<Vec<Vec<u8>>> {
     let dup = nix::unistd::dup(dir).map_err(io(shown))?;
@@ -501,6 +517,27 @@ pub fn stat_fd(fd: &OwnedFd, shown: &str) -> Result<FileStat> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exists_beneath_follows_no_link() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("d")).unwrap();
+        std::fs::write(t.path().join("d/f"), b"x").unwrap();
+        std::os::unix::fs::symlink("d", t.path().join("via")).unwrap();
+        let root = open_root(t.path()).unwrap();
+        let parts = |p: &str| relative_components(p).unwrap();
+        assert!(exists_beneath(&root, &parts("d/f")));
+        assert!(
+            exists_beneath(&root, &parts("via")),
+            "the link itself is an entry"
+        );
+        assert!(
+            !exists_beneath(&root, &parts("via/f")),
+            "not through the link"
+        );
+        assert!(!exists_beneath(&root, &parts("d/missing")));
+        assert!(exists_beneath(&root, &[]));
+    }
     use std::fs;
     use std::os::unix::fs::symlink;
 

@@ -97,6 +97,17 @@ pub fn for_stream(
     Ok(writer(ctx, repo, tmp)?.chdir("/"))
 }
 
+/// restic's global options in a sandbox where its cache is not writable (restores, dry runs,
+/// dumps): no cache, and no lock in a local repository, which is bound read-only there.
+pub fn read_only_globals(restic: &restic_wrap::Restic) -> restic_wrap::options::GlobalOptions {
+    restic_wrap::options::GlobalOptions {
+        cache_dir: None,
+        no_cache: true,
+        no_lock: AgentContext::local_repository(restic.repository()).is_some(),
+        ..restic.global().clone()
+    }
+}
+
 /// The sandbox of a restore into the staging directory open at `staging`.
 pub fn for_restore(ctx: &AgentContext, staging: &OwnedFd, repo: &Repository) -> Sandbox {
     let mut sb = ctx

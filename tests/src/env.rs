@@ -54,11 +54,6 @@ impl TestEnv {
         }
     }
 
-    /// A further fresh namespace for a test that spans several (tenants side by side).
-    pub async fn another_namespace(&self, prefix: &str) -> String {
-        fresh_namespace(&self.client, prefix).await
-    }
-
     /// The test's local repository path (not created): `<cluster>/repos/<namespace>`, inside the
     /// agents' allowed roots.
     pub fn repo(&self) -> PathBuf {

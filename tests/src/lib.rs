@@ -173,6 +173,25 @@ pub fn promtool_check(text: &str) {
     );
 }
 
+/// Waits for `child` to exit, `timeout` at most; past it the child is stopped ([`terminate`]) and
+/// `None` returned.
+pub fn wait_within(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            terminate(child);
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits (30 s at most) until `addr` answers `/healthz` with 200; fails with the process's log if
 /// `child` exits first or time runs out.
 pub async fn wait_healthy(

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Ports of its own: the suite's cluster is at 16600, a user's demo at 16800.
 const PORT_BASE: &str = "18600";
@@ -60,19 +60,11 @@ fn the_demo_succeeds_and_leaves_nothing_running() {
         .current_dir(&root)
         .spawn()
         .expect("run scripts/demo");
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            stowage_tests::terminate(&mut child);
-            panic!(
-                "scripts/demo did not finish within {TIMEOUT:?}:\n{}",
-                demo_log(&log_path)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    let Some(status) = stowage_tests::wait_within(&mut child, TIMEOUT) else {
+        panic!(
+            "scripts/demo did not finish within {TIMEOUT:?}:\n{}",
+            demo_log(&log_path)
+        );
     };
     let text = demo_log(&log_path);
     assert!(status.success(), "scripts/demo failed ({status}):\n{text}");

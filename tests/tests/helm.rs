@@ -18,10 +18,9 @@ use kube::Api;
 use kube::api::{ListParams, PostParams};
 use stowage_api::{Backup, Restore};
 use stowage_tests::cluster::{Cluster, fresh_namespace};
-use stowage_tests::coordinator::{run_to_end, secret};
+use stowage_tests::coordinator::run_to_end;
 use stowage_tests::env::TestEnv;
 
-const PASSWORD: &str = "correct horse battery staple";
 const RUN_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// Runs helm against the shared cluster; panics with its output when it fails.
@@ -157,11 +156,8 @@ async fn check_access(
 
 #[tokio::test]
 async fn the_chart_installs_a_stowage_that_backs_up_and_restores_in_place() {
-    let TestEnv {
-        cluster,
-        client,
-        ns: app,
-    } = TestEnv::bare("helm-app").await;
+    let env = TestEnv::new("helm-app").await;
+    let (cluster, client, app) = (env.cluster, env.client.clone(), env.ns.clone());
     // The emulator runs the chart's images from these builds (tests/cluster/up --local-image).
     stowage_tests::binary("stowage-agent");
     stowage_tests::binary("stowage-coordinator");
@@ -225,15 +221,7 @@ async fn the_chart_installs_a_stowage_that_backs_up_and_restores_in_place() {
 
     // An application pod with data on node-2, backed up to S3 and restored in place.
     let moto = stowage_tests::moto::Moto::start();
-    moto.create_bucket("helm");
-    secret(&client, &app, "backup-repo", &[("password", PASSWORD)]).await;
-    secret(
-        &client,
-        &app,
-        "s3",
-        &[("id", "AKIATESTKEY"), ("secret", "test-secret-key-value")],
-    )
-    .await;
+    let backend = env.s3_backend(&moto, "helm").await;
     let data = cluster.volume(&app, "db-0", "data", "node-2", &[]);
     std::fs::create_dir_all(data.join("conf")).expect("dir");
     std::fs::write(data.join("conf/settings.ini"), b"answer = 42\n").expect("write");
@@ -241,13 +229,6 @@ async fn the_chart_installs_a_stowage_that_backs_up_and_restores_in_place() {
     cluster
         .wait_mounted(&client, &app, "db-0", "data", "node-2", "table.dat")
         .await;
-    let backend = serde_json::json!({
-        "repoPasswordSecretRef": {"name": "backup-repo", "key": "password"},
-        "s3": {"endpoint": moto.endpoint, "bucket": "helm", "prefix": app,
-               "accessKeyIDSecretRef": {"name": "s3", "key": "id"},
-               "secretAccessKeySecretRef": {"name": "s3", "key": "secret"}},
-        "initialize": true,
-    });
     let b = run_to_end::<Backup>(
         &client,
         &app,

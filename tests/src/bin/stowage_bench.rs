@@ -125,20 +125,7 @@ async fn restore_throughput(
         pvc: format!("vol{i}"),
         pod_name: String::new(),
     };
-    let snapshot = client
-        .snapshots(stowage_proto::v1::SnapshotsRequest {
-            repository: Some(local_repo(repo, PW, false)),
-            identity: Some(source.clone()),
-            ..Default::default()
-        })
-        .await
-        .expect("snapshots through the agent")
-        .into_inner()
-        .snapshots
-        .into_iter()
-        .max_by(|a, b| a.time.cmp(&b.time))
-        .expect("the agent's snapshot")
-        .id;
+    let snapshot = newest_snapshot(client, repo, &source).await;
     let (mut via_agent, mut direct) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         let req = RestoreRequest {
@@ -295,20 +282,7 @@ async fn preview_memory(
         pvc: "preview".into(),
         pod_name: String::new(),
     };
-    let snapshot = client
-        .snapshots(stowage_proto::v1::SnapshotsRequest {
-            repository: Some(local_repo(&repo, PW, false)),
-            identity: Some(source.clone()),
-            ..Default::default()
-        })
-        .await
-        .expect("snapshots through the agent")
-        .into_inner()
-        .snapshots
-        .into_iter()
-        .max_by(|a, b| a.time.cmp(&b.time))
-        .expect("the agent's snapshot")
-        .id;
+    let snapshot = newest_snapshot(client, &repo, &source).await;
     let started = Instant::now();
     let out = restore(
         client,
@@ -373,6 +347,29 @@ fn status_kib(path: &Path, key: &str) -> u64 {
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// The newest snapshot of `source`, as the coordinator chooses a restore's: from a listing through
+/// the agent (which then knows its summary), by full id.
+async fn newest_snapshot(
+    client: &mut stowage_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
+    repo: &Path,
+    source: &stowage_proto::v1::VolumeIdentity,
+) -> String {
+    client
+        .snapshots(stowage_proto::v1::SnapshotsRequest {
+            repository: Some(local_repo(repo, PW, false)),
+            identity: Some(source.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("snapshots through the agent")
+        .into_inner()
+        .snapshots
+        .into_iter()
+        .max_by(|a, b| a.time.cmp(&b.time))
+        .expect("the agent's snapshot")
+        .id
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
