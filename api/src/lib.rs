@@ -8,7 +8,7 @@
 //!
 //! - [`backend`]: where a repository lives and which Secrets open it;
 //! - [`schedule`]: `Schedule`, and the settings its actions share with runs;
-//! - [`runs`]: `Backup`, `Check`, `Prune`, `Restore`, `PreBackupPod`;
+//! - [`runs`]: `Backup`, `Check`, `Prune`, `Restore`, `Verify`, `PreBackupPod`;
 //! - [`status`]: what runs report;
 //! - [`contract`]: label, annotation and tag names.
 

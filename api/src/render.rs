@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use kube_core::CustomResourceExt;
 
-use crate::{Backup, Check, PreBackupPod, Prune, Restore, Schedule};
+use crate::{Backup, Check, PreBackupPod, Prune, Restore, Schedule, Verify};
 
 /// Where the chart keeps the CRDs.
 pub fn chart_crd_dir() -> PathBuf {
@@ -23,6 +23,7 @@ pub fn rendered() -> Result<Vec<(String, String)>, serde_yaml::Error> {
         Backup::crd(),
         Check::crd(),
         Prune::crd(),
+        Verify::crd(),
         Restore::crd(),
         PreBackupPod::crd(),
     ]
@@ -109,8 +110,12 @@ mod tests {
             s.spec.prune.as_ref().unwrap().retention.keep_weekly,
             Some(8)
         );
+        assert_eq!(
+            s.spec.verify.as_ref().unwrap().sample_bytes.as_deref(),
+            Some("1Gi")
+        );
         let crds = rendered().unwrap();
-        assert_eq!(crds.len(), 6);
+        assert_eq!(crds.len(), 7);
         // Everything but PreBackupPod (a template, nothing to report) has a status subresource.
         assert!(
             crds.iter()

@@ -133,6 +133,41 @@ pub struct PruneSpec {
     pub dry_run: bool,
 }
 
+/// A verification drill: for each volume and backup command in scope, the newest complete snapshot
+/// is restored (whole, or a rotating sample of `sampleBytes`) into scratch space on a node with
+/// `restic restore --verify`, and removed; a command's dump is read through SHA-256. Drills run
+/// below backups: a backup that queues on a node takes the drill's slot.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    crates(kube_core = "::kube_core"),
+    group = "stowage.dev",
+    version = "v1alpha1",
+    kind = "Verify",
+    namespaced,
+    status = "RunStatus",
+    shortname = "stverify",
+    category = "stowage",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Verified","type":"string","jsonPath":".status.summary"}"#,
+    printcolumn = r#"{"name":"Started","type":"date","jsonPath":".status.startTime"}"#,
+    printcolumn = r#"{"name":"Completed","type":"date","jsonPath":".status.completionTime"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifySpec {
+    /// The repository; or `scheduleRef` to use a Schedule's (and its verify or backup selector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_ref: Option<ScheduleRef>,
+    /// On PVC labels, as a Backup's; absent selects every PVC of the namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    /// Restore at most this much of each volume's snapshot (a quantity: `1Gi`, `500Mi`), a window
+    /// that moves on with every drill; absent restores whole snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_bytes: Option<String>,
+}
+
 /// Writes a snapshot back where the data lives: the agent on the node that mounts the target
 /// volume restores into it while its pods keep running (an unmounted PVC gets a mount-holder pod).
 /// A backup command's snapshot is streamed into the target pod's `stowage.dev/restore-command`.

@@ -72,6 +72,21 @@ pub struct PruneAction {
     pub retention: Retention,
 }
 
+/// Verification drills ([`crate::Verify`]) on a schedule.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyAction {
+    /// e.g. `@weekly-random`.
+    pub schedule: String,
+    /// Restore at most this much of each volume's newest snapshot per drill (`1Gi`); the sample
+    /// rotates. Absent: whole snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_bytes: Option<String>,
+    /// Default: the backup action's selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
 /// Backs up, checks and prunes on schedules; each firing creates a run object owned by the Schedule.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
@@ -98,6 +113,8 @@ pub struct ScheduleSpec {
     pub check: Option<CheckAction>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prune: Option<PruneAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyAction>,
     /// Stops firing; runs already started finish.
     #[serde(default)]
     pub paused: bool,
@@ -116,6 +133,8 @@ pub struct ActionTimes {
     pub check: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prune: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

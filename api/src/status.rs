@@ -149,6 +149,44 @@ pub struct ItemStatus {
     /// The pre- and post-backup hooks of the pod whose volume this is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hooks: Option<HookOutcomes>,
+    /// Verify: what the drill read back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
+}
+
+/// What one drill read back from one identity's snapshot (`snapshotId` of the item).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Verification {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_time: Option<String>,
+    /// Files restored and verified (a command: 1, its dump) and their bytes.
+    pub files: u64,
+    pub bytes: u64,
+    /// The whole snapshot was read (no sample bound, or everything fitted).
+    #[serde(default)]
+    pub complete: bool,
+    /// The first and last file of the sample, in the snapshot's order; the next drill starts
+    /// after `last`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<String>,
+    /// The sample reached the snapshot's end and went on from its start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wrapped: bool,
+    /// Regular files in the snapshot, and those no sample can take (larger than the bound, or
+    /// named in a way restic's include patterns cannot express).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_files: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_files: Option<u64>,
+    /// A command's dump: its SHA-256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Times the drill gave its slot to a backup and started over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yielded: Option<u32>,
 }
 
 impl ItemStatus {
@@ -218,6 +256,8 @@ pub struct ResolvedSpec {
     pub read_data_subset: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_bytes: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

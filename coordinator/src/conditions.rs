@@ -11,6 +11,8 @@ pub const READY: &str = "Ready";
 pub const SUCCEEDED: &str = "Succeeded";
 pub const VOLUMES_SELECTED: &str = "VolumesSelected";
 pub const REPOSITORY_HEALTHY: &str = "RepositoryHealthy";
+/// The newest Verify run of a Schedule brought every snapshot back.
+pub const VERIFIED: &str = "Verified";
 /// True when Schedules of other namespaces write to the same repository location.
 pub const SHARED_REPOSITORY: &str = "SharedRepository";
 

@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::inspections::Inspector;
 use crate::metrics::Metrics;
 use crate::state::{Cache, Stores};
-use stowage_api::{Backup, Check, Prune, Restore};
+use stowage_api::{Backup, Check, Prune, Restore, Verify};
 
 /// The runs the coordinator watches (one shared watch per kind feeds these and the controllers).
 #[derive(Clone)]
@@ -22,6 +22,7 @@ pub struct RunStores {
     pub checks: Cache<Check>,
     pub prunes: Cache<Prune>,
     pub restores: Cache<Restore>,
+    pub verifies: Cache<Verify>,
     /// Set when each run watch has delivered its first full list.
     pub ready: Vec<crate::state::Ready>,
 }

@@ -29,7 +29,7 @@ use crate::run;
 use crate::runs::{RunObject, is_terminal};
 use crate::schedule;
 use crate::state::{self, Cache, SyncTimeout};
-use stowage_api::{Backup, Check, Prune, Restore, RunPhase, Schedule};
+use stowage_api::{Backup, Check, Prune, Restore, RunPhase, Schedule, Verify};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -261,6 +261,7 @@ struct NamespaceWatches {
     checks: SharedRuns<Check>,
     prunes: SharedRuns<Prune>,
     restores: SharedRuns<Restore>,
+    verifies: SharedRuns<Verify>,
 }
 
 /// Starts the watches of `ns`; `None` only if a shared watch cannot be subscribed to, which
@@ -277,6 +278,7 @@ fn watch_namespace(client: &Client, ns: Option<String>) -> Option<NamespaceWatch
         checks: shared_runs::<Check>(client, ns.as_deref())?,
         prunes: shared_runs::<Prune>(client, ns.as_deref())?,
         restores: shared_runs::<Restore>(client, ns.as_deref())?,
+        verifies: shared_runs::<Verify>(client, ns.as_deref())?,
         namespace: ns,
     };
     Some(w)
@@ -324,6 +326,7 @@ async fn lead(
         checks: watched.iter().map(|w| w.checks.store.clone()).collect(),
         prunes: watched.iter().map(|w| w.prunes.store.clone()).collect(),
         restores: watched.iter().map(|w| w.restores.store.clone()).collect(),
+        verifies: watched.iter().map(|w| w.verifies.store.clone()).collect(),
         ready: watched
             .iter()
             .flat_map(|w| {
@@ -332,6 +335,7 @@ async fn lead(
                     w.checks.ready.clone(),
                     w.prunes.ready.clone(),
                     w.restores.ready.clone(),
+                    w.verifies.ready.clone(),
                 ]
             })
             .collect(),
@@ -373,6 +377,7 @@ async fn lead(
             .owns_shared_stream(phase_changes(w.backups.for_schedules))
             .owns_shared_stream(phase_changes(w.checks.for_schedules))
             .owns_shared_stream(phase_changes(w.prunes.for_schedules))
+            .owns_shared_stream(phase_changes(w.verifies.for_schedules))
             .watches_shared_stream(w.secret_events, move |secret: Arc<Secret>| {
                 schedules_using(&schedule_store, &secret)
             })
@@ -411,6 +416,12 @@ async fn lead(
                 w.restores.store,
                 &ctx,
                 run::restore::execute,
+            ),
+            run_controller(
+                w.verifies.for_runs,
+                w.verifies.store,
+                &ctx,
+                run::verify::execute,
             ),
         ]);
     }

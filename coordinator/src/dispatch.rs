@@ -6,8 +6,9 @@ use stowage_proto::v1::{
     BackupRequest, BackupResult, CheckRequest, CommandIdentity, CommandSource,
     EnsureRepositoryRequest, HookRequest, HookResult, InspectRequest, InspectResponse,
     MaintenanceResult, Progress, PruneRequest, Repository, RestoreCommandRequest, RestoreEvent,
-    RestoreRequest, RestoreResult, Snapshot, SnapshotsRequest, VolumeIdentity, VolumeRef,
-    VolumeSource, backup_event, backup_request, maintenance_event, restore_event,
+    RestoreRequest, RestoreResult, Snapshot, SnapshotsRequest, VerifyRequest, VerifyResult,
+    VolumeIdentity, VolumeRef, VolumeSource, backup_event, backup_request, maintenance_event,
+    restore_event, verify_event,
 };
 use tonic::Code;
 
@@ -345,6 +346,30 @@ pub async fn restore_volume(
     let mut client = agents.client(&ep).map_err(|e| (e.into(), None))?;
     let stream = client.restore(req).await;
     follow_restore(&ep, stream, on_progress).await
+}
+
+/// Runs one drill on `node` (the agent's own deadlines bound it), with its progress.
+pub async fn verify(
+    agents: &AgentDirectory,
+    node: &str,
+    req: VerifyRequest,
+    mut on_progress: impl FnMut(&Progress),
+) -> Result<VerifyResult, DispatchError> {
+    let ep = agents.endpoint(node)?;
+    let mut client = agents.client(&ep)?;
+    let mut stream = client
+        .verify(req)
+        .await
+        .map_err(|s| DispatchError::from_status(&ep, s))?
+        .into_inner();
+    while let Some(ev) = stream.next().await {
+        match ev.map_err(|s| DispatchError::mid_stream(&ep, s))?.event {
+            Some(verify_event::Event::Progress(p)) => on_progress(&p),
+            Some(verify_event::Event::Result(r)) => return Ok(r),
+            None => {}
+        }
+    }
+    Err(DispatchError::NoResult { node: ep.node })
 }
 
 /// Streams a backup command's snapshot into a restore command in a pod on `node`.

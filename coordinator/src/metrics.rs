@@ -13,7 +13,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-pub const RUN_KINDS: [&str; 3] = ["backup", "check", "prune"];
+pub const RUN_KINDS: [&str; 4] = ["backup", "check", "prune", "verify"];
 pub const RUN_RESULTS: [&str; 3] = ["succeeded", "partially_failed", "failed"];
 /// The `exclusive` label of `stowage_repository_locks`.
 pub const LOCK_KINDS: [&str; 3] = ["true", "false", "unknown"];
@@ -44,6 +44,14 @@ pub struct Metrics {
     pub agents: IntGaugeVec,
     pub volume_dispatches: IntCounter,
     pub leader: IntGauge,
+    pub verify_runs: IntCounterVec,
+    pub verify_success: GaugeVec,
+    pub verify_bytes: IntCounter,
+    pub last_verified: GaugeVec,
+    pub command_last_verified: GaugeVec,
+    /// Volumes (namespace, pvc) and commands (namespace, owner, container) with a last-verified
+    /// series, so those of deleted PVCs and owners can be removed.
+    verified: Arc<Mutex<BTreeSet<(String, String, String)>>>,
     ready: Arc<AtomicBool>,
     /// Schedules (namespace, name) with series, so those of deleted Schedules can be removed.
     schedules: Arc<Mutex<BTreeSet<(String, String)>>>,
@@ -160,11 +168,46 @@ impl Metrics {
             "stowage_coordinator_leader",
             "1 while this replica holds the leader Lease and dispatches work.",
         )?;
+        let verify_runs = IntCounterVec::new(
+            Opts::new(
+                "stowage_verify_runs_total",
+                "Verify runs (verification drills) finished, by result.",
+            ),
+            &["result"],
+        )?;
+        let verify_bytes = IntCounter::new(
+            "stowage_verify_bytes_total",
+            "Bytes verification drills restored and verified (or hashed, for backup commands).",
+        )?;
+        let last_verified = GaugeVec::new(
+            Opts::new(
+                "stowage_volume_last_verified_timestamp_seconds",
+                "Completion time of each volume's newest successful verification drill (Unix time).",
+            ),
+            &["namespace", "pvc"],
+        )?;
+        let command_last_verified = GaugeVec::new(
+            Opts::new(
+                "stowage_command_last_verified_timestamp_seconds",
+                "Completion time of each backup command's newest successful verification drill (Unix time).",
+            ),
+            &["namespace", "owner", "container"],
+        )?;
         for kind in RUN_KINDS {
             for result in RUN_RESULTS {
                 runs.with_label_values(&[kind, result]);
             }
         }
+        for result in RUN_RESULTS {
+            verify_runs.with_label_values(&[result]);
+        }
+        let verify_success = GaugeVec::new(
+            Opts::new(
+                "stowage_schedule_verify_success",
+                "1 if the newest Verify run of each Schedule brought every snapshot back, 0 if not.",
+            ),
+            &["namespace", "schedule"],
+        )?;
         for state in AGENT_STATES {
             agents.with_label_values(&[state]);
         }
@@ -185,6 +228,11 @@ impl Metrics {
         registry.register(Box::new(agents.clone()))?;
         registry.register(Box::new(volume_dispatches.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(verify_runs.clone()))?;
+        registry.register(Box::new(verify_success.clone()))?;
+        registry.register(Box::new(verify_bytes.clone()))?;
+        registry.register(Box::new(last_verified.clone()))?;
+        registry.register(Box::new(command_last_verified.clone()))?;
         Ok(Self {
             registry,
             runs,
@@ -204,6 +252,12 @@ impl Metrics {
             agents,
             volume_dispatches,
             leader,
+            verify_runs,
+            verify_success,
+            verify_bytes,
+            last_verified,
+            command_last_verified,
+            verified: Arc::new(Mutex::new(BTreeSet::new())),
             ready: Arc::new(AtomicBool::new(false)),
             schedules: Arc::new(Mutex::new(BTreeSet::new())),
         })
@@ -230,6 +284,7 @@ impl Metrics {
             }
             let _ = self.last_success.remove_label_values(&[&ns, &name]);
             let _ = self.check_success.remove_label_values(&[&ns, &name]);
+            let _ = self.verify_success.remove_label_values(&[&ns, &name]);
             let _ = self.last_check.remove_label_values(&[&ns, &name]);
             let _ = self.repository_snapshots.remove_label_values(&[&ns, &name]);
             let _ = self.repository_size.remove_label_values(&[&ns, &name]);
@@ -241,6 +296,53 @@ impl Metrics {
             let _ = self.oldest_lock_age.remove_label_values(&[&ns, &name]);
             seen.remove(&(ns, name));
         }
+    }
+
+    /// Records a successful drill of a volume (`owner` empty) or a command at Unix time `at`; an
+    /// older time than the one recorded changes nothing.
+    pub fn verified(&self, namespace: &str, pvc_or_owner: &str, container: Option<&str>, at: f64) {
+        let gauge = match container {
+            None => self
+                .last_verified
+                .with_label_values(&[namespace, pvc_or_owner]),
+            Some(c) => self
+                .command_last_verified
+                .with_label_values(&[namespace, pvc_or_owner, c]),
+        };
+        if gauge.get() < at {
+            gauge.set(at);
+        }
+        if let Ok(mut v) = self.verified.lock() {
+            v.insert((
+                namespace.to_string(),
+                pvc_or_owner.to_string(),
+                container.unwrap_or_default().to_string(),
+            ));
+        }
+    }
+
+    /// Removes the last-verified series of `namespace` whose volume or command is not in `live`
+    /// ((pvc, "") or (owner, container)): an alert on a deleted PVC would otherwise fire forever.
+    pub fn forget_verified_except(&self, namespace: &str, live: &BTreeSet<(String, String)>) {
+        let Ok(mut seen) = self.verified.lock() else {
+            return;
+        };
+        seen.retain(|(ns, what, container)| {
+            // Command series stay (their owners come and go with rollouts); volumes are swept.
+            if ns != namespace
+                || !container.is_empty()
+                || live.contains(&(what.clone(), container.clone()))
+            {
+                return true;
+            }
+            let _ = if container.is_empty() {
+                self.last_verified.remove_label_values(&[ns, what])
+            } else {
+                self.command_last_verified
+                    .remove_label_values(&[ns, what, container])
+            };
+            false
+        });
     }
 
     /// Healthy once the process has a working API client (leader or standby alike).

@@ -7,6 +7,7 @@ use stowage_api::Retention;
 
 pub const INVALID_RETENTION: &str = "InvalidRetention";
 pub const INVALID_CHECK: &str = "InvalidCheck";
+pub const INVALID_SAMPLE: &str = "InvalidSampleBytes";
 
 /// Problems of a retention block at `at` (e.g. `spec.prune.retention`).
 pub fn retention(r: &Retention, at: &str) -> Vec<Finding> {
@@ -91,8 +92,69 @@ pub fn read_data_subset(s: &str, at: &str) -> Option<Finding> {
     })
 }
 
+/// A byte quantity as Kubernetes writes them (`1Gi`, `500Mi`, `2G`, `1048576`): the value, or a
+/// finding naming `at`. At least 1 MiB: a smaller sample proves little and most files exceed it.
+pub fn sample_bytes(v: &str, at: &str) -> Result<u64, Finding> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, suffix) = v.split_at(split);
+    let factor: u64 = match suffix {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => 0,
+    };
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .filter(|_| factor > 0)
+        .and_then(|n| n.checked_mul(factor));
+    match bytes {
+        Some(b) if b >= 1 << 20 => Ok(b),
+        Some(_) => Err(Finding::new(
+            INVALID_SAMPLE,
+            format!("{at}: {v:?} is less than 1Mi; a drill's sample must be at least 1Mi"),
+        )),
+        None => Err(Finding::new(
+            INVALID_SAMPLE,
+            format!(
+                "{at}: {v:?} is not a byte quantity such as 1Gi, 500Mi or 2G (an integer and one of Ki, Mi, Gi, Ti, k, M, G, T)"
+            ),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sample_bytes_are_kubernetes_quantities_of_at_least_a_mebibyte() {
+        assert_eq!(sample_bytes("1Gi", "f").unwrap(), 1 << 30);
+        assert_eq!(sample_bytes("500Mi", "f").unwrap(), 500 << 20);
+        assert_eq!(sample_bytes("2G", "f").unwrap(), 2_000_000_000);
+        assert_eq!(sample_bytes("1048576", "f").unwrap(), 1 << 20);
+        let small = sample_bytes("10Ki", "spec.sampleBytes").unwrap_err();
+        assert_eq!(small.reason, INVALID_SAMPLE);
+        assert!(
+            small
+                .message
+                .starts_with("spec.sampleBytes: \"10Ki\" is less than 1Mi")
+        );
+        for bad in ["lots", "1.5Gi", "-1Gi", "1GB", "", "99999999999999999999Ti"] {
+            let f = sample_bytes(bad, "spec.verify.sampleBytes").unwrap_err();
+            assert!(
+                f.message.contains("is not a byte quantity"),
+                "{bad}: {}",
+                f.message
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use crate::context::RunStores;
 use stowage_api::{
     BackendSpec, Backup, Check, ItemStatus, Prune, ResolvedSpec, Restore, RunPhase, RunStatus,
-    Schedule, ScheduleRef,
+    Schedule, ScheduleRef, Verify,
 };
 
 pub use stowage_api::contract::{LABEL_ACTION, LABEL_SCHEDULE};
@@ -144,6 +144,44 @@ impl RunObject for Prune {
         self.spec.schedule_ref.as_ref()
     }
     const ACTION: &'static str = "prune";
+    fn run_status(&self) -> Option<&RunStatus> {
+        self.status.as_ref()
+    }
+}
+
+impl RunObject for Verify {
+    fn store(runs: &RunStores) -> &crate::state::Cache<Self> {
+        &runs.verifies
+    }
+    fn resolve_with(&self, schedule: Option<&Schedule>) -> ResolvedSpec {
+        let action = schedule.and_then(|s| s.spec.verify.as_ref());
+        let mut spec = ResolvedSpec {
+            // Default: what the Schedule backs up.
+            selector: self.spec.selector.clone().or_else(|| {
+                action.and_then(|v| v.selector.clone()).or_else(|| {
+                    schedule
+                        .and_then(|s| s.spec.backup.as_ref())
+                        .and_then(|b| b.selector.clone())
+                })
+            }),
+            sample_bytes: self
+                .spec
+                .sample_bytes
+                .clone()
+                .or_else(|| action.and_then(|v| v.sample_bytes.clone())),
+            ..backend_of(self.spec.backend.as_ref(), schedule)
+        };
+        // A drill reads an existing repository; a missing one is a mistake, never a new start.
+        spec.backend.initialize = Some(false);
+        spec
+    }
+    fn backend(&self) -> Option<&BackendSpec> {
+        self.spec.backend.as_ref()
+    }
+    fn schedule_ref(&self) -> Option<&ScheduleRef> {
+        self.spec.schedule_ref.as_ref()
+    }
+    const ACTION: &'static str = "verify";
     fn run_status(&self) -> Option<&RunStatus> {
         self.status.as_ref()
     }

@@ -127,6 +127,12 @@ pub struct Config {
     #[arg(long, env = "STOWAGE_CACHE_MAX_SIZE_MIB", default_value_t = 0)]
     pub cache_max_size_mib: u64,
 
+    /// Verification drills restore into scratch space under --cache-dir; they never leave less than
+    /// this share of its filesystem free (the kubelet's default eviction threshold is 10% of the
+    /// node's filesystem). A drill that does not fit fails with a sentence saying so.
+    #[arg(long, env = "STOWAGE_VERIFY_KEEP_FREE_PERCENT", default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub verify_keep_free_percent: u8,
+
     /// How often the caches are swept (and `stowage_agent_cache_bytes` measured).
     #[arg(long, env = "STOWAGE_CACHE_SWEEP_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     pub cache_sweep_interval: Duration,

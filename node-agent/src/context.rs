@@ -42,6 +42,8 @@ pub struct AgentContext {
     pub kube: Option<kube::Client>,
     /// Restore staging directories in use, which recovery passes leave alone.
     pub staging: crate::staging::Active,
+    /// What drills leave free of the cache filesystem, in percent (`--verify-keep-free-percent`).
+    pub verify_keep_free_percent: u8,
 }
 
 /// A volume identity within one repository.

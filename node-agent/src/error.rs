@@ -95,6 +95,13 @@ pub enum AgentError {
     },
     #[error("the request was cancelled")]
     Cancelled,
+    /// A drill that resolved its snapshot and then failed: what failed, naming the snapshot.
+    #[error("snapshot {snapshot} (taken {time}) did not come back: {message}")]
+    DrillFailed {
+        snapshot: String,
+        time: String,
+        message: String,
+    },
 }
 
 /// gRPC metadata of a failed command's error: its exit status.
@@ -128,7 +135,8 @@ impl From<AgentError> for Status {
             | AgentError::RestoreTargetNotMounted { .. }
             | AgentError::VolumeBusy { .. }
             | AgentError::IncludeNotInSnapshot { .. }
-            | AgentError::NoSpace { .. } => Code::FailedPrecondition,
+            | AgentError::NoSpace { .. }
+            | AgentError::DrillFailed { .. } => Code::FailedPrecondition,
             AgentError::ShuttingDown => Code::Unavailable,
             AgentError::Cancelled => Code::Cancelled,
             AgentError::Restic(r) => match r {

@@ -50,3 +50,5 @@ pub mod server;
 pub mod service;
 pub mod staging;
 pub mod tls_listener;
+pub mod verify;
+pub mod verify_sample;

@@ -8,12 +8,16 @@
 //! its share wait in their own queue, never in front of another namespace's in the node's. So one
 //! tenant (two restore commands that sleep for an hour, a run of a thousand volumes) never holds
 //! every slot of a node.
+//!
+//! Verification drills ([`crate::verify`]) rank below everything else: they acquire without
+//! announcing themselves, and whenever another request has to queue, [`Limiter::outranked`] wakes
+//! the drills running, which give their slots up and queue again behind it.
 
 use std::sync::Arc;
 
 use stowage_common::shares::NamespaceShares;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::{GaugeGuard, Metrics};
 
@@ -29,6 +33,10 @@ pub struct Limiter {
     shares: Arc<NamespaceShares>,
     budget: Option<Arc<Budget>>,
     metrics: Metrics,
+    /// Notified when a request that outranks drills starts to queue.
+    outranked: Arc<Notify>,
+    /// Requests that outrank drills, queued now.
+    outranking: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A running operation's place (and its share of the memory budget); freed on drop.
@@ -66,7 +74,20 @@ impl Limiter {
             )),
             budget,
             metrics,
+            outranked: Arc::new(Notify::new()),
+            outranking: Arc::default(),
         }
+    }
+
+    /// Whether a request that outranks drills is queued now: a drill that just got a slot gives it
+    /// back (it may have been queued first).
+    pub fn outranked_now(&self) -> bool {
+        self.outranking.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+
+    /// What a running drill listens to: it is notified when another request starts to queue.
+    pub fn outranked(&self) -> Arc<Notify> {
+        Arc::clone(&self.outranked)
     }
 
     /// What an operation estimated at `need_mib` reserves: all of it, but never more than the whole
@@ -112,6 +133,22 @@ impl Limiter {
     /// the empty one), then for a slot and for `need_mib` of the memory budget; `None` once the
     /// agent is shutting down. Cancel-safe: dropping the future leaves the queues.
     pub async fn acquire(&self, namespace: &str, need_mib: u64) -> Option<Slot> {
+        use std::sync::atomic::Ordering;
+        if self.would_wait(namespace, need_mib).is_none() {
+            return self.acquire_quietly(namespace, need_mib).await;
+        }
+        // Drills holding what this request waits for give it up (see the module's comment).
+        self.outranking.fetch_add(1, Ordering::SeqCst);
+        let counted = scopeguard(&self.outranking);
+        self.outranked.notify_waiters();
+        let slot = self.acquire_quietly(namespace, need_mib).await;
+        drop(counted);
+        slot
+    }
+
+    /// [`Limiter::acquire`] for a drill: it queues like any request but makes no running drill
+    /// yield.
+    pub async fn acquire_quietly(&self, namespace: &str, need_mib: u64) -> Option<Slot> {
         let queued = GaugeGuard::new(&self.metrics.queued);
         let share = self.shares.acquire(namespace).await?;
         let permit = Arc::clone(&self.slots).acquire_owned().await.ok()?;
@@ -143,10 +180,63 @@ impl Limiter {
     }
 }
 
+/// Takes one off `n` when dropped (a queued request that got its slot, or was cancelled).
+fn scopeguard(n: &Arc<std::sync::atomic::AtomicUsize>) -> impl Drop + use<> {
+    struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    Counted(Arc::clone(n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_request_that_queues_wakes_the_drills_and_a_drill_that_queues_does_not() {
+        let m = Metrics::new("n", "0.19.1").unwrap();
+        let l = Limiter::new(1, 1, 0, m);
+        let outranked = l.outranked();
+        let drill = l.acquire_quietly("a", 1).await.unwrap();
+        // Another drill queues: the running one is not disturbed.
+        let notified = outranked.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let l2 = l.clone();
+        let second_drill = tokio::spawn(async move { l2.acquire_quietly("b", 1).await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), notified.as_mut())
+                .await
+                .is_err()
+        );
+        assert!(!l.outranked_now());
+        // A backup queues: the drill is told and gives its slot up. The drill queued before the
+        // backup gets it, sees that a backup waits, and gives it up too.
+        let l3 = l.clone();
+        let backup = tokio::spawn(async move { l3.acquire("a", 1).await });
+        tokio::time::timeout(Duration::from_secs(2), notified)
+            .await
+            .unwrap();
+        assert!(l.outranked_now());
+        drop(drill);
+        let second = tokio::time::timeout(Duration::from_secs(2), second_drill)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(l.outranked_now());
+        drop(second);
+        let _b = tokio::time::timeout(Duration::from_secs(2), backup)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(!l.outranked_now());
+    }
 
     #[tokio::test]
     async fn never_more_than_max_and_queue_is_counted() {

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub hook_runs: IntCounterVec,
     pub hook_duration: HistogramVec,
     pub stream_bytes: IntCounter,
+    /// Verification drills finished on this node, by result, and the bytes they read back.
+    pub verifies: IntCounterVec,
+    pub verify_bytes: IntCounter,
     pub ready: Arc<AtomicBool>,
 }
 
@@ -209,6 +212,22 @@ impl Metrics {
         registry.register(Box::new(hook_runs.clone()))?;
         registry.register(Box::new(hook_duration.clone()))?;
         registry.register(Box::new(stream_bytes.clone()))?;
+        let verifies = IntCounterVec::new(
+            Opts::new(
+                "stowage_agent_verifies_total",
+                "Verification drills (one identity each) finished on this node, by result.",
+            ),
+            &["result"],
+        )?;
+        let verify_bytes = IntCounter::new(
+            "stowage_agent_verify_bytes_total",
+            "Bytes drills on this node restored and verified (or hashed, for backup commands).",
+        )?;
+        for r in RESTORE_RESULTS {
+            verifies.with_label_values(&[r]);
+        }
+        registry.register(Box::new(verifies.clone()))?;
+        registry.register(Box::new(verify_bytes.clone()))?;
         registry.register(Box::new(info))?;
         Ok(Self {
             registry,
@@ -232,6 +251,8 @@ impl Metrics {
             hook_runs,
             hook_duration,
             stream_bytes,
+            verifies,
+            verify_bytes,
             ready: Arc::new(AtomicBool::new(false)),
         })
     }

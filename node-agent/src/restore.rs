@@ -345,7 +345,7 @@ fn outermost(mut paths: Vec<Vec<String>>) -> Vec<Vec<String>> {
 }
 
 /// A literal path as a restic filter pattern (`*`, `?`, `[` and `\` are special there).
-fn escape_glob(path: &str) -> String {
+pub(crate) fn escape_glob(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     for c in path.chars() {
         if matches!(c, '*' | '?' | '[' | '\\') {
@@ -363,7 +363,7 @@ fn free_bytes(dir: &std::os::fd::OwnedFd) -> std::io::Result<u64> {
     Ok(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut unit = 0;

@@ -10,7 +10,7 @@ use stowage_proto::v1::{
     HookRequest, HookResult, InspectRequest, InspectResponse, ListVolumesRequest,
     ListVolumesResponse, MaintenanceEvent, Progress, PruneRequest, RestoreCommandRequest,
     RestoreEvent, RestoreRequest, RestoreResult, Snapshot, SnapshotsRequest, SnapshotsResponse,
-    Volume, VolumeRef, backup_event, restore_event,
+    VerifyEvent, VerifyRequest, Volume, VolumeRef, backup_event, restore_event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,7 +24,7 @@ use crate::identity::CommandIdentity;
 use crate::identity::{Identity, TAG_NAMESPACE, TAG_POD, TAG_PVC};
 use crate::maintenance::{self, MaintenancePlan};
 use crate::memory::Operation;
-use crate::{backup, command, hook, inspect, repository, restore, restore_command};
+use crate::{backup, command, hook, inspect, repository, restore, restore_command, verify};
 
 pub struct AgentService {
     ctx: Arc<AgentContext>,
@@ -321,6 +321,38 @@ impl Agent for AgentService {
                 restore_command::execute(&ctx, plan, progress, cancel).await
             },
         )
+    }
+
+    type VerifyStream = ReceiverStream<Result<VerifyEvent, Status>>;
+
+    async fn verify(
+        &self,
+        req: Request<VerifyRequest>,
+    ) -> Result<Response<Self::VerifyStream>, Status> {
+        let plan = verify::plan(&self.ctx, req.into_inner()).inspect_err(|_| {
+            self.ctx
+                .metrics
+                .verifies
+                .with_label_values(&["failed"])
+                .inc();
+        })?;
+        let stream = self.stream(
+            verify::progress_event,
+            verify::result_event,
+            move |ctx, progress, cancel| async move {
+                let r = verify::execute(&ctx, plan, progress, cancel).await;
+                ctx.metrics
+                    .verifies
+                    .with_label_values(&[result_label(&r, false)])
+                    .inc();
+                match &r {
+                    Ok(v) => ctx.metrics.verify_bytes.inc_by(v.bytes),
+                    Err(e) => tracing::warn!(error = %e, "drill failed"),
+                }
+                r
+            },
+        );
+        Ok(Response::new(stream))
     }
 
     async fn snapshots(

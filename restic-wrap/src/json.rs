@@ -130,6 +130,27 @@ pub struct ExitError {
     pub message: String,
 }
 
+/// A line of `restic ls --json`: the snapshot first (`struct_type` "snapshot"), then one node per
+/// entry, depth first, each directory's entries sorted by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct LsNode {
+    pub struct_type: String,
+    pub name: String,
+    /// `file`, `dir`, `symlink`, `dev`, `chardev`, `fifo`, `socket`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Absolute inside the snapshot (`/dir/file`).
+    pub path: String,
+    pub size: u64,
+}
+
+impl LsNode {
+    pub fn is_file(&self) -> bool {
+        self.struct_type == "node" && self.kind == "file"
+    }
+}
+
 /// An element of `restic snapshots --json`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]

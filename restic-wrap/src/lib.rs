@@ -24,4 +24,4 @@ pub use lock::{LockInfo, LockObserver, LockPolicy};
 pub use repository::{Backend, Repository};
 pub use restic::Restic;
 pub use sandbox::Sandbox;
-pub use stream::{BackupEvent, BackupRun, Limits, PreviewRun, RestoreRun};
+pub use stream::{BackupEvent, BackupRun, Limits, LsRun, PreviewRun, RestoreRun};

@@ -161,6 +161,8 @@ pub struct RestoreOptions {
     pub target: PathBuf,
     /// Absolute paths inside the snapshot ("/db/base").
     pub includes: Vec<String>,
+    /// Files of include patterns, one per line (`--include-file`): for includes too many for argv.
+    pub include_files: Vec<PathBuf>,
     pub excludes: Vec<String>,
     pub verify: bool,
     /// Write runs of zeros as holes (`--sparse`), so sparse files stay sparse.
@@ -177,6 +179,10 @@ impl Subcommand for RestoreOptions {
         let mut a: Vec<OsString> = vec!["restore".into(), "--json".into(), "--target".into()];
         a.push(self.target.clone().into_os_string());
         push_each(&mut a, "--include", &self.includes);
+        for f in &self.include_files {
+            a.push("--include-file".into());
+            a.push(f.clone().into_os_string());
+        }
         push_each(&mut a, "--exclude", &self.excludes);
         if self.verify {
             a.push("--verify".into());
@@ -212,6 +218,23 @@ impl Subcommand for DumpOptions {
             "--".into(),
             (&self.snapshot).into(),
             (&self.path).into(),
+        ]
+    }
+}
+
+/// `restic ls --json <snapshot>`: the snapshot's entries, one JSON line each, in tree order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LsOptions {
+    pub snapshot: String,
+}
+
+impl Subcommand for LsOptions {
+    fn args(&self) -> Vec<OsString> {
+        vec![
+            "ls".into(),
+            "--json".into(),
+            "--".into(),
+            (&self.snapshot).into(),
         ]
     }
 }

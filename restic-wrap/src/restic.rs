@@ -15,13 +15,13 @@ use crate::json::{ForgetGroup, LockFile, Snapshot, Stats};
 use crate::lock::{LockInfo, LockObserver, LockPolicy, NoopObserver};
 use crate::options::{
     BackupOptions, CatConfigOptions, CatLockOptions, CheckOptions, DumpOptions, ForgetIdsOptions,
-    ForgetOptions, GlobalOptions, InitOptions, ListLocksOptions, PruneOptions, RestoreOptions,
-    SnapshotsOptions, StatsOptions, Subcommand, TagOptions, UnlockOptions,
+    ForgetOptions, GlobalOptions, InitOptions, ListLocksOptions, LsOptions, PruneOptions,
+    RestoreOptions, SnapshotsOptions, StatsOptions, Subcommand, TagOptions, UnlockOptions,
 };
 use crate::process::ResticProcess;
 use crate::repository::Repository;
 use crate::sandbox::Sandbox;
-use crate::stream::{BackupRun, DumpRun, Limits, PreviewRun, RestoreRun, StreamRun};
+use crate::stream::{BackupRun, DumpRun, Limits, LsRun, PreviewRun, RestoreRun, StreamRun};
 
 /// The oldest restic we support: 0.17 brought documented exit codes, `--stdin-from-command`,
 /// restore JSON progress and the REST credential variables.
@@ -405,6 +405,14 @@ impl Restic {
         let spec = self.spec(opts, None);
         let process = ResticProcess::spawn(&spec, false)?;
         Ok(DumpRun::new(process, self.repository.location()))
+    }
+
+    /// Starts `restic ls --json`: the snapshot's entries on [`LsRun::next_node`]. The caller bounds
+    /// it and may stop early (dropping the run stops restic).
+    pub fn ls(&self, opts: &LsOptions) -> Result<LsRun> {
+        let spec = self.spec(opts, None);
+        let process = ResticProcess::spawn(&spec, false)?;
+        Ok(LsRun::new(process, self.repository.location()))
     }
 
     pub async fn forget(&self, opts: &ForgetOptions) -> Result<Vec<ForgetGroup>> {

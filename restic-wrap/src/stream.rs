@@ -47,6 +47,46 @@ impl DumpRun {
     }
 }
 
+/// A running `restic ls --json`: its nodes, as they come.
+pub struct LsRun {
+    process: ResticProcess,
+    location: String,
+}
+
+impl LsRun {
+    pub(crate) fn new(process: ResticProcess, location: String) -> Self {
+        Self { process, location }
+    }
+
+    /// The next entry (the snapshot's own line is skipped), or `None` at the end of the listing.
+    pub async fn next_node(&mut self) -> Result<Option<crate::json::LsNode>> {
+        while let Some(line) = self.process.next_line().await? {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let node: crate::json::LsNode =
+                serde_json::from_str(&line).map_err(|source| Error::Json {
+                    subcommand: "ls".into(),
+                    source,
+                })?;
+            if node.struct_type == "node" {
+                return Ok(Some(node));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Waits for restic's exit after the listing ended; a non-zero exit is an error.
+    pub async fn finish(self) -> Result<()> {
+        let (code, stderr) = self.process.wait().await?;
+        if code == 0 {
+            Ok(())
+        } else {
+            Err(Error::from_exit("ls", code, &stderr.tail, &self.location))
+        }
+    }
+}
+
 /// How long restic may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

@@ -31,6 +31,9 @@ pub struct AgentOptions {
     /// The gRPC port (default: a free one).
     pub grpc_port: Option<u16>,
     pub extra_args: Vec<String>,
+    /// `--verify-keep-free-percent`: 1 here, where the test machine's disk is over 90% full (the
+    /// agent's default, 10, would refuse every drill); a test of the bound sets its own.
+    pub verify_keep_free_percent: u8,
     /// The agent's API access (`KUBECONFIG`): none by default, so commands cannot run.
     pub kubeconfig: Option<PathBuf>,
 }
@@ -51,6 +54,7 @@ impl AgentOptions {
                 .collect(),
             grpc_port: None,
             extra_args: Vec::new(),
+            verify_keep_free_percent: 1,
             kubeconfig: None,
         }
     }
@@ -109,6 +113,8 @@ impl Agent {
                     .iter()
                     .flat_map(|r| ["--local-repository-root".as_ref(), r.as_os_str()]),
             )
+            .arg("--verify-keep-free-percent")
+            .arg(opts.verify_keep_free_percent.to_string())
             .args(&opts.extra_args)
             .envs(
                 opts.kubeconfig
@@ -258,6 +264,16 @@ impl StreamEvent for RestoreEvent {
     }
 }
 
+impl StreamEvent for v1::VerifyEvent {
+    type Result = v1::VerifyResult;
+    fn split(self) -> Option<Result<Progress, v1::VerifyResult>> {
+        match self.event? {
+            v1::verify_event::Event::Progress(p) => Some(Ok(p)),
+            v1::verify_event::Event::Result(r) => Some(Err(r)),
+        }
+    }
+}
+
 /// Reads a streamed call to its end (the call's own error counts as the result).
 pub async fn drive<E: StreamEvent>(
     call: Result<tonic::Response<tonic::Streaming<E>>, tonic::Status>,
@@ -314,6 +330,14 @@ pub async fn restore(
     req: RestoreRequest,
 ) -> Outcome<RestoreResult> {
     drive(client.restore(req).await).await
+}
+
+/// Runs a Verify call (a drill) to its end.
+pub async fn verify(
+    client: &mut AgentClient<Channel>,
+    req: v1::VerifyRequest,
+) -> Outcome<v1::VerifyResult> {
+    drive(client.verify(req).await).await
 }
 
 /// A local repository description.

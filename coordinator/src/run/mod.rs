@@ -9,6 +9,7 @@ pub mod hooks;
 pub mod maintenance;
 pub mod restore;
 pub mod status;
+pub mod verify;
 pub mod volume;
 
 use std::sync::Arc;

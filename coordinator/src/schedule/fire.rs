@@ -13,7 +13,10 @@ use super::rfc3339;
 use crate::conditions::Finding;
 use crate::context::Ctx;
 use crate::runs::{LABEL_ACTION, LABEL_SCHEDULE, RunObject, is_terminal, never_succeeded};
-use stowage_api::{Backup, BackupSpec, Check, CheckSpec, Prune, PruneSpec, Schedule, ScheduleRef};
+use stowage_api::{
+    Backup, BackupSpec, Check, CheckSpec, Prune, PruneSpec, Schedule, ScheduleRef, Verify,
+    VerifySpec,
+};
 
 /// `<schedule>-<action>-<yyyymmddhhmm>`: one object per fire time, so a repeated attempt to create
 /// it (after a restart) finds it instead of making a second run. A long Schedule name is shortened
@@ -96,6 +99,19 @@ pub(super) async fn fire(
                 dry_run: false,
             };
             create_run(ctx, s, at, Prune::new("", spec)).await
+        }
+        "verify" => {
+            let v = s.spec.verify.clone().unwrap_or_default();
+            let spec = VerifySpec {
+                backend: Some(backend),
+                schedule_ref,
+                // Default: what the Schedule backs up.
+                selector: v
+                    .selector
+                    .or_else(|| s.spec.backup.as_ref().and_then(|b| b.selector.clone())),
+                sample_bytes: v.sample_bytes,
+            };
+            create_run(ctx, s, at, Verify::new("", spec)).await
         }
         _ => Ok(()),
     }

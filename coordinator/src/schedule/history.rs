@@ -8,7 +8,7 @@ use kube::{Api, ResourceExt};
 use super::fire::runs_of;
 use crate::context::Ctx;
 use crate::runs::{RunObject, is_terminal};
-use stowage_api::{Check, Prune, RepositoryFigures, RunPhase, Schedule};
+use stowage_api::{Check, ItemStatus, Prune, RepositoryFigures, RunPhase, Schedule, Verify};
 
 /// Deletes finished runs beyond `keep` (newest kept); returns the newest Succeeded completion time.
 pub(super) async fn prune_history<K: RunObject>(
@@ -79,6 +79,49 @@ pub(super) fn last_check_verdict(ctx: &Ctx, s: &Schedule) -> Option<CheckVerdict
             })
         })
         .max_by(|a, b| a.completed.cmp(&b.completed))
+}
+
+/// What the newest Verify that ran drills found, and, per identity, the completion time of its
+/// newest successful drill among the kept runs (what `stowage_volume_last_verified_timestamp_seconds`
+/// says, also after a coordinator restart).
+pub(super) struct VerifyHistory {
+    pub newest: Option<CheckVerdict>,
+    pub verified: Vec<(ItemStatus, String)>,
+}
+
+pub(super) fn verify_history(ctx: &Ctx, s: &Schedule) -> VerifyHistory {
+    let runs = runs_of::<Verify>(ctx, s);
+    let mut verified = Vec::new();
+    let mut newest: Option<CheckVerdict> = None;
+    for r in &runs {
+        let Some(st) = r.status.as_ref() else {
+            continue;
+        };
+        let (Some(phase), Some(done)) = (st.phase, st.completion_time.clone()) else {
+            continue;
+        };
+        for i in st.items.iter().filter(|i| i.phase == RunPhase::Succeeded) {
+            verified.push((i.clone(), done.clone()));
+        }
+        // A run that drilled nothing (bad input, no agent) says nothing about the snapshots.
+        if st.items.is_empty() || !is_terminal(Some(phase)) {
+            continue;
+        }
+        let message = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == crate::conditions::SUCCEEDED)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        if newest.as_ref().is_none_or(|n| n.completed < done) {
+            newest = Some(CheckVerdict {
+                healthy: phase == RunPhase::Succeeded,
+                message: format!("Verify {}: {message}", r.name_any()),
+                completed: done,
+            });
+        }
+    }
+    VerifyHistory { newest, verified }
 }
 
 /// The repository's figures from the newest Check or Prune that reported them.

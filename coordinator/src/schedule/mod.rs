@@ -23,17 +23,18 @@ use kube::{Api, ResourceExt};
 use crate::conditions::{self, Finding};
 use crate::context::Ctx;
 use crate::firing::due;
-use stowage_api::{ActionTimes, Backup, Check, Prune, Schedule};
+use stowage_api::{ActionTimes, Backup, Check, Prune, Schedule, Verify};
 
 pub use fire::run_name;
 
-pub const ACTIONS: [&str; 3] = ["backup", "check", "prune"];
+pub const ACTIONS: [&str; 4] = ["backup", "check", "prune", "verify"];
 
 fn slot<'a>(t: &'a mut ActionTimes, action: &str) -> Option<&'a mut Option<String>> {
     match action {
         "backup" => Some(&mut t.backup),
         "check" => Some(&mut t.check),
         "prune" => Some(&mut t.prune),
+        "verify" => Some(&mut t.verify),
         _ => None,
     }
 }
@@ -47,6 +48,7 @@ pub(crate) fn expression<'a>(s: &'a Schedule, action: &str) -> Option<&'a str> {
         "backup" => s.spec.backup.as_ref().map(|a| a.schedule.as_str()),
         "check" => s.spec.check.as_ref().map(|a| a.schedule.as_str()),
         "prune" => s.spec.prune.as_ref().map(|a| a.schedule.as_str()),
+        "verify" => s.spec.verify.as_ref().map(|a| a.schedule.as_str()),
         _ => None,
     }
 }
@@ -216,6 +218,8 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<Ctx>) -> Result<Action, kube::
     }
     history::prune_history::<Check>(&ctx, &s, keep).await?;
     history::prune_history::<Prune>(&ctx, &s, keep).await?;
+    history::prune_history::<Verify>(&ctx, &s, keep).await?;
+    verification(&ctx, &s, &mut status, generation).await;
     // The repository's size, from the newest Check, Prune or look between runs.
     let between_runs = ctx.inspector.figures(&ns, &name);
     let newest = history::last_figures(&ctx, &s)
@@ -309,6 +313,62 @@ fn sharing_namespaces(s: &Schedule, all: &[Arc<Schedule>]) -> Vec<String> {
     others.sort();
     others.dedup();
     others
+}
+
+/// The `Verified` condition from the newest Verify that ran drills (loud when it failed), and the
+/// last-verified metrics from the kept runs; series of PVCs that no longer exist are removed.
+async fn verification(
+    ctx: &Ctx,
+    s: &Schedule,
+    status: &mut stowage_api::ScheduleStatus,
+    generation: Option<i64>,
+) {
+    let ns = s.namespace().unwrap_or_default();
+    let h = history::verify_history(ctx, s);
+    for (item, done) in &h.verified {
+        let Ok(t) = DateTime::parse_from_rfc3339(done) else {
+            continue;
+        };
+        let at = t.timestamp() as f64;
+        match &item.command {
+            None => ctx.metrics.verified(&item.namespace, &item.pvc, None, at),
+            Some(c) => ctx
+                .metrics
+                .verified(&item.namespace, &c.owner, Some(&c.container), at),
+        }
+    }
+    let live = ctx
+        .stores
+        .pvcs
+        .in_namespace(&ns)
+        .iter()
+        .map(|p| (p.name.clone(), String::new()))
+        .collect();
+    ctx.metrics.forget_verified_except(&ns, &live);
+    let Some(v) = h.newest else {
+        return;
+    };
+    ctx.metrics
+        .verify_success
+        .with_label_values(&[ns.as_str(), s.name_any().as_str()])
+        .set(if v.healthy { 1.0 } else { 0.0 });
+    let reason = if v.healthy {
+        "Verified"
+    } else {
+        "VerifyFailed"
+    };
+    let finding = Finding::new(reason, v.message);
+    if conditions::set(
+        &mut status.conditions,
+        conditions::VERIFIED,
+        v.healthy,
+        reason,
+        &crate::errors::bounded(&finding.message, crate::errors::CONDITION_MESSAGE_MAX),
+        generation,
+    ) && !v.healthy
+    {
+        ctx.notifier.warn(s, "Verify", &finding).await;
+    }
 }
 
 #[cfg(test)]

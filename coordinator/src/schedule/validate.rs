@@ -33,11 +33,28 @@ pub(super) async fn validate(
             }
         }
     }
-    if s.spec.backup.is_none() && s.spec.check.is_none() && s.spec.prune.is_none() {
+    if s.spec.backup.is_none()
+        && s.spec.check.is_none()
+        && s.spec.prune.is_none()
+        && s.spec.verify.is_none()
+    {
         problems.push(Finding::new(
             "NothingScheduled",
-            "spec: set at least one of backup, check, prune",
+            "spec: set at least one of backup, check, prune, verify",
         ));
+    }
+    if let Some(v) = &s.spec.verify {
+        if let Some(b) = v.sample_bytes.as_deref()
+            && let Err(f) = restic_fields::sample_bytes(b, "spec.verify.sampleBytes")
+        {
+            problems.push(f);
+        }
+        if let Err(e) = selector_matches(v.selector.as_ref(), &BTreeMap::new()) {
+            problems.push(Finding::new(
+                "InvalidSelector",
+                format!("spec.verify.{}: {}", e.field, e.reason),
+            ));
+        }
     }
     if let Some(p) = &s.spec.prune {
         if p.retention == Retention::default() {

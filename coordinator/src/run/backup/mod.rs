@@ -7,7 +7,7 @@
 //! [`select`] finds the work (volumes, backup commands, PreBackupPods); this module runs it and
 //! judges the outcome.
 
-mod select;
+pub(crate) mod select;
 
 pub(crate) use select::command_timeout;
 use select::{Work, select};

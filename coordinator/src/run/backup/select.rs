@@ -18,7 +18,7 @@ use stowage_api::contract::{
 use stowage_api::{ItemStatus, PreBackupPod, RunPhase};
 
 /// One item of work a run found.
-pub(super) enum Work {
+pub(crate) enum Work {
     Volume {
         namespace: String,
         pvc: String,
@@ -35,7 +35,7 @@ pub(super) enum Work {
 
 impl Work {
     /// The item as planned (Pending), or as failed.
-    pub(super) fn item(&self) -> ItemStatus {
+    pub(crate) fn item(&self) -> ItemStatus {
         match self {
             Work::Volume { namespace, pvc, .. } => ItemStatus {
                 namespace: namespace.clone(),
@@ -55,7 +55,7 @@ impl Work {
 }
 
 /// What to back up, or why nothing can be.
-pub(super) fn select(
+pub(crate) fn select(
     ctx: &Ctx,
     run_id: &str,
     namespace: &str,
