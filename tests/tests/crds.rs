@@ -24,7 +24,8 @@ async fn chart_crds_are_accepted_and_validate_objects() {
             "prebackuppods.stowage.dev",
             "prunes.stowage.dev",
             "restores.stowage.dev",
-            "schedules.stowage.dev"
+            "schedules.stowage.dev",
+            "verifies.stowage.dev"
         ]
     );
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
