@@ -546,22 +546,30 @@ async fn restore_and_verify(
         context: "counting the restored files".into(),
         source: std::io::Error::other(e),
     })??;
+    // What restic recorded when it took the snapshot (snapshots of restic before 0.17 record no
+    // summary: then restic's own verification is the whole check).
     let (expected_files, expected_bytes) = match partial_sample {
-        Some(s) => (Some(s.files.len() as u64), s.bytes),
-        None => (None, needed),
+        Some(s) => (Some(s.files.len() as u64), Some(s.bytes)),
+        None => (
+            None,
+            snapshot.summary.as_ref().map(|s| s.total_bytes_processed),
+        ),
     };
-    if stats.bytes != expected_bytes || expected_files.is_some_and(|f| f != stats.files) {
+    if expected_bytes.is_some_and(|b| b != stats.bytes)
+        || expected_files.is_some_and(|f| f != stats.files)
+    {
         return Err(AgentError::InvalidArgument(format!(
             "snapshot {} came back incomplete: {} file(s) and {} restored where {}{} were expected",
             snapshot.short_id,
             stats.files,
             human(stats.bytes),
             expected_files.map_or(String::new(), |f| format!("{f} file(s) and ")),
-            human(expected_bytes)
+            human(expected_bytes.unwrap_or_default())
         )));
     }
     let scratch_dir = scratch.dir.display().to_string();
-    drop(scratch);
+    // Removing a large tree is blocking work.
+    let _ = tokio::task::spawn_blocking(move || drop(scratch)).await;
     let sample = match &sample {
         Some(s) => VerifySample {
             complete: s.complete,

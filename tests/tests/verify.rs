@@ -311,3 +311,54 @@ async fn a_bad_sample_bound_fails_the_run_naming_the_field() {
         "{m}"
     );
 }
+
+/// Two hand-made drills with a 1 MiB sample of an 8-file volume: each reads two files, and the second
+/// starts where the first ended (the coordinator finds the first run's window), so they read
+/// different files.
+#[tokio::test]
+async fn a_sampled_drill_moves_on_from_where_the_previous_run_ended() {
+    let env = TestEnv::new("verify-sample").await;
+    let dir = env.volume("app-0", "data", "node-2", &[]);
+    for i in 0..8 {
+        fstree::write_random(&dir.join(format!("f{i}")), 512 << 10, 70 + i);
+    }
+    let _c = env.coordinator().await;
+    let b = env
+        .run::<Backup>(
+            "first",
+            serde_json::json!({"backend": env.local_backend()}),
+            Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
+    let mut windows = Vec::new();
+    for name in ["sample-1", "sample-2"] {
+        let v = env
+            .run::<Verify>(
+                name,
+                serde_json::json!({"backend": env.local_backend(), "sampleBytes": "1Mi"}),
+                Duration::from_secs(120),
+            )
+            .await;
+        assert_eq!(v["status"]["phase"], "Succeeded", "{v:#}");
+        let ver = item(&v, "data")["verification"].clone();
+        assert_eq!(ver["files"], 2, "{ver:#}");
+        assert_eq!(ver["bytes"], 1 << 20, "{ver:#}");
+        assert_eq!(ver["complete"], false, "{ver:#}");
+        assert_eq!(ver["snapshotFiles"], 8, "{ver:#}");
+        windows.push((
+            ver["first"].as_str().unwrap_or_default().to_string(),
+            ver["last"].as_str().unwrap_or_default().to_string(),
+        ));
+    }
+    assert_eq!(
+        windows[0],
+        ("/f0".to_string(), "/f1".to_string()),
+        "{windows:?}"
+    );
+    assert_eq!(
+        windows[1],
+        ("/f2".to_string(), "/f3".to_string()),
+        "{windows:?}"
+    );
+}

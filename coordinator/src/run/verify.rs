@@ -15,6 +15,7 @@ use kube::ResourceExt;
 use stowage_proto::v1::{self as pb, VerifyRequest, verify_request};
 
 use super::backup::select::{Work, select};
+use super::backup::{MAX_RUN_ITEMS, TOO_MANY_ITEMS};
 use super::status::StatusHandle;
 use super::{Begun, Origin, begin, run_id};
 use crate::conditions::Finding;
@@ -204,6 +205,16 @@ pub async fn execute(ctx: Arc<Ctx>, run: Arc<Verify>) -> Result<(), kube::Error>
     let mut drills: BTreeMap<(String, String), Drill> = BTreeMap::new();
     for d in works.iter().filter_map(Drill::of) {
         drills.entry(d.key()).or_insert(d);
+    }
+    if drills.len() > MAX_RUN_ITEMS {
+        let f = Finding::new(
+            TOO_MANY_ITEMS,
+            format!(
+                "{selector_field}: the run would drill {} volumes and commands, and a run holds at most {MAX_RUN_ITEMS} (its status must fit in one object); split namespace {namespace} between Schedules with selectors",
+                drills.len()
+            ),
+        );
+        return fail(&ctx, &run, begun, &f).await;
     }
     let nodes = ctx.agents.ready_nodes();
     if nodes.is_empty() {
