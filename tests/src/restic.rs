@@ -3,6 +3,27 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Damages the largest pack file of local repository `repo` as a failing disk would (64 bytes in its
+/// middle flipped); returns the pack and its original bytes, to repair it afterwards.
+pub fn damage_largest_pack(repo: &Path) -> (PathBuf, Vec<u8>) {
+    let mut packs: Vec<(u64, PathBuf)> = std::fs::read_dir(repo.join("data"))
+        .expect("data dir")
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .map(|f| (f.metadata().map(|m| m.len()).unwrap_or(0), f.path()))
+        .collect();
+    packs.sort();
+    let pack = packs.pop().expect("a pack").1;
+    let original = std::fs::read(&pack).expect("read pack");
+    let mut damaged = original.clone();
+    let mid = damaged.len() / 2;
+    for b in &mut damaged[mid..mid + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&pack, &damaged).expect("damage pack");
+    (pack, original)
+}
+
 pub fn binary() -> PathBuf {
     std::env::var_os("STOWAGE_TEST_RESTIC").map_or_else(|| PathBuf::from("restic"), PathBuf::from)
 }

@@ -31,18 +31,6 @@ async fn setup(prefix: &str) -> (&'static Cluster, kube::Client, String, PathBuf
     (cluster, client, ns, repo)
 }
 
-/// The largest pack file of a local repository.
-fn largest_pack(repo: &Path) -> PathBuf {
-    let mut packs: Vec<(u64, PathBuf)> = std::fs::read_dir(repo.join("data"))
-        .expect("data dir")
-        .flatten()
-        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
-        .map(|f| (f.metadata().map(|m| m.len()).unwrap_or(0), f.path()))
-        .collect();
-    packs.sort();
-    packs.pop().expect("a pack").1
-}
-
 /// Creates a Check owned by Schedule `schedule` (as a fired run is) and waits for it.
 async fn owned_check(
     client: &kube::Client,
@@ -104,14 +92,7 @@ async fn a_failing_check_is_loud_and_a_passing_one_clears_it() {
     assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
 
     // Damage one pack (as a failing disk would); keep the original to repair it afterwards.
-    let pack = largest_pack(&repo);
-    let original = std::fs::read(&pack).expect("read pack");
-    let mut damaged = original.clone();
-    let mid = damaged.len() / 2;
-    for b in &mut damaged[mid..mid + 64] {
-        *b ^= 0xff;
-    }
-    std::fs::write(&pack, &damaged).expect("damage pack");
+    let (pack, original) = stowage_tests::restic::damage_largest_pack(&repo);
 
     let failed = owned_check(&client, &ns, "nightly", "check-damaged").await;
     assert_eq!(failed["status"]["phase"], "Failed", "{failed:#}");

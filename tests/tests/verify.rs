@@ -5,7 +5,6 @@
 //! Length: one suite, one file; each test is a scenario against the shared cluster.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -17,18 +16,6 @@ use stowage_tests::env::TestEnv;
 use stowage_tests::fstree;
 
 const DUMP: &str = "printf 'the dump of app0\\n'";
-
-/// The largest pack file of a local repository.
-fn largest_pack(repo: &Path) -> PathBuf {
-    let mut packs: Vec<(u64, PathBuf)> = std::fs::read_dir(repo.join("data"))
-        .expect("data dir")
-        .flatten()
-        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
-        .map(|f| (f.metadata().map(|m| m.len()).unwrap_or(0), f.path()))
-        .collect();
-    packs.sort();
-    packs.pop().expect("a pack").1
-}
 
 /// A Verify owned by Schedule `schedule` (as a fired one is), awaited.
 async fn owned_verify(env: &TestEnv, schedule: &str, name: &str) -> serde_json::Value {
@@ -188,13 +175,7 @@ async fn drills_over_three_nodes_succeed_and_move_the_metrics_then_a_damaged_pac
 
     // A failing disk damages a pack: the next drill fails, naming the snapshot, and the Schedule
     // says so.
-    let pack = largest_pack(&repo);
-    let mut bytes = std::fs::read(&pack).expect("read pack");
-    let mid = bytes.len() / 2;
-    for b in &mut bytes[mid..mid + 64] {
-        *b ^= 0xff;
-    }
-    std::fs::write(&pack, &bytes).expect("damage pack");
+    stowage_tests::restic::damage_largest_pack(&repo);
     let v = owned_verify(&env, "nightly", "verify-2").await;
     assert_ne!(v["status"]["phase"], "Succeeded", "{v:#}");
     let failed: Vec<&serde_json::Value> = v["status"]["items"]

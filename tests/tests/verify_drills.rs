@@ -188,20 +188,7 @@ async fn a_damaged_pack_fails_the_drill_naming_the_snapshot() {
     .result
     .expect("backup");
     // Damage the largest pack (the file's data), as a failing disk would.
-    let mut packs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(s.repo().join("data"))
-        .expect("data")
-        .flatten()
-        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
-        .map(|f| (f.metadata().map(|m| m.len()).unwrap_or(0), f.path()))
-        .collect();
-    packs.sort();
-    let pack = packs.pop().expect("a pack").1;
-    let mut bytes = std::fs::read(&pack).expect("read");
-    let mid = bytes.len() / 2;
-    for b in &mut bytes[mid..mid + 64] {
-        *b ^= 0xff;
-    }
-    std::fs::write(&pack, &bytes).expect("damage");
+    restic::damage_largest_pack(&s.repo());
 
     let err = verify(&mut client, drill(repo, "damaged", 0, ""))
         .await
