@@ -146,6 +146,7 @@ impl From<AgentError> for Status {
                 | R::EmptySource => Code::FailedPrecondition,
                 // Someone else holds the repository: retry later.
                 R::Locked { .. } => Code::Aborted,
+                R::AppendOnly { .. } => Code::PermissionDenied,
                 R::Timeout { .. } | R::Stalled { .. } => Code::DeadlineExceeded,
                 R::Cancelled { .. } => Code::Cancelled,
                 R::PartialBackup { .. } => Code::DataLoss,

@@ -65,6 +65,15 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// The server refused to remove data: append-only credentials (rest-server `--append-only`, or
+    /// a bucket policy that denies deletes) used for forget or prune.
+    #[error(
+        "restic {subcommand}: the repository refused to remove data (HTTP 403 Forbidden): these credentials are append-only, so they can add backups but never delete them; forget and prune need maintenance credentials that may delete (docs/hardening.md). restic said: {stderr_tail}"
+    )]
+    AppendOnly {
+        subcommand: String,
+        stderr_tail: String,
+    },
     #[error("restic {subcommand} timed out after {} and was stopped", human(*after))]
     Timeout { subcommand: String, after: Duration },
     #[error("restic {subcommand} made no progress for {} and was stopped", human(*after))]
@@ -110,6 +119,10 @@ impl Error {
             exit::FATAL if subcommand == "backup" && stderr.contains("snapshot is empty") => {
                 Error::EmptySource
             }
+            _ if refused_removal(stderr) => Error::AppendOnly {
+                subcommand: subcommand.to_string(),
+                stderr_tail: tail(stderr, 1024),
+            },
             _ => Error::CommandFailed {
                 subcommand: subcommand.to_string(),
                 status,
@@ -117,6 +130,16 @@ impl Error {
             },
         }
     }
+}
+
+/// Whether restic's stderr says the backend refused to remove a file: rest-server's append-only
+/// mode answers 403 to a DELETE (`Remove(<snapshot/...>) failed: unexpected HTTP response (403)`),
+/// S3 with a policy that denies deletes `Access Denied`.
+fn refused_removal(stderr: &str) -> bool {
+    stderr.lines().any(|l| {
+        l.contains("Remove(")
+            && (l.contains("(403)") || l.contains("403 Forbidden") || l.contains("Access Denied"))
+    })
 }
 
 /// "1h2m3s", "45s", "1.5s": durations in messages people read.
@@ -156,6 +179,29 @@ mod tests {
 
     fn sample(name: &str) -> String {
         std::fs::read_to_string(format!("{SAMPLES}/{name}")).unwrap()
+    }
+
+    #[test]
+    fn a_refused_removal_says_the_credentials_are_append_only() {
+        // What restic 0.19.1 printed when `forget` met rest-server --append-only.
+        let stderr = "Remove(<snapshot/bc27825628>) failed: unexpected HTTP response (403): 403 Forbidden\n\
+            unable to remove snapshot/bc27825628012e0760a00049aff2d7519d3971459e6a519eca242febb67baf07 from the repository\n\
+            failed to remove one or more snapshots\n";
+        let e = Error::from_exit("forget", 3, stderr, "rest:http://127.0.0.1:1/shop/");
+        assert!(matches!(e, Error::AppendOnly { .. }), "{e:?}");
+        let m = e.to_string();
+        assert!(
+            m.contains("append-only") && m.contains("maintenance credentials"),
+            "{m}"
+        );
+        // A 403 elsewhere (reading with wrong credentials) is not a refused removal.
+        let other = Error::from_exit(
+            "snapshots",
+            1,
+            "Fatal: unexpected HTTP response (403): 403 Forbidden",
+            "r",
+        );
+        assert!(matches!(other, Error::CommandFailed { .. }), "{other:?}");
     }
 
     #[test]

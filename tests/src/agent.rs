@@ -274,6 +274,16 @@ impl StreamEvent for v1::VerifyEvent {
     }
 }
 
+impl StreamEvent for v1::MaintenanceEvent {
+    type Result = v1::MaintenanceResult;
+    fn split(self) -> Option<Result<Progress, v1::MaintenanceResult>> {
+        match self.event? {
+            v1::maintenance_event::Event::Progress(p) => Some(Ok(p)),
+            v1::maintenance_event::Event::Result(r) => Some(Err(r)),
+        }
+    }
+}
+
 /// Reads a streamed call to its end (the call's own error counts as the result).
 pub async fn drive<E: StreamEvent>(
     call: Result<tonic::Response<tonic::Streaming<E>>, tonic::Status>,
@@ -338,6 +348,27 @@ pub async fn verify(
     req: v1::VerifyRequest,
 ) -> Outcome<v1::VerifyResult> {
     drive(client.verify(req).await).await
+}
+
+/// Runs a Prune call to its end.
+pub async fn prune(
+    client: &mut AgentClient<Channel>,
+    req: v1::PruneRequest,
+) -> Outcome<v1::MaintenanceResult> {
+    drive(client.prune(req).await).await
+}
+
+/// A REST repository description (`url` ends with `/`), its credentials in the request.
+pub fn rest_repo(url: &str, user: &str, password: &str, repo_password: &str) -> v1::Repository {
+    v1::Repository {
+        backend: Some(v1::repository::Backend::Rest(v1::RestBackend {
+            url: url.into(),
+            username: user.into(),
+            password: password.into(),
+        })),
+        password: repo_password.into(),
+        ..Default::default()
+    }
 }
 
 /// A local repository description.

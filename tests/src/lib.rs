@@ -15,6 +15,7 @@ pub mod pod_runner;
 pub mod procs;
 pub mod proxy;
 pub mod real_node;
+pub mod rest_server;
 pub mod restic;
 pub mod tls;
 
