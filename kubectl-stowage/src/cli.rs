@@ -48,6 +48,38 @@ pub enum Command {
     Backup(BackupCommand),
     /// Restore a volume in place (or into another PVC) and follow it to the end.
     Restore(RestoreArgs),
+    /// Give the namespace a repository of its own: a random password in a labelled Secret, and
+    /// the repository created with restic (never over an existing one).
+    Init(InitArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// S3 endpoint (e.g. https://s3.eu-west-1.amazonaws.com); with --s3-bucket.
+    #[arg(long, requires = "s3_bucket", conflicts_with = "rest_url")]
+    pub s3_endpoint: Option<String>,
+    #[arg(long)]
+    pub s3_bucket: Option<String>,
+    /// Default: the namespace's name, so every namespace has its own place in the bucket.
+    #[arg(long)]
+    pub s3_prefix: Option<String>,
+    #[arg(long)]
+    pub s3_region: Option<String>,
+    /// The labelled Secret holding the S3 keys (keys `id` and `secret`).
+    #[arg(long, default_value = "s3-credentials")]
+    pub s3_secret: String,
+    /// A REST server's repository URL (instead of S3).
+    #[arg(long)]
+    pub rest_url: Option<String>,
+    /// The labelled Secret holding the REST user (keys `username` and `password`), if it needs one.
+    #[arg(long)]
+    pub rest_secret: Option<String>,
+    /// The Secret to create for the repository password (key `password`).
+    #[arg(long, default_value = "backup-repo")]
+    pub password_secret: String,
+    /// The restic binary.
+    #[arg(long, default_value = "restic", env = "STOWAGE_RESTIC")]
+    pub restic: std::path::PathBuf,
 }
 
 #[derive(Args, Debug)]

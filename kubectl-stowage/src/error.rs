@@ -13,6 +13,8 @@ pub enum PluginError {
     Repository { schedule: String, reason: String },
     #[error("restic could not list the snapshots: {0}")]
     Restic(#[from] restic_wrap::Error),
+    #[error("{0}")]
+    Init(String),
     #[error("writing the output: {0}")]
     Output(String),
 }

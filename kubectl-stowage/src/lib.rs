@@ -5,11 +5,13 @@
 //! - [`status`]: Schedules, the newest success per volume, and the agents per node;
 //! - [`snapshots`]: a namespace's snapshots, read from the repository with restic;
 //! - [`runs`]: `backup now` and `restore`, created as objects and followed to their end;
+//! - [`init`]: a namespace's own repository (password Secret and `restic init`);
 //! - [`output`]: tables for people, JSON or YAML for programs.
 
 pub mod cli;
 pub mod connect;
 pub mod error;
+pub mod init;
 pub mod output;
 pub mod runs;
 pub mod snapshots;
@@ -35,5 +37,10 @@ pub async fn run(cli: cli::Cli) -> Result<i32, PluginError> {
             runs::backup_now(&conn, &args, cli.global.output).await
         }
         cli::Command::Restore(args) => runs::restore(&conn, &args, cli.global.output).await,
+        cli::Command::Init(args) => {
+            let created = init::init(&conn, &args).await?;
+            output::print(&created, cli.global.output, init::table)?;
+            Ok(0)
+        }
     }
 }

@@ -174,3 +174,94 @@ async fn kubectl_stowage_backs_up_lists_restores_and_reports_failures() {
         "a sentence, not a Debug dump: {stderr}"
     );
 }
+
+/// `kubectl stowage init`: a namespace's own repository in a bucket shared by namespaces (its own
+/// prefix), a random password in a labelled Secret, created once; a second init refuses to replace
+/// the password or to initialise over the repository, and leaves nothing behind; a Backup with the
+/// backend init printed works.
+#[tokio::test]
+async fn kubectl_stowage_init_gives_a_namespace_its_own_repository() {
+    use k8s_openapi::api::core::v1::Secret;
+    let env = TestEnv::bare("plugin-init").await;
+    let moto = stowage_tests::moto::Moto::start();
+    moto.create_bucket("tenants");
+    stowage_tests::coordinator::secret(
+        &env.client,
+        &env.ns,
+        "s3-credentials",
+        &[("id", "AKIATESTKEY"), ("secret", "test-secret-key-value")],
+    )
+    .await;
+    let args = [
+        "init",
+        "--s3-endpoint",
+        moto.endpoint.as_str(),
+        "--s3-bucket",
+        "tenants",
+        "-o",
+        "json",
+    ];
+    let created = ok(&env.kubectl_stowage(&args));
+    let location = format!("s3:{}/tenants/{}", moto.endpoint, env.ns);
+    assert_eq!(created["repository"], location.as_str(), "{created:#}");
+    assert_eq!(created["backend"]["s3"]["prefix"], env.ns.as_str());
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(env.client.clone(), &env.ns);
+    let s = secrets
+        .get("backup-repo")
+        .await
+        .expect("the password Secret");
+    assert_eq!(
+        s.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("stowage.dev/credentials"))
+            .map(String::as_str),
+        Some("true")
+    );
+    let password =
+        String::from_utf8(s.data.as_ref().expect("data")["password"].0.clone()).expect("utf-8");
+    assert_eq!(password.len(), 43);
+    // The repository exists and opens with that password.
+    let aws = [
+        ("AWS_ACCESS_KEY_ID", "AKIATESTKEY"),
+        ("AWS_SECRET_ACCESS_KEY", "test-secret-key-value"),
+    ];
+    let out = stowage_tests::restic::run(&location, &password, &aws, &["snapshots", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Again: the password is never replaced.
+    let again = env.kubectl_stowage(&args[..5]);
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("exists already"), "{stderr}");
+    // With the Secret gone, the repository is still there: no init over it, and no new Secret left.
+    secrets
+        .delete("backup-repo", &Default::default())
+        .await
+        .expect("delete");
+    for _ in 0..100 {
+        if secrets.get_opt("backup-repo").await.expect("get").is_none() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let over = env.kubectl_stowage(&args[..5]);
+    assert!(!over.status.success());
+    let stderr = String::from_utf8_lossy(&over.stderr);
+    assert!(stderr.contains("there is a repository at"), "{stderr}");
+    assert!(
+        secrets.get_opt("backup-repo").await.expect("get").is_none(),
+        "the Secret of a failed init is removed again"
+    );
+    // The old password still opens the repository: nothing was written to it.
+    let out = stowage_tests::restic::run(&location, &password, &aws, &["snapshots", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
