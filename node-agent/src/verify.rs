@@ -214,16 +214,22 @@ fn sweep_scratch(cache_dir: &Path, running: &[PathBuf]) {
 /// The scratch directories of the drills running in this process.
 static RUNNING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
-/// Registers a scratch directory as running (and sweeps the ones that are not) for its lifetime.
+/// A scratch directory registered as running (the sweep leaves it alone) for its lifetime.
 struct Running(PathBuf);
 
 impl Running {
-    fn register(cache_dir: &Path, scratch: &Scratch) -> Self {
-        if let Ok(mut running) = RUNNING.lock() {
-            running.push(scratch.dir.clone());
-            sweep_scratch(cache_dir, &running);
-        }
-        Self(scratch.dir.clone())
+    /// Creates a scratch directory and registers it in one step under the registry's lock (so no
+    /// other drill's sweep can take it for a leftover), then sweeps the leftovers.
+    fn start(cache_dir: &Path) -> Result<(Scratch, Running), AgentError> {
+        let mut running = RUNNING.lock().map_err(|_| AgentError::Io {
+            context: "registering a scratch directory".into(),
+            source: std::io::Error::other("a drill panicked while holding the registry"),
+        })?;
+        let scratch = Scratch::create(cache_dir)?;
+        running.push(scratch.dir.clone());
+        sweep_scratch(cache_dir, &running);
+        let dir = scratch.dir.clone();
+        Ok((scratch, Running(dir)))
     }
 }
 
@@ -254,11 +260,20 @@ pub async fn execute(
     };
     let outranked = ctx.limiter.outranked();
     let mut yielded = 0u32;
+    // A drill that keeps yielding still ends: within the agent's --max-duration, waits included.
+    let deadline = tokio::time::Instant::now() + ctx.limits.max;
+    let out_of_time = |yielded: u32| {
+        AgentError::InvalidArgument(format!(
+            "the drill did not finish within {} (--max-duration): it waited for or gave its slot to other operations ({yielded} time(s)); run it when the node is quieter",
+            restic_wrap::error::human(ctx.limits.max)
+        ))
+    };
     loop {
         // Whatever queued first goes first: a drill does not even queue while others wait.
         while ctx.limiter.outranked_now() {
             tokio::select! {
                 _ = tokio::time::sleep(OUTRANKED_POLL) => {}
+                _ = tokio::time::sleep_until(deadline) => return Err(out_of_time(yielded)),
                 _ = cancel.cancelled() => return Err(AgentError::Cancelled),
             }
         }
@@ -268,6 +283,7 @@ pub async fn execute(
         }
         let slot = tokio::select! {
             s = ctx.limiter.acquire_quietly(&namespace, need) => s.ok_or(AgentError::ShuttingDown)?,
+            _ = tokio::time::sleep_until(deadline) => return Err(out_of_time(yielded)),
             _ = cancel.cancelled() => return Err(AgentError::Cancelled),
         };
         let notified = outranked.notified();
@@ -287,6 +303,7 @@ pub async fn execute(
                 r.duration_seconds = started.elapsed().as_secs_f64();
                 return Ok(r);
             }
+            _ = tokio::time::sleep_until(deadline) => return Err(out_of_time(yielded)),
             _ = &mut notified => {
                 // Dropping the attempt stops its restic and removes its scratch directory.
                 yielded += 1;
@@ -433,8 +450,7 @@ async fn restore_and_verify(
     progress: &ProgressSink,
     cancel: &CancellationToken,
 ) -> Result<VerifyResult, AgentError> {
-    let scratch = Scratch::create(&ctx.cache_dir)?;
-    let _running = Running::register(&ctx.cache_dir, &scratch);
+    let (scratch, _running) = Running::start(&ctx.cache_dir)?;
     // The sample: a window of the snapshot's files in its order, after the previous drill's last.
     let sample = if plan.req.sample_bytes > 0 {
         progress.phase(

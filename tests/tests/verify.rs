@@ -312,6 +312,9 @@ async fn a_sampled_drill_moves_on_from_where_the_previous_run_ended() {
         )
         .await;
     assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
+    // A PVC made after the backup has nothing to drill yet: skipped, not failed.
+    let fresh = env.volume("fresh-0", "fresh", "node-1", &[]);
+    std::fs::write(fresh.join("new.txt"), b"new").expect("write");
     let mut windows = Vec::new();
     for name in ["sample-1", "sample-2"] {
         let v = env
@@ -322,6 +325,9 @@ async fn a_sampled_drill_moves_on_from_where_the_previous_run_ended() {
             )
             .await;
         assert_eq!(v["status"]["phase"], "Succeeded", "{v:#}");
+        let fresh = item(&v, "fresh");
+        assert_eq!(fresh["phase"], "Skipped", "{fresh:#}");
+        assert_eq!(fresh["reason"], "NoSnapshot", "{fresh:#}");
         let ver = item(&v, "data")["verification"].clone();
         assert_eq!(ver["files"], 2, "{ver:#}");
         assert_eq!(ver["bytes"], 1 << 20, "{ver:#}");

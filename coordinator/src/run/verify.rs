@@ -27,6 +27,9 @@ use crate::run::maintenance::{NO_AGENT, human_bytes};
 use crate::runs::{RunObject, is_terminal, phase_of};
 use stowage_api::{ItemStatus, RunPhase, Verification, Verify};
 
+/// An item's reason when its identity has no complete snapshot to drill.
+pub const NO_SNAPSHOT: &str = "NoSnapshot";
+
 /// The longest sample path kept in a status (a tenant names its files; the cursor still works
 /// when cut, at worst re-reading one file).
 const SAMPLE_PATH_MAX: usize = 512;
@@ -160,6 +163,17 @@ async fn drill_on(
                 item.phase = RunPhase::Succeeded;
                 item.snapshot_id = Some(r.snapshot_id.clone());
                 item.verification = Some(verification(&r));
+            }
+            // Nothing to drill yet (a new or empty volume, before its first snapshot): not a
+            // failed verification; a volume that is never backed up is the backup alert's.
+            Err(dispatch::DispatchError::Agent {
+                code: tonic::Code::NotFound,
+                message,
+                ..
+            }) => {
+                item.phase = RunPhase::Skipped;
+                item.reason = Some(NO_SNAPSHOT.into());
+                item.message = Some(errors::bounded(&message, errors::ITEM_ERROR_MAX));
             }
             Err(e) => {
                 item.phase = RunPhase::Failed;
@@ -317,11 +331,20 @@ async fn conclude(ctx: &Arc<Ctx>, run: &Arc<Verify>, begun: Begun, items: &[Item
         .verify_runs
         .with_label_values(&[crate::runs::phase_label(phase)])
         .inc();
+    let skipped = items
+        .iter()
+        .filter(|i| i.phase == RunPhase::Skipped)
+        .count();
+    let not_yet = if skipped > 0 {
+        format!(" ({skipped} without a complete snapshot yet: nothing to drill)")
+    } else {
+        String::new()
+    };
     let finding = if phase == RunPhase::Succeeded {
         Finding::new(
             "Verified",
             format!(
-                "{} of {} verified: {files} file(s), {} read back and checked",
+                "{} of {} verified: {files} file(s), {} read back and checked{not_yet}",
                 ok.len(),
                 items.len(),
                 human_bytes(bytes)

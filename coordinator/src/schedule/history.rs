@@ -103,8 +103,9 @@ pub(super) fn verify_history(ctx: &Ctx, s: &Schedule) -> VerifyHistory {
         for i in st.items.iter().filter(|i| i.phase == RunPhase::Succeeded) {
             verified.push((i.clone(), done.clone()));
         }
-        // A run that drilled nothing (bad input, no agent) says nothing about the snapshots.
-        if st.items.is_empty() || !is_terminal(Some(phase)) {
+        // A run that drilled nothing (bad input, no agent, no snapshot yet) says nothing about the
+        // snapshots.
+        if st.items.iter().all(|i| i.phase == RunPhase::Skipped) || !is_terminal(Some(phase)) {
             continue;
         }
         let message = st
