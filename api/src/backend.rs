@@ -49,10 +49,46 @@ pub struct BackendSpec {
     /// silently start a new, empty history.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initialize: Option<bool>,
+    /// Credentials that may delete, for Prune (forget and prune) only, when the ones above are
+    /// append-only (docs/hardening.md). They never reach a node agent: such Prunes run on the
+    /// coordinator's maintenance container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<MaintenanceAccess>,
     /// Keys this version does not know; the controller names them in a condition.
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// Maintenance access to the same repository: for an `s3` backend other keys, for a `rest` one
+/// another user and, if it is served elsewhere, another URL (the same repository).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MaintenanceAccess {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<MaintenanceS3>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rest: Option<MaintenanceRest>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MaintenanceS3 {
+    #[serde(rename = "accessKeyIDSecretRef")]
+    pub access_key_id_secret_ref: SecretKeyRef,
+    pub secret_access_key_secret_ref: SecretKeyRef,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MaintenanceRest {
+    /// Default: the backend's `rest.url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_secret_ref: Option<SecretKeyRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
 }
 
 /// A directory that exists on every node and is seen by the agents at this path.

@@ -264,6 +264,42 @@ fn spec_field(proto_field: &str) -> &str {
     }
 }
 
+/// The backend as maintenance reaches it: `spec` with its `maintenance` credentials (and REST URL)
+/// in place of the append-only ones; `None` without a `maintenance` block. Its fields are named
+/// under `{at}.maintenance`.
+pub fn maintenance_spec(spec: &BackendSpec, at: &str) -> Result<Option<BackendSpec>, Finding> {
+    let Some(m) = &spec.maintenance else {
+        return Ok(None);
+    };
+    let field = format!("{at}.maintenance");
+    let mut out = BackendSpec {
+        maintenance: None,
+        ..spec.clone()
+    };
+    match (&m.s3, &m.rest, &mut out.s3, &mut out.rest) {
+        (Some(ms3), None, Some(s3), None) => {
+            s3.access_key_id_secret_ref = ms3.access_key_id_secret_ref.clone();
+            s3.secret_access_key_secret_ref = ms3.secret_access_key_secret_ref.clone();
+        }
+        (None, Some(mr), None, Some(rest)) => {
+            if let Some(url) = &mr.url {
+                rest.url = url.clone();
+            }
+            rest.username_secret_ref = mr.username_secret_ref.clone();
+            rest.password_secret_ref = mr.password_secret_ref.clone();
+        }
+        _ => {
+            return Err(Finding::new(
+                INVALID_BACKEND,
+                format!(
+                    "{field}: set exactly one of s3, rest, of the backend's own type (maintenance credentials are for the same repository; a local backend has none)"
+                ),
+            ));
+        }
+    }
+    Ok(Some(out))
+}
+
 /// Validates `spec`, checks its endpoint against `allowed` (before any Secret is read), and reads
 /// its Secrets from `namespace`.
 ///

@@ -84,6 +84,8 @@ pub struct AgentDirectory {
     tls: Option<RwLock<ClientTlsConfig>>,
     timeout: Duration,
     channels: Mutex<HashMap<String, Channel>>,
+    /// `--maintenance-agent`, as `host:port`.
+    maintenance: Option<String>,
 }
 
 impl AgentDirectory {
@@ -123,6 +125,7 @@ impl AgentDirectory {
             tls: tls_config(config)?.map(RwLock::new),
             timeout: config.agent_timeout,
             channels: Mutex::new(HashMap::new()),
+            maintenance: config.maintenance_agent.clone(),
         });
         let changes = (!config.insecure_plaintext).then(|| {
             let paths: Vec<PathBuf> = [&config.tls_ca, &config.tls_cert, &config.tls_key]
@@ -228,6 +231,18 @@ impl AgentDirectory {
             node: node.into(),
             pod,
             why,
+        })
+    }
+
+    /// The maintenance container (`--maintenance-agent`), if there is one: where the Prunes of
+    /// backends with `maintenance` credentials run, never on a node agent.
+    pub fn maintenance_endpoint(&self) -> Option<AgentEndpoint> {
+        let address = self.maintenance.as_ref()?;
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        Some(AgentEndpoint {
+            node: "(maintenance container)".into(),
+            pod: String::new(),
+            uri: format!("{scheme}://{address}"),
         })
     }
 

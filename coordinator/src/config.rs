@@ -72,6 +72,13 @@ pub struct Config {
     #[arg(long, env = "STOWAGE_AGENT_TLS_SERVER_NAME")]
     pub agent_tls_server_name: Option<String>,
 
+    /// The maintenance container beside the coordinator (`host:port`, normally 127.0.0.1 in the
+    /// pod): an agent with `--maintenance-only` that runs the Prunes of backends with
+    /// `maintenance` credentials, so those credentials never reach a node agent. Dialled with the
+    /// agents' TLS settings.
+    #[arg(long, env = "STOWAGE_MAINTENANCE_AGENT")]
+    pub maintenance_agent: Option<String>,
+
     /// Dial agents without TLS: tests only.
     #[arg(long, env = "STOWAGE_INSECURE_PLAINTEXT", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
     pub insecure_plaintext: bool,

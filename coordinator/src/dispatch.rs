@@ -444,9 +444,19 @@ pub async fn maintain(
     agents: &AgentDirectory,
     node: &str,
     task: &Maintenance,
-    mut on_progress: impl FnMut(&Progress),
+    on_progress: impl FnMut(&Progress),
 ) -> Result<MaintenanceResult, DispatchError> {
     let ep = agents.endpoint(node)?;
+    maintain_at(agents, ep, task, on_progress).await
+}
+
+/// Runs a maintenance task on the agent at `ep` (a node's, or the maintenance container).
+pub async fn maintain_at(
+    agents: &AgentDirectory,
+    ep: AgentEndpoint,
+    task: &Maintenance,
+    mut on_progress: impl FnMut(&Progress),
+) -> Result<MaintenanceResult, DispatchError> {
     let mut client = agents.client(&ep)?;
     let resp = match task {
         Maintenance::Check(r) => client.check(r.clone()).await,

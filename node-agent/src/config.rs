@@ -62,6 +62,12 @@ pub struct Config {
     )]
     pub client_identities: Vec<String>,
 
+    /// Serve repository maintenance only (Check, Prune, repository reads), never a volume: the
+    /// coordinator's maintenance container, which holds the credentials that may delete and must
+    /// never run on a node agent (docs/hardening.md).
+    #[arg(long, env = "STOWAGE_MAINTENANCE_ONLY")]
+    pub maintenance_only: bool,
+
     /// Serve gRPC without TLS. Anyone who can reach the port can then read every volume: tests only.
     #[arg(long, env = "STOWAGE_INSECURE_PLAINTEXT", conflicts_with_all = ["tls_cert", "tls_key", "tls_client_ca"])]
     pub insecure_plaintext: bool,

@@ -44,6 +44,8 @@ pub struct AgentContext {
     pub staging: crate::staging::Active,
     /// What drills leave free of the cache filesystem, in percent (`--verify-keep-free-percent`).
     pub verify_keep_free_percent: u8,
+    /// `--maintenance-only`: no volume operation is served.
+    pub maintenance_only: bool,
 }
 
 /// A volume identity within one repository.

@@ -221,6 +221,8 @@ pub async fn execute(
         MaintenancePlan::Check { .. } => String::new(),
     };
     let _slot = ctx.slot(op, &namespace, repo, &progress, &cancel).await?;
+    // The location only (credentials never appear in it): which repository this agent maintained.
+    tracing::info!(operation = ?op, repository = %repo.location(), namespace = %namespace, "maintenance started");
     let started = Instant::now();
     let work = async {
         match plan {

@@ -269,6 +269,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
         kube,
         staging: crate::staging::Active::for_node(&config.node_name),
         verify_keep_free_percent: config.verify_keep_free_percent,
+        maintenance_only: config.maintenance_only,
     });
     probe_sandbox(&ctx).await?;
     // A restore interrupted by the last agent's death left staging in its volume: a swap that had

@@ -223,12 +223,25 @@ fn result_label_of(r: &Result<impl Sized, AgentError>, ok: &'static str) -> &'st
     }
 }
 
+impl AgentService {
+    /// Refuses a volume operation on a maintenance-only agent (`--maintenance-only`).
+    fn volumes_served(&self, what: &str) -> Result<(), Status> {
+        if self.ctx.maintenance_only {
+            return Err(Status::failed_precondition(format!(
+                "this agent maintains repositories only (--maintenance-only) and serves no {what}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn list_volumes(
         &self,
         _req: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
+        self.volumes_served("volumes")?;
         let volumes = self
             .ctx
             .inventory
@@ -256,6 +269,7 @@ impl Agent for AgentService {
         &self,
         req: Request<BackupRequest>,
     ) -> Result<Response<Self::BackupStream>, Status> {
+        self.volumes_served("backups")?;
         let req = req.into_inner();
         if matches!(
             req.source,
@@ -301,6 +315,7 @@ impl Agent for AgentService {
         &self,
         req: Request<RestoreRequest>,
     ) -> Result<Response<Self::RestoreStream>, Status> {
+        self.volumes_served("restores")?;
         let plan = restore::plan(&self.ctx, req.into_inner());
         self.restore_stream(plan, "restore", |ctx, plan, progress, cancel| async move {
             restore::execute(&ctx, plan, progress, cancel).await
@@ -313,6 +328,7 @@ impl Agent for AgentService {
         &self,
         req: Request<RestoreCommandRequest>,
     ) -> Result<Response<Self::RestoreCommandStream>, Status> {
+        self.volumes_served("command restores")?;
         let plan = restore_command::plan(&self.ctx, req.into_inner());
         self.restore_stream(
             plan,
@@ -329,6 +345,7 @@ impl Agent for AgentService {
         &self,
         req: Request<VerifyRequest>,
     ) -> Result<Response<Self::VerifyStream>, Status> {
+        self.volumes_served("drills")?;
         let plan = verify::plan(&self.ctx, req.into_inner()).inspect_err(|_| {
             self.ctx
                 .metrics
@@ -462,6 +479,7 @@ impl Agent for AgentService {
     }
 
     async fn run_hook(&self, req: Request<HookRequest>) -> Result<Response<HookResult>, Status> {
+        self.volumes_served("hooks")?;
         let req = req.into_inner();
         // Bounded: the hook's own timeout plus the API calls around it.
         let limit = std::time::Duration::from_secs(u64::from(req.timeout_seconds.max(30)) + 120);

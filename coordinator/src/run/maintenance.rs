@@ -1,5 +1,7 @@
 //! Check and Prune runs: repository-wide, under restic's exclusive lock, executed by one ready agent
-//! (the first that answers; an unreachable agent makes the coordinator try the next).
+//! (the first that answers; an unreachable agent makes the coordinator try the next). A Prune of a
+//! backend with `maintenance` credentials runs on the maintenance container only: those
+//! credentials, which may delete, never reach a node agent (docs/hardening.md).
 
 use std::sync::Arc;
 
@@ -8,14 +10,17 @@ use stowage_proto::v1::{self as pb, CheckRequest, MaintenanceResult, PruneReques
 
 use super::status::StatusHandle;
 use super::{Begun, begin, run_id};
+use crate::agents::AgentEndpoint;
 use crate::conditions::Finding;
 use crate::context::Ctx;
 use crate::dispatch::{self, DispatchError, Maintenance};
 use crate::restic_fields;
 use crate::runs::{RunObject, now_rfc3339};
 use stowage_api::{Check, ItemStatus, Prune, RepositoryFigures, Retention, RunPhase};
+use stowage_common::backend::{self, Secrets};
 
 pub const NO_AGENT: &str = "NoReadyAgent";
+pub const NO_MAINTENANCE_CONTAINER: &str = "NoMaintenanceContainer";
 /// Snapshot ids listed per identity and kind in a Prune's status (the counts are exact).
 const LISTED_IDS: usize = 50;
 
@@ -82,8 +87,35 @@ async fn on_some_agent<K: RunObject>(
     }))
 }
 
-async fn run_task<K: RunObject>(ctx: Arc<Ctx>, run: Arc<K>, begun: Begun, task: Maintenance) {
-    if ctx.agents.ready_nodes().is_empty() {
+/// Runs `task` on the maintenance container, and nowhere else.
+async fn on_maintenance_container<K: RunObject>(
+    ctx: &Arc<Ctx>,
+    run: &Arc<K>,
+    status: &StatusHandle,
+    ep: AgentEndpoint,
+    task: &Maintenance,
+) -> Result<(String, MaintenanceResult), DispatchError> {
+    let node = ep.node.clone();
+    let mut waiting = false;
+    let progress = |p: &pb::Progress| {
+        let message = super::lock_news(ctx, run, p);
+        if message.is_some() || waiting {
+            waiting = message.is_some();
+            status.run(move |s| s.message = message);
+        }
+    };
+    let r = dispatch::maintain_at(&ctx.agents, ep, task, progress).await?;
+    Ok((node, r))
+}
+
+async fn run_task<K: RunObject>(
+    ctx: Arc<Ctx>,
+    run: Arc<K>,
+    begun: Begun,
+    task: Maintenance,
+    maintenance: Option<AgentEndpoint>,
+) {
+    if maintenance.is_none() && ctx.agents.ready_nodes().is_empty() {
         let f = Finding::new(
             NO_AGENT,
             format!(
@@ -95,7 +127,11 @@ async fn run_task<K: RunObject>(ctx: Arc<Ctx>, run: Arc<K>, begun: Begun, task: 
             .finish(ctx.as_ref(), run.as_ref(), RunPhase::Failed, &f)
             .await;
     }
-    match on_some_agent(&ctx, &run, &begun.status, &task).await {
+    let done = match maintenance {
+        Some(ep) => on_maintenance_container(&ctx, &run, &begun.status, ep, &task).await,
+        None => on_some_agent(&ctx, &run, &begun.status, &task).await,
+    };
+    match done {
         Ok((node, r)) => {
             let verdict = r.report.lines().last().unwrap_or_default().to_string();
             let dry_run = matches!(&task, Maintenance::Prune(p) if p.dry_run);
@@ -196,7 +232,7 @@ pub async fn execute_check(ctx: Arc<Ctx>, run: Arc<Check>) -> Result<(), kube::E
         repository: Some(begun.repository.clone()),
         read_data_subset: subset.unwrap_or_default(),
     });
-    run_task(ctx, run, begun, task).await;
+    run_task(ctx, run, begun, task, None).await;
     Ok(())
 }
 
@@ -229,13 +265,58 @@ pub async fn execute_prune(ctx: Arc<Ctx>, run: Arc<Prune>) -> Result<(), kube::E
             .await;
         return Ok(());
     }
+    // Append-only backends: the credentials that may delete, and where they may go.
+    let at = begun.origin.field("backend");
+    let maintenance = match backend::maintenance_spec(&begun.spec.backend, &at) {
+        Ok(m) => m,
+        Err(f) => {
+            begun
+                .finish(ctx.as_ref(), run.as_ref(), RunPhase::Failed, &f)
+                .await;
+            return Ok(());
+        }
+    };
+    let (repository, on) = match maintenance {
+        None => (begun.repository.clone(), None),
+        Some(spec) => {
+            let Some(ep) = ctx.agents.maintenance_endpoint() else {
+                let f = Finding::new(
+                    NO_MAINTENANCE_CONTAINER,
+                    format!(
+                        "{at}.maintenance: these credentials may delete and never go to a node agent, and this coordinator has no maintenance container to run the Prune (--maintenance-agent; chart value coordinator.maintenance.enabled)"
+                    ),
+                );
+                begun
+                    .finish(ctx.as_ref(), run.as_ref(), RunPhase::Failed, &f)
+                    .await;
+                return Ok(());
+            };
+            match backend::resolve(
+                &Secrets::Api(ctx.client.clone()),
+                &ctx.config.allowed_endpoint,
+                &namespace,
+                &spec,
+                &format!("{at}.maintenance"),
+            )
+            .await
+            {
+                Ok(r) => (r, Some(ep)),
+                Err(f) => {
+                    begun
+                        .finish(ctx.as_ref(), run.as_ref(), RunPhase::Failed, &f)
+                        .await;
+                    return Ok(());
+                }
+            }
+        }
+    };
     let task = Maintenance::Prune(PruneRequest {
         run_id: run_id(run.as_ref()),
-        repository: Some(begun.repository.clone()),
+        repository: Some(repository),
         retention: Some(retention_proto(&retention)),
         namespace,
         dry_run: run.spec.dry_run,
     });
-    run_task(ctx, run, begun, task).await;
+    run_task(ctx, run, begun, task, on).await;
     Ok(())
 }

@@ -87,6 +87,25 @@ pub(super) async fn validate(
                 false
             }
         };
+    // Maintenance credentials: resolvable (the same rules: labelled Secrets, allowed endpoints),
+    // and a place to use them, if the Schedule prunes.
+    match backend::maintenance_spec(&s.spec.backend, "spec.backend") {
+        Err(f) => problems.push(f),
+        Ok(None) => {}
+        Ok(Some(m)) => {
+            if let Err(f) =
+                backend::resolve(&secrets, allowed, &ns, &m, "spec.backend.maintenance").await
+            {
+                problems.push(f);
+            }
+            if s.spec.prune.is_some() && ctx.agents.maintenance_endpoint().is_none() {
+                problems.push(Finding::new(
+                    crate::run::maintenance::NO_MAINTENANCE_CONTAINER,
+                    "spec.backend.maintenance: its Prunes would fail: these credentials never go to a node agent and this coordinator has no maintenance container (--maintenance-agent; chart value coordinator.maintenance.enabled)",
+                ));
+            }
+        }
+    }
     let mut selection = None;
     if let Some(b) = &s.spec.backup {
         let sel = b.selector.as_ref();
