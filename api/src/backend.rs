@@ -23,6 +23,12 @@ pub struct SecretKeyRef {
 #[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct BackendSpec {
     pub repo_password_secret_ref: SecretKeyRef,
+    /// The password `repoPasswordSecretRef` replaces, during a rotation: when the current one does
+    /// not open the repository and this one does, the coordinator adds a key for the current
+    /// password, checks it, and removes this one's key (docs/hardening.md). Remove the field once
+    /// the Schedule's `KeyRotated` Events say so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_password_secret_ref: Option<SecretKeyRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local: Option<LocalBackend>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

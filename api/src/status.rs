@@ -299,6 +299,10 @@ pub struct RunStatus {
 pub struct RepositoryFigures {
     pub snapshots: u64,
     pub size_bytes: u64,
+    /// When the key the repository password opens was created (RFC 3339), from `restic key list`:
+    /// what `stowage_repository_key_age_seconds` and the key-age alert watch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_created: Option<String>,
     /// When they were read (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<String>,

@@ -300,6 +300,29 @@ pub fn maintenance_spec(spec: &BackendSpec, at: &str) -> Result<Option<BackendSp
     Ok(Some(out))
 }
 
+/// The previous repository password of a backend in rotation (`previousPasswordSecretRef`), read
+/// under the same rules as the others (a labelled Secret); `None` without one.
+pub async fn previous_password(
+    source: &Secrets,
+    namespace: &str,
+    spec: &BackendSpec,
+    at: &str,
+) -> Result<Option<String>, Finding> {
+    let Some(r) = &spec.previous_password_secret_ref else {
+        return Ok(None);
+    };
+    ref_ok(r, &format!("{at}.previousPasswordSecretRef"))?;
+    let mut secrets = SecretReader {
+        source: source.clone(),
+        namespace: namespace.to_string(),
+        cache: BTreeMap::new(),
+    };
+    secrets
+        .value(r, &format!("{at}.previousPasswordSecretRef"))
+        .await
+        .map(Some)
+}
+
 /// Validates `spec`, checks its endpoint against `allowed` (before any Secret is read), and reads
 /// its Secrets from `namespace`.
 ///

@@ -73,6 +73,13 @@ impl DispatchError {
                 uri: ep.uri.clone(),
                 message: s.message().to_string(),
             },
+            // An agent older than this coordinator answers calls it does not know with an empty
+            // Unimplemented: say so rather than nothing.
+            Code::Unimplemented if s.message().is_empty() => DispatchError::Agent {
+                node: ep.node.clone(),
+                code: Code::Unimplemented,
+                message: "the agent does not know this call (is it older than the coordinator? upgrade the agents)".into(),
+            },
             code => DispatchError::Agent {
                 node: ep.node.clone(),
                 code,
@@ -190,6 +197,17 @@ pub async fn run_hook(
     let ep = agents.endpoint(node)?;
     let mut client = agents.client(&ep)?;
     unary_within(&ep, within, client.run_hook(req)).await
+}
+
+/// One key step (or a look) on the agent at `ep`, within `within`.
+pub async fn keys(
+    agents: &AgentDirectory,
+    ep: &AgentEndpoint,
+    req: stowage_proto::v1::KeysRequest,
+    within: std::time::Duration,
+) -> Result<stowage_proto::v1::KeysResponse, DispatchError> {
+    let mut client = agents.client(ep)?;
+    unary_within(ep, within, client.keys(req)).await
 }
 
 /// A unary call to the agent at `ep`, bounded by `within`.

@@ -211,6 +211,8 @@ async fn figure_looks(
                                 RepositoryFigures {
                                     snapshots: f.snapshots,
                                     size_bytes: f.size_bytes,
+                                    key_created: (!f.key_created.is_empty())
+                                        .then_some(f.key_created),
                                     time: Some(now_rfc3339()),
                                 },
                             );

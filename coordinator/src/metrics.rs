@@ -36,6 +36,7 @@ pub struct Metrics {
     pub last_check: GaugeVec,
     pub repository_snapshots: GaugeVec,
     pub repository_size: GaugeVec,
+    pub key_age: GaugeVec,
     pub lock_removals: IntCounterVec,
     pub repository_locks: IntGaugeVec,
     pub oldest_lock_age: GaugeVec,
@@ -220,6 +221,14 @@ impl Metrics {
         registry.register(Box::new(last_check.clone()))?;
         registry.register(Box::new(repository_snapshots.clone()))?;
         registry.register(Box::new(repository_size.clone()))?;
+        let key_age = GaugeVec::new(
+            Opts::new(
+                "stowage_repository_key_age_seconds",
+                "Age of the key the Schedule's repository password opens (restic key list), at the newest figures.",
+            ),
+            &["namespace", "schedule"],
+        )?;
+        registry.register(Box::new(key_age.clone()))?;
         registry.register(Box::new(lock_removals.clone()))?;
         registry.register(Box::new(repository_locks.clone()))?;
         registry.register(Box::new(oldest_lock_age.clone()))?;
@@ -244,6 +253,7 @@ impl Metrics {
             last_check,
             repository_snapshots,
             repository_size,
+            key_age,
             lock_removals,
             repository_locks,
             oldest_lock_age,
@@ -288,6 +298,7 @@ impl Metrics {
             let _ = self.last_check.remove_label_values(&[&ns, &name]);
             let _ = self.repository_snapshots.remove_label_values(&[&ns, &name]);
             let _ = self.repository_size.remove_label_values(&[&ns, &name]);
+            let _ = self.key_age.remove_label_values(&[&ns, &name]);
             for kind in LOCK_KINDS {
                 let _ = self
                     .repository_locks

@@ -61,8 +61,22 @@ pub async fn figures(restic: &Restic) -> Result<RepositoryFigures, AgentError> {
         ..Default::default()
     };
     let s = restic.stats(&opts).await?;
+    // The password's key and its age (what the key-age alert watches); a failure here costs the
+    // figure only.
+    let key_created = match restic.keys().await {
+        Ok(keys) => keys
+            .into_iter()
+            .find(|k| k.current)
+            .map(|k| crate::keys::created_rfc3339(&k.created))
+            .unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "listing the repository's keys");
+            String::new()
+        }
+    };
     Ok(RepositoryFigures {
         snapshots: s.snapshots_count,
         size_bytes: s.total_size,
+        key_created,
     })
 }

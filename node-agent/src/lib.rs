@@ -34,6 +34,7 @@ pub mod hook;
 pub mod identity;
 pub mod inspect;
 pub mod inventory;
+pub mod keys;
 pub mod known_snapshots;
 pub mod limiter;
 pub mod maintenance;

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use stowage_proto::v1::agent_server::Agent;
 use stowage_proto::v1::{
     BackupEvent, BackupRequest, CheckRequest, EnsureRepositoryRequest, EnsureRepositoryResponse,
-    HookRequest, HookResult, InspectRequest, InspectResponse, ListVolumesRequest,
-    ListVolumesResponse, MaintenanceEvent, Progress, PruneRequest, RestoreCommandRequest,
-    RestoreEvent, RestoreRequest, RestoreResult, Snapshot, SnapshotsRequest, SnapshotsResponse,
-    VerifyEvent, VerifyRequest, Volume, VolumeRef, backup_event, restore_event,
+    HookRequest, HookResult, InspectRequest, InspectResponse, KeysRequest, KeysResponse,
+    ListVolumesRequest, ListVolumesResponse, MaintenanceEvent, Progress, PruneRequest,
+    RestoreCommandRequest, RestoreEvent, RestoreRequest, RestoreResult, Snapshot, SnapshotsRequest,
+    SnapshotsResponse, VerifyEvent, VerifyRequest, Volume, VolumeRef, backup_event, restore_event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,7 +24,7 @@ use crate::identity::CommandIdentity;
 use crate::identity::{Identity, TAG_NAMESPACE, TAG_POD, TAG_PVC};
 use crate::maintenance::{self, MaintenancePlan};
 use crate::memory::Operation;
-use crate::{backup, command, hook, inspect, repository, restore, restore_command, verify};
+use crate::{backup, command, hook, inspect, keys, repository, restore, restore_command, verify};
 
 pub struct AgentService {
     ctx: Arc<AgentContext>,
@@ -476,6 +476,19 @@ impl Agent for AgentService {
             .await
             .map_err(AgentError::from)?;
         Ok(Response::new(EnsureRepositoryResponse {}))
+    }
+
+    async fn keys(&self, req: Request<KeysRequest>) -> Result<Response<KeysResponse>, Status> {
+        // Bounded: each step is a few restic runs, each within the stall timeout (lock waits
+        // included for the removal).
+        let limit = self.ctx.lock_policy.max_wait + self.ctx.limits.stall * 4;
+        match tokio::time::timeout(limit, keys::handle(&self.ctx, req.into_inner())).await {
+            Ok(r) => Ok(Response::new(r?)),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "the key operation did not end within {}",
+                restic_wrap::error::human(limit)
+            ))),
+        }
     }
 
     async fn run_hook(&self, req: Request<HookRequest>) -> Result<Response<HookResult>, Status> {

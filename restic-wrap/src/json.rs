@@ -130,6 +130,19 @@ pub struct ExitError {
     pub message: String,
 }
 
+/// An element of `restic key list --json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Key {
+    /// The key this password opened.
+    pub current: bool,
+    pub id: String,
+    pub user_name: String,
+    pub host_name: String,
+    /// `2006-01-02 15:04:05` in the local time of the restic that listed it (the agent's, UTC).
+    pub created: String,
+}
+
 /// A line of `restic ls --json`: the snapshot first (`struct_type` "snapshot"), then one node per
 /// entry, depth first, each directory's entries sorted by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]

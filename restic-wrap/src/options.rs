@@ -222,6 +222,48 @@ impl Subcommand for DumpOptions {
     }
 }
 
+/// `restic key list --json`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyListOptions;
+
+impl Subcommand for KeyListOptions {
+    fn args(&self) -> Vec<OsString> {
+        vec!["key".into(), "list".into(), "--json".into()]
+    }
+}
+
+/// `restic key add --new-password-file /dev/stdin`: the new password comes on stdin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyAddOptions;
+
+impl Subcommand for KeyAddOptions {
+    fn args(&self) -> Vec<OsString> {
+        vec![
+            "key".into(),
+            "add".into(),
+            "--new-password-file".into(),
+            "/dev/stdin".into(),
+        ]
+    }
+}
+
+/// `restic key remove <id>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyRemoveOptions {
+    pub id: String,
+}
+
+impl Subcommand for KeyRemoveOptions {
+    fn args(&self) -> Vec<OsString> {
+        vec![
+            "key".into(),
+            "remove".into(),
+            "--".into(),
+            (&self.id).into(),
+        ]
+    }
+}
+
 /// `restic ls --json <snapshot>`: the snapshot's entries, one JSON line each, in tree order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LsOptions {

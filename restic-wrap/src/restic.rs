@@ -15,8 +15,9 @@ use crate::json::{ForgetGroup, LockFile, Snapshot, Stats};
 use crate::lock::{LockInfo, LockObserver, LockPolicy, NoopObserver};
 use crate::options::{
     BackupOptions, CatConfigOptions, CatLockOptions, CheckOptions, DumpOptions, ForgetIdsOptions,
-    ForgetOptions, GlobalOptions, InitOptions, ListLocksOptions, LsOptions, PruneOptions,
-    RestoreOptions, SnapshotsOptions, StatsOptions, Subcommand, TagOptions, UnlockOptions,
+    ForgetOptions, GlobalOptions, InitOptions, KeyAddOptions, KeyListOptions, KeyRemoveOptions,
+    ListLocksOptions, LsOptions, PruneOptions, RestoreOptions, SnapshotsOptions, StatsOptions,
+    Subcommand, TagOptions, UnlockOptions,
 };
 use crate::process::ResticProcess;
 use crate::repository::Repository;
@@ -202,8 +203,28 @@ impl Restic {
         bound: Duration,
         stall: bool,
     ) -> Result<String> {
+        self.run_fed(sub, bound, stall, None).await
+    }
+
+    /// [`Restic::run_within`] with `input` written to restic's stdin (then closed): a secret that
+    /// must reach restic neither through its arguments nor through a file.
+    async fn run_fed<S: Subcommand>(
+        &self,
+        sub: &S,
+        bound: Duration,
+        stall: bool,
+        input: Option<&[u8]>,
+    ) -> Result<String> {
         let spec = self.spec(sub, None);
-        let mut process = ResticProcess::spawn(&spec, false)?;
+        let mut process = ResticProcess::spawn(&spec, input.is_some())?;
+        if let (Some(input), Some(mut stdin)) = (input, process.take_stdin()) {
+            use tokio::io::AsyncWriteExt;
+            stdin.write_all(input).await.map_err(|source| Error::Io {
+                context: "writing to restic's stdin",
+                source,
+            })?;
+            drop(stdin);
+        }
         let collect = async {
             let mut out = String::new();
             while let Some(line) = process.next_line().await? {
@@ -465,6 +486,28 @@ impl Restic {
 
     pub async fn unlock(&self, opts: &UnlockOptions) -> Result<()> {
         self.run(opts).await.map(drop)
+    }
+
+    /// `restic key list --json`: the repository's keys, the one this password opened marked current.
+    pub async fn keys(&self) -> Result<Vec<crate::json::Key>> {
+        self.run_json(&KeyListOptions).await
+    }
+
+    /// `restic key add`: a key for `new_password`, which reaches restic on its stdin
+    /// (`--new-password-file /dev/stdin`), never in its arguments or environment.
+    pub async fn key_add(&self, new_password: &str) -> Result<()> {
+        let mut input = new_password.as_bytes().to_vec();
+        input.push(b'\n');
+        self.with_lock_retry(|| self.run_fed(&KeyAddOptions, self.limits.stall, true, Some(&input)))
+            .await
+            .map(drop)
+    }
+
+    /// `restic key remove <id>` (under restic's exclusive lock, so it waits for running operations;
+    /// restic refuses to remove the key of the password in use).
+    pub async fn key_remove(&self, id: &str) -> Result<()> {
+        let opts = KeyRemoveOptions { id: id.to_string() };
+        self.with_lock_retry(|| self.run(&opts)).await.map(drop)
     }
 
     /// Ids of the lock files currently in the repository.

@@ -407,3 +407,36 @@ async fn outcomes_come_from_exit_codes() {
         Err(restic_wrap::Error::WrongPassword { .. })
     ));
 }
+
+/// Keys: a key added for a new password (given on stdin) opens the repository; the old one's key
+/// is removed through the new password; the old password then opens nothing; restic refuses to
+/// remove the key in use.
+#[tokio::test]
+async fn keys_are_added_listed_and_removed_through_stdin() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    let old = restic_for(&repo, "old password");
+    old.ensure_repository(true).await.unwrap();
+    let keys = old.keys().await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert!(keys[0].current);
+    let old_id = keys[0].id.clone();
+    assert!(
+        chrono::NaiveDateTime::parse_from_str(&keys[0].created, "%Y-%m-%d %H:%M:%S").is_ok(),
+        "{:?}",
+        keys[0].created
+    );
+    old.key_add("new password").await.unwrap();
+    let new = restic_for(&repo, "new password");
+    let keys = new.keys().await.unwrap();
+    assert_eq!(keys.len(), 2);
+    let new_id = keys.iter().find(|k| k.current).unwrap().id.clone();
+    assert_ne!(new_id, old_id);
+    assert!(matches!(
+        new.key_remove(&new_id).await,
+        Err(Error::CommandFailed { .. })
+    ));
+    new.key_remove(&old_id).await.unwrap();
+    assert_eq!(new.keys().await.unwrap().len(), 1);
+    assert!(matches!(old.keys().await, Err(Error::WrongPassword { .. })));
+}

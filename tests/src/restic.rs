@@ -50,6 +50,18 @@ pub fn ok(repo: &str, password: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `restic key add`: a key for `new_password`, opened with `password`.
+pub fn key_add(repo: &str, password: &str, new_password: &str) {
+    let file = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(file.path(), new_password).expect("write");
+    let path = file.path().display().to_string();
+    ok(
+        repo,
+        password,
+        &["key", "add", "--new-password-file", &path],
+    );
+}
+
 pub fn init(repo: &Path, password: &str) {
     ok(&repo.display().to_string(), password, &["init"]);
 }

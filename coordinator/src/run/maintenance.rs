@@ -187,6 +187,7 @@ async fn run_task<K: RunObject>(
             let figures = r.figures.map(|f| RepositoryFigures {
                 snapshots: f.snapshots,
                 size_bytes: f.size_bytes,
+                key_created: (!f.key_created.is_empty()).then_some(f.key_created),
                 time: Some(now_rfc3339()),
             });
             begun.status.run(move |s| {

@@ -8,6 +8,7 @@ pub mod command;
 pub mod hooks;
 pub mod maintenance;
 pub mod restore;
+pub mod rotation;
 pub mod status;
 pub mod verify;
 pub mod volume;
@@ -179,15 +180,25 @@ pub async fn begin<K: RunObject>(ctx: &Ctx, run: &K) -> Result<Option<Begun>, ku
     )
     .await
     {
-        Ok(repository) => Ok(Some(Begun {
-            status: handle,
-            writer,
-            resumed,
-            before,
-            spec,
-            origin,
-            repository,
-        })),
+        Ok(repository) => {
+            // A backend in rotation: the current password must open the repository first.
+            if let Err(f) =
+                rotation::ensure_current_key(ctx, &fresh, &handle, &spec.backend, &at, &repository)
+                    .await
+            {
+                finish(ctx, &fresh, handle, writer, RunPhase::Failed, &f).await;
+                return Ok(None);
+            }
+            Ok(Some(Begun {
+                status: handle,
+                writer,
+                resumed,
+                before,
+                spec,
+                origin,
+                repository,
+            }))
+        }
         Err(f) => {
             finish(ctx, &fresh, handle, writer, RunPhase::Failed, &f).await;
             Ok(None)

@@ -236,6 +236,16 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<Ctx>) -> Result<Action, kube::
             .repository_size
             .with_label_values(&labels)
             .set(f.size_bytes as f64);
+        if let Some(created) = f
+            .key_created
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        {
+            ctx.metrics
+                .key_age
+                .with_label_values(&labels)
+                .set((now - created.to_utc()).num_seconds().max(0) as f64);
+        }
         status.repository = Some(f);
     }
     // Repository health, from the newest Check that judged it: loud when it fails.
