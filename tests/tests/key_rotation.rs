@@ -16,6 +16,7 @@ use stowage_tests::env::{PASSWORD, TestEnv};
 
 const NEW: &str = "a new password, rotated in";
 const NEWER: &str = "and a newer one still";
+const NEWEST: &str = "the newest, rotated while the coordinator dies";
 
 fn opens(repo: &str, password: &str) -> bool {
     stowage_tests::restic::run(repo, password, &[], &["snapshots", "--json"])
@@ -49,14 +50,15 @@ async fn backup(env: &TestEnv, name: &str) -> serde_json::Value {
     .await
 }
 
-/// Long (~45 s): seven runs, each with its key looks and steps, and plain restic around them.
+/// Long (~60 s): eight runs, each with its key looks and steps, a coordinator killed mid-rotation,
+/// and plain restic around them.
 #[tokio::test]
 async fn a_declared_rotation_adds_checks_and_removes_keys_and_survives_interruptions() {
     let env = TestEnv::new("rotate").await;
     let repo = env.init_repo().display().to_string();
     let dir = env.mounted("data", "node-2", "a.txt").await;
     std::fs::write(dir.join("a.txt"), b"before the rotation").expect("write");
-    let coordinator = env.coordinator().await;
+    let mut coordinator = env.coordinator().await;
     let _: Schedule = env
         .create(
             serde_json::json!({"apiVersion": "stowage.dev/v1alpha1", "kind": "Schedule",
@@ -131,6 +133,52 @@ async fn a_declared_rotation_adds_checks_and_removes_keys_and_survives_interrupt
     assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
     assert!(condition(&b, "KeyRotated").is_none(), "{b:#}");
 
+    // Interrupted for real: a lock another host holds keeps the removal waiting (restic takes its
+    // exclusive lock for it) after the add; the coordinator dies then. A new one resumes the run,
+    // and the removal, once the lock is gone.
+    let repo_path = std::path::PathBuf::from(&repo);
+    stowage_tests::restic::forge_lock(&repo_path, NEWER, "other-host", 4242, Duration::ZERO, false);
+    secret(&env.client, &env.ns, "repo-newest", &[("password", NEWEST)]).await;
+    point(&env, "repo-newest", Some("repo-newer")).await;
+    let _: Backup = env
+        .create_run(
+            "interrupted",
+            serde_json::json!({"scheduleRef": {"name": "nightly"}}),
+        )
+        .await;
+    wait_event(
+        &env.client,
+        &env.ns,
+        "interrupted",
+        "KeyAdded",
+        "",
+        Duration::from_secs(60),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(coordinator);
+    assert!(
+        opens(&repo, NEWER) && opens(&repo, NEWEST),
+        "after the add, before the removal: both keys work"
+    );
+    for lock in std::fs::read_dir(repo_path.join("locks"))
+        .expect("locks")
+        .flatten()
+    {
+        std::fs::remove_file(lock.path()).expect("remove the forged lock");
+    }
+    coordinator = env.coordinator().await;
+    let b = env
+        .wait_run::<Backup>("interrupted", Duration::from_secs(120))
+        .await;
+    assert_eq!(b["status"]["phase"], "Succeeded", "{b:#}");
+    assert_eq!(
+        condition(&b, "KeyRotated").expect("KeyRotated")["reason"],
+        "PreviousKeyRemoved",
+        "{b:#}"
+    );
+    assert!(!opens(&repo, NEWER) && opens(&repo, NEWEST));
+
     // Neither password opens: the run fails before anything is written, naming the fields.
     secret(
         &env.client,
@@ -150,10 +198,10 @@ async fn a_declared_rotation_adds_checks_and_removes_keys_and_survives_interrupt
         ),
         "{c}"
     );
-    assert!(opens(&repo, NEWER), "the working key is still there");
+    assert!(opens(&repo, NEWEST), "the working key is still there");
 
     // The key's age reaches the Schedule's figures and the metric (a Check of the Schedule).
-    point(&env, "repo-newer", None).await;
+    point(&env, "repo-newest", None).await;
     let metadata = fired_metadata(&env.client, &env.ns, "nightly", "check", "check-1").await;
     let _: Check = env
         .create(
