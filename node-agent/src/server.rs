@@ -224,13 +224,19 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
     health.set_not_serving::<AgentServer<AgentService>>().await;
 
     let inventory = Arc::new(Inventory::new(&config.kubelet_dir, metrics.volumes.clone()));
-    let inv = Arc::clone(&inventory);
-    let _ = tokio::task::spawn_blocking(move || inv.full_scan()).await;
-    let watcher = watch::spawn(
-        Arc::clone(&inventory),
-        config.resync_interval,
-        shutdown.clone(),
-    )?;
+    // A maintenance-only agent serves no volume: it neither scans nor watches a kubelet directory
+    // (the coordinator's pod has none).
+    let watcher = if config.maintenance_only {
+        None
+    } else {
+        let inv = Arc::clone(&inventory);
+        let _ = tokio::task::spawn_blocking(move || inv.full_scan()).await;
+        Some(watch::spawn(
+            Arc::clone(&inventory),
+            config.resync_interval,
+            shutdown.clone(),
+        )?)
+    };
     metrics.ready.store(true, Ordering::Release);
     tracing::info!(
         node = %config.node_name, volumes = inventory.list().len(), restic = %version,
@@ -351,7 +357,9 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> Result<()
     {
         tracing::warn!("operations did not stop within {SHUTDOWN_GRACE:?}");
     }
-    let _ = watcher.await;
+    if let Some(w) = watcher {
+        let _ = w.await;
+    }
     let _ = metrics_task.await;
     tracing::info!("agent stopped");
     Ok(())

@@ -58,7 +58,7 @@ impl RealNode {
             format!(
                 "logJson: false\n\
                  agent:\n  nodeSelector: {{stowage.dev/real-node: \"true\"}}\n  localRepositoryRoots: [{REPO_ROOT}]\n\
-                 coordinator:\n  replicas: 1\n  watchNamespace: {app}\n  nodeSelector: {{stowage.dev/real-node: \"true\"}}\n  \
+                 coordinator:\n  replicas: 1\n  watchNamespace: {app}\n  maintenance: {{enabled: true}}\n  nodeSelector: {{stowage.dev/real-node: \"true\"}}\n  \
                  tolerations: [{{key: stowage.dev/real-node, operator: Exists}}]\n  \
                  mountHolderTolerations: [{{key: stowage.dev/real-node, operator: Exists}}]\n"
             ),

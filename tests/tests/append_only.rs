@@ -256,8 +256,9 @@ async fn prunes_run_with_maintenance_credentials_on_the_maintenance_container_on
     )
     .await;
     // The maintenance container, as the chart runs it beside the coordinator.
+    // An empty directory as the kubelet directory, as in the chart (no pods/ below it).
     let empty = tmp.path().join("no-volumes");
-    std::fs::create_dir_all(empty.join("pods")).expect("mkdir");
+    std::fs::create_dir_all(&empty).expect("mkdir");
     let mut opts = stowage_tests::agent::AgentOptions::new(&empty);
     opts.node = "maintenance".into();
     opts.ip = "127.0.0.13".into();

@@ -365,6 +365,12 @@ async fn a_prune_waits_for_running_backups_then_succeeds() {
         },
     )
     .await;
+    // Running items are dispatched; restic takes its lock a moment later (longer on a loaded
+    // machine). The Prune is created once a backup's lock is in the repository.
+    stowage_tests::wait_until("a backup's lock", Duration::from_secs(30), || {
+        !stowage_tests::restic::lock_files(&repo).is_empty()
+    })
+    .await;
     let _: Prune = create(
         &client,
         &ns,

@@ -1,12 +1,14 @@
 //! Stowage on the test cluster's real node (`tests/cluster/up --real-node`): a real kubelet,
 //! containerd and runc, the project's CSI driver for local volumes, and Stowage's own images
-//! (`scripts/build-images`), installed with the chart's defaults but for where its pods run.
+//! (`scripts/build-images`), installed with the chart's defaults but for where its pods run (and the
+//! coordinator's maintenance container, on).
 //!
 //! One test, its steps in order: they share one release (installing one takes most of a minute),
 //! and each step's Backup selects only its own PVCs, so a step never sees another's volumes.
 //! What it proves, each through the real kubelet:
 //! - the agent runs as a real container with the chart's exact securityContext, and the same pod
-//!   under containerd's RuntimeDefault seccomp profile cannot start its sandbox;
+//!   under containerd's RuntimeDefault seccomp profile cannot start its sandbox; the coordinator's
+//!   maintenance container runs and is ready beside it;
 //! - a PVC from the CSI driver, mounted by a real pod at `kubernetes.io~csi/<pv>/mount`, is backed
 //!   up and restored (Replace) in place while its container keeps running: same container ID;
 //! - a backup command streams through the real kubelet's exec (CRI);
@@ -114,6 +116,39 @@ async fn stowage_runs_for_real_on_a_kubelet_with_containerd() {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .expect("VmRSS");
     eprintln!("FIGURE agent container idle RSS: {} KiB", rss_kib);
+
+    // The coordinator's maintenance container (coordinator.maintenance.enabled): a real container
+    // beside the coordinator, ready (its sandbox works under the chart's securityContext on runc).
+    let coordinators = sys_pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=stowage-coordinator"))
+        .await
+        .expect("coordinators")
+        .items;
+    let c = coordinators.first().expect("a coordinator pod");
+    let statuses = c
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.clone())
+        .unwrap_or_default();
+    let m = statuses
+        .iter()
+        .find(|s| s.name == "maintenance")
+        .expect("the maintenance container");
+    assert!(m.ready, "{m:?}");
+    assert!(
+        m.container_id
+            .as_deref()
+            .is_some_and(|id| id.starts_with("containerd://")),
+        "{m:?}"
+    );
+    assert!(
+        stowage_tests::procs::cmdlines_with_pids()
+            .iter()
+            .any(
+                |(_, c)| c.contains("--maintenance-only") && c.contains("--grpc-listen=127.0.0.1:")
+            ),
+        "the maintenance agent's process, seen from the host"
+    );
 
     runtime_default_seccomp_cannot_start_the_sandbox(&rn).await;
     agents_namespace_needs_privileged(&rn).await;
