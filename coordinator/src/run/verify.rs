@@ -149,8 +149,9 @@ async fn drill_on(
                 status.waiting(key.clone(), Some(errors::bounded(&p.message, 256)));
             } else {
                 status.waiting(key.clone(), None);
+                // restic's fraction; the status writer shows it in percent.
                 if p.percent_done > 0.0 {
-                    status.progress(key.clone(), p.percent_done * 100.0);
+                    status.progress(key.clone(), p.percent_done);
                 }
             }
         };
