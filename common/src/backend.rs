@@ -1,6 +1,8 @@
 //! A run's `backend` block: its shape is checked without I/O; resolving reads the referenced
 //! Secrets and yields the agent's `Repository` message. Secret values travel only inside that
 //! message (over mTLS) and reach restic through its environment; they are never logged.
+//!
+//! Length: the backend block from shape to resolved message (validation, Secrets, maintenance and rotation variants) in one place, with its unit tests.
 
 use std::collections::BTreeMap;
 

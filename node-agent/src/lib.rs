@@ -53,3 +53,4 @@ pub mod staging;
 pub mod tls_listener;
 pub mod verify;
 pub mod verify_sample;
+pub mod verify_scratch;

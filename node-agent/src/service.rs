@@ -1,5 +1,7 @@
 //! The gRPC service: validates synchronously (so bad requests fail the call itself), then runs the
 //! operation in a task that streams progress and exactly one final result or error.
+//!
+//! Length: one gRPC method per operation, each a few lines that hand over to its module; the table of the API.
 
 use std::future::Future;
 use std::sync::Arc;

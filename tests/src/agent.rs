@@ -1,4 +1,6 @@
 //! Starting a real `stowage-agent` process for a test and talking to it.
+//!
+//! Length: the agent test harness: process, PKI, kubelet-style volumes, and one driver per streamed call.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
