@@ -814,14 +814,18 @@ async fn a_memory_budget_that_fits_one_restic_runs_backups_one_at_a_time() {
 }
 
 /// restic's caches on the node are bounded: an agent sweeping every second with
-/// `--cache-max-age 5s` removes the cache of a repository it no longer uses, keeps the one it just
+/// `--cache-max-age 6s` removes the cache of a repository it no longer uses, keeps the one it just
 /// used, and `stowage_agent_cache_bytes` says what is left.
+///
+/// Long (~27 s): the old repository's cache has to age past the 6 s limit between two backups.
 #[tokio::test]
 async fn caches_of_repositories_no_longer_used_are_removed() {
     let s = Setup::new();
     let agent = s
         .agent_with(|o| {
-            o.extra_args = ["--cache-max-age", "3s", "--cache-sweep-interval", "1s"]
+            // Long enough that the new repository's cache outlives the checks below on a loaded
+            // machine; short enough for a test.
+            o.extra_args = ["--cache-max-age", "6s", "--cache-sweep-interval", "1s"]
                 .map(String::from)
                 .to_vec();
         })
@@ -860,7 +864,7 @@ async fn caches_of_repositories_no_longer_used_are_removed() {
     let old_cache = repo_caches();
     assert_eq!(old_cache.len(), 1, "{old_cache:?}");
     // The old repository goes unused for longer than the age; the new one is used at the end.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
     let second = backup(&mut client, req(&new_repo)).await;
     assert_eq!(
         second.result.expect("backup").outcome(),
@@ -873,11 +877,19 @@ async fn caches_of_repositories_no_longer_used_are_removed() {
     let left = repo_caches();
     assert_eq!(left.len(), 1, "{left:?}");
     assert_ne!(left[0], old_cache[0]);
-    let bytes = agent
-        .metric("stowage_agent_cache_bytes")
-        .await
-        .unwrap_or_default();
-    assert!(bytes > 0.0, "the new repository's cache is measured");
+    // The sweep measures what it keeps every second; the one that removed the old cache may have
+    // run before restic wrote into the new one (a loaded machine), so wait for a later sweep.
+    stowage_tests::cluster::wait_for(
+        "the new repository's cache measured",
+        Duration::from_secs(10),
+        || async {
+            agent
+                .metric("stowage_agent_cache_bytes")
+                .await
+                .is_some_and(|b| b > 0.0)
+        },
+    )
+    .await;
     assert!(agent.log_text().contains("removed a restic cache"));
 }
 
