@@ -142,6 +142,12 @@ fn fit(status: &mut RunStatus, budget: usize) {
         }
         i.kept_snapshots.truncate(10);
         i.removed_snapshots.truncate(10);
+        // A drill's window, named by a tenant's paths (the next window then starts at most a few
+        // files early).
+        if let Some(v) = i.verification.as_mut() {
+            shorten(&mut v.first, SHORT_TEXT);
+            shorten(&mut v.last, SHORT_TEXT);
+        }
     }
     if fits(status, budget) {
         return;
@@ -363,6 +369,46 @@ mod tests {
 
     /// The most items a run may have, each with the longest names and texts a tenant can give:
     /// shortened to fit, every item still there with its phase and snapshot.
+    /// A Verify run of the most items, each with the longest names and sample paths a tenant can
+    /// give: shortened to fit, every item still there with its snapshot and counts.
+    #[test]
+    fn a_largest_verify_run_with_hostile_paths_fits_its_budget() {
+        let long = |c: char, n: usize| std::iter::repeat_n(c, n).collect::<String>();
+        let mut st = RunStatus {
+            items: (0..crate::run::backup::MAX_RUN_ITEMS)
+                .map(|i| ItemStatus {
+                    namespace: long('n', 63),
+                    pvc: format!("{}{i:04}", long('p', 249)),
+                    node: Some(long('d', 253)),
+                    phase: RunPhase::Succeeded,
+                    snapshot_id: Some(long('a', 64)),
+                    duration_seconds: Some(1.5),
+                    verification: Some(stowage_api::Verification {
+                        snapshot_time: Some(long('t', 35)),
+                        files: 10_000,
+                        bytes: 1 << 30,
+                        first: Some(long('f', 512)),
+                        last: Some(long('l', 512)),
+                        snapshot_files: Some(1_000_000),
+                        skipped_files: Some(3),
+                        sha256: Some(long('h', 64)),
+                        yielded: Some(2),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        bound(&mut st);
+        let size = serde_json::to_vec(&st).unwrap().len();
+        assert!(size <= STATUS_BUDGET, "{size} bytes");
+        assert_eq!(st.items.len(), crate::run::backup::MAX_RUN_ITEMS);
+        assert!(st.items.iter().all(|i| {
+            i.snapshot_id.is_some() && i.verification.as_ref().is_some_and(|v| v.files == 10_000)
+        }));
+    }
+
     #[test]
     fn a_largest_run_with_hostile_names_fits_its_budget() {
         let long = |c: char, n: usize| std::iter::repeat_n(c, n).collect::<String>();
